@@ -1,0 +1,172 @@
+"""Each stage against an independent plain formulation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trident_core.aggregation import _cuts, aggregate, encode_tiles, parse_tiles
+from trident_core.classes import UNLABELED, ClassList, parse_classes
+from trident_core.classify import class_probs, labels_from_probs
+from trident_core.image import clip_input, fit_to_patches, rescale_short_side, round_up_to
+from trident_core.sam_affinity import affinity_rows, encode_sam
+from trident_core.text import encode_prompts
+from trident_core.window_features import WindowFeatures, proxy_attention, similarity_mean, splice
+from trident_core.windows import plan_windows
+
+
+def test_s0_rescale_and_patch_rounding():
+    img = np.zeros((375, 843, 3), np.uint8)
+    x = clip_input(img, 448, 16, 336)
+    assert tuple(x.shape[-2:]) == (448, 1008)  # truncation, not rounding: 448x1007 -> 448x1008, not 464x1008
+    y = fit_to_patches(torch.zeros(1, 3, 448, 667), 16, 336)
+    assert tuple(y.shape[-2:]) == (464, 672)
+    assert rescale_short_side(np.zeros((100, 50, 3), np.uint8), 448).shape[:2] == (896, 448)
+    assert rescale_short_side(np.zeros((10, 4000, 3), np.uint8), 448).shape[:2] == (5, 2048)  # long cap
+    # already on the grid and large enough: unchanged; small ones are upscaled to the window (deviation)
+    assert fit_to_patches(torch.zeros(1, 3, 448, 448), 16, 336).shape[-2:] == (448, 448)
+    assert fit_to_patches(torch.zeros(1, 3, 320, 480), 16, 336).shape[-2:] == (336, 480)
+    assert round_up_to(np.zeros((17, 23, 3), np.uint8), 16).shape[:2] == (32, 32)
+
+
+def test_window_plan_matches_brute_force():
+    for h, w, stride in [(448, 1008, 224), (336, 336, 224), (464, 672, 112), (2048, 336, 224)]:
+        plan = plan_windows((h, w), 336, stride)
+        for y1, x1, y2, x2 in plan.boxes:
+            assert y2 - y1 == 336 and x2 - x1 == 336 and 0 <= y1 and y2 <= h and x2 <= w
+        cover = np.zeros((h, w), int)
+        for y1, x1, y2, x2 in plan.boxes:
+            cover[y1:y2, x1:x2] += 1
+        assert cover.min() >= 1
+        starts = sorted({b[0] for b in plan.boxes})
+        assert starts[:-1] == list(range(0, stride * (len(starts) - 1), stride))
+        assert len(plan) == plan.grid[0] * plan.grid[1]
+
+
+def test_proxy_attention_against_dense():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, 16, 8, generator=g)
+    f = F.normalize(feats, dim=-1)
+    s = torch.einsum("bmc,bnc->bmn", f, f)
+    assert torch.allclose(similarity_mean(feats), s.mean(), atol=1e-6)
+    z = (s - s.mean() * 1.2) * 3.0
+    z[z < 0] = float("-inf")
+    assert torch.allclose(proxy_attention(feats, s.mean(), 3.0, 1.2), z.softmax(-1), atol=1e-6)
+
+
+def test_proxy_attention_all_negative_row_is_not_nan():
+    feats = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])
+    p = proxy_attention(feats, torch.tensor(5.0), 3.0, 1.2)
+    assert torch.isfinite(p).all() and torch.allclose(p.sum(-1), torch.ones(1, 2))
+
+
+def test_splice_against_dense_average():
+    plan = plan_windows((336, 560), 336, 224)
+    tokens = torch.randn(len(plan), 21 * 21, 4)
+    wf = WindowFeatures(tokens, (21, 21), plan, 16, (336, 560), (336, 560))
+    got = splice(wf)
+    total, count = torch.zeros(4, 21, 35), torch.zeros(21, 35)
+    for t, (y1, x1, _, _) in zip(tokens, plan.boxes):
+        for i in range(21):
+            for j in range(21):
+                total[:, y1 // 16 + i, x1 // 16 + j] += t[i * 21 + j]
+                count[y1 // 16 + i, x1 // 16 + j] += 1
+    assert torch.allclose(got, total / count, atol=1e-6)
+
+
+def _dense_affinity(enc, sam, cos_fac, refine_neg_cos):
+    """The reference's formula on full matrices, with segment_anything's own relative-position code."""
+    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+
+    attn_mod = sam.model.image_encoder.blocks[-1].attn
+    ph, pw = enc.padded_grid
+    attn = (enc.q * attn_mod.scale) @ enc.k.transpose(-2, -1)
+    attn = add_decomposed_rel_pos(attn, enc.q, attn_mod.rel_pos_h, attn_mod.rel_pos_w, (ph, pw), (ph, pw))
+    heads = attn.shape[0]
+    hs, ws = enc.grid
+    attn = attn.softmax(-1).view(heads, ph, pw, ph, pw)[:, :hs, :ws, :hs, :ws].reshape(heads, hs * ws, hs * ws)
+    v = F.normalize(enc.v.view(heads, ph, pw, -1)[:, :hs, :ws].reshape(heads, hs * ws, -1), dim=-1)
+    cos = v @ v.transpose(1, 2)
+    tau = cos_fac * cos.mean(dim=0, keepdim=True).mean(dim=-1, keepdim=True)
+    if not refine_neg_cos:
+        tau = torch.where(tau < 0, 0.6, tau)
+    tau = torch.where(tau > 0.9, 0.9, tau)
+    a = torch.where(cos > tau, attn, torch.zeros_like(attn)).mean(0)
+    return a / a.sum(-1, keepdim=True), attn
+
+
+@pytest.mark.parametrize("cos_fac,refine_neg_cos", [(1.2, True), (3.0, False), (0.0, True)])
+def test_blocked_affinity_equals_dense(small_trident, photo, cos_fac, refine_neg_cos):
+    sam = small_trident.sam
+    enc = encode_sam(sam, round_up_to(photo[:300, :400], 16))
+    assert enc.grid == (48, 64)
+    dense, attn = _dense_affinity(enc, sam, cos_fac, refine_neg_cos)
+    rows = affinity_rows(enc, sam, 100, 400, "affinity", cos_fac, refine_neg_cos)
+    assert torch.allclose(rows, dense[100:400], atol=1e-6)
+    g = torch.randn(dense.shape[0], 7)
+    assert torch.allclose(aggregate(enc, sam, g, "affinity", cos_fac, refine_neg_cos, row_block=333), dense @ g,
+                          atol=1e-5)
+    att_rows = affinity_rows(enc, sam, 0, 50, "attention")
+    att = attn.mean(0)[:50]
+    assert torch.allclose(att_rows, att / att.sum(-1, keepdim=True), atol=1e-6)
+    assert torch.equal(aggregate(enc, sam, g, "none"), g)
+
+
+def test_sam_hook_is_removed_even_on_failure(small_trident, photo):
+    enc_mod = small_trident.sam.model.image_encoder
+    qkv = enc_mod.blocks[-1].attn.qkv
+    encode_sam(small_trident.sam, photo)
+    assert not qkv._forward_hooks
+    saved = enc_mod.neck.forward
+    enc_mod.neck.forward = lambda _x: (_ for _ in ()).throw(RuntimeError("boom"))
+    try:
+        with pytest.raises(RuntimeError):
+            encode_sam(small_trident.sam, photo)
+    finally:
+        enc_mod.neck.forward = saved
+    assert not qkv._forward_hooks
+
+
+def test_tiles_split_the_rounded_image(small_trident, photo):
+    wide = np.concatenate([photo, photo[:, ::-1]], axis=1)
+    encs = encode_tiles(small_trident.sam, wide, (1, 2))
+    assert [e.original_size for e in encs] == [(512, 512), (512, 512)]
+    whole = encode_sam(small_trident.sam, photo)
+    assert torch.allclose(encs[0].features, whole.features, atol=1e-5)
+    assert parse_tiles("auto", (512, 1024)) == (1, 2) and parse_tiles("auto", (3000, 1000)) == (3, 1)
+    assert parse_tiles("2x3", (10, 10)) == (2, 3)
+    with pytest.raises(ValueError, match="ROWSxCOLS"):
+        parse_tiles("two", (10, 10))
+    assert _cuts(1024, 2) == [(0, 512), (512, 1024)]
+
+
+def test_trimmed_text_encoding_equals_full_length(small_trident):
+    import open_clip
+
+    tokens = open_clip.tokenize(["a photo of a horse.", "a bad photo of the big red fire truck."])
+    full = small_trident.clip.model.encode_text(tokens)
+    assert torch.allclose(encode_prompts(small_trident.clip, tokens), full, atol=1e-5)
+
+
+def test_text_cache_reuses_embeddings(small_trident):
+    cl = parse_classes("zebra, okapi")
+    first = small_trident.text(cl)
+    small_trident.clip.text_cache["zebra"] = torch.zeros_like(first[0])
+    assert torch.equal(small_trident.text(cl)[0], torch.zeros_like(first[0]))
+    del small_trident.clip.text_cache["zebra"]
+
+
+def test_synonym_max_merge_and_thresholds():
+    cl = ClassList((("sky", "wall"), ("horse",), ("grass", "lawn")), has_background=True)
+    logits = torch.randn(5, 3, 4)
+    p = (logits * 40).softmax(0)
+    got = class_probs(logits, cl, 40)
+    want = torch.stack([p[:2].max(0).values, p[2], p[3:].max(0).values])
+    assert torch.allclose(got, want)
+    labels = labels_from_probs(got, cl, 0.99)
+    assert set(labels[got.max(0).values < 0.99].tolist()) <= {0}
+    no_bg = ClassList(cl.classes, has_background=False)
+    labels = labels_from_probs(got, no_bg, 0.99)
+    assert (labels[got.max(0).values < 0.99] == UNLABELED).all()

@@ -1,0 +1,104 @@
+"""Read checkpoint files safely (no pickled code) and tell which model a state dict belongs to."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: missing, corrupt, unsafe or of the wrong model."""
+
+
+_WRAPPER_KEYS = ("state_dict", "model", "teacher", "module")
+_PREFIXES = ("module.", "backbone.")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI's original CLIP files are TorchScript archives (a zip holding `code/` and `constants.pkl`)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """Find the tensor dict in common wrappers ({"state_dict": ...}, {"model": ...}) and drop DDP prefixes."""
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: holds no tensors (found {type(obj).__name__}); is this a model checkpoint?")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError(f"{path}: holds no tensors; is this a model checkpoint?")
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a .safetensors / .pth / .pt / .bin file on the CPU without executing pickled code."""
+    from safetensors import SafetensorError
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: the file is empty; delete it and download it again")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return _unwrap(load_file(str(p), device="cpu"), p)
+        if _is_torchscript(p):
+            # TorchScript holds no pickled Python callables; its weights are read as a state dict.
+            return _unwrap(torch.jit.load(str(p), map_location="cpu").state_dict(), p)
+        return _unwrap(torch.load(str(p), map_location="cpu", weights_only=True), p)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{p}: refused: the file contains pickled Python objects, not just tensors, and is not loaded "
+            f"for safety (weights_only=True). Use the official checkpoint file. ({str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, SafetensorError) as e:
+        raise CheckpointError(
+            f"{p}: cannot be read; the file is corrupt or truncated (an interrupted download?). "
+            f"Delete it and download it again. ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+
+
+def identify(sd: dict[str, torch.Tensor]) -> str:
+    """Which model family a state dict holds: "clip", "dino", "sam" or "unknown"."""
+    if "visual.conv1.weight" in sd and "token_embedding.weight" in sd:
+        return "clip"
+    if any(k.startswith("image_encoder.") for k in sd) and any(k.startswith("mask_decoder.") for k in sd):
+        return "sam"
+    if "cls_token" in sd and "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
+        return "dino"
+    return "unknown"
+
+
+FAMILY_FILES = {
+    "clip": "an open_clip CLIP checkpoint, e.g. open_clip_model.safetensors (ViT-B-16 openai) or OpenAI's ViT-B-16.pt",
+    "dino": "a DINO ViT checkpoint, e.g. dino_vitbase16_pretrain.pth",
+    "sam": "a Segment Anything checkpoint, e.g. sam_vit_b_01ec64.pth",
+}
+
+
+def expect_family(sd: dict[str, torch.Tensor], family: str, path: str | os.PathLike) -> None:
+    """Raise a clear error when a file of another model was selected."""
+    found = identify(sd)
+    if found != family:
+        what = (f"it looks like {FAMILY_FILES[found].split(',')[0]}" if found in FAMILY_FILES
+                else "its tensors match no known model")
+        raise CheckpointError(f"{path}: is not {FAMILY_FILES[family]}; {what}. Select the right file for this slot.")

@@ -1,0 +1,85 @@
+"""Class lists: parse "sky, horse; pony, grass" into classes with synonyms, and an optional background class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+UNLABELED = -1
+"""Label of pixels under `prob_thd` when the class list has no background class (the reference would silently
+pick class 0 there)."""
+
+MAX_CLASSES = 1000
+
+
+class ClassListError(ValueError):
+    """A class list that cannot be used (empty, duplicate or unusable names)."""
+
+
+@dataclass(frozen=True)
+class ClassList:
+    """Classes in label order; each class is one or more names (synonyms, "queries").
+
+    With `has_background`, class 0 is the background and pixels under `prob_thd` get label 0; otherwise they get
+    `UNLABELED`."""
+
+    classes: tuple[tuple[str, ...], ...]
+    has_background: bool = False
+
+    @property
+    def names(self) -> list[str]:
+        """One display name per class: its first synonym."""
+        return [c[0] for c in self.classes]
+
+    @property
+    def queries(self) -> list[str]:
+        """Every name of every class, in order."""
+        return [q for c in self.classes for q in c]
+
+    @property
+    def query_class(self) -> list[int]:
+        """For each query, the index of its class."""
+        return [i for i, c in enumerate(self.classes) for _ in c]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+def _split_synonyms(entry: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in entry.split(";") if s.strip())
+
+
+def parse_classes(text: str | list[str] | tuple[str, ...], background: str | None = None) -> ClassList:
+    """Parse a class list.
+
+    `text` is comma-separated ("sky, horse; pony, grass": three classes, the second with two names), one class
+    per line (the reference's class files), or a list of entries. `;` separates synonyms of one class.
+    `background`, when given (e.g. "sky; wall; floor"), becomes class 0 with those names."""
+    if isinstance(text, str):
+        entries = text.splitlines() if "\n" in text.strip() else text.split(",")
+    else:
+        entries = list(text)
+    classes = [syn for syn in (_split_synonyms(e) for e in entries) if syn]
+    has_background = bool(background and background.strip())
+    if has_background:
+        classes.insert(0, _split_synonyms(background))
+    if not classes or (has_background and len(classes) < 2):
+        raise ClassListError("no class names given: type class names separated by commas, e.g. 'sky, horse, grass' "
+                             "(use ';' between synonyms of one class: 'horse; pony')")
+    if len(classes) > MAX_CLASSES:
+        raise ClassListError(f"{len(classes)} classes given; at most {MAX_CLASSES} are supported")
+    seen: dict[str, int] = {}
+    for i, cls in enumerate(classes):
+        for name in cls:
+            key = " ".join(name.lower().split())
+            if key in seen:
+                where = "twice in one class" if seen[key] == i else f"in classes {seen[key] + 1} and {i + 1}"
+                raise ClassListError(f"class name {name!r} appears {where}; each name may appear once. "
+                                     "Merge them into one class with ';' between synonyms, or remove one.")
+            seen[key] = i
+    return ClassList(tuple(classes), has_background)
+
+
+def read_class_file(path: str) -> list[str]:
+    """Lines of a class file (one class per line, '; ' between synonyms), as the reference's configs/cls_*.txt."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]

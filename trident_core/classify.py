@@ -1,0 +1,77 @@
+"""S8: cosine of the feature map with the class texts, upsampled, softmax over queries, synonyms max-merged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .aggregation import FeatureMap
+from .classes import UNLABELED, ClassList
+from .sam_affinity import SamEncoding
+
+
+@dataclass(eq=False)
+class Segmentation:
+    """Labels [H, W] (int64; `UNLABELED` where no class is confident and there is no background class),
+    class probabilities [C, H, W] and the raw cosine on the feature grid [Q, h, w], at the image's size."""
+
+    labels: torch.Tensor
+    probs: torch.Tensor
+    grid_logits: torch.Tensor
+    classes: ClassList
+    image_size: tuple[int, int]
+    labels_coarse: torch.Tensor | None = None
+    probs_coarse: torch.Tensor | None = None
+    sam_encoding: SamEncoding | None = field(default=None, repr=False)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def refined(self) -> bool:
+        return self.labels_coarse is not None
+
+    def logits(self) -> torch.Tensor:
+        """Raw cosine logits [Q, H, W] at the image's size (bilinear, as the reference upsamples them)."""
+        return upsample(self.grid_logits, self.image_size)
+
+
+def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (align_corners=False) resize of [C, h, w] to `size`."""
+    return F.interpolate(grid[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+
+def grid_logits(fm: FeatureMap, text: torch.Tensor) -> torch.Tensor:
+    """Cosine [Q, h, w] of the feature map's tokens with the (normalised) text embeddings."""
+    return torch.einsum("qe,ehw->qhw", text.float().to(fm.features.device), fm.features.float())
+
+
+def class_probs(logits: torch.Tensor, classes: ClassList, logit_scale: float) -> torch.Tensor:
+    """Softmax over all queries of `logit_scale * logits`, then each class's max over its queries, [C, ...]."""
+    p = (logits * logit_scale).softmax(dim=0)
+    if len(classes.queries) == len(classes):
+        return p
+    start = 0
+    merged = []
+    for cls in classes.classes:
+        merged.append(p[start:start + len(cls)].max(dim=0).values)
+        start += len(cls)
+    return torch.stack(merged)
+
+def labels_from_probs(probs: torch.Tensor, classes: ClassList, prob_thd: float) -> torch.Tensor:
+    """Argmax class; under `prob_thd` the background (0) or `UNLABELED` when the list has no background."""
+    best, labels = probs.max(dim=0)
+    low = UNLABELED if not classes.has_background else 0
+    return torch.where(best < prob_thd, torch.full_like(labels, low), labels)
+
+
+@torch.no_grad()
+def classify(fm: FeatureMap, text: torch.Tensor, classes: ClassList, logit_scale: float = 40.0,
+             prob_thd: float = 0.0) -> Segmentation:
+    """Labels and probabilities at the image's size from a feature map and the query embeddings."""
+    if text.shape[0] != len(classes.queries):
+        raise ValueError(f"{text.shape[0]} text embeddings for {len(classes.queries)} class names")
+    g = grid_logits(fm, text)
+    probs = class_probs(upsample(g, fm.image_size), classes, logit_scale)
+    labels = labels_from_probs(probs, classes, prob_thd)
+    return Segmentation(labels, probs, g, classes, fm.image_size, sam_encoding=fm.sam_encoding)

@@ -1,0 +1,164 @@
+"""Command line: `python -m trident_core segment IMAGE --classes "sky, horse" --out DIR` (and `eval`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .classes import ClassList, parse_classes
+from .presets import PRESETS, get_preset
+
+DEFAULT_FILES = {"clip": "ViT-B-16_openai_open_clip_model.safetensors", "dino": "dino_vitbase16_pretrain.pth",
+                 "sam": "sam_vit_b_01ec64.pth"}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _model_file(value: str | None, role: str, allow_download: bool) -> Path:
+    """An existing path, or a known file name fetched into the cache directory (or the given folder)."""
+    from .download import cache_dir, ensure_file
+
+    if value and Path(value).is_file():
+        return Path(value)
+    name = Path(value).name if value else DEFAULT_FILES[role]
+    folder = Path(value).parent if value and Path(value).parent != Path("") else cache_dir()
+    return ensure_file(name, folder, allow_download=allow_download)
+
+
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """Options shared by `segment` and `eval`: models, device, precision, method parameters."""
+    ap.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                    help="method parameters (default: %(default)s)")
+    ap.add_argument("--clip", help="CLIP checkpoint (open_clip .safetensors/.bin, or OpenAI's ViT-B-16.pt)")
+    ap.add_argument("--dino", help="DINO checkpoint (dino_vitbase16_pretrain.pth)")
+    ap.add_argument("--sam", help="SAM checkpoint (sam_vit_b_01ec64.pth)")
+    ap.add_argument("--no-download", action="store_true", help="never download missing model files")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    ap.add_argument("--refine", dest="refine", action="store_true", default=None, help="SAM refinement (S9)")
+    ap.add_argument("--no-refine", dest="refine", action="store_false")
+    ap.add_argument("--sam-tiles", help="SAM tiles: auto or ROWSxCOLS (preset default: 1x1, city_scapes 1x2)")
+    ap.add_argument("--correlation", choices=["affinity", "attention", "cosine", "none"])
+    ap.add_argument("--paradigm", choices=["splice_then_segment", "segment_then_splice"])
+    ap.add_argument("--short-side", type=int)
+    ap.add_argument("--stride", type=int)
+    ap.add_argument("--prob-thd", type=float)
+    ap.add_argument("--mask-prompt-mode", choices=["reference", "batched"])
+
+
+def build_trident(args: argparse.Namespace):
+    """Load the three models named by the arguments."""
+    from .pipeline import Trident
+
+    allow = not args.no_download
+    paths = {r: _model_file(getattr(args, r), r, allow) for r in ("clip", "dino", "sam")}
+    t0 = time.perf_counter()
+    tr = Trident.from_files(paths["clip"], paths["dino"], paths["sam"], args.device, args.precision)
+    _log(f"models loaded in {time.perf_counter() - t0:.1f}s on {tr.clip.device} "
+         f"(CLIP {tr.clip.arch}, DINO {tr.dino.arch}, SAM {tr.sam.arch})")
+    return tr
+
+
+def params_from_args(args: argparse.Namespace):
+    """The preset's parameters with the command line's overrides."""
+    return get_preset(args.preset).params.update(
+        refine=args.refine, sam_tiles=args.sam_tiles, correlation=args.correlation, paradigm=args.paradigm,
+        short_side=args.short_side, stride=args.stride, prob_thd=args.prob_thd, mask_prompt_mode=args.mask_prompt_mode)
+
+
+def classes_from_args(args: argparse.Namespace) -> ClassList:
+    """The class list: --classes (text or a file), else the preset's. With a benchmark preset that has a
+    background class, the first given class is that background (as the reference treats line 0)."""
+    preset = get_preset(args.preset)
+    if not args.classes:
+        return preset.classes()
+    text = Path(args.classes).read_text(encoding="utf-8") if os.path.isfile(args.classes) else args.classes
+    cl = parse_classes(text, background=args.background)
+    return ClassList(cl.classes, cl.has_background or preset.background)
+
+
+def _save_outputs(seg, image: np.ndarray, out: Path) -> None:
+    from PIL import Image
+
+    from .render import color_labels, legend, overlay
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = seg.classes.names
+    colors = color_labels(seg.labels, len(names))
+    Image.fromarray(np.concatenate([colors, legend(names, colors.shape[1])])).save(out / "labels_color.png")
+    Image.fromarray(overlay(image, colors)).save(out / "overlay.png")
+    Image.fromarray(seg.labels.clamp(min=0).numpy().astype(np.uint16 if len(names) > 255 else np.uint8)).save(
+        out / "labels.png")
+    masks = out / "masks"
+    masks.mkdir(exist_ok=True)
+    lab = seg.labels.numpy()
+    for i, name in enumerate(names):
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60]
+        Image.fromarray(((lab == i) * 255).astype(np.uint8)).save(masks / f"{i:03d}_{safe}.png")
+
+
+def save_npz(seg, path: str | os.PathLike) -> None:
+    """logits (raw cosine, queries x H x W), probs, labels, class_names (+ labels_coarse/probs_coarse)."""
+    arrays = {"logits": seg.logits().numpy().astype(np.float32), "probs": seg.probs.numpy().astype(np.float32),
+              "labels": seg.labels.numpy().astype(np.int32), "class_names": np.array(seg.classes.names),
+              "query_words": np.array(seg.classes.queries), "query_idx": np.array(seg.classes.query_class)}
+    if seg.refined:
+        arrays["labels_coarse"] = seg.labels_coarse.numpy().astype(np.int32)
+        arrays["probs_coarse"] = seg.probs_coarse.numpy().astype(np.float32)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .image import to_rgb_uint8
+
+    image = to_rgb_uint8(args.image)
+    classes = classes_from_args(args)
+    params = params_from_args(args)
+    tr = build_trident(args)
+    t0 = time.perf_counter()
+    last = {"stage": ""}
+
+    def progress(stage: str) -> None:
+        if stage != last["stage"]:
+            _log(f"[{time.perf_counter() - t0:6.1f}s] {stage}")
+            last["stage"] = stage
+
+    seg = tr.segment(image, classes, params, progress)
+    _log(f"segmented {image.shape[1]}x{image.shape[0]} into {len(classes)} classes in {time.perf_counter() - t0:.1f}s"
+         + (f" (refinement: {seg.info})" if seg.refined else ""))
+    if args.out:
+        _save_outputs(seg, image, Path(args.out))
+        _log(f"wrote {args.out}/labels_color.png, overlay.png, labels.png, masks/")
+    if args.save_npz:
+        save_npz(seg, args.save_npz)
+        _log(f"wrote {args.save_npz}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="trident", description="Training-free open-vocabulary segmentation (Trident)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    seg = sub.add_parser("segment", help="segment one image by class names")
+    seg.add_argument("image")
+    seg.add_argument("--classes", help='class names: "sky, horse; pony, grass" or a file with one class per line')
+    seg.add_argument("--background", help='names of a background class (label 0), e.g. "sky; wall"')
+    seg.add_argument("--out", help="folder for labels_color.png, overlay.png, labels.png and masks/")
+    seg.add_argument("--save-npz", help="npz with logits, probs, labels, class_names")
+    add_model_arguments(seg)
+    seg.set_defaults(func=cmd_segment)
+    args = ap.parse_args(argv)
+    if args.command == "segment" and not (args.out or args.save_npz):
+        ap.error("give --out DIR and/or --save-npz FILE")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _log(f"error: {e}")
+        return 2

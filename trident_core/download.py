@@ -1,0 +1,305 @@
+"""Fetch known model files (CLIP, DINO, SAM) from their official sources on first use.
+
+A download streams into a uniquely named temporary file next to its destination, is checked against the
+server's Content-Length, the expected size and the SHA-256 where the publisher gives them, and is then renamed
+into place atomically: no reader ever sees a partial file, and two processes fetching the same file both end
+with a valid copy. Nothing here touches the network at import time; only the standard library is used.
+
+Environment variables:
+    TRIDENT_NO_DOWNLOAD=1     never download (``HF_HUB_OFFLINE=1`` does the same)
+    TRIDENT_DOWNLOAD_MIRROR   replaces scheme and host of every official URL, e.g. ``http://127.0.0.1:8000``
+    HF_ENDPOINT               replaces ``https://huggingface.co`` only (a Hugging Face mirror)
+    TRIDENT_CACHE             folder returned by :func:`cache_dir` (default ``~/.cache/trident``)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import secrets
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+Role = Literal["clip", "dino", "sam"]
+ProgressFn = Callable[[int, int | None], None]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_USER_AGENT = "ComfyUI-Trident"
+_TRUTHY = {"1", "true", "yes", "on"}
+_OFF_SWITCHES = ("TRIDENT_NO_DOWNLOAD", "HF_HUB_OFFLINE")
+
+
+class DownloadError(RuntimeError):
+    """A download failed (HTTP error, dropped connection, wrong size or hash); no file was left behind."""
+
+
+class ModelFileMissing(FileNotFoundError):
+    """A model file is absent and cannot be downloaded; the message says where to get it and where to put it."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One known model file: where it comes from and what it must look like, so it can be fetched and verified."""
+
+    name: str
+    filename: str
+    role: Role
+    urls: tuple[str, ...]
+    size: int | None
+    sha256: str | None
+    description: str
+
+
+_FB = "https://dl.fbaipublicfiles.com"
+_HF = "https://huggingface.co"
+
+MODELS: dict[str, ModelFile] = {
+    m.name: m
+    for m in (
+        ModelFile(
+            "clip_vit_b16_openai",
+            "ViT-B-16_openai_open_clip_model.safetensors",
+            "clip",
+            (f"{_HF}/timm/vit_base_patch16_clip_224.openai/resolve/main/open_clip_model.safetensors",),
+            None,
+            None,
+            "CLIP ViT-B/16 with OpenAI's weights, open_clip safetensors format",
+        ),
+        ModelFile(
+            "clip_vit_b16_openai_torchscript",
+            "ViT-B-16.pt",
+            "clip",
+            ("https://openaipublic.azureedge.net/clip/models/"
+             "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",),
+            None,
+            "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+            "CLIP ViT-B/16 with OpenAI's weights, OpenAI's original TorchScript archive",
+        ),
+        ModelFile(
+            "clip_vit_h14_laion2b",
+            "ViT-H-14_laion2b_s32b_b79k_open_clip_model.safetensors",
+            "clip",
+            (f"{_HF}/laion/CLIP-ViT-H-14-laion2B-s32B-b79K/resolve/main/open_clip_model.safetensors",),
+            None,
+            None,
+            "OpenCLIP ViT-H/14 trained on LAION-2B (laion2b_s32b_b79k), safetensors format",
+        ),
+        ModelFile(
+            "dino_vitb16",
+            "dino_vitbase16_pretrain.pth",
+            "dino",
+            (f"{_FB}/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",),
+            None,
+            None,
+            "DINO ViT-B/16 self-supervised backbone",
+        ),
+        ModelFile(
+            "dino_vits16",
+            "dino_deitsmall16_pretrain.pth",
+            "dino",
+            (f"{_FB}/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",),
+            None,
+            None,
+            "DINO ViT-S/16 self-supervised backbone (smaller, faster)",
+        ),
+        ModelFile(
+            "sam_vit_b",
+            "sam_vit_b_01ec64.pth",
+            "sam",
+            (f"{_FB}/segment_anything/sam_vit_b_01ec64.pth",),
+            375042383,
+            None,
+            "Segment Anything ViT-B (358 MiB, fastest)",
+        ),
+        ModelFile(
+            "sam_vit_l",
+            "sam_vit_l_0b3195.pth",
+            "sam",
+            (f"{_FB}/segment_anything/sam_vit_l_0b3195.pth",),
+            1249524607,
+            None,
+            "Segment Anything ViT-L (1.2 GiB)",
+        ),
+        ModelFile(
+            "sam_vit_h",
+            "sam_vit_h_4b8939.pth",
+            "sam",
+            (f"{_FB}/segment_anything/sam_vit_h_4b8939.pth",),
+            2564550879,
+            None,
+            "Segment Anything ViT-H (2.4 GiB, most accurate)",
+        ),
+    )
+}
+
+
+def find_model(name_or_filename: str) -> ModelFile | None:
+    """Look a known model file up by registry name or by filename, so callers may pass either."""
+    if name_or_filename in MODELS:
+        return MODELS[name_or_filename]
+    return next((m for m in MODELS.values() if m.filename == name_or_filename), None)
+
+
+def cache_dir() -> Path:
+    """Return the folder the command line keeps model files in: ``$TRIDENT_CACHE`` or ``~/.cache/trident``."""
+    return Path(os.environ.get("TRIDENT_CACHE") or Path.home() / ".cache" / "trident").expanduser()
+
+
+def _download_blocker(explicit: bool | None) -> str | None:
+    """Return why downloading is off (explicit False or an offline environment variable), or None if it is on."""
+    if explicit is False:
+        return "automatic download is turned off for this call"
+    for var in _OFF_SWITCHES:
+        if os.environ.get(var, "").strip().lower() in _TRUTHY:
+            return f"the environment variable {var}={os.environ[var]} forbids downloads"
+    return None
+
+
+def download_enabled(explicit: bool | None = None) -> bool:
+    """Tell whether missing model files may be downloaded: yes unless ``explicit`` is False or an off switch is set."""
+    return _download_blocker(explicit) is None
+
+
+def resolve_url(url: str, mirror: str | None = None) -> str:
+    """Swap the scheme and host of ``url`` for ``mirror`` (or $TRIDENT_DOWNLOAD_MIRROR, $HF_ENDPOINT for HF URLs)."""
+    parts = urlsplit(url)
+    base = mirror or os.environ.get("TRIDENT_DOWNLOAD_MIRROR")
+    if not base and parts.netloc == "huggingface.co":
+        base = os.environ.get("HF_ENDPOINT")
+    if not base:
+        return url
+    return base.rstrip("/") + urlunsplit(("", "", parts.path, parts.query, ""))
+
+
+def stderr_progress(label: str, interval: float = 1.0) -> ProgressFn:
+    """Return a progress callback that prints at most one line per ``interval`` seconds to stderr, plus the last."""
+    last: float | None = None
+
+    def report(done: int, total: int | None) -> None:
+        nonlocal last
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        if not finished and last is not None and now - last < interval:
+            return
+        last = now
+        text = f"[trident] {label}: {done / 2**20:.1f} MiB"
+        if total:
+            text += f" / {total / 2**20:.1f} MiB ({100 * done // total}%)"
+        print(text, file=sys.stderr, flush=True)
+
+    return report
+
+
+def _fetch(url: str, out: BinaryIO, expected_size: int | None, sha256: str | None, report: ProgressFn,
+           timeout: float) -> int:
+    """Stream ``url`` into ``out`` and return the byte count; raise DownloadError on any transfer or integrity fault."""
+    digest = hashlib.sha256()
+    done = 0
+    total = expected_size
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None:
+                total = int(length)
+                if expected_size is not None and total != expected_size:
+                    raise DownloadError(f"Download of {url} failed: the server announces {total} bytes, "
+                                        f"expected {expected_size}")
+            report(0, total)
+            while chunk := response.read(_CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if total is not None and done > total:
+                    raise DownloadError(f"Download of {url} failed: received more than the expected {total} bytes")
+                report(done, total)
+    except urllib.error.HTTPError as exc:
+        raise DownloadError(f"Download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise DownloadError(f"Download of {url} failed after {done} bytes: {type(exc).__name__}: {exc}") from exc
+    if total is not None and done != total:
+        raise DownloadError(f"Download of {url} failed: truncated, received {done} of {total} bytes")
+    if sha256 is not None and digest.hexdigest() != sha256.lower():
+        raise DownloadError(f"Download of {url} failed: SHA-256 is {digest.hexdigest()}, expected {sha256.lower()}")
+    return done
+
+
+def _install(tmp: Path, dest: Path, size: int) -> None:
+    """Rename the verified ``tmp`` onto ``dest``; accept a same-size copy that another process put there meanwhile."""
+    try:
+        os.replace(tmp, dest)
+    except OSError as exc:  # Windows refuses to replace a file another process holds open.
+        if not (dest.is_file() and dest.stat().st_size == size):
+            raise DownloadError(f"Could not move the downloaded {tmp} to {dest}: {exc}") from exc
+        tmp.unlink()
+
+
+def download(url: str, dest: str | os.PathLike[str], expected_size: int | None = None, sha256: str | None = None,
+             progress: ProgressFn | None = None, timeout: float = 30.0) -> Path:
+    """Fetch ``url`` to ``dest`` via a verified temp file and an atomic rename, so no partial file ever appears.
+
+    ``timeout`` bounds each network wait in seconds; ``progress`` gets ``(done_bytes, total_bytes_or_None)`` and
+    defaults to a throttled line on stderr. Any failure removes the temp file; transfer and integrity faults raise
+    :class:`DownloadError`, anything else (KeyboardInterrupt, an exception from ``progress``) propagates unchanged.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    report = progress or stderr_progress(dest.name)
+    tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "xb") as out:
+            size = _fetch(url, out, expected_size, sha256, report, timeout)
+            out.flush()
+            os.fsync(out.fileno())
+        _install(tmp, dest, size)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def ensure_file(name_or_filename: str, folder: str | os.PathLike[str], allow_download: bool | None = None,
+                progress: ProgressFn | None = None, mirror: str | None = None) -> Path:
+    """Return the path of a model file in ``folder``, first downloading a known one if it is missing and allowed.
+
+    ``name_or_filename`` is a :data:`MODELS` key or a filename; ``mirror`` is passed to :func:`resolve_url`.
+    Raises :class:`ModelFileMissing` when the file is absent and cannot or may not be downloaded, and
+    :class:`DownloadError` when every source failed.
+    """
+    folder = Path(folder)
+    record = find_model(name_or_filename)
+    path = folder / (record.filename if record else name_or_filename)
+    if path.is_file():
+        return path
+    if record is None:
+        raise ModelFileMissing(f"Model file {path.name} is not in {folder}, and it is not a known model file, so it "
+                               f"cannot be downloaded automatically: put it in that folder by hand. Known files: "
+                               f"{', '.join(sorted(m.filename for m in MODELS.values()))}")
+    blocker = _download_blocker(allow_download)
+    if blocker is not None:
+        raise ModelFileMissing(f"Model file {record.filename} ({record.description}) is not in {folder}. Download it "
+                               f"from {record.urls[0]} and put it in that folder, or allow automatic download "
+                               f"({blocker}; enable the download option and unset "
+                               f"{' / '.join(_OFF_SWITCHES)}).")
+    failures = []
+    for url in record.urls:
+        source = resolve_url(url, mirror)
+        logger.info("Downloading %s from %s into %s", record.filename, source, folder)
+        try:
+            return download(source, path, record.size, record.sha256, progress)
+        except DownloadError as exc:
+            logger.warning("%s", exc)
+            failures.append(str(exc))
+    raise DownloadError(f"Could not download {record.filename} into {folder}: {' | '.join(failures)}. Download it by "
+                        f"hand from {record.urls[0]} and put it in that folder.")

@@ -1,0 +1,121 @@
+"""Input images: any common form to an RGB uint8 array, and the CLIP-branch rescaling of S0."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# The reference's data preprocessor: OpenAI CLIP's mean/std x 255, rounded.
+CLIP_MEAN_255 = (122.771, 116.746, 104.094)
+CLIP_STD_255 = (68.501, 66.632, 70.323)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_PIXELS = 64_000_000
+
+
+class ImageError(ValueError):
+    """An input image that cannot be segmented."""
+
+
+def to_rgb_uint8(image: object) -> np.ndarray:
+    """HxWx3 uint8 RGB from a path, PIL image, numpy array or torch tensor (HxW, HxWxC; uint8 or float 0..1).
+
+    Gray images are repeated to three channels and an alpha channel is dropped. A batch must be split first."""
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+
+        try:
+            with Image.open(image) as im:
+                image = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise ImageError(f"cannot read image {image}: {e}") from e
+    elif hasattr(image, "convert") and hasattr(image, "mode"):  # PIL
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.is_floating_point():
+            image = image.float()
+        image = image.numpy()
+    arr = np.asarray(image)
+    if arr.ndim == 4:
+        if arr.shape[0] != 1:
+            raise ImageError(f"got a batch of {arr.shape[0]} images; segment them one at a time")
+        arr = arr[0]
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise ImageError(f"expected an image of shape HxW or HxWxC (C = 1, 3 or 4), got {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageError(f"the image is empty ({arr.shape[0]}x{arr.shape[1]})")
+    if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
+        raise ImageError(f"the image has {arr.shape[0]}x{arr.shape[1]} pixels, more than {MAX_PIXELS // 10**6} "
+                         "megapixels; downscale it first")
+    if arr.dtype != np.uint8:
+        if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+            raise ImageError(f"unsupported image dtype {arr.dtype}")
+        f = arr.astype(np.float32)
+        if not np.isfinite(f).all():
+            raise ImageError("the image contains NaN or infinite values")
+        if np.issubdtype(arr.dtype, np.floating):
+            f = f * 255.0  # float images are 0..1 (ComfyUI's IMAGE)
+        arr = np.clip(np.rint(f), 0, 255).astype(np.uint8)
+    c = arr.shape[2]
+    if c in (1, 2):  # gray (+ alpha)
+        arr = np.repeat(arr[:, :, :1], 3, axis=2)
+    elif c == 4:
+        arr = arr[:, :, :3]
+    return np.ascontiguousarray(arr)
+
+
+def rescale_short_side(img: np.ndarray, short_side: int, long_cap: int = 2048) -> np.ndarray:
+    """S0's first resize (mmcv keep-ratio Resize): factor min(cap/long, short/short), sizes int(x*k+0.5), uint8."""
+    h, w = img.shape[:2]
+    k = min(long_cap / max(h, w), short_side / min(h, w))
+    nw, nh = max(1, int(w * float(k) + 0.5)), max(1, int(h * float(k) + 0.5))
+    return cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+
+
+def normalize_clip(img: np.ndarray) -> torch.Tensor:
+    """[1, 3, H, W] float32 CLIP-normalised as the reference's data preprocessor does (0..255 scale)."""
+    x = torch.from_numpy(img).permute(2, 0, 1).float()
+    mean = torch.tensor(CLIP_MEAN_255).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD_255).view(3, 1, 1)
+    return ((x - mean) / std)[None]
+
+
+def fit_to_patches(x: torch.Tensor, patch: int, window: int) -> torch.Tensor:
+    """S0's second resize: both sides to multiples of the patch size and at least the window size.
+
+    The long side is rounded up, each side scaled by it and truncated, then rounded up (the reference's
+    preprocess_image). Deviation: an image already on the patch grid but smaller than the window is upscaled
+    too (the reference crashes or pads there)."""
+    h, w = x.shape[-2:]
+    if h % patch == 0 and w % patch == 0 and min(h, w) >= window:
+        return x
+    long = max(h, w)
+    dst_long = math.ceil(long / patch) * patch
+    nh, nw = int(h * dst_long / long), int(w * dst_long / long)
+    nh, nw = math.ceil(nh / patch) * patch, math.ceil(nw / patch) * patch
+    nh, nw = max(nh, window), max(nw, window)
+    return F.interpolate(x, (nh, nw), mode="bilinear", align_corners=False)
+
+
+def clip_input(img: np.ndarray, short_side: int, patch: int, window: int, long_cap: int = 2048) -> torch.Tensor:
+    """The CLIP/DINO branch's image: rescaled, CLIP-normalised, on the patch grid. [1, 3, H', W'] float32."""
+    return fit_to_patches(normalize_clip(rescale_short_side(img, short_side, long_cap)), patch, window)
+
+
+def round_up_to(img: np.ndarray, multiple: int) -> np.ndarray:
+    """The SAM branch's image: sides rounded up to a multiple (cv2 INTER_LINEAR on uint8), as the reference."""
+    h, w = img.shape[:2]
+    nh, nw = math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple
+    if (nh, nw) == (h, w):
+        return img
+    return cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)

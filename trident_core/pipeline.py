@@ -1,0 +1,95 @@
+"""The whole method in one call, and each stage as a function of typed inputs (what the ComfyUI nodes expose)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .aggregation import FeatureMap, splice_and_aggregate
+from .classes import ClassList, parse_classes
+from .classify import Segmentation, classify
+from .devices import resolve_device, resolve_dtype
+from .image import clip_input, to_rgb_uint8
+from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
+from .presets import Params
+from .refine import RefineParams, refine
+from .text import encode_classes
+from .window_features import WindowFeatures, window_features
+from .windows import plan_windows
+
+Progress = Callable[[str], None]
+
+
+def _noop(_stage: str) -> None:
+    return None
+
+
+def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, params: Params = Params(),
+                            progress: Progress = _noop) -> WindowFeatures:
+    """S0, S2, S3, S4: the image rescaled, windowed, and CLIP's DINO-guided window features."""
+    if params.window % clip.patch_size or params.window % dino.patch_size:
+        raise ValueError(f"window {params.window} must be a multiple of CLIP's patch ({clip.patch_size}) and "
+                         f"DINO's ({dino.patch_size})")
+    img = to_rgb_uint8(image)
+    x = clip_input(img, params.short_side, clip.patch_size, params.window, params.long_cap)
+    plan = plan_windows(tuple(x.shape[-2:]), params.window, params.stride)
+    return window_features(clip, dino, x, plan, params.gamma, params.beta, image_size=img.shape[:2],
+                           on_chunk=lambda: progress("windows"))
+
+
+def compute_feature_map(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None, image: object,
+                        params: Params = Params(), progress: Progress = _noop) -> FeatureMap:
+    """S5 to S7: splice, SAM affinity, aggregation, projection (or the segment-then-splice baseline)."""
+    img = to_rgb_uint8(image) if image is not None else None
+    if img is not None and tuple(img.shape[:2]) != tuple(wf.image_size):
+        raise ValueError(f"the image ({img.shape[0]}x{img.shape[1]}) is not the one the window features were made "
+                         f"from ({wf.image_size[0]}x{wf.image_size[1]})")
+    return splice_and_aggregate(wf, clip, sam, img, params.correlation, params.paradigm, params.sam_tiles,
+                                params.cos_fac, params.refine_neg_cos, on_step=lambda: progress("sam"))
+
+
+def refine_params(params: Params) -> RefineParams:
+    """The refinement subset of the parameters."""
+    return RefineParams(params.coarse_thresh, params.minimal_area, params.mask_alpha, params.iou_thresh,
+                        params.mask_prompt_mode)
+
+
+@dataclass(eq=False)
+class Trident:
+    """CLIP + DINO + SAM, ready to segment images with any class list."""
+
+    clip: ClipModel
+    dino: DinoModel
+    sam: SamModel
+
+    @classmethod
+    def from_files(cls, clip: str | os.PathLike, dino: str | os.PathLike, sam: str | os.PathLike,
+                   device: str | torch.device | None = None, precision: str = "auto") -> Trident:
+        """Load the three models from their checkpoint files."""
+        dev = resolve_device(device)
+        dtype = resolve_dtype(precision, dev)
+        return cls(load_clip(clip, dev, dtype), load_dino(dino, dev, dtype), load_sam(sam, dev, dtype))
+
+    def text(self, classes: ClassList) -> torch.Tensor:
+        """Query embeddings (cached per name on the CLIP model)."""
+        return encode_classes(self.clip, classes)
+
+    @torch.no_grad()
+    def segment(self, image: object, classes: str | ClassList, params: Params = Params(),
+                progress: Progress = _noop) -> Segmentation:
+        """Label map, probabilities and raw logits of one image (path, PIL, array or tensor, HxWxC)."""
+        cl = parse_classes(classes) if isinstance(classes, str) else classes
+        text = self.text(cl)
+        progress("text")
+        img = to_rgb_uint8(image)
+        wf = compute_window_features(self.clip, self.dino, img, params, progress)
+        fm = compute_feature_map(wf, self.clip, self.sam, img, params, progress)
+        seg = classify(fm, text, cl, params.logit_scale, params.prob_thd)
+        progress("classify")
+        if params.refine:
+            seg = refine(seg, self.sam, img, refine_params(params), on_class=lambda: progress("refine"))
+        return seg
+

@@ -1,0 +1,84 @@
+"""The reference's benchmark configurations (configs/cfg_*.py) and a `default` preset for everyday images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from importlib import resources
+
+from .classes import ClassList, parse_classes
+
+
+@dataclass(frozen=True)
+class Params:
+    """Every constant of the method; presets differ in a few of them."""
+
+    short_side: int = 448
+    long_cap: int = 2048
+    window: int = 336
+    stride: int = 224
+    gamma: float = 3.0
+    beta: float = 1.2
+    cos_fac: float = 1.2
+    refine_neg_cos: bool = True
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    correlation: str = "affinity"
+    paradigm: str = "splice_then_segment"
+    sam_tiles: str = "1x1"
+    refine: bool = False
+    coarse_thresh: float = 0.2
+    minimal_area: int = 225
+    mask_alpha: float = 0.005
+    iou_thresh: float = 0.80
+    mask_prompt_mode: str = "reference"
+
+    def update(self, **changes) -> Params:
+        """A copy with some fields changed (None values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration; benchmark presets ship their dataset's class list (background first)."""
+
+    name: str
+    params: Params
+    class_file: str | None = None
+    background: bool = False
+    description: str = ""
+
+    def classes(self) -> ClassList:
+        """The preset's own class list (benchmark presets only)."""
+        if self.class_file is None:
+            raise ValueError(f"preset {self.name!r} has no class list; give the class names")
+        text = resources.files("trident_core").joinpath("data", self.class_file).read_text(encoding="utf-8")
+        cl = parse_classes([line for line in text.splitlines() if line.strip()])
+        return ClassList(cl.classes, has_background=self.background)
+
+
+_P = Params()
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("default", _P, description="everyday images: short side 448, no class list"),
+    Preset("voc21", _P.update(prob_thd=0.2, coarse_thresh=0.2), "cls_voc21.txt", True, "PASCAL VOC, 20 + background"),
+    Preset("voc20", _P.update(short_side=336, stride=112, cos_fac=0.0, coarse_thresh=0.2), "cls_voc20.txt",
+           description="PASCAL VOC, 20 classes"),
+    Preset("context60", _P.update(short_side=576, prob_thd=0.15, coarse_thresh=0.15), "cls_context60.txt", True,
+           "PASCAL Context, 59 + background"),
+    Preset("context59", _P.update(short_side=576, coarse_thresh=0.15), "cls_context59.txt",
+           description="PASCAL Context, 59 classes"),
+    Preset("coco_object", _P.update(prob_thd=0.25, coarse_thresh=0.25), "cls_coco_object.txt", True,
+           "COCO-Object, 80 + background"),
+    Preset("coco_stuff", _P.update(coarse_thresh=0.05), "cls_coco_stuff.txt", description="COCO-Stuff, 171 classes"),
+    Preset("city_scapes", _P.update(short_side=688, cos_fac=3.0, refine_neg_cos=False, coarse_thresh=0.10,
+                                    sam_tiles="1x2"), "cls_city_scapes.txt", description="Cityscapes, 19 classes"),
+    Preset("ade20k", _P.update(short_side=576, refine_neg_cos=False, coarse_thresh=0.05), "cls_ade20k.txt",
+           description="ADE20K, 150 classes"),
+)}
+
+
+def get_preset(name: str) -> Preset:
+    """A preset by name, with a helpful error listing the others."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,147 @@
+"""S9: SAM refinement of the coarse segmentation, as the reference does it.
+
+At half resolution, each confident class's 8-connected regions (at least `minimal_area` pixels) become SAM
+prompts: the region's best point and tight box, plus one mask prompt per class built from the class's
+probability map. Masks whose predicted IoU passes `iou_thresh` replace the coarse labels where they lie.
+
+Mask-prompt modes: "reference" passes the mask prompt as [1, 256, 256], as the reference does; SAM then
+normalises the downscaled mask over the height axis instead of the channels and broadcasts one dense embedding to
+every region (its effect is far from negligible). "batched" is the corrected [1, 1, 256, 256] call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .classify import Segmentation
+from .image import round_up_to
+from .models import SamModel
+from .sam_affinity import SamEncoding, encode_sam
+
+MASK_PROMPT_MODES = ("reference", "batched")
+
+
+@dataclass(frozen=True)
+class RefineParams:
+    """The reference's refinement constants."""
+
+    coarse_thresh: float = 0.2
+    minimal_area: int = 225
+    mask_alpha: float = 0.005
+    iou_thresh: float = 0.80
+    mask_prompt_mode: str = "reference"
+
+
+@dataclass
+class _Region:
+    mask: np.ndarray  # half-res bool
+    point: tuple[int, int]  # (x, y)
+    box: tuple[int, int, int, int]  # x1, y1, x2, y2 inclusive
+
+
+def _regions(member: np.ndarray, prob: np.ndarray, minimal_area: int) -> list[_Region]:
+    """8-connected regions of a class's half-res label mask with their best point and tight box."""
+    n, comp = cv2.connectedComponents(member.astype(np.uint8), connectivity=8)
+    out = []
+    for lab in range(1, n):
+        mask = comp == lab
+        if mask.sum() < minimal_area:
+            continue
+        flat = int(np.argmax(np.where(mask, prob, 0).reshape(-1)))
+        ys, xs = np.nonzero(mask)
+        out.append(_Region(mask, (flat % prob.shape[1], flat // prob.shape[1]),
+                           (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))))
+    return out
+
+
+def _mask_prompt(prob_down: torch.Tensor, image_size: tuple[int, int], p: RefineParams) -> torch.Tensor:
+    """The class's probability at SAM's 256 mask-prompt scale: alpha * p where p > coarse_thresh, else 0."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    nh, nw = ResizeLongestSide.get_preprocess_shape(image_size[0], image_size[1], 256)
+    r = F.interpolate(prob_down[None, None], [nh, nw], mode="bilinear", align_corners=False)[0]
+    r = F.pad(r, (0, 256 - nw, 0, 256 - nh), mode="constant", value=0)
+    r = torch.where(r > p.coarse_thresh, p.mask_alpha * r, torch.zeros(()))
+    return r if p.mask_prompt_mode == "reference" else r[None]
+
+
+@torch.no_grad()
+def _decode(sam: SamModel, enc: SamEncoding, regions: list[_Region], half: tuple[int, int],
+            mask_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One mask-decoder call for a class's regions: low-res mask logits [n, 1, 256, 256] and IoUs [n]."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    model = sam.model
+    dev = sam.device
+    tf = ResizeLongestSide(model.image_encoder.img_size)
+    boxes = tf.apply_boxes_torch(torch.tensor([r.box for r in regions], dtype=torch.float32), half)
+    points = tf.apply_coords_torch(torch.tensor([r.point for r in regions], dtype=torch.float32), half)[:, None]
+    sparse, dense = model.prompt_encoder(points=(points.to(dev), torch.ones(len(regions), 1, device=dev)),
+                                         boxes=boxes.to(dev), masks=mask_prompt.to(dev))
+    low, iou = model.mask_decoder(image_embeddings=enc.features.to(dev), image_pe=model.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=False)
+    return low.float(), iou[:, 0].float()
+
+
+@torch.no_grad()
+def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefineParams = RefineParams(),
+           encoding: SamEncoding | None = None, on_class=None) -> Segmentation:
+    """Refined labels (and score map) of a coarse segmentation; the image is the original RGB uint8 array."""
+    if params.mask_prompt_mode not in MASK_PROMPT_MODES:
+        raise ValueError(f"mask_prompt_mode must be one of {MASK_PROMPT_MODES}")
+    enc = encoding or seg.sam_encoding or encode_sam(sam, round_up_to(image, 16))
+    h, w = seg.image_size
+    c = len(seg.classes)
+    half = (h // 2, w // 2)
+    if min(half) < 1:
+        return seg
+    labels, probs = seg.labels, seg.probs.float()
+    lab_down = F.interpolate(labels[None, None].float(), half, mode="nearest")[0, 0].long()
+    prob_down = F.interpolate(probs[None], half, mode="bilinear", align_corners=False)[0]
+    if params.coarse_thresh > 0:
+        lab_down[prob_down.max(dim=0).values < params.coarse_thresh] = c
+    lab_np, prob_np = lab_down.cpu().numpy(), prob_down.cpu().numpy()
+    refined = torch.zeros_like(probs)
+    failed = np.zeros(half, dtype=bool)
+    kept_total = rejected_total = 0
+    for k in range(c):
+        if on_class:
+            on_class()
+        if prob_np[k].max() < params.coarse_thresh:
+            continue
+        regions = _regions(lab_np == k, prob_np[k], params.minimal_area)
+        if not regions:
+            continue
+        low, iou = _decode(sam, enc, regions, half, _mask_prompt(prob_down[k], (h, w), params))
+        keep = (iou > params.iou_thresh).cpu()
+        for r, ok in zip(regions, keep.tolist()):
+            if not ok:
+                failed |= r.mask
+        if not keep.any():
+            rejected_total += len(regions)
+            continue
+        kept_total += int(keep.sum())
+        rejected_total += int((~keep).sum())
+        logits = sam.model.postprocess_masks(low[keep.to(low.device)], enc.input_size, enc.original_size)
+        if tuple(logits.shape[-2:]) != (h, w):
+            logits = F.interpolate(logits, (h, w), mode="bilinear", align_corners=False)
+        logits = logits[:, 0].to(probs.device)
+        score = (logits.sigmoid() * probs[k]).max(dim=0).values
+        refined[k] = score * (logits > sam.model.mask_threshold).any(dim=0)
+    info = {"regions_kept": kept_total, "regions_rejected": rejected_total}
+    if kept_total == 0:
+        return Segmentation(labels, probs, seg.grid_logits, seg.classes, seg.image_size, labels.clone(),
+                            probs.clone(), enc, {**seg.info, **info})
+    covered = refined.sum(dim=0) != 0
+    new_labels = torch.where(covered, refined.argmax(dim=0), labels)
+    if failed.any():
+        area = F.interpolate(torch.from_numpy(failed)[None, None].float(), (h, w), mode="nearest")[0].to(probs.device)
+        refined = torch.maximum(refined, area * probs)
+    scores = torch.where(refined.sum(dim=0, keepdim=True) != 0, refined, probs)
+    return Segmentation(new_labels, scores, seg.grid_logits, seg.classes, seg.image_size, labels, probs, enc,
+                        {**seg.info, **info})

@@ -1,0 +1,57 @@
+"""Pictures of a segmentation: a colour label map, an overlay on the image, a legend, masks."""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+import torch
+
+from .classes import UNLABELED
+
+
+def palette(n: int) -> np.ndarray:
+    """n distinct RGB colours (uint8 [n, 3]): golden-ratio hues at alternating lightness."""
+    cols = []
+    for i in range(n):
+        h = (i * 0.618033988749895) % 1.0
+        l_, s = (0.55, 0.75) if i % 2 == 0 else (0.42, 0.85)
+        cols.append([round(255 * c) for c in colorsys.hls_to_rgb(h, l_, s)])
+    return np.array(cols, dtype=np.uint8).reshape(n, 3)
+
+
+def color_labels(labels: torch.Tensor | np.ndarray, num_classes: int) -> np.ndarray:
+    """HxWx3 uint8 colour map; unlabeled pixels are black."""
+    lab = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    pal = np.concatenate([palette(num_classes), np.zeros((1, 3), np.uint8)])
+    return pal[np.where(lab == UNLABELED, num_classes, lab)]
+
+
+def overlay(image: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image blended with a colour map (uint8)."""
+    out = image.astype(np.float32) * (1 - alpha) + colors.astype(np.float32) * alpha
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def legend(names: list[str], width: int, row: int = 22) -> np.ndarray:
+    """A strip listing each class name next to its colour (uint8 HxWx3), to put under a colour map."""
+    import cv2
+
+    pal = palette(len(names))
+    per_line = max(1, width // 180)
+    lines = (len(names) + per_line - 1) // per_line
+    img = np.full((lines * row + 6, width, 3), 255, np.uint8)
+    cell = width // per_line
+    for i, name in enumerate(names):
+        y, x = 3 + (i // per_line) * row, (i % per_line) * cell + 4
+        img[y + 3:y + row - 3, x:x + 16] = pal[i]
+        cv2.putText(img, name[:24], (x + 22, y + row - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return img
+
+
+def masks_for(labels: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """Float mask [H, W] of the union of the given classes."""
+    if not indices:
+        return torch.zeros(labels.shape, dtype=torch.float32)
+    idx = torch.tensor(indices, device=labels.device)
+    return torch.isin(labels, idx).float()

@@ -1,0 +1,79 @@
+"""Text embeddings of class names (S1): 80 OpenAI ImageNet prompts per name, each normalised, averaged, normalised.
+
+The prompts run through open_clip's text tower trimmed to the longest prompt of the batch: CLIP's text mask is
+causal and pooling takes the end-of-text token, so trimming the padding gives the same embeddings for less work.
+Embeddings are cached on the model per name, so asking again for the same names costs nothing."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .classes import ClassList, ClassListError
+from .models import ClipModel
+
+PROMPT_BATCH = 640
+
+
+def templates() -> list:
+    """open_clip's copy of OpenAI's 80 ImageNet prompt templates (the reference uses the same list)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return list(OPENAI_IMAGENET_TEMPLATES)
+
+
+def _tokenizer():
+    from open_clip.tokenizer import _tokenizer
+
+    return _tokenizer
+
+
+def check_length(names: list[str], context_length: int = 77) -> None:
+    """Refuse names whose longest prompt would be cut at CLIP's context length."""
+    tok = _tokenizer()
+    longest = max(templates(), key=lambda t: len(tok.encode(t("x"))))
+    for name in names:
+        n = len(tok.encode(longest(name))) + 2
+        if n > context_length:
+            raise ClassListError(f"class name {name[:60]!r}... is too long: its prompts need {n} tokens, CLIP takes "
+                                 f"{context_length}. Use a shorter name.")
+
+
+@torch.no_grad()
+def encode_prompts(clip: ClipModel, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP text features [P, E] of tokenized prompts [P, 77], computed on the trimmed length."""
+    m = clip.model
+    length = int(tokens.argmax(dim=-1).max()) + 1  # the end-of-text token has the largest id
+    tokens = tokens[:, :length].to(clip.device)
+    x = m.token_embedding(tokens).to(clip.dtype) + m.positional_embedding[:length].to(clip.dtype)
+    x = m.transformer(x, attn_mask=m.attn_mask[:length, :length].to(clip.dtype))
+    x = m.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    return x @ m.text_projection
+
+
+@torch.no_grad()
+def encode_names(clip: ClipModel, names: list[str]) -> torch.Tensor:
+    """Embeddings [len(names), E] (float32, L2-normalised), from the model's cache where present."""
+    import open_clip
+
+    todo = [n for n in dict.fromkeys(names) if n not in clip.text_cache]
+    if todo:
+        check_length(todo)
+        tmpl = templates()
+        prompts = [t(n) for n in todo for t in tmpl]
+        feats = []
+        for i in range(0, len(prompts), PROMPT_BATCH):
+            tokens = open_clip.tokenize(prompts[i:i + PROMPT_BATCH])
+            feats.append(encode_prompts(clip, tokens).float())
+        per_prompt = F.normalize(torch.cat(feats), dim=-1).view(len(todo), len(tmpl), -1)
+        emb = F.normalize(per_prompt.mean(dim=1), dim=-1)
+        for n, e in zip(todo, emb):
+            clip.text_cache[n] = e
+    return torch.stack([clip.text_cache[n] for n in names])
+
+
+@torch.no_grad()
+def encode_classes(clip: ClipModel, classes: ClassList) -> torch.Tensor:
+    """Embeddings of every query of a class list, [queries, E]."""
+    return encode_names(clip, classes.queries)

@@ -1,0 +1,161 @@
+"""S3 + S4: DINO proxy attention over each window, applied to the value path of CLIP's last block.
+
+Small adapters around the libraries' own modules: timm's ViT for DINO (DINO's position-embedding formula) and
+open_clip's VisionTransformer run up to its last block, of which only ln_1, the value projection and out_proj are
+used. Windows are processed in chunks so memory does not grow with the image size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from .models import ClipModel, DinoModel
+from .posembed import interpolate_pos_embed
+from .windows import WindowPlan
+
+WINDOW_CHUNK = 8
+
+
+@dataclass(eq=False)
+class WindowFeatures:
+    """CLIP's last-block outputs Y [n, gh*gw, D] per window (on the grid `token_grid`), and where they came from."""
+
+    tokens: torch.Tensor
+    token_grid: tuple[int, int]
+    plan: WindowPlan
+    patch_size: int
+    image_size: tuple[int, int]
+    processed_size: tuple[int, int]
+
+
+def crop_windows(x: torch.Tensor, plan: WindowPlan, idx: range) -> torch.Tensor:
+    """The windows `idx` of a [1, 3, H, W] image as a batch [k, 3, w, w]."""
+    return torch.cat([x[:, :, y1:y2, x1:x2] for (y1, x1, y2, x2) in (plan.boxes[i] for i in idx)])
+
+
+def clip_to_imagenet(x: torch.Tensor) -> torch.Tensor:
+    """CLIP-normalised windows un-normalised with CLIP's exact constants, then ImageNet-normalised (DINO's input)."""
+    cm, cs = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    im, istd = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x * cs + cm) - im) / istd
+
+
+@torch.no_grad()
+def dino_tokens(dino: DinoModel, x: torch.Tensor) -> torch.Tensor:
+    """DINO's final normalised patch tokens [k, g*g, D] of ImageNet-normalised windows [k, 3, w, w]."""
+    m = dino.model
+    x = x.to(device=dino.device, dtype=dino.dtype)
+    grid = (x.shape[-2] // dino.patch_size, x.shape[-1] // dino.patch_size)
+    t = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    t = torch.cat([m.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
+    t = t + interpolate_pos_embed(m.pos_embed[0], grid)[None]
+    t = m.norm_pre(m.pos_drop(t))
+    t = m.norm(m.blocks(t))
+    return t[:, 1:]
+
+
+def similarity_mean(feats: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-window token cosine matrices over all windows and entries: sum_w |sum_i f_i|^2 / (n L^2)."""
+    f = F.normalize(feats.float(), dim=-1)
+    n, length = f.shape[:2]
+    return f.sum(dim=1).pow(2).sum() / (n * length * length)
+
+
+def proxy_attention(feats: torch.Tensor, mean: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
+    """P = softmax(gamma (S - beta m)) with negative entries masked out; [k, L, L] float32.
+
+    A row with no positive entry (NaN in the reference) falls back to uniform weights over its window."""
+    f = F.normalize(feats.float(), dim=-1)
+    z = (f @ f.transpose(1, 2) - mean * beta) * gamma
+    z = z.masked_fill(z < 0, float("-inf"))
+    empty = torch.isinf(z).all(dim=-1, keepdim=True)
+    z = torch.where(empty, torch.zeros_like(z), z)
+    return z.softmax(dim=-1)
+
+
+@torch.no_grad()
+def clip_values(clip: ClipModel, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """V of CLIP's last block, [k, g*g, D]: patch embedding, interpolated positions, blocks 1..L-1, drop CLS,
+    ln_1, the value third of the in-projection."""
+    v = clip.model.visual
+    x = x.to(device=clip.device, dtype=clip.dtype)
+    grid = (x.shape[-2] // clip.patch_size, x.shape[-1] // clip.patch_size)
+    t = v.conv1(x).flatten(2).transpose(1, 2)
+    cls = v.class_embedding.to(t.dtype).view(1, 1, -1).expand(t.shape[0], -1, -1)
+    t = torch.cat([cls, t], dim=1) + interpolate_pos_embed(v.positional_embedding, grid).to(t.dtype)[None]
+    t = v.ln_pre(v.patch_dropout(t))
+    blocks = v.transformer.resblocks
+    for blk in blocks[:-1]:
+        t = blk(t)
+    last = blocks[-1]
+    dim = t.shape[-1]
+    w, b = last.attn.in_proj_weight[2 * dim:], last.attn.in_proj_bias[2 * dim:]
+    return F.linear(last.ln_1(t[:, 1:]), w, b), grid
+
+
+def _resize_tokens(t: torch.Tensor, grid: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of tokens [k, gh*gw, D] to another grid."""
+    if grid == new:
+        return t
+    k, _, d = t.shape
+    img = t.transpose(1, 2).reshape(k, d, *grid).float()
+    img = F.interpolate(img, size=new, mode="bilinear", align_corners=False)
+    return img.flatten(2).transpose(1, 2).to(t.dtype)
+
+
+@torch.no_grad()
+def window_features(clip: ClipModel, dino: DinoModel, x: torch.Tensor, plan: WindowPlan, gamma: float = 3.0,
+                    beta: float = 1.2, image_size: tuple[int, int] | None = None,
+                    chunk: int = WINDOW_CHUNK, on_chunk=None) -> WindowFeatures:
+    """Y = out_proj(P V) per window of the processed, CLIP-normalised image x [1, 3, H, W].
+
+    V is resized bilinearly to DINO's grid where the grids differ (ViT-H/14), then Y back to CLIP's grid times
+    round(dino/clip) as the reference splices it."""
+    n = len(plan)
+    dino_feats = []
+    for s in range(0, n, chunk):
+        dino_feats.append(dino_tokens(dino, clip_to_imagenet(crop_windows(x, plan, range(s, min(n, s + chunk))))))
+        if on_chunk:
+            on_chunk()
+    dino_feats = torch.cat(dino_feats)
+    mean = similarity_mean(dino_feats)
+    dg = plan.window // dino.patch_size
+    out = []
+    grid = None
+    last = clip.model.visual.transformer.resblocks[-1]
+    for s in range(0, n, chunk):
+        idx = range(s, min(n, s + chunk))
+        values, grid = clip_values(clip, crop_windows(x, plan, idx))
+        values = _resize_tokens(values, grid, (dg, dg))
+        p = proxy_attention(dino_feats[s:s + len(idx)], mean, gamma, beta)
+        o = torch.bmm(p.to(values.dtype), values)
+        out.append(last.attn.out_proj(o))
+        if on_chunk:
+            on_chunk()
+    tokens = torch.cat(out)
+    token_grid = (dg, dg)
+    if dg % grid[1] != 0:  # ViT-H/14 (24) with DINO/16 (21): back to CLIP's grid x round(21/24)
+        ratio = max(1, round(dg / grid[0]))
+        token_grid = (grid[0] * ratio, grid[1] * ratio)
+        tokens = _resize_tokens(tokens, (dg, dg), token_grid)
+    size = tuple(image_size) if image_size else tuple(x.shape[-2:])
+    return WindowFeatures(tokens, token_grid, plan, clip.patch_size, size, tuple(x.shape[-2:]))
+
+
+def splice(wf: WindowFeatures) -> torch.Tensor:
+    """S5: windows' tokens added onto the processed image's token grid (x grid ratio) and averaged, [D, Hg, Wg]."""
+    h, w = wf.processed_size
+    ratio = wf.token_grid[0] // (wf.plan.window // wf.patch_size)
+    gh, gw = h // wf.patch_size * ratio, w // wf.patch_size * ratio
+    d = wf.tokens.shape[-1]
+    canvas = wf.tokens.new_zeros(d, gh, gw, dtype=torch.float32)
+    count = wf.tokens.new_zeros(1, gh, gw, dtype=torch.float32)
+    for t, (y1, x1, _, _) in zip(wf.tokens, wf.plan.boxes):
+        ys, xs = y1 // wf.patch_size * ratio, x1 // wf.patch_size * ratio
+        th, tw = wf.token_grid
+        canvas[:, ys:ys + th, xs:xs + tw] += t.float().T.reshape(d, th, tw)
+        count[:, ys:ys + th, xs:xs + tw] += 1
+    return canvas / count
