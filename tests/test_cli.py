@@ -33,3 +33,44 @@ def test_missing_model_without_download(tmp_path, capsys, photo):
                "--no-download", "--out", str(tmp_path)])
     assert rc == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_eval_command_on_a_tiny_cityscapes(small_ckpts, photo, tmp_path):
+    """`eval` reads the layout, segments every image with the preset's classes and writes mmseg metrics that
+    agree with a confusion matrix computed here from the pipeline's own labels."""
+    import json
+    import warnings
+
+    from trident_core import Trident, get_preset
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    pairs = []
+    for k in range(2):
+        stem = f"aachen/aachen_{k:06d}_000019"
+        img = root / "cityscapes/leftImg8bit/val" / f"{stem}_leftImg8bit.png"
+        lab = root / "cityscapes/gtFine/val" / f"{stem}_gtFine_labelTrainIds.png"
+        img.parent.mkdir(parents=True, exist_ok=True)
+        lab.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo[k * 100:k * 100 + 96, :192]).save(img)
+        Image.fromarray(rng.integers(0, 19, (96, 192)).astype(np.uint8)).save(lab)
+        pairs.append((img, lab))
+    out = tmp_path / "res.json"
+    args = ["eval", "--preset", "city_scapes", "--data-root", str(root), "--out", str(out), "--device", "cpu",
+            "--clip", str(small_ckpts["clip"]), "--dino", str(small_ckpts["dino"]), "--sam", str(small_ckpts["sam"]),
+            "--no-download"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+    res = json.loads(out.read_text())
+    tr = Trident.from_files(small_ckpts["clip"], small_ckpts["dino"], small_ckpts["sam"], device="cpu")
+    preset = get_preset("city_scapes")
+    conf = np.zeros((19, 19), np.int64)
+    for img, lab in pairs:
+        pred = tr.segment(np.array(Image.open(img)), preset.classes(), preset.params).labels.numpy()
+        gt = np.array(Image.open(lab))
+        np.add.at(conf, (gt.reshape(-1), pred.reshape(-1)), 1)
+    iou = np.diag(conf) / (conf.sum(0) + conf.sum(1) - np.diag(conf))
+    assert res["num_images"] == 2
+    assert abs(res["mIoU"] - round(100 * np.nanmean(iou), 2)) < 0.011
+    assert abs(res["aAcc"] - round(100 * np.diag(conf).sum() / conf.sum(), 2)) < 0.011

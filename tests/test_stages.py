@@ -170,3 +170,14 @@ def test_synonym_max_merge_and_thresholds():
     no_bg = ClassList(cl.classes, has_background=False)
     labels = labels_from_probs(got, no_bg, 0.99)
     assert (labels[got.max(0).values < 0.99] == UNLABELED).all()
+
+
+def test_banded_sam_attention_equals_segment_anything(small_trident):
+    from segment_anything.modeling.image_encoder import Attention
+
+    enc = small_trident.sam.model.image_encoder
+    g = torch.Generator().manual_seed(3)
+    for blk, shape in ((enc.blocks[-1], (1, 64, 64, 64)), (enc.blocks[0], (25, 14, 14, 64))):
+        x = torch.randn(shape, generator=g)
+        assert blk.attn.forward.__func__ is not Attention.forward  # the loader installed the banded forward
+        assert torch.equal(blk.attn(x), Attention.forward(blk.attn, x))  # bit-identical on the CPU

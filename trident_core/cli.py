@@ -32,18 +32,19 @@ def _model_file(value: str | None, role: str, allow_download: bool) -> Path:
     return ensure_file(name, folder, allow_download=allow_download)
 
 
-def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+def add_model_arguments(ap: argparse.ArgumentParser, preset_and_refine: bool = True) -> None:
     """Options shared by `segment` and `eval`: models, device, precision, method parameters."""
-    ap.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                    help="method parameters (default: %(default)s)")
+    if preset_and_refine:
+        ap.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                        help="method parameters (default: %(default)s)")
+        ap.add_argument("--refine", dest="refine", action="store_true", default=None, help="SAM refinement (S9)")
+        ap.add_argument("--no-refine", dest="refine", action="store_false")
     ap.add_argument("--clip", help="CLIP checkpoint (open_clip .safetensors/.bin, or OpenAI's ViT-B-16.pt)")
     ap.add_argument("--dino", help="DINO checkpoint (dino_vitbase16_pretrain.pth)")
     ap.add_argument("--sam", help="SAM checkpoint (sam_vit_b_01ec64.pth)")
     ap.add_argument("--no-download", action="store_true", help="never download missing model files")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    ap.add_argument("--refine", dest="refine", action="store_true", default=None, help="SAM refinement (S9)")
-    ap.add_argument("--no-refine", dest="refine", action="store_false")
     ap.add_argument("--sam-tiles", help="SAM tiles: auto or ROWSxCOLS (preset default: 1x1, city_scapes 1x2)")
     ap.add_argument("--correlation", choices=["affinity", "attention", "cosine", "none"])
     ap.add_argument("--paradigm", choices=["splice_then_segment", "segment_then_splice"])
@@ -143,6 +144,31 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a preset on its validation set (data-parallel under torchrun)."""
+    import dataclasses
+
+    from .evaluation import build_dataset, evaluate, init_distributed
+
+    _rank, _world, device = init_distributed()
+    if args.device == "auto":
+        args.device = str(device)
+    dataset = build_dataset(args.preset, args.data_root)
+    classes = get_preset(args.preset).classes()
+    params = params_from_args(args)
+    tr = build_trident(args)
+    tr.text(classes)
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        return tr.segment(image, classes, params).labels.cpu().numpy()
+
+    config = {"params": dataclasses.asdict(params), "clip": tr.clip.path, "dino": tr.dino.path, "sam": tr.sam.path,
+              "precision": str(tr.clip.dtype)}
+    evaluate(predict, dataset, dataset.num_classes, limit=args.limit, result_json=args.out, resume=args.resume,
+             class_names=classes.names, config=config)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="trident", description="Training-free open-vocabulary segmentation (Trident)")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -154,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     seg.add_argument("--save-npz", help="npz with logits, probs, labels, class_names")
     add_model_arguments(seg)
     seg.set_defaults(func=cmd_segment)
+    ev = sub.add_parser("eval", help="mIoU on a benchmark's validation set (torchrun for several processes)")
+    from .evaluation import add_eval_arguments
+
+    add_eval_arguments(ev)
+    add_model_arguments(ev, preset_and_refine=False)
+    ev.set_defaults(func=cmd_eval)
     args = ap.parse_args(argv)
     if args.command == "segment" and not (args.out or args.save_npz):
         ap.error("give --out DIR and/or --save-npz FILE")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, expect_family, read_state_dict
+from .sam_attention import use_banded_attention
 
 # Architectures OpenAI released; their weights were trained with QuickGELU (open_clip's plain configs use GELU).
 _OPENAI_ARCHS = {"ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"}
@@ -146,7 +147,7 @@ def load_clip(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
 
     sd = read_state_dict(path)
     expect_family(sd, "clip", path)
-    for key in ("input_resolution", "context_length", "vocab_size"):
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):  # TorchScript extras
         sd.pop(key, None)
     arch, cfg = _clip_config(sd)
     qg = arch in _OPENAI_ARCHS if quick_gelu is None else quick_gelu
@@ -204,5 +205,6 @@ def load_sam(path: str | os.PathLike, device: torch.device | str = "cpu",
     # Prompt encoder and mask decoder stay float32 (as the reference keeps them), the encoder may be half.
     model = _place(model, device, torch.float32)
     model.image_encoder.to(dtype)
+    use_banded_attention(model.image_encoder)
     return SamModel(model, arch, str(path))
 

@@ -21,13 +21,14 @@ from .window_features import WindowFeatures, window_features
 from .windows import plan_windows
 
 Progress = Callable[[str], None]
+DEFAULT_PARAMS = Params()
 
 
 def _noop(_stage: str) -> None:
     return None
 
 
-def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, params: Params = Params(),
+def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, params: Params = DEFAULT_PARAMS,
                             progress: Progress = _noop) -> WindowFeatures:
     """S0, S2, S3, S4: the image rescaled, windowed, and CLIP's DINO-guided window features."""
     if params.window % clip.patch_size or params.window % dino.patch_size:
@@ -41,7 +42,7 @@ def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, par
 
 
 def compute_feature_map(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None, image: object,
-                        params: Params = Params(), progress: Progress = _noop) -> FeatureMap:
+                        params: Params = DEFAULT_PARAMS, progress: Progress = _noop) -> FeatureMap:
     """S5 to S7: splice, SAM affinity, aggregation, projection (or the segment-then-splice baseline)."""
     img = to_rgb_uint8(image) if image is not None else None
     if img is not None and tuple(img.shape[:2]) != tuple(wf.image_size):
@@ -78,7 +79,7 @@ class Trident:
         return encode_classes(self.clip, classes)
 
     @torch.no_grad()
-    def segment(self, image: object, classes: str | ClassList, params: Params = Params(),
+    def segment(self, image: object, classes: str | ClassList, params: Params = DEFAULT_PARAMS,
                 progress: Progress = _noop) -> Segmentation:
         """Label map, probabilities and raw logits of one image (path, PIL, array or tensor, HxWxC)."""
         cl = parse_classes(classes) if isinstance(classes, str) else classes

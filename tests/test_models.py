@@ -1,0 +1,77 @@
+"""Loaders: every official file form, architecture read off the tensors, the large (patch-14) configuration."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import torch
+
+from trident_core import Params, Trident
+from trident_core.models import load_clip, load_dino, load_sam
+
+
+def test_openai_torchscript_clip_loads_like_the_state_dict(small_ckpts, tmp_path):
+    ref = load_clip(small_ckpts["clip"])
+    traced = torch.jit.trace(ref.model.visual, torch.zeros(1, 3, 224, 224))
+    holder = torch.jit.script(_Holder(traced, ref.model))
+    path = tmp_path / "ViT-B-16.pt"
+    holder.save(str(path))
+    from trident_core.checkpoints import read_state_dict
+
+    sd = read_state_dict(path)
+    assert set(sd) - {"attn_mask"} == set(ref.model.state_dict())
+    got = load_clip(path)
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(got.model.state_dict()[k], v), k
+
+
+class _Holder(torch.nn.Module):
+    """A TorchScript archive with the open_clip/OpenAI key layout (what OpenAI's ViT-B-16.pt holds)."""
+
+    def __init__(self, visual, model):
+        super().__init__()
+        self.visual = visual
+        self.transformer = model.transformer
+        self.token_embedding = model.token_embedding
+        self.positional_embedding = model.positional_embedding
+        self.ln_final = model.ln_final
+        self.text_projection = model.text_projection
+        self.logit_scale = model.logit_scale
+        self.register_buffer("attn_mask", model.attn_mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual(x)
+
+
+def test_architectures_are_read_off_the_files(small_ckpts):
+    clip, dino, sam = load_clip(small_ckpts["clip"]), load_dino(small_ckpts["dino"]), load_sam(small_ckpts["sam"])
+    assert clip.patch_size == 16 and clip.model.visual.transformer.width == 64
+    assert dino.patch_size == 16 and len(dino.model.blocks) == 2 and dino.model.embed_dim == 64
+    assert sam.num_heads == 1 and len(sam.model.image_encoder.blocks) == 2
+    assert sam.model.image_encoder.blocks[1].window_size == 0 and sam.model.image_encoder.blocks[0].window_size == 14
+
+
+def test_known_openai_architecture_gets_quickgelu(tmp_path):
+    sd = open_clip.create_model("ViT-B-32-quickgelu").state_dict()
+    torch.save(sd, tmp_path / "b32.bin")
+    m = load_clip(tmp_path / "b32.bin")
+    assert m.arch == "ViT-B-32" and m.quick_gelu
+    assert type(m.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    assert not load_clip(tmp_path / "b32.bin", quick_gelu=False).quick_gelu
+
+
+def test_patch14_clip_with_dino16_runs_end_to_end(small_ckpts, tmp_path, photo):
+    """The large configuration's shape logic (CLIP patch 14: 24x24 tokens per window, DINO 21x21) on a small
+    patch-14 CLIP: multiples of 14 in S0/S2, V resized to DINO's grid and back."""
+    m = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=224, patch_size=14, width=64, layers=2, head_width=64),
+                       text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1))
+    torch.save(m.state_dict(), tmp_path / "clip14.bin")
+    tr = Trident.from_files(tmp_path / "clip14.bin", small_ckpts["dino"], small_ckpts["sam"], device="cpu")
+    assert tr.clip.patch_size == 14 and not tr.clip.quick_gelu
+    from trident_core.pipeline import compute_window_features
+
+    wf = compute_window_features(tr.clip, tr.dino, photo[:300, :500], Params())
+    assert wf.token_grid == (24, 24) and wf.tokens.shape[1] == 576
+    assert all(v % 14 == 0 for box in wf.plan.boxes for v in box)
+    seg = tr.segment(photo[:300, :500], "sky, person", Params(refine=True))
+    assert tuple(seg.labels.shape) == (300, 500) and np.isfinite(seg.probs.numpy()).all()
