@@ -46,7 +46,13 @@ def full_ckpts(tmp_path_factory) -> dict[str, Path]:
 def full_trident(full_ckpts):
     from trident_core import Trident
 
-    return Trident.from_files(full_ckpts["clip"], full_ckpts["dino"], full_ckpts["sam"], device="cpu",
+    device = os.environ.get("TRIDENT_TEST_DEVICE", "cpu")  # the golden tests also run on a GPU in fp32
+    if device.startswith("cuda"):
+        import torch
+
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return Trident.from_files(full_ckpts["clip"], full_ckpts["dino"], full_ckpts["sam"], device=device,
                               precision="fp32")
 
 

@@ -53,7 +53,7 @@ def test_text_embeddings(case_result, full_trident):
     case, classes, _, gold = case_result
     assert list(gold["query_words"]) == classes.queries
     assert list(gold["query_idx"]) == classes.query_class
-    ours = full_trident.text(classes).numpy()
+    ours = full_trident.text(classes).cpu().numpy()
     assert np.abs(ours - gold["query_features"]).max() < 1e-5, _max_diff(gold["query_features"], ours)
 
 
@@ -61,22 +61,23 @@ def test_logits(case_result):
     case, _, seg, gold = case_result
     ref_grid = gold["grid_logits"]
     assert tuple(seg.grid_logits.shape) == ref_grid.shape, f"grid {tuple(seg.grid_logits.shape)} != {ref_grid.shape}"
-    assert np.abs(seg.grid_logits.numpy() - ref_grid).max() < 1e-4, _max_diff(ref_grid, seg.grid_logits.numpy())
+    grid = seg.grid_logits.cpu().numpy()
+    assert np.abs(grid - ref_grid).max() < 1e-4, _max_diff(ref_grid, grid)
     h, w = case["image_size_hw"]
     ref_full = torch.nn.functional.interpolate(torch.from_numpy(ref_grid)[None], size=(h, w), mode="bilinear",
-                                               align_corners=False)[0].numpy()
-    ours_full = seg.logits().numpy()
+                                               align_corners=False)[0].cpu().numpy()
+    ours_full = seg.logits().cpu().numpy()
     assert np.abs(ours_full - ref_full).max() < 1e-4, _max_diff(ref_full, ours_full)
 
 
 def test_labels(case_result):
     case, classes, seg, gold = case_result
     coarse_ref = gold["labels_coarse"] if case["refine"] else gold["labels"]
-    coarse = (seg.labels_coarse if case["refine"] else seg.labels).numpy()
+    coarse = (seg.labels_coarse if case["refine"] else seg.labels).cpu().numpy()
     assert (coarse == coarse_ref).mean() >= 0.999, _explain_labels(coarse_ref, coarse, classes.names)
     if case["refine"]:
         assert seg.refined
-        ours = seg.labels.numpy()
+        ours = seg.labels.cpu().numpy()
         assert (ours == gold["labels"]).mean() >= 0.99, _explain_labels(gold["labels"], ours, classes.names)
         # the refinement must actually have changed something where the reference's did
         assert (gold["labels"] != gold["labels_coarse"]).any() == (ours != coarse).any()

@@ -19,7 +19,7 @@ from .sam_affinity import CORRELATIONS, SamEncoding, affinity_rows, encode_sam
 from .window_features import WindowFeatures, splice
 
 PARADIGMS = ("splice_then_segment", "segment_then_splice")
-ROW_BLOCK = 512
+ROW_BLOCK = 128
 MAX_TILES = 8
 
 

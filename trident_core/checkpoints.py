@@ -62,7 +62,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if _is_torchscript(p):
             # TorchScript holds no pickled Python callables; its weights are read as a state dict.
             return _unwrap(torch.jit.load(str(p), map_location="cpu").state_dict(), p)
-        return _unwrap(torch.load(str(p), map_location="cpu", weights_only=True), p)
+        try:  # memory-mapped: the weights are not copied into memory twice
+            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        return _unwrap(obj, p)
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:

@@ -95,24 +95,28 @@ def _save_outputs(seg, image: np.ndarray, out: Path) -> None:
     colors = color_labels(seg.labels, len(names))
     Image.fromarray(np.concatenate([colors, legend(names, colors.shape[1])])).save(out / "labels_color.png")
     Image.fromarray(overlay(image, colors)).save(out / "overlay.png")
-    Image.fromarray(seg.labels.clamp(min=0).numpy().astype(np.uint16 if len(names) > 255 else np.uint8)).save(
+    Image.fromarray(seg.labels.clamp(min=0).cpu().numpy().astype(np.uint16 if len(names) > 255 else np.uint8)).save(
         out / "labels.png")
     masks = out / "masks"
     masks.mkdir(exist_ok=True)
-    lab = seg.labels.numpy()
+    lab = seg.labels.cpu().numpy()
     for i, name in enumerate(names):
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60]
         Image.fromarray(((lab == i) * 255).astype(np.uint8)).save(masks / f"{i:03d}_{safe}.png")
 
 
 def save_npz(seg, path: str | os.PathLike) -> None:
-    """logits (raw cosine, queries x H x W), probs, labels, class_names (+ labels_coarse/probs_coarse)."""
-    arrays = {"logits": seg.logits().numpy().astype(np.float32), "probs": seg.probs.numpy().astype(np.float32),
-              "labels": seg.labels.numpy().astype(np.int32), "class_names": np.array(seg.classes.names),
+    """logits (raw cosine, queries x H x W), probs, labels, class_names (+ labels_coarse/probs_coarse when refined);
+    `pred`/`pred_coarse` repeat the label maps under the reference harness's names."""
+    arrays = {"logits": seg.logits().cpu().numpy().astype(np.float32),
+              "probs": seg.probs.cpu().numpy().astype(np.float32),
+              "labels": seg.labels.cpu().numpy().astype(np.int32), "class_names": np.array(seg.classes.names),
               "query_words": np.array(seg.classes.queries), "query_idx": np.array(seg.classes.query_class)}
     if seg.refined:
-        arrays["labels_coarse"] = seg.labels_coarse.numpy().astype(np.int32)
-        arrays["probs_coarse"] = seg.probs_coarse.numpy().astype(np.float32)
+        arrays["labels_coarse"] = seg.labels_coarse.cpu().numpy().astype(np.int32)
+        arrays["probs_coarse"] = seg.probs_coarse.cpu().numpy().astype(np.float32)
+        arrays["pred_coarse"] = arrays["labels_coarse"]
+    arrays["pred"] = arrays["labels"]  # the reference harness's names for the label maps
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
 

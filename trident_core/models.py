@@ -83,7 +83,7 @@ class SamModel:
 def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike, what: str) -> None:
     """load_state_dict(strict=True) with an error that says which file does not fit which model."""
     try:
-        module.load_state_dict(sd, strict=True)
+        module.load_state_dict(sd, strict=True, assign=True)  # the file's tensors become the weights: no copy
     except RuntimeError as e:
         first = str(e).split("\n\t")[:3]
         raise CheckpointError(f"{path}: does not fit {what}: {' '.join(first)[:600]}") from e

@@ -88,6 +88,24 @@ def _decode(sam: SamModel, enc: SamEncoding, regions: list[_Region], half: tuple
     return low.float(), iou[:, 0].float()
 
 
+def _class_score(sam: SamModel, enc: SamEncoding, low: torch.Tensor, prob: torch.Tensor,
+                 size: tuple[int, int], chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max over a class's kept masks of sigmoid(logit) * p, and the union of the masks, at full resolution.
+
+    Mask logits follow the reference's path: 256 -> 1024 -> crop -> SAM's original size -> the image size. A few
+    masks at a time, so memory does not grow with the number of regions."""
+    score = torch.zeros(size, device=prob.device)
+    union = torch.zeros(size, dtype=torch.bool, device=prob.device)
+    for i in range(0, low.shape[0], chunk):
+        logits = sam.model.postprocess_masks(low[i:i + chunk], enc.input_size, enc.original_size)
+        if tuple(logits.shape[-2:]) != size:
+            logits = F.interpolate(logits, size, mode="bilinear", align_corners=False)
+        logits = logits[:, 0].to(prob.device)
+        score = torch.maximum(score, (logits.sigmoid() * prob).max(dim=0).values)
+        union |= (logits > sam.model.mask_threshold).any(dim=0)
+    return score, union
+
+
 @torch.no_grad()
 def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefineParams = RefineParams(),
            encoding: SamEncoding | None = None, on_class=None) -> Segmentation:
@@ -127,12 +145,8 @@ def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefinePa
             continue
         kept_total += int(keep.sum())
         rejected_total += int((~keep).sum())
-        logits = sam.model.postprocess_masks(low[keep.to(low.device)], enc.input_size, enc.original_size)
-        if tuple(logits.shape[-2:]) != (h, w):
-            logits = F.interpolate(logits, (h, w), mode="bilinear", align_corners=False)
-        logits = logits[:, 0].to(probs.device)
-        score = (logits.sigmoid() * probs[k]).max(dim=0).values
-        refined[k] = score * (logits > sam.model.mask_threshold).any(dim=0)
+        score, union = _class_score(sam, enc, low[keep.to(low.device)], probs[k], (h, w))
+        refined[k] = score * union
     info = {"regions_kept": kept_total, "regions_rejected": rejected_total}
     if kept_total == 0:
         return Segmentation(labels, probs, seg.grid_logits, seg.classes, seg.image_size, labels.clone(),

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUERY_BAND = 1024
+QUERY_BAND = 256
 
 
 def banded_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
