@@ -75,3 +75,10 @@ def test_patch14_clip_with_dino16_runs_end_to_end(small_ckpts, tmp_path, photo):
     assert all(v % 14 == 0 for box in wf.plan.boxes for v in box)
     seg = tr.segment(photo[:300, :500], "sky, person", Params(refine=True))
     assert tuple(seg.labels.shape) == (300, 500) and np.isfinite(seg.probs.numpy()).all()
+
+
+def test_format_is_read_from_the_content_not_the_name(small_ckpts, tmp_path):
+    """A safetensors file saved under another name (e.g. .bin) loads as safetensors."""
+    (tmp_path / "a.bin").write_bytes(small_ckpts["clip"].read_bytes())
+    a, b = load_clip(tmp_path / "a.bin"), load_clip(small_ckpts["clip_bin"])
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))

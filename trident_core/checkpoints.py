@@ -26,6 +26,13 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte little-endian header length and a JSON header ("{")."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     """Find the tensor dict in common wrappers ({"state_dict": ...}, {"model": ...}) and drop DDP prefixes."""
     for _ in range(3):
@@ -55,7 +62,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: the file is empty; delete it and download it again")
     try:
-        if p.suffix == ".safetensors":
+        if _is_safetensors(p):
             from safetensors.torch import load_file
 
             return _unwrap(load_file(str(p), device="cpu"), p)
