@@ -136,6 +136,8 @@ def test_tiles_split_the_rounded_image(small_trident, photo):
     whole = encode_sam(small_trident.sam, photo)
     assert torch.allclose(encs[0].features, whole.features, atol=1e-5)
     assert parse_tiles("auto", (512, 1024)) == (1, 2) and parse_tiles("auto", (3000, 1000)) == (3, 1)
+    assert parse_tiles("auto", (1400, 1000)) == (1, 1) and parse_tiles("auto", (3000, 4000)) == (4, 4)
+    assert parse_tiles("auto", (2048, 8192)) == (2, 8)
     assert parse_tiles("2x3", (10, 10)) == (2, 3)
     with pytest.raises(ValueError, match="ROWSxCOLS"):
         parse_tiles("two", (10, 10))

@@ -21,6 +21,7 @@ from .window_features import WindowFeatures, splice
 PARADIGMS = ("splice_then_segment", "segment_then_splice")
 ROW_BLOCK = 128
 MAX_TILES = 8
+AUTO_TILE_SIDE = 1024
 
 
 @dataclass(eq=False)
@@ -39,13 +40,15 @@ class FeatureMap:
 
 
 def parse_tiles(spec: str | tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int]:
-    """"1x1", "1x2", "RxC" or "auto" (tiles about as wide as high, so wide images keep a fine SAM grid)."""
+    """"1x1", "1x2", "RxC" or "auto": tiles about as wide as high and about AUTO_TILE_SIDE pixels (SAM's input
+    size), so wide and very large images keep a fine SAM grid."""
     if isinstance(spec, tuple):
         rows, cols = spec
     elif spec.strip().lower() == "auto":
         h, w = image_size
-        rows = min(MAX_TILES, max(1, round(h / w)))
-        cols = min(MAX_TILES, max(1, round(w / h)))
+        rows, cols = max(1, round(h / w)), max(1, round(w / h))
+        scale = max(1, round(max(h / rows, w / cols) / AUTO_TILE_SIDE))
+        rows, cols = min(MAX_TILES, rows * scale), min(MAX_TILES, cols * scale)
     else:
         m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", spec)
         if not m:
