@@ -169,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = {"params": dataclasses.asdict(params), "clip": tr.clip.path, "dino": tr.dino.path, "sam": tr.sam.path,
               "precision": str(tr.clip.dtype)}
     evaluate(predict, dataset, dataset.num_classes, limit=args.limit, result_json=args.out, resume=args.resume,
-             class_names=classes.names, config=config)
+             config=config)  # tables use the dataset's own class names (the prompts' first synonyms differ)
     return 0
 
 
