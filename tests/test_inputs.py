@@ -57,7 +57,7 @@ def test_bad_images():
         to_rgb_uint8(np.zeros((0, 8, 3), np.uint8))
 
 
-@pytest.mark.parametrize("size", [(1, 1), (17, 23), (300, 4000)])
+@pytest.mark.parametrize("size", [(1, 1), (17, 23), (300, 4000), (4000, 300)])
 def test_tiny_and_extreme_images_segment(small_trident, size):
     from trident_core import Params
 
