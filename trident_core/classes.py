@@ -70,7 +70,7 @@ def parse_classes(text: str | list[str] | tuple[str, ...], background: str | Non
     seen: dict[str, int] = {}
     for i, cls in enumerate(classes):
         for name in cls:
-            key = " ".join(name.lower().split())
+            key = name_key(name)
             if key in seen:
                 where = "twice in one class" if seen[key] == i else f"in classes {seen[key] + 1} and {i + 1}"
                 raise ClassListError(f"class name {name!r} appears {where}; each name may appear once. "
@@ -83,3 +83,23 @@ def read_class_file(path: str) -> list[str]:
     """Lines of a class file (one class per line, '; ' between synonyms), as the reference's configs/cls_*.txt."""
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
+
+
+def name_key(name: str) -> str:
+    """A name compared case- and spacing-insensitively."""
+    return " ".join(name.lower().split())
+
+
+def class_indices(classes: ClassList, text: str) -> list[int]:
+    """Indices of the classes named in `text` (commas or ';' between names; any synonym, case-insensitive).
+
+    An empty text selects every class; a name that is in no class raises ClassListError listing the classes."""
+    wanted = [name_key(n) for n in text.replace(";", ",").split(",") if n.strip()]
+    if not wanted:
+        return list(range(len(classes)))
+    lookup = {name_key(n): i for i, names in enumerate(classes.classes) for n in names}
+    unknown = [n for n in wanted if n not in lookup]
+    if unknown:
+        raise ClassListError(f"class name(s) {', '.join(map(repr, unknown))} not in the segmentation's classes: "
+                             f"{', '.join('; '.join(c) for c in classes.classes)}")
+    return sorted({lookup[n] for n in wanted})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import ClassList, parse_classes
+from .classes import ClassList
 from .presets import PRESETS, get_preset
 
 DEFAULT_FILES = {"clip": "ViT-B-16_openai_open_clip_model.safetensors", "dino": "dino_vitbase16_pretrain.pth",
@@ -77,12 +77,10 @@ def params_from_args(args: argparse.Namespace):
 def classes_from_args(args: argparse.Namespace) -> ClassList:
     """The class list: --classes (text or a file), else the preset's. With a benchmark preset that has a
     background class, the first given class is that background (as the reference treats line 0)."""
-    preset = get_preset(args.preset)
-    if not args.classes:
-        return preset.classes()
-    text = Path(args.classes).read_text(encoding="utf-8") if os.path.isfile(args.classes) else args.classes
-    cl = parse_classes(text, background=args.background)
-    return ClassList(cl.classes, cl.has_background or preset.background)
+    text = args.classes or ""
+    if text and os.path.isfile(text):
+        text = Path(text).read_text(encoding="utf-8")
+    return get_preset(args.preset).class_list(text, args.background)
 
 
 def _save_outputs(seg, image: np.ndarray, out: Path) -> None:

@@ -47,6 +47,14 @@ class Preset:
     background: bool = False
     description: str = ""
 
+    def class_list(self, text: str, background: str | None = None) -> ClassList:
+        """The user's classes, or the preset's own list when `text` is empty. With a benchmark preset that has a
+        background class, the first given class is that background (as the reference treats line 0)."""
+        if not text.strip() and self.class_file:
+            return self.classes()
+        cl = parse_classes(text, background or None)
+        return ClassList(cl.classes, cl.has_background or self.background)
+
     def classes(self) -> ClassList:
         """The preset's own class list (benchmark presets only)."""
         if self.class_file is None:

@@ -71,8 +71,18 @@ def _mask_prompt(prob_down: torch.Tensor, image_size: tuple[int, int], p: Refine
 
 @torch.no_grad()
 def _decode(sam: SamModel, enc: SamEncoding, regions: list[_Region], half: tuple[int, int],
-            mask_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One mask-decoder call for a class's regions: low-res mask logits [n, 1, 256, 256] and IoUs [n]."""
+            mask_prompt: torch.Tensor, chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class's regions through the mask decoder: low-res mask logits [n, 1, 256, 256] and IoUs [n].
+
+    The reference makes one call per class; the decoder treats each prompt on its own, so calls of a few
+    regions give the same masks with less memory."""
+    outs = [_decode_call(sam, enc, regions[i:i + chunk], half, mask_prompt) for i in range(0, len(regions), chunk)]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def _decode_call(sam: SamModel, enc: SamEncoding, regions: list[_Region], half: tuple[int, int],
+                 mask_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One mask-decoder call (point + box per region, the class's mask prompt)."""
     from segment_anything.utils.transforms import ResizeLongestSide
 
     model = sam.model

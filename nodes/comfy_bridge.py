@@ -1,0 +1,215 @@
+"""Everything the nodes need from ComfyUI, imported lazily, with plain fallbacks so the nodes run without it.
+
+Inside ComfyUI: model folders from `folder_paths` (registered with `add_model_folder_path`, so users'
+extra_model_paths.yaml keeps working), devices and VRAM management from `comfy.model_management`, progress bars
+from `comfy.utils`. Without ComfyUI (tests, scripts): the CPU, no progress bar, and model folders under
+$TRIDENT_MODELS_DIR (default: trident_core's cache folder)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ..trident_core.download import MODELS, cache_dir
+
+# role -> folder_paths name, which is also the sub-folder of ComfyUI's models/ folder
+FOLDERS = {"clip": "open_clip", "dino": "dino", "sam": "sams"}
+EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def _comfy(name: str) -> ModuleType | None:
+    """A ComfyUI module, or None when the nodes run outside ComfyUI."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------ folders
+
+def _fallback_root() -> Path:
+    return Path(os.environ.get("TRIDENT_MODELS_DIR") or cache_dir()).expanduser()
+
+
+def model_folders(role: str) -> list[Path]:
+    """The folders searched for a role's model files, first = where downloads go."""
+    name = FOLDERS[role]
+    fp = _comfy("folder_paths")
+    if fp is None:
+        return [_fallback_root() / name]
+    fp.add_model_folder_path(name, os.path.join(fp.models_dir, name))
+    return [Path(p) for p in fp.get_folder_paths(name)]
+
+
+def local_model_files(role: str) -> list[str]:
+    """Model files present in the role's folders (relative paths, sub-folders included)."""
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        model_folders(role)
+        files = fp.get_filename_list(FOLDERS[role])
+    else:
+        files = [p.relative_to(folder).as_posix() for folder in model_folders(role) if folder.is_dir()
+                 for p in folder.rglob("*") if p.is_file()]
+    return sorted({f for f in files if f.lower().endswith(EXTENSIONS)})
+
+
+def model_choices(role: str) -> list[str]:
+    """The loader's dropdown: files present, then the known downloadable files of that role that are absent."""
+    present = local_model_files(role)
+    known = [m.filename for m in MODELS.values() if m.role == role and m.filename not in present]
+    return present + known
+
+
+def find_model_file(role: str, name: str) -> Path | None:
+    """The full path of a model file in the role's folders, or None. A bare file name (as example workflows give
+    it) also finds that file in a sub-folder."""
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        model_folders(role)
+        found = fp.get_full_path(FOLDERS[role], name)
+    else:
+        found = next((f / name for f in model_folders(role) if (f / name).is_file()), None)
+    if found is None and "/" not in name:
+        nested = next((f for f in local_model_files(role) if Path(f).name == name), None)
+        return find_model_file(role, nested) if nested else None
+    return Path(found) if found else None
+
+
+# ------------------------------------------------------------------------------------------------------ devices
+
+def compute_device() -> torch.device:
+    """Where models run: ComfyUI's torch device, else the CPU."""
+    mm = _comfy("comfy.model_management")
+    return mm.get_torch_device() if mm else torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    """Where idle models wait: ComfyUI's offload device, else the CPU."""
+    mm = _comfy("comfy.model_management")
+    return mm.unet_offload_device() if mm else torch.device("cpu")
+
+
+def intermediate_device() -> torch.device:
+    """Where node outputs live between nodes: ComfyUI's intermediate device, else the CPU."""
+    mm = _comfy("comfy.model_management")
+    return mm.intermediate_device() if mm else torch.device("cpu")
+
+
+def to_device(obj: object, device: torch.device, _memo: dict | None = None) -> object:
+    """`obj` with every tensor moved to `device`, through dataclasses, lists, tuples and dicts; objects shared
+    inside `obj` stay shared, and anything already there is returned as is."""
+    memo = {} if _memo is None else _memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    out = obj
+    if isinstance(obj, torch.Tensor):
+        out = obj.to(device)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        new = {f.name: to_device(getattr(obj, f.name), device, memo) for f in dataclasses.fields(obj) if f.init}
+        if any(v is not getattr(obj, k) for k, v in new.items()):
+            out = dataclasses.replace(obj, **new)
+    elif type(obj) in (list, tuple):
+        new = [to_device(v, device, memo) for v in obj]
+        if any(a is not b for a, b in zip(new, obj)):
+            out = type(obj)(new)
+    elif isinstance(obj, dict):
+        new = {k: to_device(v, device, memo) for k, v in obj.items()}
+        if any(new[k] is not obj[k] for k in obj):
+            out = new
+    memo[id(obj)] = out
+    return out
+
+
+def to_intermediate(obj: object) -> object:
+    """A node output on ComfyUI's intermediate device (the CPU unless --gpu-only), so cached outputs hold no VRAM."""
+    return to_device(obj, intermediate_device())
+
+
+# ---------------------------------------------------------------------------------------------------- patchers
+
+class _Holder(torch.nn.Module):
+    """Holds a model for ComfyUI's ModelPatcher, which sets a `device` attribute that some models (SAM) have as a
+    read-only property."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+
+def wrap_model(module: torch.nn.Module) -> object | None:
+    """A ComfyUI ModelPatcher for `module` (so ComfyUI can offload it when another model needs the VRAM), or
+    None outside ComfyUI."""
+    mp = _comfy("comfy.model_patcher")
+    if mp is None:
+        return None
+    return mp.ModelPatcher(_Holder(module), load_device=compute_device(), offload_device=offload_device())
+
+
+def load_models(patchers: list[object | None]) -> None:
+    """Move the models onto the compute device through ComfyUI's model management (fully: plain torch modules
+    cannot run partly offloaded)."""
+    todo = [p for p in patchers if p is not None]
+    mm = _comfy("comfy.model_management")
+    if todo and mm is not None:
+        mm.load_models_gpu(todo, force_full_load=True)
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interruption exception when the user pressed Cancel."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+class _NoBar:
+    """The progress bar outside ComfyUI: does nothing."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def update(self, value: int) -> None:
+        return None
+
+    def update_absolute(self, value: int, total: int | None = None, preview: object = None) -> None:
+        return None
+
+
+def progress_bar(total: int) -> object:
+    """ComfyUI's progress bar for the running node (update / update_absolute), or a no-op."""
+    cu = _comfy("comfy.utils")
+    return cu.ProgressBar(total) if cu else _NoBar(total)
+
+
+class Progress:
+    """A node's progress over a batch: `step()` after each image; calling it (the core's stage callback) checks
+    for cancellation, so a long image can be stopped between stages."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = progress_bar(max(1, total))
+
+    def __call__(self, _stage: str = "") -> None:
+        check_interrupt()
+
+    def step(self) -> None:
+        check_interrupt()
+        self.bar.update(1)
+
+
+def download_progress() -> object:
+    """A `(done_bytes, total_bytes)` callback for trident_core.download that drives a progress bar (and lets the
+    user cancel a download)."""
+    bar = progress_bar(1)
+
+    def report(done: int, total: int | None) -> None:
+        check_interrupt()
+        if total:
+            bar.update_absolute(done, total)
+
+    return report

@@ -1,0 +1,135 @@
+"""Look inside the method: a feature map's principal components, one class's probability, one pixel's SAM
+affinity (the paper's Figure 3). Pictures as IMAGE, values as MASK, at the image's size."""
+
+from __future__ import annotations
+
+import torch
+
+from ..trident_core.aggregation import encode_tiles
+from ..trident_core.image import to_rgb_uint8
+from ..trident_core.inspect import (
+    POINT_UNITS,
+    class_probability,
+    heat_rgb,
+    mark_point,
+    pca_rgb,
+    point_affinity,
+    point_to_pixels,
+)
+from ..trident_core.sam_affinity import CORRELATIONS
+from . import types as T
+from .comfy_bridge import Progress, intermediate_device
+from .stages import P
+
+
+def _out(*batches: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    dev = intermediate_device()
+    return tuple(torch.stack(b).to(dev) for b in batches)
+
+
+class InspectFeatures:
+    """PCA picture of a feature map."""
+
+    CATEGORY = T.CATEGORY
+    FUNCTION = "inspect"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("pca",)
+    OUTPUT_TOOLTIPS = ("The first three principal components of the tokens as red, green and blue.",)
+    DESCRIPTION = ("Shows a feature map as colours: tokens with similar features get similar colours. Compare "
+                   "splice_then_segment with segment_then_splice, or the correlation modes.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"feature_map": (T.FEATURE_MAP, {"tooltip": "From Trident Splice & Aggregate."})}}
+
+    def inspect(self, feature_map: list) -> tuple[torch.Tensor]:
+        return _out([pca_rgb(fm.features, fm.image_size) for fm in feature_map])
+
+
+class InspectClassProbability:
+    """Heat map of one class's probability."""
+
+    CATEGORY = T.CATEGORY
+    FUNCTION = "inspect"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("heat_map", "probability")
+    OUTPUT_TOOLTIPS = ("The class's probability as colours (black 0, yellow 1).", "The probability as a MASK.")
+    DESCRIPTION = "Shows how sure the segmentation is of one class at every pixel, before or after SAM refinement."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "segmentation": (T.SEGMENTATION, {"tooltip": "From Trident Segment, Classify or SAM Refine."}),
+            "class_name": ("STRING", {"default": "person", "tooltip": "One class's name (any synonym, any case)."}),
+            "coarse": ("BOOLEAN", {"default": False, "tooltip": "Show the probability from before SAM refinement "
+                                                               "(the same map when there was no refinement)."}),
+        }}
+
+    def inspect(self, segmentation: list, class_name: str, coarse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = [class_probability(seg, class_name, coarse) for seg in segmentation]
+        return _out([heat_rgb(p) for p in probs], [p.cpu() for p in probs])
+
+
+class InspectPointAffinity:
+    """Heat map of one pixel's SAM affinity."""
+
+    CATEGORY = T.CATEGORY
+    FUNCTION = "inspect"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("heat_map", "affinity")
+    OUTPUT_TOOLTIPS = ("The chosen token's correlation with every other token (scaled to max 1), point ringed.",
+                       "The same values as a MASK.")
+    DESCRIPTION = ("Shows which pixels SAM's affinity lets one point draw features from (the paper's Figure 3): "
+                   "the row of the correlation matrix at the token under (x, y).")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "feature_map": (T.FEATURE_MAP, {"tooltip": "From Trident Splice & Aggregate: its SAM encodings are "
+                                                       "reused (the image is encoded again when it has none)."}),
+            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM."}),
+            "x": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 16384.0, "step": 0.01,
+                            "tooltip": "Horizontal position: a fraction of the width (0..1) or pixels (see units)."}),
+            "y": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 16384.0, "step": 0.01,
+                            "tooltip": "Vertical position: a fraction of the height (0..1) or pixels (see units)."}),
+            "units": (list(POINT_UNITS), {"default": "fraction", "tooltip": "Whether x and y are fractions of the "
+                                                                          "image's size or pixels."}),
+            "correlation": ([c for c in CORRELATIONS if c != "none"], {
+                "default": P.correlation, "tooltip": "Which correlation to show (affinity is the method's)."}),
+            "cos_fac": ("FLOAT", {"default": P.cos_fac, "min": -10.0, "max": 10.0, "step": 0.05,
+                                  "tooltip": "Threshold factor of the affinity, as in Splice & Aggregate."}),
+            "refine_neg_cos": ("BOOLEAN", {"default": P.refine_neg_cos,
+                                           "tooltip": "As in Splice & Aggregate."}),
+        }, "optional": {
+            "image": ("IMAGE", {"tooltip": "The segmented image; needed only when the feature map has no SAM "
+                                           "encoding (segment_then_splice)."}),
+        }}
+
+    def inspect(self, feature_map: list, sam: T.ModelHandle, x: float, y: float, units: str, correlation: str,
+                cos_fac: float, refine_neg_cos: bool,
+                image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        T.ready(sam)
+        progress = Progress(len(feature_map))
+        heat, values = [], []
+        for b, fm in enumerate(feature_map):
+            encodings, tiles = fm.sam_tile_encodings, fm.tiles
+            if not encodings:
+                if image is None or image.shape[0] != len(feature_map):
+                    raise ValueError("this feature map has no SAM encoding (segment_then_splice): connect the image "
+                                     "it was made from to 'image'")
+                encodings, tiles = encode_tiles(sam.model, to_rgb_uint8(image[b]), (1, 1)), (1, 1)
+            point = point_to_pixels(x, y, units, fm.image_size)
+            amap = point_affinity(encodings, tiles, sam.model, fm.image_size, point, correlation, cos_fac,
+                                  refine_neg_cos)
+            heat.append(mark_point(heat_rgb(amap), point))
+            values.append(amap)
+            progress.step()
+        return _out(heat, values)
+
+
+NODE_CLASS_MAPPINGS = {"TridentInspectFeatures": InspectFeatures,
+                       "TridentInspectClassProbability": InspectClassProbability,
+                       "TridentInspectPointAffinity": InspectPointAffinity}
+NODE_DISPLAY_NAME_MAPPINGS = {"TridentInspectFeatures": "Trident Inspect Features (PCA)",
+                              "TridentInspectClassProbability": "Trident Inspect Class Probability",
+                              "TridentInspectPointAffinity": "Trident Inspect Point Affinity"}

@@ -1,0 +1,98 @@
+"""From a segmentation to what other nodes use: masks of named classes, and colour pictures with a legend."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..trident_core.classes import class_indices
+from ..trident_core.image import to_rgb_uint8
+from ..trident_core.render import color_labels, legend, masks_for, overlay
+from . import types as T
+from .comfy_bridge import intermediate_device
+
+
+def _image(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 to a ComfyUI IMAGE element (float 0..1)."""
+    return torch.from_numpy(rgb).float() / 255.0
+
+
+class SegmentationToMasks:
+    """Masks out of a segmentation."""
+
+    CATEGORY = T.CATEGORY
+    FUNCTION = "masks"
+    RETURN_TYPES = ("MASK", "MASK")
+    RETURN_NAMES = ("mask", "class_masks")
+    OUTPUT_TOOLTIPS = ("The union of the named classes, one mask per batch image [B, H, W].",
+                       "One mask per class in class order, for each batch image in turn [B x classes, H, W].")
+    DESCRIPTION = ("Turns a segmentation into MASKs at the image's size: the union of the classes you name (for "
+                   "inpainting, compositing...) and every class as its own mask.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "segmentation": (T.SEGMENTATION, {"tooltip": "From Trident Segment, Classify or SAM Refine."}),
+            "classes": ("STRING", {"default": "person", "tooltip": "Names of the classes to put in the mask, "
+                                   "separated by commas (any synonym, any case). Empty = every class."}),
+            "invert": ("BOOLEAN", {"default": False, "tooltip": "Invert the mask (everything but those classes)."}),
+        }}
+
+    def masks(self, segmentation: list, classes: str, invert: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        unions, per_class = [], []
+        for seg in segmentation:
+            union = masks_for(seg.labels, class_indices(seg.classes, classes))
+            unions.append(1.0 - union if invert else union)
+            per_class.append(torch.stack([masks_for(seg.labels, [k]) for k in range(len(seg.classes))]))
+        dev = intermediate_device()
+        return torch.stack(unions).to(dev), torch.cat(per_class).to(dev)
+
+
+class PreviewSegmentation:
+    """Colour pictures of a segmentation."""
+
+    CATEGORY = T.CATEGORY
+    FUNCTION = "preview"
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("label_colors", "overlay")
+    OUTPUT_TOOLTIPS = ("One colour per class (unlabeled pixels black).", "The colours blended over the image.")
+    DESCRIPTION = ("Shows a segmentation as a colour label map and as an overlay on the image, each with a legend "
+                   "of the class colours below it (connect to Preview Image or Save Image).")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "segmentation": (T.SEGMENTATION, {"tooltip": "From Trident Segment, Classify or SAM Refine."}),
+            "image": ("IMAGE", {"tooltip": "The segmented image, for the overlay."}),
+            "alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
+                                "tooltip": "Opacity of the colours in the overlay."}),
+            "show_legend": ("BOOLEAN", {"default": True, "tooltip": "Add the class legend below both pictures "
+                                                                  "(off: pictures at the image's size)."}),
+        }}
+
+    def preview(self, segmentation: list, image: torch.Tensor, alpha: float,
+                show_legend: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if image.shape[0] != len(segmentation):
+            raise ValueError(f"{image.shape[0]} image(s) for {len(segmentation)} segmentation(s): connect the "
+                             "segmented image")
+        colors_out, overlays = [], []
+        for seg, img in zip(segmentation, image):
+            rgb = to_rgb_uint8(img)
+            if rgb.shape[:2] != tuple(seg.image_size):
+                raise ValueError(f"the image is {rgb.shape[1]}x{rgb.shape[0]}, the segmentation "
+                                 f"{seg.image_size[1]}x{seg.image_size[0]}: connect the segmented image")
+            colors = color_labels(seg.labels, len(seg.classes))
+            blended = overlay(rgb, colors, alpha)
+            if show_legend:
+                strip = legend(seg.classes.names, colors.shape[1])
+                colors, blended = np.concatenate([colors, strip]), np.concatenate([blended, strip])
+            colors_out.append(_image(colors))
+            overlays.append(_image(blended))
+        dev = intermediate_device()
+        return torch.stack(colors_out).to(dev), torch.stack(overlays).to(dev)
+
+
+NODE_CLASS_MAPPINGS = {"TridentSegmentationToMasks": SegmentationToMasks,
+                       "TridentPreviewSegmentation": PreviewSegmentation}
+NODE_DISPLAY_NAME_MAPPINGS = {"TridentSegmentationToMasks": "Trident Segmentation to Masks",
+                              "TridentPreviewSegmentation": "Trident Preview Segmentation"}

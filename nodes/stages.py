@@ -1,0 +1,301 @@
+"""One node per stage of the method (text, window features, splice & aggregate, classify, refine) and the
+all-in-one Trident Segment node. Each runs a batch image by image; outputs go to ComfyUI's intermediate device."""
+
+from __future__ import annotations
+
+import torch
+
+from ..trident_core.aggregation import PARADIGMS
+from ..trident_core.classes import parse_classes
+from ..trident_core.classify import Segmentation, classify
+from ..trident_core.image import to_rgb_uint8
+from ..trident_core.pipeline import Trident, compute_feature_map, compute_window_features, refine_params
+from ..trident_core.presets import PRESETS, Params
+from ..trident_core.refine import MASK_PROMPT_MODES, refine
+from ..trident_core.sam_affinity import CORRELATIONS
+from ..trident_core.text import encode_classes
+from . import types as T
+from .comfy_bridge import Progress, to_intermediate
+
+P = Params()
+SAM_TILES = ("1x1", "1x2", "2x1", "2x2", "auto")
+
+CLASSES_TIP = ("Class names separated by commas; ';' between synonyms of one class, e.g. 'sky, horse; pony, "
+               "grass'. Pixels where no class is confident are left unlabeled.")
+BACKGROUND_TIP = ("Optional names of a background class (label 0), e.g. 'sky; wall; floor': pixels under the "
+                  "probability threshold then get the background instead of no label.")
+IMAGE_TIP = "The image(s) to segment; a batch is processed image by image."
+SAM_TILES_TIP = ("SAM encodes the image in rows x cols tiles: 1x1 the whole image (the method's default), 1x2 "
+                 "left/right halves (the reference's Cityscapes mode, for wide images), auto = tiles about square.")
+
+
+def _batch(image: torch.Tensor, n: int, what: str) -> None:
+    """Refuse an image batch that does not match the batch a previous stage was run on."""
+    if image.shape[0] != n:
+        raise ValueError(f"the image batch has {image.shape[0]} image(s) but the {what} was made from {n}; "
+                         "connect the same image")
+
+
+class EncodeClasses:
+    """Text stage (S1)."""
+
+    CATEGORY = T.CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = (T.CLASSES,)
+    RETURN_NAMES = ("classes",)
+    OUTPUT_TOOLTIPS = ("The class list and its CLIP text embeddings.",)
+    DESCRIPTION = ("Encodes class names with CLIP (80 prompt templates per name, averaged). Kept in ComfyUI's cache, "
+                   "so changing only the image does not encode the text again.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "clip": (T.CLIP, {"tooltip": "The CLIP model from Trident Load CLIP."}),
+            "classes": ("STRING", {"multiline": True, "default": "sky, person, grass", "tooltip": CLASSES_TIP}),
+        }, "optional": {
+            "background": ("STRING", {"default": "", "tooltip": BACKGROUND_TIP}),
+        }}
+
+    def encode(self, clip: T.ModelHandle, classes: str, background: str = "") -> tuple[T.EncodedClasses]:
+        cl = parse_classes(classes, background or None)
+        T.ready(clip)
+        return (to_intermediate(T.EncodedClasses(cl, encode_classes(clip.model, cl))),)
+
+
+class WindowFeatures:
+    """S0, S2-S4: windows and CLIP's DINO-guided features."""
+
+    CATEGORY = T.CATEGORY
+    FUNCTION = "compute"
+    RETURN_TYPES = (T.WINDOW_FEATURES,)
+    RETURN_NAMES = ("window_features",)
+    OUTPUT_TOOLTIPS = ("CLIP's last-block features of every window, one set per batch image.",)
+    DESCRIPTION = ("Rescales the image, cuts it into sliding windows and runs CLIP on each window with DINO's "
+                   "token similarities as the last block's attention (the method's window features).")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": IMAGE_TIP}),
+            "clip": (T.CLIP, {"tooltip": "The CLIP model from Trident Load CLIP."}),
+            "dino": (T.DINO, {"tooltip": "The DINO model from Trident Load DINO."}),
+            "short_side": ("INT", {"default": P.short_side, "min": 112, "max": 2048, "step": 16,
+                                   "tooltip": "The image's short side is scaled to this many pixels first "
+                                              "(448 default; 336-688 in the benchmark presets)."}),
+            "window": ("INT", {"default": P.window, "min": 112, "max": 1024, "step": 16,
+                               "tooltip": "Window size in pixels (a multiple of both models' patch sizes; 336)."}),
+            "stride": ("INT", {"default": P.stride, "min": 16, "max": 1024, "step": 16,
+                               "tooltip": "Step between windows in pixels (224; 112 gives more overlap)."}),
+        }}
+
+    def compute(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, short_side: int, window: int,
+                stride: int) -> tuple[T.WindowFeatureBatch]:
+        params = P.update(short_side=short_side, window=window, stride=stride)
+        T.ready(clip, dino)
+        progress = Progress(image.shape[0])
+        items = []
+        for img in image:
+            items.append(to_intermediate(compute_window_features(clip.model, dino.model, img, params, progress)))
+            progress.step()
+        return (T.WindowFeatureBatch(items, clip),)
+
+
+class SpliceAggregate:
+    """S5-S7: splice the windows, aggregate with SAM's affinity, project to CLIP's text space."""
+
+    CATEGORY = T.CATEGORY
+    FUNCTION = "aggregate"
+    RETURN_TYPES = (T.FEATURE_MAP,)
+    RETURN_NAMES = ("feature_map",)
+    OUTPUT_TOOLTIPS = ("Per-token features in CLIP's embedding space, one map per batch image.",)
+    DESCRIPTION = ("Splices the window features into one map, spreads them over the whole image with SAM's "
+                   "affinity (splice-then-segment) and projects them into CLIP's text space. "
+                   "segment_then_splice is the ProxyCLIP baseline: windows projected on their own, no SAM.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "window_features": (T.WINDOW_FEATURES, {"tooltip": "From Trident Window Features."}),
+            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM (unused by segment_then_splice)."}),
+            "image": ("IMAGE", {"tooltip": "The same image the window features were made from (SAM encodes it)."}),
+            "correlation": (list(CORRELATIONS), {
+                "default": P.correlation,
+                "tooltip": "How tokens are related: affinity (SAM attention where value cosines pass a threshold, "
+                           "the method), attention (SAM attention), cosine (value cosines), none (no aggregation)."}),
+            "paradigm": (list(PARADIGMS), {
+                "default": P.paradigm,
+                "tooltip": "splice_then_segment (the method) or segment_then_splice (the ProxyCLIP baseline)."}),
+            "sam_tiles": (list(SAM_TILES), {"default": P.sam_tiles, "tooltip": SAM_TILES_TIP}),
+            "cos_fac": ("FLOAT", {"default": P.cos_fac, "min": -10.0, "max": 10.0, "step": 0.05,
+                                  "tooltip": "Threshold factor: a token pair counts when its value cosine exceeds "
+                                             "cos_fac x the row's mean cosine (1.2; 0 keeps all positive ones)."}),
+            "refine_neg_cos": ("BOOLEAN", {"default": P.refine_neg_cos,
+                                           "tooltip": "Keep a negative threshold as it is (on) or raise it to 0.6 "
+                                                      "(off, as the Cityscapes and ADE20K presets do)."}),
+        }}
+
+    def aggregate(self, window_features: T.WindowFeatureBatch, sam: T.ModelHandle, image: torch.Tensor,
+                  correlation: str, paradigm: str, sam_tiles: str, cos_fac: float,
+                  refine_neg_cos: bool) -> tuple[list]:
+        _batch(image, len(window_features.items), "window features")
+        params = P.update(correlation=correlation, paradigm=paradigm, sam_tiles=sam_tiles, cos_fac=cos_fac,
+                          refine_neg_cos=refine_neg_cos)
+        uses_sam = paradigm == "splice_then_segment"
+        T.ready(window_features.clip, *([sam] if uses_sam else []))
+        progress = Progress(image.shape[0])
+        maps = []
+        for wf, img in zip(window_features.items, image):
+            fm = compute_feature_map(wf, window_features.clip.model, sam.model if uses_sam else None, img, params,
+                                     progress)
+            maps.append(to_intermediate(fm))
+            progress.step()
+        return (maps,)
+
+
+class Classify:
+    """S8: compare the feature map with the class texts."""
+
+    CATEGORY = T.CATEGORY
+    FUNCTION = "classify"
+    RETURN_TYPES = (T.SEGMENTATION,)
+    RETURN_NAMES = ("segmentation",)
+    OUTPUT_TOOLTIPS = ("Labels and class probabilities at the image's size, one per batch image.",)
+    DESCRIPTION = ("Cosine of every token with every class name, upsampled to the image, softmax over the names "
+                   "(a class takes the best of its synonyms): the coarse segmentation.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "feature_map": (T.FEATURE_MAP, {"tooltip": "From Trident Splice & Aggregate."}),
+            "classes": (T.CLASSES, {"tooltip": "From Trident Encode Classes (with the same CLIP)."}),
+            "logit_scale": ("FLOAT", {"default": P.logit_scale, "min": 1.0, "max": 200.0, "step": 1.0,
+                                      "tooltip": "Softmax temperature: cosines are multiplied by this (40)."}),
+            "prob_thd": ("FLOAT", {"default": P.prob_thd, "min": 0.0, "max": 1.0, "step": 0.01,
+                                   "tooltip": "Pixels whose best class probability is below this get the "
+                                              "background class, or no label when there is none (0 = off)."}),
+        }}
+
+    def classify(self, feature_map: list, classes: T.EncodedClasses, logit_scale: float,
+                 prob_thd: float) -> tuple[list]:
+        progress = Progress(len(feature_map))
+        segs = []
+        for fm in feature_map:
+            if fm.features.shape[0] != classes.text.shape[1]:
+                raise ValueError(f"the classes were encoded by a CLIP with {classes.text.shape[1]}-d embeddings, the "
+                                 f"feature map has {fm.features.shape[0]}: use the same CLIP for both")
+            segs.append(to_intermediate(classify(fm, classes.text, classes.classes, logit_scale, prob_thd)))
+            progress.step()
+        return (segs,)
+
+
+class SamRefine:
+    """S9: SAM refinement of a coarse segmentation."""
+
+    CATEGORY = T.CATEGORY
+    FUNCTION = "refine"
+    RETURN_TYPES = (T.SEGMENTATION,)
+    RETURN_NAMES = ("segmentation",)
+    OUTPUT_TOOLTIPS = ("The refined segmentation (the coarse one is kept inside it for inspection).",)
+    DESCRIPTION = ("Prompts SAM with each confident class region's best point, its box and the class's probability "
+                   "as a mask; masks SAM is sure of (IoU) replace the coarse labels where they lie.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "segmentation": (T.SEGMENTATION, {"tooltip": "The coarse segmentation from Trident Classify."}),
+            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM."}),
+            "image": ("IMAGE", {"tooltip": "The segmented image (SAM's encoding from aggregation is reused when "
+                                           "SAM tiles were 1x1)."}),
+            "coarse_thresh": ("FLOAT", {"default": P.coarse_thresh, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Classes and pixels below this probability are not prompted."}),
+            "minimal_area": ("INT", {"default": P.minimal_area, "min": 0, "max": 1 << 20,
+                                     "tooltip": "Smallest region prompted, in half-resolution pixels (225)."}),
+            "mask_alpha": ("FLOAT", {"default": P.mask_alpha, "min": 0.0, "max": 1.0, "step": 0.001,
+                                     "tooltip": "Scale of the class probability given to SAM as mask prompt (0.005)."}),
+            "iou_thresh": ("FLOAT", {"default": P.iou_thresh, "min": 0.0, "max": 1.0, "step": 0.01,
+                                     "tooltip": "A SAM mask is kept when its predicted IoU is above this (0.8)."}),
+            "mask_prompt_mode": (list(MASK_PROMPT_MODES), {
+                "default": P.mask_prompt_mode,
+                "tooltip": "reference: the mask prompt as the authors pass it (3-D; their numbers); batched: the "
+                           "corrected 4-D call."}),
+        }}
+
+    def refine(self, segmentation: list, sam: T.ModelHandle, image: torch.Tensor, coarse_thresh: float,
+               minimal_area: int, mask_alpha: float, iou_thresh: float, mask_prompt_mode: str) -> tuple[list]:
+        _batch(image, len(segmentation), "segmentation")
+        rp = refine_params(P.update(coarse_thresh=coarse_thresh, minimal_area=minimal_area, mask_alpha=mask_alpha,
+                                    iou_thresh=iou_thresh, mask_prompt_mode=mask_prompt_mode))
+        T.ready(sam)
+        progress = Progress(image.shape[0])
+        out = []
+        for seg, img in zip(segmentation, image):
+            out.append(to_intermediate(refine(seg, sam.model, to_rgb_uint8(img), rp, on_class=progress)))
+            progress.step()
+        return (out,)
+
+
+class TridentSegment:
+    """The whole method in one node."""
+
+    CATEGORY = T.CATEGORY
+    FUNCTION = "segment"
+    RETURN_TYPES = (T.SEGMENTATION,)
+    RETURN_NAMES = ("segmentation",)
+    OUTPUT_TOOLTIPS = ("Labels and class probabilities at the image's size, one per batch image.",)
+    DESCRIPTION = ("Training-free open-vocabulary segmentation (Trident: CLIP + DINO + SAM): type class names, get a "
+                   "label map. All stages in one node with a preset's parameters; use the stage nodes to change "
+                   "each parameter.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": IMAGE_TIP}),
+            "clip": (T.CLIP, {"tooltip": "The CLIP model from Trident Load CLIP."}),
+            "dino": (T.DINO, {"tooltip": "The DINO model from Trident Load DINO."}),
+            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM."}),
+            "classes": ("STRING", {"multiline": True, "default": "sky, person, grass",
+                                   "tooltip": CLASSES_TIP + " Empty with a benchmark preset: the dataset's classes."}),
+            "preset": (list(PRESETS), {
+                "default": next(iter(PRESETS)),
+                "tooltip": "Parameters: 'default' for everyday images, or a benchmark's configuration (voc21, "
+                           "context60, coco_object, ... as in the paper)."}),
+            "refine": ("BOOLEAN", {"default": True, "tooltip": "SAM refinement of the coarse labels (sharper edges; "
+                                                               "takes longer)."}),
+            "sam_tiles": (["preset", *SAM_TILES], {"default": "preset", "tooltip": SAM_TILES_TIP
+                                                   + " preset = the preset's choice."}),
+        }, "optional": {
+            "background": ("STRING", {"default": "", "tooltip": BACKGROUND_TIP}),
+        }}
+
+    def segment(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, sam: T.ModelHandle,
+                classes: str, preset: str, refine: bool, sam_tiles: str,
+                background: str = "") -> tuple[list[Segmentation]]:
+        chosen = PRESETS[preset]
+        cl = chosen.class_list(classes, background)
+        params = chosen.params.update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles)
+        T.ready(clip, dino, sam)
+        trident = Trident(clip.model, dino.model, sam.model)
+        progress = Progress(image.shape[0])
+        segs = []
+        for img in image:
+            segs.append(to_intermediate(trident.segment(img, cl, params, progress)))
+            progress.step()
+        return (segs,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "TridentEncodeClasses": EncodeClasses,
+    "TridentWindowFeatures": WindowFeatures,
+    "TridentSpliceAggregate": SpliceAggregate,
+    "TridentClassify": Classify,
+    "TridentSamRefine": SamRefine,
+    "TridentSegment": TridentSegment,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "TridentEncodeClasses": "Trident Encode Classes",
+    "TridentWindowFeatures": "Trident Window Features",
+    "TridentSpliceAggregate": "Trident Splice & Aggregate",
+    "TridentClassify": "Trident Classify",
+    "TridentSamRefine": "Trident SAM Refine",
+    "TridentSegment": "Trident Segment",
+}

@@ -1,0 +1,52 @@
+"""The custom socket types the nodes pass between them, and the small containers behind them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..trident_core.classes import ClassList
+from ..trident_core.models import ClipModel, DinoModel, SamModel
+from ..trident_core.window_features import WindowFeatures
+from .comfy_bridge import load_models
+
+CATEGORY = "segmentation/trident"
+
+CLIP = "TRIDENT_CLIP"
+DINO = "TRIDENT_DINO"
+SAM = "TRIDENT_SAM"
+CLASSES = "TRIDENT_CLASSES"
+WINDOW_FEATURES = "TRIDENT_WINDOW_FEATURES"
+FEATURE_MAP = "TRIDENT_FEATURE_MAP"  # list[FeatureMap], one per batch image
+SEGMENTATION = "TRIDENT_SEGMENTATION"  # list[Segmentation], one per batch image
+
+
+@dataclass(eq=False)
+class ModelHandle:
+    """A loaded model (trident_core wrapper) and the ComfyUI ModelPatcher that moves it on and off the GPU."""
+
+    model: ClipModel | DinoModel | SamModel
+    patcher: object | None = None
+
+
+def ready(*handles: ModelHandle) -> None:
+    """Put the models on the compute device (ComfyUI may have offloaded them for another model meanwhile)."""
+    load_models([h.patcher for h in handles])
+
+
+@dataclass(eq=False)
+class EncodedClasses:
+    """A class list and the CLIP text embeddings of its queries [Q, E]."""
+
+    classes: ClassList
+    text: torch.Tensor
+
+
+@dataclass(eq=False)
+class WindowFeatureBatch:
+    """Window features of each batch image, and the CLIP they came from (Splice & Aggregate projects the spliced
+    features with its ln_post and projection)."""
+
+    items: list[WindowFeatures]
+    clip: ModelHandle

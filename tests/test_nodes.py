@@ -1,0 +1,507 @@
+"""The ComfyUI nodes without ComfyUI: the pack imported as ComfyUI imports it, every mapping's declaration, every
+node run on small random-weight models (batch of 2), and the ComfyUI side (folders, model management, progress,
+cancellation) against stand-ins that behave like ComfyUI's modules."""
+
+from __future__ import annotations
+
+import http.server
+import importlib.util
+import inspect
+import shutil
+import sys
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+PACK = Path(__file__).resolve().parents[1]
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+DEFAULT_NAMES = {"open_clip": "ViT-B-16_openai_open_clip_model.safetensors", "dino": "dino_vitbase16_pretrain.pth",
+                 "sams": "sam_vit_b_01ec64.pth"}
+CLASSES = "sky, person; Astronaut, flag"
+
+
+def import_pack() -> types.ModuleType:
+    """The pack as ComfyUI imports it: spec from its __init__.py under a module name that is its full path."""
+    name = str(PACK).replace(".", "_x_")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PACK / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def core(module: str) -> types.ModuleType:
+    """A module of the pack's own trident_core (the nodes import it relatively, so its classes are not those of an
+    installed trident_core)."""
+    return importlib.import_module(f"{import_pack().__name__}.trident_core.{module}")
+
+
+def make_models_dir(root: Path, ckpts: dict[str, Path]) -> Path:
+    """ComfyUI-style model folders holding the small checkpoints, under test names and the default file names."""
+    files = {"open_clip": [ckpts["clip"], ckpts["clip_bin"]], "dino": [ckpts["dino"]], "sams": [ckpts["sam"]]}
+    for sub, paths in files.items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            (root / sub / p.name).symlink_to(p)
+        (root / sub / DEFAULT_NAMES[sub]).symlink_to(paths[0])
+    return root
+
+
+def run(node_type: str, **inputs):
+    """Instantiate a node class from the mappings and call its FUNCTION, as ComfyUI's executor does."""
+    cls = import_pack().NODE_CLASS_MAPPINGS[node_type]
+    return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+def as_image(*arrays: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 arrays to a ComfyUI IMAGE batch [B, H, W, 3] float 0..1."""
+    return torch.from_numpy(np.stack(arrays)).float() / 255.0
+
+
+@pytest.fixture(scope="module")
+def models(small_ckpts, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        root = make_models_dir(tmp_path_factory.mktemp("models"), small_ckpts)
+        mp.setenv("TRIDENT_MODELS_DIR", str(root))
+        mp.setenv("TRIDENT_NO_DOWNLOAD", "1")
+        yield root
+
+
+@pytest.fixture(scope="module")
+def loaded(models):
+    (clip,) = run("TridentLoadCLIP", model_name="clip_small.safetensors", precision="auto", allow_download=False)
+    (dino,) = run("TridentLoadDINO", model_name="dino_small.pth", precision="fp32", allow_download=False)
+    (sam,) = run("TridentLoadSAM", model_name="sam_small.pth", precision="auto", allow_download=False)
+    return clip, dino, sam
+
+
+@pytest.fixture(scope="module")
+def images(photo) -> torch.Tensor:
+    return as_image(photo[:64, :192], photo[200:264, 100:292])
+
+
+# ---------------------------------------------------------------------------------------------- declarations
+
+def test_pack_imports_like_comfyui_and_exports_mappings():
+    pack = import_pack()
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
+    assert len(pack.NODE_CLASS_MAPPINGS) == 14
+    assert all(k.startswith("Trident") for k in pack.NODE_CLASS_MAPPINGS)
+    assert all(v.startswith("Trident ") for v in pack.NODE_DISPLAY_NAME_MAPPINGS.values())
+    assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
+
+
+@pytest.mark.parametrize("node_type", sorted(import_pack().NODE_CLASS_MAPPINGS))
+def test_node_declaration(node_type, models):
+    cls = import_pack().NODE_CLASS_MAPPINGS[node_type]
+    assert cls.CATEGORY == "segmentation/trident"
+    assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional"} and spec["required"]
+    names = []
+    for section in spec.values():
+        for name, entry in section.items():
+            names.append(name)
+            kind, opts = entry
+            assert isinstance(opts.get("tooltip"), str) and len(opts["tooltip"]) > 10, f"{name}: no tooltip"
+            if isinstance(kind, list):
+                assert kind and opts.get("default", kind[0]) in kind, f"{name}: default not among the choices"
+            elif kind in WIDGET_TYPES:
+                assert "default" in opts, f"{name}: widget without default"
+                if kind in ("INT", "FLOAT"):
+                    assert opts["min"] <= opts["default"] <= opts["max"]
+            else:
+                assert kind in ("IMAGE", "MASK") or kind.startswith("TRIDENT_"), kind
+    rt, rn, tips = cls.RETURN_TYPES, cls.RETURN_NAMES, cls.OUTPUT_TOOLTIPS
+    assert isinstance(rt, tuple) and rt and len(rn) == len(rt) == len(tips)
+    assert all(t in ("IMAGE", "MASK") or t.startswith("TRIDENT_") for t in rt)
+    fn = getattr(cls, cls.FUNCTION)
+    params = [p for p in inspect.signature(fn).parameters if p != "self"]
+    assert params == names, "the function's parameters must be the inputs, in order"
+    optional = set(spec.get("optional", {}))
+    assert all((inspect.signature(fn).parameters[p].default is not inspect.Parameter.empty) == (p in optional)
+               for p in params)
+
+
+def test_custom_types_connect(models):
+    """Every TRIDENT_* input type is produced by some node, and every produced type is consumed by some node."""
+    mappings = import_pack().NODE_CLASS_MAPPINGS.values()
+    produced = {t for c in mappings for t in c.RETURN_TYPES if t.startswith("TRIDENT_")}
+    consumed = {e[0] for c in mappings for s in c.INPUT_TYPES().values() for e in s.values()
+                if isinstance(e[0], str) and e[0].startswith("TRIDENT_")}
+    assert produced == consumed == {"TRIDENT_CLIP", "TRIDENT_DINO", "TRIDENT_SAM", "TRIDENT_CLASSES",
+                                    "TRIDENT_WINDOW_FEATURES", "TRIDENT_FEATURE_MAP", "TRIDENT_SEGMENTATION"}
+
+
+# ------------------------------------------------------------------------------------------------- loaders
+
+def test_loader_dropdowns_list_present_then_known_files(models):
+    nodes = import_pack().NODE_CLASS_MAPPINGS
+    clip = nodes["TridentLoadCLIP"].INPUT_TYPES()["required"]["model_name"]
+    assert clip[0] == ["ViT-B-16_openai_open_clip_model.safetensors", "clip_small.bin", "clip_small.safetensors",
+                       "ViT-B-16.pt", "ViT-H-14_laion2b_s32b_b79k_open_clip_model.safetensors"]
+    assert clip[1]["default"] == "ViT-B-16_openai_open_clip_model.safetensors"
+    sam = nodes["TridentLoadSAM"].INPUT_TYPES()["required"]["model_name"][0]
+    assert sam == ["sam_small.pth", "sam_vit_b_01ec64.pth", "sam_vit_l_0b3195.pth", "sam_vit_h_4b8939.pth"]
+    dino = nodes["TridentLoadDINO"].INPUT_TYPES()["required"]["model_name"][0]
+    assert dino == ["dino_small.pth", "dino_vitbase16_pretrain.pth", "dino_deitsmall16_pretrain.pth"]
+
+
+def test_loaders_give_the_core_models(loaded):
+    clip, dino, sam = loaded
+    assert (clip.model.arch, dino.model.arch, sam.model.arch) == ("ViT-w64-L2-p16", "ViT-64/16", "vit_64x2")
+    assert clip.patcher is None and clip.model.device.type == "cpu" and clip.model.dtype == torch.float32
+
+
+def test_missing_known_file_names_file_folder_and_switch(models):
+    ModelFileMissing = core("download").ModelFileMissing
+
+    with pytest.raises(ModelFileMissing) as e:
+        run("TridentLoadSAM", model_name="sam_vit_h_4b8939.pth", precision="auto", allow_download=True)
+    msg = str(e.value)
+    assert "sam_vit_h_4b8939.pth" in msg and str(models / "sams") in msg and "TRIDENT_NO_DOWNLOAD" in msg
+    assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth" in msg
+    with pytest.raises(ModelFileMissing, match="turned off"):
+        run("TridentLoadDINO", model_name="dino_deitsmall16_pretrain.pth", precision="auto", allow_download=False)
+    with pytest.raises(ModelFileMissing, match="not a known model file"):
+        run("TridentLoadCLIP", model_name="mine.safetensors", precision="auto", allow_download=True)
+
+
+def test_bare_known_name_finds_the_file_in_a_subfolder(models):
+    nested = models / "sams" / "mine" / "sam_vit_l_0b3195.pth"
+    nested.parent.mkdir()
+    nested.symlink_to(models / "sams" / "sam_small.pth")
+    try:
+        choices = import_pack().NODE_CLASS_MAPPINGS["TridentLoadSAM"].INPUT_TYPES()["required"]["model_name"][0]
+        assert "mine/sam_vit_l_0b3195.pth" in choices and "sam_vit_l_0b3195.pth" in choices  # workflows keep working
+        (sam,) = run("TridentLoadSAM", model_name="sam_vit_l_0b3195.pth", precision="auto", allow_download=True)
+        assert sam.model.path == str(nested)
+    finally:
+        shutil.rmtree(nested.parent)
+
+
+def test_wrong_file_and_precision_errors(models, small_ckpts):
+    CheckpointError = core("checkpoints").CheckpointError
+
+    shutil.copy(small_ckpts["dino"], models / "open_clip" / "a_dino.pth")
+    try:
+        with pytest.raises(CheckpointError, match="is not an open_clip CLIP checkpoint"):
+            run("TridentLoadCLIP", model_name="a_dino.pth", precision="auto", allow_download=False)
+    finally:
+        (models / "open_clip" / "a_dino.pth").unlink()
+    with pytest.raises(ValueError, match="needs a GPU"):
+        run("TridentLoadSAM", model_name="sam_small.pth", precision="fp16", allow_download=False)
+
+
+def test_missing_known_file_is_downloaded_into_the_first_folder(models, small_ckpts, monkeypatch):
+    """A local server stands in for the official host (TRIDENT_DOWNLOAD_MIRROR); the progress bar is fed."""
+    served = {"/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth": small_ckpts["dino"].read_bytes()}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = served.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bridge = sys.modules[import_pack().__name__ + ".nodes.comfy_bridge"]
+    updates = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            updates.append((value, total))
+
+    monkeypatch.setattr(bridge, "progress_bar", Bar)
+    monkeypatch.delenv("TRIDENT_NO_DOWNLOAD")
+    monkeypatch.setenv("TRIDENT_DOWNLOAD_MIRROR", f"http://127.0.0.1:{server.server_address[1]}")
+    target = models / "dino" / "dino_deitsmall16_pretrain.pth"
+    try:
+        (dino,) = run("TridentLoadDINO", model_name="dino_deitsmall16_pretrain.pth", precision="auto",
+                      allow_download=True)
+    finally:
+        server.shutdown()
+    try:
+        assert target.read_bytes() == small_ckpts["dino"].read_bytes() and dino.model.path == str(target)
+        size = target.stat().st_size
+        assert updates and updates[-1] == (size, size)
+    finally:
+        target.unlink()
+
+
+# ------------------------------------------------------------------------------------------- stages, batch of 2
+
+@pytest.fixture(scope="module")
+def chain(loaded, images):
+    """Every stage node on a batch of two images with the default preset's parameters."""
+    clip, dino, sam = loaded
+    (classes,) = run("TridentEncodeClasses", clip=clip, classes=CLASSES)
+    (wf,) = run("TridentWindowFeatures", image=images, clip=clip, dino=dino, short_side=448, window=336, stride=224)
+    (fm,) = run("TridentSpliceAggregate", window_features=wf, sam=sam, image=images, correlation="affinity",
+                paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
+    (coarse,) = run("TridentClassify", feature_map=fm, classes=classes, logit_scale=40.0, prob_thd=0.0)
+    (refined,) = run("TridentSamRefine", segmentation=coarse, sam=sam, image=images, coarse_thresh=0.2,
+                     minimal_area=225, mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="reference")
+    return {"classes": classes, "wf": wf, "fm": fm, "coarse": coarse, "refined": refined}
+
+
+def test_stage_outputs_per_image(chain, images):
+    assert chain["classes"].text.shape == (4, 32) and chain["classes"].classes.names == ["sky", "person", "flag"]
+    assert len(chain["wf"].items) == len(chain["fm"]) == len(chain["coarse"]) == len(chain["refined"]) == 2
+    for fm, coarse, refined in zip(chain["fm"], chain["coarse"], chain["refined"]):
+        assert fm.image_size == (64, 192) and fm.sam_encoding is fm.sam_tile_encodings[0]
+        assert fm.features.shape == (32, 21, 64)  # SAM's valid grid of a 64x192 image
+        assert coarse.labels.shape == (64, 192) and coarse.probs.shape == (3, 64, 192)
+        assert torch.equal(coarse.labels, coarse.probs.argmax(0)) and 0 <= coarse.probs.min() <= coarse.probs.max() <= 1
+        assert refined.refined and torch.equal(refined.labels_coarse, coarse.labels)
+        assert coarse.labels.device.type == "cpu" and fm.sam_encoding.q.device.type == "cpu"
+    assert not torch.equal(chain["coarse"][0].labels, chain["coarse"][1].labels[:, :192])
+
+
+def test_stage_chain_equals_trident_segment_and_the_core(chain, loaded, images):
+    """The one-node path, the stage nodes and trident_core itself agree; image 2 of the batch is segmented as if
+    it were alone."""
+    clip, dino, sam = loaded
+    Params, Trident = core("presets").Params, core("pipeline").Trident
+    (segs,) = run("TridentSegment", image=images, clip=clip, dino=dino, sam=sam, classes=CLASSES, preset="default",
+                  refine=True, sam_tiles="preset")
+    direct = Trident(clip.model, dino.model, sam.model).segment(images[1], CLASSES, Params(refine=True))
+    for a, b in zip(segs, chain["refined"]):
+        assert torch.equal(a.labels, b.labels) and torch.allclose(a.probs, b.probs, atol=1e-6)
+    assert torch.equal(direct.labels, segs[1].labels) and torch.equal(direct.probs, segs[1].probs)
+
+
+def test_trident_segment_presets_background_and_tiles(loaded, images):
+    clip, dino, sam = loaded
+    (voc,) = run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes="", preset="voc20",
+                 refine=False, sam_tiles="1x2")
+    assert len(voc[0].classes) == 20 and not voc[0].refined and voc[0].sam_encoding is None  # 1x2 tiles
+    (bg,) = run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes="person", preset="default",
+                refine=False, sam_tiles="preset", background="sky; space")
+    assert bg[0].classes.has_background and bg[0].classes.names == ["sky", "person"]
+    with pytest.raises(core("classes").ClassListError, match="no class names"):
+        run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes=" , ", preset="default",
+            refine=False, sam_tiles="preset")
+    with pytest.raises(core("classes").ClassListError, match="no class names"):
+        run("TridentEncodeClasses", clip=clip, classes="")
+
+
+def test_segment_then_splice_needs_no_sam_and_mismatches_are_refused(chain, loaded, images):
+    clip, _, sam = loaded
+    (fm,) = run("TridentSpliceAggregate", window_features=chain["wf"], sam=sam, image=images, correlation="affinity",
+                paradigm="segment_then_splice", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
+    assert fm[0].sam_tile_encodings == [] and fm[0].features.shape == (32, 28, 84)  # the 448x1344 CLIP grid
+    with pytest.raises(ValueError, match="the image batch has 1 image"):
+        run("TridentSpliceAggregate", window_features=chain["wf"], sam=sam, image=images[:1], correlation="affinity",
+            paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
+    wrong = type(chain["classes"])(chain["classes"].classes, torch.zeros(4, 16))
+    with pytest.raises(ValueError, match="same CLIP"):
+        run("TridentClassify", feature_map=chain["fm"], classes=wrong, logit_scale=40.0, prob_thd=0.0)
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+
+def test_masks_union_synonyms_invert_and_per_class(chain):
+    segs = chain["refined"]
+    mask, per_class = run("TridentSegmentationToMasks", segmentation=segs, classes="ASTRONAUT, flag", invert=False)
+    assert mask.shape == (2, 64, 192) and per_class.shape == (6, 64, 192) and mask.dtype == torch.float32
+    for b, seg in enumerate(segs):
+        assert torch.equal(mask[b], ((seg.labels == 1) | (seg.labels == 2)).float())
+        for k in range(3):
+            assert torch.equal(per_class[b * 3 + k], (seg.labels == k).float())
+    inverted, _ = run("TridentSegmentationToMasks", segmentation=segs, classes="person; flag", invert=True)
+    assert torch.equal(inverted, 1 - mask)
+    everything, _ = run("TridentSegmentationToMasks", segmentation=segs, classes="", invert=False)
+    assert torch.equal(everything, torch.stack([(s.labels >= 0).float() for s in segs]))
+    with pytest.raises(core("classes").ClassListError, match="'dog'"):
+        run("TridentSegmentationToMasks", segmentation=segs, classes="dog", invert=False)
+
+
+def test_preview_colours_overlay_and_legend(chain, images):
+    palette = core("render").palette
+    segs = chain["refined"]
+    colors, over = run("TridentPreviewSegmentation", segmentation=segs, image=images, alpha=0.5, show_legend=True)
+    assert colors.shape == over.shape and colors.shape[0] == 2 and colors.shape[1] > 64 and colors.shape[2] == 192
+    pal = torch.from_numpy(palette(3)).float() / 255
+    for b, seg in enumerate(segs):
+        lab = seg.labels
+        want = torch.where((lab >= 0)[..., None], pal[lab.clamp(min=0)], torch.zeros(3))
+        assert torch.equal(colors[b, :64], want)
+        assert torch.allclose(over[b, :64], (images[b] + want) / 2, atol=1 / 255 + 1e-6)
+        assert torch.equal(colors[b, 64:], over[b, 64:])  # the same legend under both
+    plain, plain_over = run("TridentPreviewSegmentation", segmentation=segs, image=images, alpha=1.0,
+                            show_legend=False)
+    assert plain.shape == (2, 64, 192, 3) and torch.equal(plain, plain_over)
+    with pytest.raises(ValueError, match="connect the segmented image"):
+        run("TridentPreviewSegmentation", segmentation=segs, image=images[:1], alpha=0.5, show_legend=True)
+
+
+def test_inspect_nodes(chain, loaded, images):
+    pca_rgb = core("inspect").pca_rgb
+    _, _, sam = loaded
+    (pca,) = run("TridentInspectFeatures", feature_map=chain["fm"])
+    assert pca.shape == (2, 64, 192, 3) and torch.equal(pca[1], pca_rgb(chain["fm"][1].features, (64, 192)))
+    heat, prob = run("TridentInspectClassProbability", segmentation=chain["refined"], class_name="astronaut",
+                     coarse=True)
+    assert heat.shape == (2, 64, 192, 3) and torch.equal(prob[0], chain["refined"][0].probs_coarse[1])
+    heat, aff = run("TridentInspectPointAffinity", feature_map=chain["fm"], sam=sam, x=0.25, y=0.5,
+                    units="fraction", correlation="affinity", cos_fac=1.2, refine_neg_cos=True)
+    assert heat.shape == (2, 64, 192, 3) and aff.shape == (2, 64, 192)
+    assert torch.allclose(aff.amax(dim=(1, 2)), torch.ones(2)) and aff.min() >= 0
+    (stts,) = run("TridentSpliceAggregate", window_features=chain["wf"], sam=sam, image=images,
+                  correlation="affinity", paradigm="segment_then_splice", sam_tiles="1x1", cos_fac=1.2,
+                  refine_neg_cos=True)
+    _, again = run("TridentInspectPointAffinity", feature_map=stts, sam=sam, x=48, y=32, units="pixels",
+                   correlation="affinity", cos_fac=1.2, refine_neg_cos=True, image=images)
+    assert torch.allclose(again, aff, atol=1e-6)  # the same point, SAM encoded again
+    with pytest.raises(ValueError, match="connect the image"):
+        run("TridentInspectPointAffinity", feature_map=stts, sam=sam, x=0.5, y=0.5, units="fraction",
+            correlation="affinity", cos_fac=1.2, refine_neg_cos=True)
+
+
+# ----------------------------------------------------------------------------------- inside ComfyUI (stand-ins)
+
+class Interrupted(Exception):
+    """Stands in for comfy.model_management.InterruptProcessingException."""
+
+
+def fake_comfy(folders: dict[str, list[str]], models_dir: Path, interrupt_after: int | None = None) -> dict:
+    """Modules that behave like ComfyUI's folder_paths, comfy.model_management, comfy.model_patcher and
+    comfy.utils for what the nodes use, recording the calls."""
+    log = {"loaded": [], "bars": [], "checks": 0, "intermediate": 0, "registered": []}
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(models_dir)
+    fp.folder_names_and_paths = {k: (list(v), set()) for k, v in folders.items()}
+
+    def add_model_folder_path(name, path, is_default=False):
+        log["registered"].append((name, path))
+        paths = fp.folder_names_and_paths.setdefault(name, ([], set()))[0]
+        if path not in paths:
+            paths.insert(0, path) if is_default else paths.append(path)
+
+    def get_filename_list(name):
+        return sorted({p.relative_to(d).as_posix() for d in map(Path, fp.folder_names_and_paths[name][0])
+                       if d.is_dir() for p in d.rglob("*") if p.is_file()})
+
+    def get_full_path(name, filename):
+        return next((str(Path(d) / filename) for d in fp.folder_names_and_paths[name][0]
+                     if (Path(d) / filename).is_file()), None)
+
+    fp.add_model_folder_path, fp.get_filename_list, fp.get_full_path = (add_model_folder_path, get_filename_list,
+                                                                         get_full_path)
+    fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths[name][0])
+
+    mm = types.ModuleType("comfy.model_management")
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.unet_offload_device = lambda: torch.device("cpu")
+
+    def intermediate_device():
+        log["intermediate"] += 1
+        return torch.device("cpu")
+
+    def load_models_gpu(models, force_full_load=False):
+        log["loaded"].append((list(models), force_full_load))
+
+    def throw_exception_if_processing_interrupted():
+        log["checks"] += 1
+        if interrupt_after is not None and log["checks"] > interrupt_after:
+            raise Interrupted()
+
+    mm.intermediate_device, mm.load_models_gpu = intermediate_device, load_models_gpu
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+
+    mp = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+            if not hasattr(self.model, "device") or self.model.device is None:
+                self.model.device = offload_device
+            self.model.device = load_device  # as ModelPatcher.load does: fails on a read-only `device` property
+
+    mp.ModelPatcher = ModelPatcher
+    cu = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.current = total, 0
+            log["bars"].append(self)
+
+        def update(self, value):
+            self.current += value
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.current = value
+
+    cu.ProgressBar = ProgressBar
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.model_patcher, comfy.utils = mm, mp, cu
+    return {"modules": {"folder_paths": fp, "comfy": comfy, "comfy.model_management": mm,
+                        "comfy.model_patcher": mp, "comfy.utils": cu}, "log": log}
+
+
+def test_inside_comfyui_folders_patchers_progress_and_cancel(models, tmp_path, monkeypatch, images):
+    """extra_model_paths folders come first and stay; models get ModelPatchers that load_models_gpu is given in
+    full before use; the progress bar counts batch images; Cancel stops between stages."""
+    extra = tmp_path / "extra_sams"
+    extra.mkdir()
+    (extra / "sam_from_yaml.pth").symlink_to(models / "sams" / "sam_small.pth")
+    fake = fake_comfy({"sams": [str(extra)]}, models)
+    for name, module in fake["modules"].items():
+        monkeypatch.setitem(sys.modules, name, module)
+    log = fake["log"]
+    nodes = import_pack().NODE_CLASS_MAPPINGS
+
+    choices = nodes["TridentLoadSAM"].INPUT_TYPES()["required"]["model_name"][0]
+    assert choices[:2] == ["sam_from_yaml.pth", "sam_small.pth"] and "sam_vit_b_01ec64.pth" in choices
+    assert ("sams", str(models / "sams")) in log["registered"]
+    assert fake["modules"]["folder_paths"].get_folder_paths("sams") == [str(extra), str(models / "sams")]
+    (sam,) = run("TridentLoadSAM", model_name="sam_from_yaml.pth", precision="auto", allow_download=False)
+    (clip,) = run("TridentLoadCLIP", model_name="clip_small.safetensors", precision="auto", allow_download=False)
+    (dino,) = run("TridentLoadDINO", model_name="dino_small.pth", precision="auto", allow_download=False)
+    assert sam.model.path == str(extra / "sam_from_yaml.pth")
+    for handle in (sam, clip, dino):
+        assert handle.patcher.model.inner is handle.model.model and handle.patcher.load_device == torch.device("cpu")
+
+    (segs,) = run("TridentSegment", image=images, clip=clip, dino=dino, sam=sam, classes=CLASSES, preset="default",
+                  refine=False, sam_tiles="preset")
+    assert log["loaded"][-1] == ([clip.patcher, dino.patcher, sam.patcher], True)
+    assert log["bars"][-1].total == 2 and log["bars"][-1].current == 2
+    assert log["checks"] >= 6 and log["intermediate"] >= 2 and len(segs) == 2
+
+    checks = log["checks"]
+    (wf,) = run("TridentWindowFeatures", image=images, clip=clip, dino=dino, short_side=448, window=336, stride=224)
+    assert log["loaded"][-1] == ([clip.patcher, dino.patcher], True) and log["checks"] > checks
+    (fm,) = run("TridentSpliceAggregate", window_features=wf, sam=sam, image=images, correlation="affinity",
+                paradigm="segment_then_splice", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
+    assert log["loaded"][-1] == ([clip.patcher], True)  # the baseline does not need SAM on the GPU
+
+    cancel = fake_comfy({"sams": [str(extra)]}, models, interrupt_after=3)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", cancel["modules"]["comfy.model_management"])
+    with pytest.raises(Interrupted):
+        run("TridentSegment", image=images, clip=clip, dino=dino, sam=sam, classes=CLASSES, preset="default",
+            refine=True, sam_tiles="preset")
+    assert cancel["log"]["checks"] == 4
+
+
+def test_to_device_moves_every_tensor_and_keeps_sharing(chain):
+    bridge = sys.modules[import_pack().__name__ + ".nodes.comfy_bridge"]
+    fm = chain["fm"][0]
+    assert bridge.to_device(fm, torch.device("cpu")) is fm  # nothing to move: the same object
+    moved = bridge.to_device(chain["fm"], torch.device("meta"))
+    assert moved[0].features.is_meta and moved[0].sam_encoding.q.is_meta and moved[1].sam_tile_encodings[0].v.is_meta
+    assert moved[0].sam_encoding is moved[0].sam_tile_encodings[0] and moved[0].image_size == (64, 192)
+    assert fm.features.device.type == "cpu"  # the original is untouched
