@@ -78,7 +78,8 @@ def test_patch14_clip_with_dino16_runs_end_to_end(small_ckpts, tmp_path, photo):
 
 
 def test_format_is_read_from_the_content_not_the_name(small_ckpts, tmp_path):
-    """A safetensors file saved under another name (e.g. .bin) loads as safetensors."""
+    """A safetensors file saved under another name (.bin) and a torch file named .safetensors both load."""
     (tmp_path / "a.bin").write_bytes(small_ckpts["clip"].read_bytes())
-    a, b = load_clip(tmp_path / "a.bin"), load_clip(small_ckpts["clip_bin"])
+    (tmp_path / "b.safetensors").write_bytes(small_ckpts["clip_bin"].read_bytes())
+    a, b = load_clip(tmp_path / "a.bin"), load_clip(tmp_path / "b.safetensors")
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))

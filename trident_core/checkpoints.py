@@ -30,7 +30,7 @@ def _is_safetensors(path: Path) -> bool:
     """safetensors files start with an 8-byte little-endian header length and a JSON header ("{")."""
     with open(path, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -52,6 +52,19 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _torch_load(p: Path) -> object:
+    """torch.load with weights_only, memory-mapped where possible (the weights are not copied twice)."""
+    if p.suffix == ".safetensors":  # torch.load treats this name as safetensors; read the content as what it is
+        with open(p, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(str(p), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a .safetensors / .pth / .pt / .bin file on the CPU without executing pickled code."""
     from safetensors import SafetensorError
@@ -69,13 +82,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if _is_torchscript(p):
             # TorchScript holds no pickled Python callables; its weights are read as a state dict.
             return _unwrap(torch.jit.load(str(p), map_location="cpu").state_dict(), p)
-        try:  # memory-mapped: the weights are not copied into memory twice
-            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)  # legacy (non-zip) format
-        return _unwrap(obj, p)
+        return _unwrap(_torch_load(p), p)
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:
