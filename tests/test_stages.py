@@ -114,19 +114,27 @@ def test_blocked_affinity_equals_dense(small_trident, photo, cos_fac, refine_neg
     assert torch.equal(aggregate(enc, sam, g, "none"), g)
 
 
-def test_sam_hook_is_removed_even_on_failure(small_trident, photo):
-    enc_mod = small_trident.sam.model.image_encoder
-    qkv = enc_mod.blocks[-1].attn.qkv
-    encode_sam(small_trident.sam, photo)
-    assert not qkv._forward_hooks
-    saved = enc_mod.neck.forward
-    enc_mod.neck.forward = lambda _x: (_ for _ in ()).throw(RuntimeError("boom"))
+def test_sam_encoding_equals_segment_anythings_own_forward(small_trident, photo):
+    """q, k, v equal what a hook sees in segment_anything's full forward; the lazy embedding equals its output."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    sam = small_trident.sam
+    img = round_up_to(photo[:300, :400], 16)
+    enc = encode_sam(sam, img)
+    model = sam.model
+    x = torch.as_tensor(ResizeLongestSide(1024).apply_image(img)).permute(2, 0, 1)[None].float()
+    seen = {}
+    qkv_mod = model.image_encoder.blocks[-1].attn.qkv
+    handle = qkv_mod.register_forward_hook(lambda _m, _i, out: seen.__setitem__("qkv", out))
     try:
-        with pytest.raises(RuntimeError):
-            encode_sam(small_trident.sam, photo)
+        full = model.image_encoder(model.preprocess(x))
     finally:
-        enc_mod.neck.forward = saved
-    assert not qkv._forward_hooks
+        handle.remove()
+    b, h, w, _ = seen["qkv"].shape
+    q, k, v = seen["qkv"].reshape(b, h * w, 3, 1, -1).permute(2, 0, 3, 1, 4).reshape(3, b, h * w, -1)
+    assert torch.equal(enc.q, q) and torch.equal(enc.k, k) and torch.equal(enc.v, v)
+    assert enc.features is None  # not computed until the refinement asks for it
+    assert torch.equal(enc.image_embedding(sam), full) and enc.features is not None
 
 
 def test_tiles_split_the_rounded_image(small_trident, photo):
@@ -134,7 +142,7 @@ def test_tiles_split_the_rounded_image(small_trident, photo):
     encs = encode_tiles(small_trident.sam, wide, (1, 2))
     assert [e.original_size for e in encs] == [(512, 512), (512, 512)]
     whole = encode_sam(small_trident.sam, photo)
-    assert torch.allclose(encs[0].features, whole.features, atol=1e-5)
+    assert torch.equal(encs[0].q, whole.q) and torch.equal(encs[0].v, whole.v)
     assert parse_tiles("auto", (512, 1024)) == (1, 2) and parse_tiles("auto", (3000, 1000)) == (3, 1)
     assert parse_tiles("auto", (1400, 1000)) == (1, 1) and parse_tiles("auto", (3000, 4000)) == (4, 4)
     assert parse_tiles("auto", (2048, 8192)) == (2, 8)

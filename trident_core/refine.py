@@ -92,9 +92,9 @@ def _decode_call(sam: SamModel, enc: SamEncoding, regions: list[_Region], half: 
     points = tf.apply_coords_torch(torch.tensor([r.point for r in regions], dtype=torch.float32), half)[:, None]
     sparse, dense = model.prompt_encoder(points=(points.to(dev), torch.ones(len(regions), 1, device=dev)),
                                          boxes=boxes.to(dev), masks=mask_prompt.to(dev))
-    low, iou = model.mask_decoder(image_embeddings=enc.features.to(dev), image_pe=model.prompt_encoder.get_dense_pe(),
-                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                  multimask_output=False)
+    low, iou = model.mask_decoder(image_embeddings=enc.image_embedding(sam),
+                                  image_pe=model.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+                                  dense_prompt_embeddings=dense, multimask_output=False)
     return low.float(), iou[:, 0].float()
 
 

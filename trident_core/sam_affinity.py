@@ -1,9 +1,11 @@
 """S6: SAM's image encoding, and the affinity A built from its last block, computed a block of rows at a time.
 
-A forward hook on the last encoder block's qkv projection captures q, k and v (removed after every call, also on
-failure). The attention probabilities W_h (softmax over all 64x64 tokens, padding included, relative position
-added) and the value cosines C_h are computed for a block of valid rows at a time, so no [heads, N, N] tensor ever
-exists (aggregation.py multiplies each block into the features)."""
+A small adapter runs segment_anything's encoder modules in their own order up to the last block's qkv projection
+(q, k, v are all the affinity needs); the rest of the last block and the neck, whose output only the refinement's
+mask decoder uses, run when that embedding is first asked for. The attention probabilities W_h (softmax over all
+64x64 tokens, padding included, relative position added) and the value cosines C_h are computed for a block of
+valid rows at a time, so no [heads, N, N] tensor ever exists (aggregation.py multiplies each block into the
+features)."""
 
 from __future__ import annotations
 
@@ -20,21 +22,31 @@ CORRELATIONS = ("affinity", "attention", "cosine", "none")
 
 @dataclass(eq=False)
 class SamEncoding:
-    """One SAM encoding of an image (or tile): the image embedding for the mask decoder and the last block's
-    q, k, v [heads, 64*64, head_dim] (float32)."""
+    """One SAM encoding of an image (or tile): the last block's q, k, v [heads, 64*64, head_dim] (float32), its
+    input (to finish the encoder later) and, once computed, the image embedding for the mask decoder."""
 
-    features: torch.Tensor
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+    last_input: torch.Tensor
     input_size: tuple[int, int]
     original_size: tuple[int, int]
     padded_grid: tuple[int, int]
+    features: torch.Tensor | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
         """The valid token region (hs, ws): the resized image's size // 16."""
         return self.input_size[0] // 16, self.input_size[1] // 16
+
+    @torch.no_grad()
+    def image_embedding(self, sam: SamModel) -> torch.Tensor:
+        """The encoder's output [1, 256, 64, 64] (float32): the last block and the neck, run once on demand."""
+        if self.features is None:
+            enc = sam.model.image_encoder
+            x = enc.blocks[-1](self.last_input.to(device=sam.device, dtype=sam.dtype))
+            self.features = enc.neck(x.permute(0, 3, 1, 2)).float()
+        return self.features
 
 
 @torch.no_grad()
@@ -48,17 +60,17 @@ def encode_sam(sam: SamModel, image: np.ndarray) -> SamEncoding:
     x = torch.as_tensor(resized, device=sam.device).permute(2, 0, 1).contiguous()[None]
     input_size = tuple(x.shape[-2:])
     x = model.preprocess(x.float()).to(sam.dtype)
-    captured: dict[str, torch.Tensor] = {}
-    handle = enc.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, out: captured.__setitem__("qkv", out))
-    try:
-        features = enc(x).float()
-    finally:
-        handle.remove()
-    qkv = captured["qkv"]
+    x = enc.patch_embed(x)  # ImageEncoderViT.forward, stopped at the last block's qkv projection
+    if enc.pos_embed is not None:
+        x = x + enc.pos_embed
+    for blk in enc.blocks[:-1]:
+        x = blk(x)
+    last = enc.blocks[-1]
+    qkv = last.attn.qkv(last.norm1(x))
     b, h, w, _ = qkv.shape
-    heads = enc.blocks[-1].attn.num_heads
+    heads = last.attn.num_heads
     q, k, v = qkv.float().reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * heads, h * w, -1)
-    return SamEncoding(features, q, k, v, input_size, tuple(image.shape[:2]), (h, w))
+    return SamEncoding(q, k, v, x, input_size, tuple(image.shape[:2]), (h, w))
 
 
 def _valid_index(enc: SamEncoding) -> torch.Tensor:
@@ -83,9 +95,8 @@ def _attention_rows(enc: SamEncoding, sam: SamModel, rows: torch.Tensor, cols: t
         qy, qx = rows // pw, rows % pw
         rel_h = torch.einsum("hrc,rkc->hrk", q, rh[qy])  # [heads, r, ph]
         rel_w = torch.einsum("hrc,rkc->hrk", q, rw[qx])  # [heads, r, pw]
-        logits = (logits.view(q.shape[0], q.shape[1], ph, pw) + rel_h[..., :, None] + rel_w[..., None, :])
-        logits = logits.reshape(q.shape[0], q.shape[1], ph * pw)
-    return logits.softmax(dim=-1)[:, :, cols]
+        logits.view(q.shape[0], q.shape[1], ph, pw).add_(rel_h[..., :, None]).add_(rel_w[..., None, :])
+    return torch.softmax(logits, dim=-1, out=logits)[:, :, cols]
 
 
 def affinity_rows(enc: SamEncoding, sam: SamModel, start: int, stop: int, mode: str = "affinity",

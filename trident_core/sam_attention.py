@@ -42,10 +42,9 @@ def banded_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
                                                                    attn_mask=None if bias is None else bias[None])[0]
             continue
         attn = (qs * self.scale) @ k.transpose(-2, -1)
-        if rel_h is not None:
-            attn = (attn.view(-1, r1 - r0, w, h, w) + rel_h[:, r0:r1, :, :, None] + rel_w[:, r0:r1, :, None, :])
-            attn = attn.view(-1, (r1 - r0) * w, h * w)
-        out[:, r0 * w:r1 * w] = attn.softmax(dim=-1) @ v
+        if rel_h is not None:  # in place, in segment_anything's order: (qk + rel_h) + rel_w
+            attn.view(-1, r1 - r0, w, h, w).add_(rel_h[:, r0:r1, :, :, None]).add_(rel_w[:, r0:r1, :, None, :])
+        out[:, r0 * w:r1 * w] = torch.softmax(attn, dim=-1, out=attn) @ v
     out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
     return self.proj(out)
 
