@@ -19,7 +19,6 @@ from .sam_affinity import CORRELATIONS, SamEncoding, affinity_rows, encode_sam
 from .window_features import WindowFeatures, splice
 
 PARADIGMS = ("splice_then_segment", "segment_then_splice")
-ROW_BLOCK = 128
 MAX_TILES = 8
 AUTO_TILE_SIDE = 1024
 
@@ -76,12 +75,13 @@ def encode_tiles(sam: SamModel, image: np.ndarray, tiles: tuple[int, int]) -> li
 
 @torch.no_grad()
 def aggregate(enc: SamEncoding, sam: SamModel, feats: torch.Tensor, mode: str = "affinity", cos_fac: float = 1.2,
-              refine_neg_cos: bool = True, row_block: int = ROW_BLOCK) -> torch.Tensor:
+              refine_neg_cos: bool = True, row_block: int | None = None) -> torch.Tensor:
     """G' = A G for features G [N, D] on the encoding's valid grid, one block of A's rows at a time."""
     if mode == "none":
         return feats.float()
     n = enc.grid[0] * enc.grid[1]
     g = feats.float().to(enc.q.device)
+    row_block = row_block or (128 if g.device.type == "cpu" else 1024)  # GPUs: fewer, larger blocks
     out = torch.empty_like(g)
     for s in range(0, n, row_block):
         e = min(n, s + row_block)

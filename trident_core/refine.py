@@ -36,6 +36,11 @@ class RefineParams:
     mask_prompt_mode: str = "reference"
 
 
+def _chunk(device: torch.device) -> int:
+    """Regions per mask-decoder call / masks per post-processing step: few on the CPU (memory), many on GPUs."""
+    return 4 if device.type == "cpu" else 32
+
+
 @dataclass
 class _Region:
     mask: np.ndarray  # half-res bool
@@ -71,11 +76,12 @@ def _mask_prompt(prob_down: torch.Tensor, image_size: tuple[int, int], p: Refine
 
 @torch.no_grad()
 def _decode(sam: SamModel, enc: SamEncoding, regions: list[_Region], half: tuple[int, int],
-            mask_prompt: torch.Tensor, chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+            mask_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A class's regions through the mask decoder: low-res mask logits [n, 1, 256, 256] and IoUs [n].
 
     The reference makes one call per class; the decoder treats each prompt on its own, so calls of a few
     regions give the same masks with less memory."""
+    chunk = _chunk(sam.device)
     outs = [_decode_call(sam, enc, regions[i:i + chunk], half, mask_prompt) for i in range(0, len(regions), chunk)]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
@@ -99,11 +105,12 @@ def _decode_call(sam: SamModel, enc: SamEncoding, regions: list[_Region], half: 
 
 
 def _class_score(sam: SamModel, enc: SamEncoding, low: torch.Tensor, prob: torch.Tensor,
-                 size: tuple[int, int], chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                 size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Max over a class's kept masks of sigmoid(logit) * p, and the union of the masks, at full resolution.
 
     Mask logits follow the reference's path: 256 -> 1024 -> crop -> SAM's original size -> the image size. A few
     masks at a time, so memory does not grow with the number of regions."""
+    chunk = _chunk(prob.device)
     score = torch.zeros(size, device=prob.device)
     union = torch.zeros(size, dtype=torch.bool, device=prob.device)
     for i in range(0, low.shape[0], chunk):

@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUERY_BAND = 256
+
+def query_band(device: torch.device) -> int:
+    """Query tokens per band: few on the CPU (memory), many on GPUs (each band costs kernel launches)."""
+    return 256 if device.type == "cpu" else 1024
 
 
 def banded_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +32,7 @@ def banded_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         rel_h = torch.einsum("bhwc,hkc->bhwk", rq, get_rel_pos(h, h, self.rel_pos_h))  # [B*heads, H, W, H]
         rel_w = torch.einsum("bhwc,wkc->bhwk", rq, get_rel_pos(w, w, self.rel_pos_w))  # [B*heads, H, W, W]
     fused = q.device.type != "cpu"
-    rows = max(1, QUERY_BAND // w)
+    rows = max(1, query_band(q.device) // w)
     out = torch.empty_like(q)
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
