@@ -139,7 +139,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
          + (f" (refinement: {seg.info})" if seg.refined else ""))
     if args.out:
         _save_outputs(seg, image, Path(args.out))
-        _log(f"wrote {args.out}/labels_color.png, overlay.png, labels.png, masks/")
+        _log(f"wrote {Path(args.out) / 'labels_color.png'}, overlay.png, labels.png, masks/")
     if args.save_npz:
         save_npz(seg, args.save_npz)
         _log(f"wrote {args.save_npz}")
