@@ -129,3 +129,22 @@ def test_checkpoint_formats_load_identically(small_ckpts):
     assert a.quick_gelu is False or a.arch.startswith("ViT-w")
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_image_files_are_read_like_the_reference(tmp_path, photo):
+    """OpenCV decoding with the EXIF orientation applied (a phone photo stored sideways comes out upright)."""
+    import cv2
+    from PIL import Image
+
+    img = Image.fromarray(photo[:100, :200])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    got = to_rgb_uint8(tmp_path / "phone.jpg")
+    ref = cv2.cvtColor(cv2.imread(str(tmp_path / "phone.jpg"), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert got.shape == (200, 100, 3) and np.array_equal(got, ref)
+    with pytest.raises(ImageError, match="cannot read image"):
+        to_rgb_uint8(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="cannot read image"):
+        to_rgb_uint8(tmp_path / "bad.png")

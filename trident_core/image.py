@@ -29,13 +29,7 @@ def to_rgb_uint8(image: object) -> np.ndarray:
 
     Gray images are repeated to three channels and an alpha channel is dropped. A batch must be split first."""
     if isinstance(image, (str, os.PathLike)):
-        from PIL import Image
-
-        try:
-            with Image.open(image) as im:
-                image = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise ImageError(f"cannot read image {image}: {e}") from e
+        image = read_image(image)
     elif hasattr(image, "convert") and hasattr(image, "mode"):  # PIL
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
@@ -72,6 +66,21 @@ def to_rgb_uint8(image: object) -> np.ndarray:
     elif c == 4:
         arr = arr[:, :, :3]
     return np.ascontiguousarray(arr)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as RGB uint8, decoded as the reference does (OpenCV, EXIF orientation applied); PIL (with the
+    same orientation handling) for what OpenCV cannot read."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR) if os.path.isfile(path) else None
+    if bgr is not None:
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise ImageError(f"cannot read image {path}: {e}") from e
 
 
 def rescale_short_side(img: np.ndarray, short_side: int, long_cap: int = 2048) -> np.ndarray:
