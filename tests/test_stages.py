@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -94,7 +96,9 @@ def _dense_affinity(enc, sam, cos_fac, refine_neg_cos):
         tau = torch.where(tau < 0, 0.6, tau)
     tau = torch.where(tau > 0.9, 0.9, tau)
     a = torch.where(cos > tau, attn, torch.zeros_like(attn)).mean(0)
-    return a / a.sum(-1, keepdim=True), attn
+    mean_cos = cos.mean(0)
+    eq4 = mean_cos.masked_fill(mean_cos <= tau[0], float("-inf")).softmax(-1).nan_to_num(0.0)
+    return a / a.sum(-1, keepdim=True), attn, eq4
 
 
 @pytest.mark.parametrize("cos_fac,refine_neg_cos", [(1.2, True), (3.0, False), (0.0, True)])
@@ -102,7 +106,7 @@ def test_blocked_affinity_equals_dense(small_trident, photo, cos_fac, refine_neg
     sam = small_trident.sam
     enc = encode_sam(sam, round_up_to(photo[:300, :400], 16))
     assert enc.grid == (48, 64)
-    dense, attn = _dense_affinity(enc, sam, cos_fac, refine_neg_cos)
+    dense, attn, eq4 = _dense_affinity(enc, sam, cos_fac, refine_neg_cos)
     rows = affinity_rows(enc, sam, 100, 400, "affinity", cos_fac, refine_neg_cos)
     assert torch.allclose(rows, dense[100:400], atol=1e-6)
     g = torch.randn(dense.shape[0], 7)
@@ -111,17 +115,22 @@ def test_blocked_affinity_equals_dense(small_trident, photo, cos_fac, refine_neg
     att_rows = affinity_rows(enc, sam, 0, 50, "attention")
     att = attn.mean(0)[:50]
     assert torch.allclose(att_rows, att / att.sum(-1, keepdim=True), atol=1e-6)
+    cos_rows = affinity_rows(enc, sam, 7, 90, "cosine", cos_fac, refine_neg_cos)
+    assert torch.allclose(cos_rows, eq4[7:90], atol=1e-6) and (eq4[7:90] == 0).any()
     assert torch.equal(aggregate(enc, sam, g, "none"), g)
 
 
 def test_sam_encoding_equals_segment_anythings_own_forward(small_trident, photo):
-    """q, k, v equal what a hook sees in segment_anything's full forward; the lazy embedding equals its output."""
+    """q, k, v equal, bit for bit, what a hook sees in segment_anything's full forward on its own modules and
+    PyTorch's kernels; the lazy embedding equals its output."""
     from segment_anything.utils.transforms import ResizeLongestSide
 
     sam = small_trident.sam
     img = round_up_to(photo[:300, :400], 16)
     enc = encode_sam(sam, img)
-    model = sam.model
+    model = copy.deepcopy(sam.model)
+    for mod in model.modules():
+        mod.__dict__.pop("forward", None)  # no banded attention, no oneDNN
     x = torch.as_tensor(ResizeLongestSide(1024).apply_image(img)).permute(2, 0, 1)[None].float()
     seen = {}
     qkv_mod = model.image_encoder.blocks[-1].attn.qkv
@@ -183,6 +192,7 @@ def test_synonym_max_merge_and_thresholds():
 
 
 def test_banded_sam_attention_equals_segment_anything(small_trident):
+    """The banded forward (oneDNN products on the CPU) is bit-identical to segment_anything's own modules."""
     from segment_anything.modeling.image_encoder import Attention
 
     enc = small_trident.sam.model.image_encoder
@@ -190,4 +200,7 @@ def test_banded_sam_attention_equals_segment_anything(small_trident):
     for blk, shape in ((enc.blocks[-1], (1, 64, 64, 64)), (enc.blocks[0], (25, 14, 14, 64))):
         x = torch.randn(shape, generator=g)
         assert blk.attn.forward.__func__ is not Attention.forward  # the loader installed the banded forward
-        assert torch.equal(blk.attn(x), Attention.forward(blk.attn, x))  # bit-identical on the CPU
+        plain = copy.deepcopy(blk.attn)
+        for mod in plain.modules():
+            mod.__dict__.pop("forward", None)  # the library's own modules and PyTorch's kernels
+        assert torch.equal(blk.attn(x), Attention.forward(plain, x))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, expect_family, read_state_dict
+from .onednn import use_onednn
 from .sam_attention import use_banded_attention
 
 # Architectures OpenAI released; their weights were trained with QuickGELU (open_clip's plain configs use GELU).
@@ -94,9 +95,12 @@ def _count_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def _place(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+def _place(module: nn.Module, device: torch.device | str, dtype: torch.dtype, attention: bool = False) -> nn.Module:
+    """The model in inference mode on `device`, its layers through `onednn` (bit-identical; with `attention`
+    also its self-attention, equal up to rounding: for CLIP, whose outputs meet no threshold)."""
     module = module.to(device=device, dtype=dtype).eval()
     module.requires_grad_(False)
+    use_onednn(module, attention)
     return module
 
 
@@ -154,7 +158,7 @@ def load_clip(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
     model = open_clip.CLIP(**cfg, quick_gelu=qg)
     sd = {k: v.float() for k, v in sd.items()}
     _load_strict(model, sd, path, f"open_clip CLIP {arch}")
-    return ClipModel(_place(model, device, dtype), arch, cfg["vision_cfg"]["patch_size"], str(path), qg)
+    return ClipModel(_place(model, device, dtype, attention=True), arch, cfg["vision_cfg"]["patch_size"], str(path), qg)
 
 
 # ----------------------------------------------------------------------------------------------------- DINO

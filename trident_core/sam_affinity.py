@@ -10,12 +10,15 @@ features)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .models import SamModel
+from .onednn import linear
+from .sam_attention import attention_probs
 
 CORRELATIONS = ("affinity", "attention", "cosine", "none")
 
@@ -38,6 +41,11 @@ class SamEncoding:
     def grid(self) -> tuple[int, int]:
         """The valid token region (hs, ws): the resized image's size // 16."""
         return self.input_size[0] // 16, self.input_size[1] // 16
+
+    @cached_property
+    def unit_values(self) -> torch.Tensor:
+        """The valid tokens' L2-normalised values [heads, N, head_dim], whose products are the cosines C_h."""
+        return F.normalize(self.v[:, _valid_index(self)], dim=-1)
 
     @torch.no_grad()
     def image_embedding(self, sam: SamModel) -> torch.Tensor:
@@ -81,49 +89,58 @@ def _valid_index(enc: SamEncoding) -> torch.Tensor:
     return (rows + torch.arange(ws, device=enc.q.device)[None, :]).reshape(-1)
 
 
-def _attention_rows(enc: SamEncoding, sam: SamModel, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Softmax attention probabilities [heads, len(rows), len(cols)] of the last block (softmax over all tokens)."""
+def _head_attention(enc: SamEncoding, sam: SamModel, rows: torch.Tensor):
+    """A function of the head h giving the last block's attention probabilities [len(rows), 64*64] for the query
+    tokens `rows` (softmax over all tokens, padding included, relative position added)."""
     from segment_anything.modeling.image_encoder import get_rel_pos
 
     attn_mod = sam.model.image_encoder.blocks[-1].attn
-    ph, pw = enc.padded_grid
+    grid = enc.padded_grid
     q = enc.q[:, rows]
-    logits = (q * attn_mod.scale) @ enc.k.transpose(1, 2)
+    rel_h = rel_w = None
     if attn_mod.use_rel_pos:
-        rh = get_rel_pos(ph, ph, attn_mod.rel_pos_h.float())  # [ph, ph, c]
-        rw = get_rel_pos(pw, pw, attn_mod.rel_pos_w.float())
-        qy, qx = rows // pw, rows % pw
-        rel_h = torch.einsum("hrc,rkc->hrk", q, rh[qy])  # [heads, r, ph]
-        rel_w = torch.einsum("hrc,rkc->hrk", q, rw[qx])  # [heads, r, pw]
-        logits.view(q.shape[0], q.shape[1], ph, pw).add_(rel_h[..., :, None]).add_(rel_w[..., None, :])
-    return torch.softmax(logits, dim=-1, out=logits)[:, :, cols]
+        rh = get_rel_pos(grid[0], grid[0], attn_mod.rel_pos_h.float())  # [ph, ph, c]
+        rw = get_rel_pos(grid[1], grid[1], attn_mod.rel_pos_w.float())
+        rel_h = torch.einsum("hrc,rkc->hrk", q, rh[rows // grid[1]])  # [heads, r, ph]
+        rel_w = torch.einsum("hrc,rkc->hrk", q, rw[rows % grid[1]])  # [heads, r, pw]
+    return lambda h: attention_probs(q[h], enc.k[h], attn_mod.scale, grid, None if rel_h is None else rel_h[h],
+                                     None if rel_w is None else rel_w[h])
 
 
 def affinity_rows(enc: SamEncoding, sam: SamModel, start: int, stop: int, mode: str = "affinity",
                   cos_fac: float = 1.2, refine_neg_cos: bool = True) -> torch.Tensor:
-    """Rows start..stop of the row-normalised correlation matrix over the valid tokens, [stop-start, N]."""
+    """Rows start..stop of the row-normalised correlation matrix over the valid tokens, [stop-start, N].
+
+    The attention probabilities come one head at a time, so a block of rows holds [heads, rows, N] cosines and a
+    few [rows, N] matrices, in the reference's order of operations (bit-identical thresholds)."""
+    if mode not in CORRELATIONS:
+        raise ValueError(f"correlation mode must be one of {CORRELATIONS}, not {mode!r}")
     valid = _valid_index(enc)
-    rows = valid[start:stop]
-    if mode == "attention":
-        a = _attention_rows(enc, sam, rows, valid).mean(dim=0)
-    elif mode in ("affinity", "cosine"):
-        vh = F.normalize(enc.v[:, valid], dim=-1)
-        cos = vh[:, start:stop] @ vh.transpose(1, 2)  # C_h rows, [heads, r, N]
-        tau = cos_fac * cos.mean(dim=0).mean(dim=-1, keepdim=True)  # [r, 1]
-        if not refine_neg_cos:
-            tau = torch.where(tau < 0, torch.full_like(tau, 0.6), tau)
-        tau = tau.clamp(max=0.9)
-        if mode == "affinity":
-            a = torch.where(cos > tau, _attention_rows(enc, sam, rows, valid), torch.zeros(())).mean(dim=0)
-        else:  # Eq. 4: softmax over the head-mean cosine, entries under the threshold excluded
+    everything = len(valid) == enc.q.shape[1]
+    n, heads = len(valid), enc.q.shape[0]
+    if mode == "none":
+        a = torch.zeros(stop - start, n, device=enc.q.device)
+    else:
+        if mode in ("affinity", "cosine"):
+            unit_v = enc.unit_values
+            cos = torch.stack([linear(unit_v[h, start:stop], unit_v[h]) for h in range(heads)])  # C_h rows
+            tau = cos_fac * cos.mean(dim=0).mean(dim=-1, keepdim=True)  # [r, 1]
+            if not refine_neg_cos:
+                tau = torch.where(tau < 0, torch.full_like(tau, 0.6), tau)
+            tau = tau.clamp(max=0.9)
+        if mode == "cosine":  # Eq. 4: softmax over the head-mean cosine, entries under the threshold excluded
             mean_cos = cos.mean(dim=0)
             a = mean_cos.masked_fill(mean_cos <= tau, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
-    elif mode == "none":
-        a = torch.zeros(len(rows), len(valid), device=enc.q.device)
-        a[torch.arange(len(rows)), torch.arange(start, stop)] = 1.0
-    else:
-        raise ValueError(f"correlation mode must be one of {CORRELATIONS}, not {mode!r}")
+        else:
+            probs = _head_attention(enc, sam, valid[start:stop])
+            a = torch.zeros(stop - start, n, device=enc.q.device)
+            for h in range(heads):
+                p = probs(h) if everything else probs(h)[:, valid]
+                if mode == "affinity":
+                    p.mul_(cos[h] > tau)
+                a.add_(p)
+            a.div_(heads)
     total = a.sum(dim=-1, keepdim=True)
     eye = torch.zeros_like(a)
-    eye[torch.arange(len(rows)), torch.arange(start, stop)] = 1.0
+    eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
     return torch.where(total > 0, a / total.clamp_min(torch.finfo(a.dtype).tiny), eye)

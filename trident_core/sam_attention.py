@@ -1,9 +1,10 @@
 """A memory-lean forward for segment_anything's encoder attention, computed for a band of query rows at a time.
 
 SAM ViT-B's global blocks would otherwise hold [heads, 4096, 4096] matrices (0.8 GB each in float32). Softmax is
-per row, so the banded result is the full one. On the CPU each band repeats segment_anything's own operations in
-the same order (bit-identical results); on a GPU the band goes through `scaled_dot_product_attention` with the
-decomposed relative-position term as an additive bias (a fused kernel; equal up to rounding)."""
+per row, so the banded result is the full one. On the CPU each band repeats segment_anything's operations in its
+order, one head at a time (bit-identical results; q kᵀ through `onednn.linear`); on a GPU the band goes
+through `scaled_dot_product_attention` with the decomposed relative-position term as an additive bias (a fused
+kernel; equal up to rounding)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .onednn import linear
+
 
 def query_band(device: torch.device) -> int:
-    """Query tokens per band: few on the CPU (memory), many on GPUs (each band costs kernel launches)."""
+    """Query tokens per band: few on the CPU (memory, cache), many on GPUs (each band costs kernel launches)."""
     return 256 if device.type == "cpu" else 1024
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, grid: tuple[int, int],
+                    rel_h: torch.Tensor | None = None, rel_w: torch.Tensor | None = None) -> torch.Tensor:
+    """One head's softmax((q scale) kᵀ + rel_h + rel_w), [r, N], for queries q [r, c] over keys k [N, c] on a
+    grid (gh, gw) = N, with the decomposed relative-position terms rel_h [r, gh] and rel_w [r, gw] (as
+    segment_anything's add_decomposed_rel_pos adds them, in its order)."""
+    logits = linear(q * scale, k)
+    if rel_h is not None:
+        logits.view(-1, *grid).add_(rel_h[:, :, None]).add_(rel_w[:, None, :])
+    return torch.softmax(logits, dim=-1, out=logits)
 
 
 def banded_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -31,23 +45,26 @@ def banded_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         rq = q.reshape(b * self.num_heads, h, w, -1)
         rel_h = torch.einsum("bhwc,hkc->bhwk", rq, get_rel_pos(h, h, self.rel_pos_h))  # [B*heads, H, W, H]
         rel_w = torch.einsum("bhwc,wkc->bhwk", rq, get_rel_pos(w, w, self.rel_pos_w))  # [B*heads, H, W, W]
-    fused = q.device.type != "cpu"
     rows = max(1, query_band(q.device) // w)
     out = torch.empty_like(q)
-    for r0 in range(0, h, rows):
-        r1 = min(h, r0 + rows)
-        qs = q[:, r0 * w:r1 * w]
-        if fused:
+    if q.device.type != "cpu":
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
             bias = None
             if rel_h is not None:
                 bias = (rel_h[:, r0:r1, :, :, None] + rel_w[:, r0:r1, :, None, :]).reshape(-1, (r1 - r0) * w, h * w)
-            out[:, r0 * w:r1 * w] = F.scaled_dot_product_attention(qs[None], k[None], v[None],
+            out[:, r0 * w:r1 * w] = F.scaled_dot_product_attention(q[None, :, r0 * w:r1 * w], k[None], v[None],
                                                                    attn_mask=None if bias is None else bias[None])[0]
-            continue
-        attn = (qs * self.scale) @ k.transpose(-2, -1)
-        if rel_h is not None:  # in place, in segment_anything's order: (qk + rel_h) + rel_w
-            attn.view(-1, r1 - r0, w, h, w).add_(rel_h[:, r0:r1, :, :, None]).add_(rel_w[:, r0:r1, :, None, :])
-        out[:, r0 * w:r1 * w] = torch.softmax(attn, dim=-1, out=attn) @ v
+    else:
+        q, k = q.contiguous(), k.contiguous()  # views into qkv; dense copies once, not per band
+        for i in range(q.shape[0]):
+            for r0 in range(0, h, rows):
+                r1 = min(h, r0 + rows)
+                rh = rw = None
+                if rel_h is not None:
+                    rh, rw = rel_h[i, r0:r1].reshape(-1, h), rel_w[i, r0:r1].reshape(-1, w)
+                p = attention_probs(q[i, r0 * w:r1 * w], k[i], self.scale, (h, w), rh, rw)
+                out[i, r0 * w:r1 * w] = p @ v[i]
     out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
     return self.proj(out)
 

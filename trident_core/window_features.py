@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from .models import ClipModel, DinoModel
+from .onednn import linear
 from .posembed import interpolate_pos_embed
 from .windows import WindowPlan
 
@@ -93,7 +94,7 @@ def clip_values(clip: ClipModel, x: torch.Tensor) -> tuple[torch.Tensor, tuple[i
     last = blocks[-1]
     dim = t.shape[-1]
     w, b = last.attn.in_proj_weight[2 * dim:], last.attn.in_proj_bias[2 * dim:]
-    return F.linear(last.ln_1(t[:, 1:]), w, b), grid
+    return linear(last.ln_1(t[:, 1:]), w, b), grid
 
 
 def _resize_tokens(t: torch.Tensor, grid: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
@@ -132,7 +133,7 @@ def window_features(clip: ClipModel, dino: DinoModel, x: torch.Tensor, plan: Win
         values = _resize_tokens(values, grid, (dg, dg))
         p = proxy_attention(dino_feats[s:s + len(idx)], mean, gamma, beta)
         o = torch.bmm(p.to(values.dtype), values)
-        out.append(last.attn.out_proj(o))
+        out.append(linear(o, last.attn.out_proj.weight, last.attn.out_proj.bias))
         if on_chunk:
             on_chunk()
     tokens = torch.cat(out)

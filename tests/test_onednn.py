@@ -1,0 +1,164 @@
+"""The oneDNN products (bit-identical to PyTorch's) and the adapters that route the models' layers through them."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trident_core import onednn
+
+
+def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+SHAPES = [  # (input shape, N): the models' own products, and odd ones
+    ((1, 64, 64, 768), 2304), ((4, 442, 768), 3072), ((1000, 3072), 768), ((256, 64), 4096), ((196, 196), 64),
+    ((128, 4096), 768), ((3, 50, 70), 40), ((0, 768), 768), ((10, 768), 768),
+]
+
+
+@pytest.mark.parametrize("shape,n", SHAPES)
+def test_linear_is_bit_identical_to_pytorch(shape, n):
+    k = shape[-1]
+    x, w, bias = _rand(*shape), _rand(n, k, seed=1) / k**0.5, _rand(n, seed=2)
+    for b in (bias, None):
+        want = F.linear(x, w, b)
+        got = onednn.linear(x, w, b)
+        assert got.shape == want.shape and torch.equal(got, want)
+    xt = _rand(*shape[:-1], 2 * k)[..., ::2]  # a strided input (a view of a wider tensor)
+    assert torch.equal(onednn.linear(xt, w, bias), F.linear(xt, w, bias))
+
+
+def test_blocked_sum_is_the_sum_of_block_products():
+    """The kernel behind `linear`, against a float64 formulation of what it computes."""
+    if not onednn.available():
+        pytest.skip("oneDNN is not available here")
+    a, w, bias = _rand(300, 500), _rand(320, 500, seed=1), _rand(320, seed=2)
+    cuts = ((0, 192), (192, 384), (384, 500))
+    got = onednn._blocked(a, w, bias, cuts)
+    want = bias.double() + sum(a[:, s:e].double() @ w[:, s:e].double().T for s, e in cuts)
+    assert torch.allclose(got.double(), want, atol=1e-4)
+
+
+def test_onednn_reproduces_this_machines_blas():
+    """On the x86 machines CI runs on, the probe finds the BLAS's blocks for the models' shapes (else `linear`
+    would silently be PyTorch's own: correct, but no faster)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN on this machine")
+    found = {(n, k): onednn.mkl_blocks(n, k) for n, k in ((2304, 768), (3072, 768), (768, 3072), (4096, 64))}
+    assert all(v is not None for v in found.values()), found
+
+
+def test_onednn_can_be_turned_off(monkeypatch):
+    a, b = _rand(64, 96), _rand(33, 96, seed=1)
+    monkeypatch.setenv(onednn.ENV, "0")
+    onednn.available.cache_clear()
+    onednn.mkl_blocks.cache_clear()
+    try:
+        assert not onednn.available() and onednn.mkl_blocks(33, 96) is None
+        assert torch.equal(onednn.linear(a, b), F.linear(a, b))
+    finally:
+        monkeypatch.delenv(onednn.ENV)
+        onednn.available.cache_clear()
+        onednn.mkl_blocks.cache_clear()
+
+
+def test_gradients_and_other_dtypes_keep_pytorchs_path():
+    w = _rand(8, 16, seed=1).requires_grad_()
+    x = _rand(4, 16)
+    onednn.linear(x, w).sum().backward()  # autograd through F.linear
+    assert torch.allclose(w.grad, x.sum(0).expand(8, 16))
+    xd, wd = x.double(), w.detach().double()
+    assert torch.equal(onednn.linear(xd, wd), F.linear(xd, wd))
+
+
+def _plain(module: nn.Module) -> nn.Module:
+    """A float64 copy running the modules' own forwards."""
+    out = copy.deepcopy(module).double()
+    for mod in out.modules():
+        mod.__dict__.pop("forward", None)
+    return out
+
+
+@pytest.mark.parametrize("mask", [None, "float", "bool"])
+def test_self_attention_adapter_equals_multihead_attention(mask):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    onednn.use_onednn(mha, attention=True)
+    x = _rand(3, 17, 64)
+    m = None
+    if mask == "float":
+        m = torch.full((17, 17), float("-inf")).triu(1)  # CLIP's causal text mask
+    elif mask == "bool":
+        m = torch.ones(17, 17, dtype=torch.bool).triu(1)  # True: masked out
+    ref = _plain(mha)
+    with torch.no_grad():
+        want = ref(x.double(), x.double(), x.double(), need_weights=False,
+                   attn_mask=None if m is None else m if m.dtype == torch.bool else m.double())[0]
+        got, weights = mha(x, x, x, need_weights=False, attn_mask=m)
+    assert weights is None and got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, atol=1e-5), (got.double() - want).abs().max()
+
+
+def test_self_attention_adapter_leaves_other_calls_to_pytorch():
+    mha = nn.MultiheadAttention(32, 2, batch_first=True).eval()
+    onednn.use_onednn(mha, attention=True)
+    x, y = _rand(2, 5, 32), _rand(2, 7, 32, seed=1)
+    with torch.no_grad():
+        out, weights = mha(x, x, x, need_weights=True)  # attention weights asked for
+        assert weights.shape == (2, 5, 5)
+        cross, _ = mha(x, y, y, need_weights=False)  # not self-attention
+        want = nn.MultiheadAttention.forward(mha, x, y, y, need_weights=False)[0]
+    assert torch.allclose(cross, want, atol=1e-6)
+
+
+def test_use_onednn_patches_linear_layers_and_attention_only_when_asked():
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    onednn.use_onednn(model)
+    onednn.use_onednn(mha)
+    assert all("forward" in m.__dict__ for m in model if isinstance(m, nn.Linear)) and "forward" not in mha.__dict__
+    x = _rand(10, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), _plain(model).float()(x))
+
+
+def test_full_size_sam_and_dino_are_bit_identical_to_the_libraries(full_trident, photo):
+    """Full-size SAM ViT-B and DINO ViT-B/16 (whose outputs pass the method's thresholds): what the loaders'
+    oneDNN routing computes equals, bit for bit, the libraries' own modules on PyTorch's kernels."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from trident_core.image import round_up_to
+    from trident_core.sam_affinity import encode_sam
+    from trident_core.window_features import dino_tokens
+
+    if full_trident.sam.device.type != "cpu":
+        pytest.skip("the CPU path")
+    sam, dino = full_trident.sam, full_trident.dino
+    img = round_up_to(photo[:, :400], 16)
+    enc = encode_sam(sam, img)
+    plain_sam = _plain(sam.model).float()
+    seen = {}
+    hook = plain_sam.image_encoder.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, o: seen.update(qkv=o))
+    x = torch.as_tensor(ResizeLongestSide(1024).apply_image(img)).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        plain_sam.image_encoder(plain_sam.preprocess(x))
+    hook.remove()
+    b, h, w, _ = seen["qkv"].shape
+    q, k, v = seen["qkv"].reshape(b, h * w, 3, 12, -1).permute(2, 0, 3, 1, 4).reshape(3, 12, h * w, -1)
+    assert torch.equal(enc.q, q) and torch.equal(enc.k, k) and torch.equal(enc.v, v)
+
+    windows = _rand(4, 3, 336, 336)
+    plain_dino = dataclasses.replace(dino, model=_plain(dino.model).float())
+    assert torch.equal(dino_tokens(dino, windows), dino_tokens(plain_dino, windows))
