@@ -111,8 +111,8 @@ def affinity_rows(enc: SamEncoding, sam: SamModel, start: int, stop: int, mode: 
                   cos_fac: float = 1.2, refine_neg_cos: bool = True) -> torch.Tensor:
     """Rows start..stop of the row-normalised correlation matrix over the valid tokens, [stop-start, N].
 
-    The attention probabilities come one head at a time, so a block of rows holds [heads, rows, N] cosines and a
-    few [rows, N] matrices, in the reference's order of operations (bit-identical thresholds)."""
+    Heads come one at a time, so a block of rows holds the heads' cosines and a few [rows, N] matrices; the
+    reference's order of operations is kept (bit-identical thresholds)."""
     if mode not in CORRELATIONS:
         raise ValueError(f"correlation mode must be one of {CORRELATIONS}, not {mode!r}")
     valid = _valid_index(enc)
@@ -123,13 +123,16 @@ def affinity_rows(enc: SamEncoding, sam: SamModel, start: int, stop: int, mode: 
     else:
         if mode in ("affinity", "cosine"):
             unit_v = enc.unit_values
-            cos = torch.stack([linear(unit_v[h, start:stop], unit_v[h]) for h in range(heads)])  # C_h rows
-            tau = cos_fac * cos.mean(dim=0).mean(dim=-1, keepdim=True)  # [r, 1]
+            cos = [linear(unit_v[h, start:stop], unit_v[h]) for h in range(heads)]  # C_h rows, [r, N] each
+            mean_cos = cos[0].clone()
+            for c in cos[1:]:  # summed in order then divided: the head mean bit for bit, without a stacked copy
+                mean_cos.add_(c)
+            mean_cos.div_(heads)
+            tau = cos_fac * mean_cos.mean(dim=-1, keepdim=True)  # [r, 1]
             if not refine_neg_cos:
                 tau = torch.where(tau < 0, torch.full_like(tau, 0.6), tau)
             tau = tau.clamp(max=0.9)
         if mode == "cosine":  # Eq. 4: softmax over the head-mean cosine, entries under the threshold excluded
-            mean_cos = cos.mean(dim=0)
             a = mean_cos.masked_fill(mean_cos <= tau, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
         else:
             probs = _head_attention(enc, sam, valid[start:stop])
