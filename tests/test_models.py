@@ -6,6 +6,7 @@ import copy
 
 import numpy as np
 import open_clip
+import pytest
 import torch
 
 from trident_core import Params, Trident
@@ -24,7 +25,7 @@ def test_openai_torchscript_clip_loads_like_the_state_dict(small_ckpts, tmp_path
     from trident_core.checkpoints import read_state_dict
 
     sd = read_state_dict(path)
-    assert set(sd) - {"attn_mask"} == set(ref.model.state_dict())
+    assert set(sd) - {"attn_mask", "input_resolution"} == set(ref.model.state_dict())
     got = load_clip(path)
     for k, v in ref.model.state_dict().items():
         assert torch.equal(got.model.state_dict()[k], v), k
@@ -43,9 +44,31 @@ class _Holder(torch.nn.Module):
         self.text_projection = model.text_projection
         self.logit_scale = model.logit_scale
         self.register_buffer("attn_mask", model.attn_mask, persistent=False)
+        self.register_buffer("input_resolution", torch.tensor(224))
+        self.note = torch.zeros(3)  # a plain tensor attribute: not in state_dict()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.visual(x)
+        return self.visual(x) + self.note.sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_torchscript_weights_read_as_torch_jit_reads_them(small_ckpts, tmp_path, dtype):
+    """Keys, order, dtypes and values equal `torch.jit.load(...).state_dict()` on an archive made here (fp16 as
+    OpenAI's file; traced modules, whose classes are name-mangled, inside a scripted one), read without jit."""
+    from trident_core.checkpoints import read_state_dict
+
+    plain = copy.deepcopy(load_clip(small_ckpts["clip"]).model)
+    for mod in plain.modules():
+        mod.__dict__.pop("forward", None)
+    traced = torch.jit.trace(plain.visual, torch.zeros(1, 3, 224, 224))
+    path = tmp_path / "ViT-B-16.pt"
+    torch.jit.script(_Holder(traced, plain)).to(dtype).save(str(path))
+    ours = read_state_dict(path)
+    theirs = torch.jit.load(str(path)).state_dict()
+    assert list(ours) == list(theirs) and "input_resolution" in ours and "note" not in ours
+    for k, v in theirs.items():
+        assert ours[k].dtype == v.dtype == (dtype if v.is_floating_point() else v.dtype), k
+        assert ours[k].shape == v.shape and torch.equal(ours[k], v), k
 
 
 def test_architectures_are_read_off_the_files(small_ckpts):

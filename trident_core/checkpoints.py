@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .torchscript import is_torchscript, read_torchscript_state_dict
+
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: missing, corrupt, unsafe or of the wrong model."""
@@ -23,7 +25,20 @@ def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+        return is_torchscript(zf)
+
+
+def _read_torchscript(p: Path) -> dict[str, torch.Tensor]:
+    """A TorchScript archive's tensors, read without compiling or running any of its code."""
+    try:
+        with zipfile.ZipFile(p) as zf:
+            return read_torchscript_state_dict(zf)
+    except Exception as e:  # noqa: BLE001 - an untrusted file: every way it can fail is one message
+        raise CheckpointError(
+            f"{p}: refused: a TorchScript archive that holds more than a scripted model's tensors, or is corrupt "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Its code is never run; use the "
+            "official checkpoint file."
+        ) from e
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -80,8 +95,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             return _unwrap(load_file(str(p), device="cpu"), p)
         if _is_torchscript(p):
-            # TorchScript holds no pickled Python callables; its weights are read as a state dict.
-            return _unwrap(torch.jit.load(str(p), map_location="cpu").state_dict(), p)
+            return _unwrap(_read_torchscript(p), p)
         return _unwrap(_torch_load(p), p)
     except CheckpointError:
         raise
