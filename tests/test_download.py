@@ -31,6 +31,22 @@ GOOD = bytes(range(256)) * (10 * 1024)
 GOOD_SHA = hashlib.sha256(GOOD).hexdigest()
 OTHER = b"x" * len(GOOD)  # same size as GOOD, different hash
 FAKE_HOST = "https://files.example.invalid"
+PAGE = b"<!DOCTYPE html><html><body>Please log in</body></html>\n" * 50
+
+
+def _checkpoint_bytes() -> bytes:
+    """A small DINO checkpoint as torch.save writes it (what a registry file of role "dino" must parse as)."""
+    import io
+
+    import torch
+    from factory import small_dino_state
+
+    buffer = io.BytesIO()
+    torch.save(small_dino_state(), buffer)
+    return buffer.getvalue()
+
+
+CKPT = _checkpoint_bytes()
 
 
 @dataclass
@@ -40,6 +56,7 @@ class Server:
     base: str
     hits: list[str] = field(default_factory=list)
     pair: threading.Barrier = field(default_factory=lambda: threading.Barrier(2, timeout=3))
+    slow: threading.Event = field(default_factory=threading.Event)
 
 
 def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
@@ -68,6 +85,29 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                 self._send(OTHER, len(OTHER))
             elif name == "nolength.bin":
                 self._send(GOOD)  # HTTP/1.0 body delimited by closing the connection
+            elif name == "ckpt.pth":
+                self._send(CKPT, len(CKPT))
+            elif name == "cut.pth":
+                self._send(CKPT[: len(CKPT) // 2])  # no Content-Length: the cut is invisible to the transfer
+            elif name == "page.html":  # a web page with status 200, announced as such
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(PAGE)))
+                self.end_headers()
+                self.wfile.write(PAGE)
+            elif name == "page.bin":  # the same page, mislabelled as a binary file
+                self._send(PAGE, len(PAGE))
+            elif name == "loop":
+                self.send_response(302)
+                self.send_header("Location", self.path)
+                self.end_headers()
+            elif name == "slow.pth":  # half the file, then nothing until the client goes away
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(GOOD)))
+                self.end_headers()
+                self.wfile.write(GOOD[: len(GOOD) // 2])
+                self.wfile.flush()
+                server.slow.wait(30)
             elif name == "pair.bin":
                 server.pair.wait()  # answer only once both concurrent clients are connected
                 self._send(GOOD, len(GOOD))
@@ -87,6 +127,7 @@ def running_server() -> Iterator[Server]:
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield state
+    state.slow.set()
     httpd.shutdown()
     httpd.server_close()
     thread.join()
@@ -110,7 +151,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def _register(monkeypatch: pytest.MonkeyPatch, *paths: str, size: int | None = None,
               sha256: str | None = GOOD_SHA) -> ModelFile:
     """Add a test model to the registry whose official URLs live on a fake host, reached only through the mirror."""
-    record = ModelFile("test_model", "test_model.bin", "sam", tuple(FAKE_HOST + p for p in paths), size, sha256,
+    record = ModelFile("test_model", "test_model.bin", "dino", tuple(FAKE_HOST + p for p in paths), size, sha256,
                        "test model")
     monkeypatch.setitem(MODELS, record.name, record)
     return record
@@ -217,11 +258,12 @@ def test_existing_file_is_returned_without_request(server: Server, tmp_path: Pat
 
 def test_ensure_file_downloads_missing_known_file(server: Server, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    _register(monkeypatch, "/files/missing.bin", "/files/good.bin", size=len(GOOD))
+    _register(monkeypatch, "/files/missing.bin", "/files/ckpt.pth", size=len(CKPT),
+              sha256=hashlib.sha256(CKPT).hexdigest())
     path = ensure_file("test_model.bin", tmp_path / "models", progress=lambda d, t: None, mirror=server.base + "/")
     assert path == tmp_path / "models" / "test_model.bin"
-    assert path.read_bytes() == GOOD
-    assert server.hits == ["/files/missing.bin", "/files/good.bin"]  # first source 404s, second one serves
+    assert path.read_bytes() == CKPT
+    assert server.hits == ["/files/missing.bin", "/files/ckpt.pth"]  # first source 404s, second one serves
     assert _leftovers(path.parent) == []
 
 
@@ -334,5 +376,89 @@ def test_registry_is_consistent() -> None:
         assert record.urls and all(u.startswith("https://") for u in record.urls)
         assert record.sha256 is None or (len(record.sha256) == 64 and int(record.sha256, 16) >= 0)
     assert MODELS["sam_vit_h"].size == 2564550879
+    assert all(MODELS[f"sam_vit_{v}"].sha256 for v in "blh")  # Meta's published files (widely pinned hashes)
     assert MODELS["clip_vit_b16_openai_torchscript"].sha256 in MODELS["clip_vit_b16_openai_torchscript"].urls[0]
     assert find_model("nope") is None
+
+
+# ------------------------------------------------------------------ nothing wrong gets the final name (issue 12)
+
+@pytest.mark.parametrize(("route", "why"), [
+    ("page.html", "web page"),  # HTML with status 200, announced as text/html
+    ("page.bin", "web page"),  # HTML with status 200, announced as a binary file
+    ("cut.pth", "cannot be read as a checkpoint"),  # no Content-Length, cut short: the transfer looks complete
+    ("good.bin", "cannot be read as a checkpoint"),  # arbitrary bytes
+])
+def test_what_is_not_the_model_never_gets_the_final_name(server: Server, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, route: str, why: str) -> None:
+    _register(monkeypatch, f"/files/{route}", sha256=None)
+    with pytest.raises(DownloadError) as info:
+        ensure_file("test_model", tmp_path, progress=lambda d, t: None, mirror=server.base)
+    message = str(info.value)
+    assert why in message and "\n" not in message and "test_model.bin" in message and "by hand" in message, message
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DownloadError):  # and the next run tries again rather than accepting a file
+        ensure_file("test_model", tmp_path, progress=lambda d, t: None, mirror=server.base)
+
+
+def test_a_checkpoint_of_another_model_is_not_installed(server: Server, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    record = _register(monkeypatch, "/files/ckpt.pth", sha256=None)
+    monkeypatch.setitem(MODELS, record.name, ModelFile(**{**record.__dict__, "role": "sam"}))
+    with pytest.raises(DownloadError, match="is not a Segment Anything checkpoint.*DINO|dino"):
+        ensure_file("test_model", tmp_path, progress=lambda d, t: None, mirror=server.base)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_web_page_is_refused_by_download_itself(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="web page"):
+        download(f"{server.base}/page.html", tmp_path / "f.bin", progress=lambda d, t: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_redirect_loop_is_one_line(server: Server, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError) as info:
+        download(f"{server.base}/loop", tmp_path / "f.bin", progress=lambda d, t: None)
+    message = str(info.value)
+    assert "\n" not in message and "redirects in a loop" in message and "/loop" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temporaries_of_a_killed_download_are_removed_by_the_next_run(server: Server, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (f"from trident_core.download import download; download({server.base + '/slow.pth'!r}, "
+            f"{str(tmp_path / 'test_model.bin')!r}, progress=lambda d, t: None)")
+    env = {**os.environ, "PYTHONPATH": str(Path(dl.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.monotonic() + 30
+    while not [p for p in tmp_path.iterdir() if p.stat().st_size > 0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = _leftovers(tmp_path)
+    assert len(left) == 1 and f".part-{proc.pid}-" in left[0]  # SIGKILL runs no clean-up
+    mine = tmp_path / f"other.bin.part-{os.getpid()}-0123abcd"  # a live process's download in progress
+    mine.write_bytes(b"x")
+    _register(monkeypatch, "/files/ckpt.pth", sha256=None)
+    ensure_file("test_model", tmp_path, progress=lambda d, t: None, mirror=server.base)
+    assert _leftovers(tmp_path) == [mine.name]
+    old = time.time() - 2 * 3600  # not written to for two hours: abandoned whatever its process
+    os.utime(mine, (old, old))
+    ensure_file("test_model", tmp_path)  # present: returned, and the folder swept
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_download_folder_that_is_a_file_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "cache"
+    blocker.write_bytes(b"")
+    _register(monkeypatch, "/files/ckpt.pth", sha256=None)
+    with pytest.raises(ModelFileMissing, match=f"{blocker} is a file, not a folder.*TRIDENT_CACHE"):
+        ensure_file("test_model", blocker)
+    with pytest.raises(DownloadError, match="cannot be created|is a file") as info:
+        download("http://127.0.0.1:9/x", blocker / "sub" / "x.bin", progress=lambda d, t: None)
+    assert str(blocker) in str(info.value) and "\n" not in str(info.value)

@@ -1,9 +1,12 @@
 """Fetch known model files (CLIP, DINO, SAM) from their official sources on first use.
 
 A download streams into a uniquely named temporary file next to its destination, is checked against the
-server's Content-Length, the expected size and the SHA-256 where the publisher gives them, and is then renamed
-into place atomically: no reader ever sees a partial file, and two processes fetching the same file both end
-with a valid copy. Nothing here touches the network at import time; only the standard library is used.
+server's Content-Length, the expected size and the SHA-256 where the publisher gives them and, for a known model
+file, parsed as a checkpoint of the expected model; only then is it renamed into place atomically: no reader
+ever sees a partial or wrong file, and two processes fetching the same file both end with a valid copy. A web
+page sent instead of the file is refused. Temporary files left by a killed process (their process is gone, or
+they were not written to for an hour) are removed by the next download into that folder. Nothing here touches
+the network at import time; only the standard library is used (the checkpoint check imports torch when it runs).
 
 Environment variables:
     TRIDENT_NO_DOWNLOAD=1     never download (``HF_HUB_OFFLINE=1`` does the same)
@@ -18,6 +21,7 @@ import hashlib
 import http.client
 import logging
 import os
+import re
 import secrets
 import sys
 import time
@@ -38,6 +42,8 @@ _CHUNK = 1 << 20
 _USER_AGENT = "ComfyUI-Trident"
 _TRUTHY = {"1", "true", "yes", "on"}
 _OFF_SWITCHES = ("TRIDENT_NO_DOWNLOAD", "HF_HUB_OFFLINE")
+_TEMP = re.compile(r"^.+\.part-(\d+)-[0-9a-f]{8}$")
+_STALE_AFTER = 3600.0  # seconds without a write after which a temporary file is abandoned whatever its process
 
 
 class DownloadError(RuntimeError):
@@ -119,7 +125,7 @@ MODELS: dict[str, ModelFile] = {
             "sam",
             (f"{_FB}/segment_anything/sam_vit_b_01ec64.pth",),
             375042383,
-            None,
+            "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
             "Segment Anything ViT-B (358 MiB, fastest)",
         ),
         ModelFile(
@@ -128,7 +134,7 @@ MODELS: dict[str, ModelFile] = {
             "sam",
             (f"{_FB}/segment_anything/sam_vit_l_0b3195.pth",),
             1249524607,
-            None,
+            "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
             "Segment Anything ViT-L (1.2 GiB)",
         ),
         ModelFile(
@@ -137,7 +143,7 @@ MODELS: dict[str, ModelFile] = {
             "sam",
             (f"{_FB}/segment_anything/sam_vit_h_4b8939.pth",),
             2564550879,
-            None,
+            "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
             "Segment Anything ViT-H (2.4 GiB, most accurate)",
         ),
     )
@@ -210,6 +216,10 @@ def _fetch(url: str, out: BinaryIO, expected_size: int | None, sha256: str | Non
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
+            kind = response.headers.get("Content-Type", "")
+            if kind.split(";")[0].strip().lower() in {"text/html", "application/xhtml+xml"}:
+                raise DownloadError(f"Download of {url} failed: the server sent a web page ({kind}) instead of the "
+                                    "file (a login, error or consent page?)")
             length = response.headers.get("Content-Length")
             if length is not None:
                 total = int(length)
@@ -225,7 +235,10 @@ def _fetch(url: str, out: BinaryIO, expected_size: int | None, sha256: str | Non
                     raise DownloadError(f"Download of {url} failed: received more than the expected {total} bytes")
                 report(done, total)
     except urllib.error.HTTPError as exc:
-        raise DownloadError(f"Download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
+        if 300 <= exc.code < 400:
+            raise DownloadError(f"Download of {url} failed: the server redirects in a loop or too many times "
+                                f"(HTTP {exc.code})") from exc
+        raise DownloadError(f"Download of {url} failed: HTTP {exc.code} {' '.join(str(exc.reason).split())}") from exc
     except (OSError, ValueError, http.client.HTTPException) as exc:
         raise DownloadError(f"Download of {url} failed after {done} bytes: {type(exc).__name__}: {exc}") from exc
     if total is not None and done != total:
@@ -245,16 +258,60 @@ def _install(tmp: Path, dest: Path, size: int) -> None:
         tmp.unlink()
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (POSIX; elsewhere unknown, so True and only the file's age counts)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists but belongs to another user
+    return True
+
+
+def remove_abandoned_temporaries(folder: Path) -> None:
+    """Delete the temporary files of downloads that were killed (SIGKILL, power loss): those whose process is
+    gone or that nobody wrote to for an hour. A live download's file is kept."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        try:
+            if match and (not _process_alive(int(match.group(1)))
+                          or time.time() - entry.stat().st_mtime > _STALE_AFTER):
+                entry.unlink()
+                logger.info("Removed %s, left by an interrupted download", entry)
+        except OSError:
+            continue  # removed meanwhile by another process, or not ours to remove
+
+
+def prepare_folder(folder: Path) -> None:
+    """Create the download folder, with one clear error when that is impossible (e.g. the path is a file)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "is a file, not a folder" if folder.is_file() else f"cannot be created ({exc.strerror or exc})"
+        raise DownloadError(f"The model folder {folder} {what}: point TRIDENT_CACHE (or the folder setting) at a "
+                            "folder you can write, or remove what is in the way.") from exc
+
+
 def download(url: str, dest: str | os.PathLike[str], expected_size: int | None = None, sha256: str | None = None,
-             progress: ProgressFn | None = None, timeout: float = 30.0) -> Path:
+             progress: ProgressFn | None = None, timeout: float = 30.0,
+             check: Callable[[Path], None] | None = None) -> Path:
     """Fetch ``url`` to ``dest`` via a verified temp file and an atomic rename, so no partial file ever appears.
 
     ``timeout`` bounds each network wait in seconds; ``progress`` gets ``(done_bytes, total_bytes_or_None)`` and
-    defaults to a throttled line on stderr. Any failure removes the temp file; transfer and integrity faults raise
+    defaults to a throttled line on stderr; ``check(temp_path)`` may inspect the complete file before the rename and
+    raise :class:`DownloadError`. Any failure removes the temp file; transfer and integrity faults raise
     :class:`DownloadError`, anything else (KeyboardInterrupt, an exception from ``progress``) propagates unchanged.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    prepare_folder(dest.parent)
+    remove_abandoned_temporaries(dest.parent)
     report = progress or stderr_progress(dest.name)
     tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}-{secrets.token_hex(4)}")
     try:
@@ -262,11 +319,36 @@ def download(url: str, dest: str | os.PathLike[str], expected_size: int | None =
             size = _fetch(url, out, expected_size, sha256, report, timeout)
             out.flush()
             os.fsync(out.fileno())
+        if check is not None:
+            check(tmp)
         _install(tmp, dest, size)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return dest
+
+
+def _family_check(record: ModelFile, url: str) -> Callable[[Path], None]:
+    """A check that the arrived file is a readable checkpoint of `record`'s model (not a web page, a cut-short
+    file or another model)."""
+
+    def check(tmp: Path) -> None:
+        from .checkpoints import FAMILY_FILES, CheckpointError, identify, read_state_dict
+
+        with open(tmp, "rb") as f:
+            head = f.read(512).lstrip().lower()
+        if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+            raise DownloadError(f"Download of {url} failed: the server sent a web page instead of {record.filename}")
+        try:
+            found = identify(read_state_dict(tmp))
+        except CheckpointError as exc:
+            raise DownloadError(f"Download of {url} failed: what arrived ({tmp.stat().st_size} bytes) cannot be "
+                                "read as a checkpoint: it is cut short or corrupt") from exc
+        if found != record.role:
+            raise DownloadError(f"Download of {url} failed: what arrived is not {FAMILY_FILES[record.role]} (its "
+                                f"tensors are those of {found if found != 'unknown' else 'no known model'})")
+
+    return check
 
 
 def ensure_file(name_or_filename: str, folder: str | os.PathLike[str], allow_download: bool | None = None,
@@ -281,7 +363,11 @@ def ensure_file(name_or_filename: str, folder: str | os.PathLike[str], allow_dow
     record = find_model(name_or_filename)
     path = folder / (record.filename if record else name_or_filename)
     if path.is_file():
+        remove_abandoned_temporaries(folder)
         return path
+    if folder.exists() and not folder.is_dir():
+        raise ModelFileMissing(f"The model folder {folder} is a file, not a folder, so {path.name} cannot be there: "
+                               "point TRIDENT_CACHE (or the folder setting) at a folder, or remove that file.")
     if record is None:
         raise ModelFileMissing(f"Model file {path.name} is not in {folder}, and it is not a known model file, so it "
                                f"cannot be downloaded automatically: put it in that folder by hand. Known files: "
@@ -297,7 +383,7 @@ def ensure_file(name_or_filename: str, folder: str | os.PathLike[str], allow_dow
         source = resolve_url(url, mirror)
         logger.info("Downloading %s from %s into %s", record.filename, source, folder)
         try:
-            return download(source, path, record.size, record.sha256, progress)
+            return download(source, path, record.size, record.sha256, progress, check=_family_check(record, source))
         except DownloadError as exc:
             logger.warning("%s", exc)
             failures.append(str(exc))
