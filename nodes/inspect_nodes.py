@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from ..trident_core.aggregation import encode_tiles
 from ..trident_core.image import to_rgb_uint8
 from ..trident_core.inspect import (
     POINT_UNITS,
     class_probability,
     heat_rgb,
+    image_encodings,
     mark_point,
     pca_rgb,
     point_affinity,
@@ -43,7 +43,7 @@ class InspectFeatures:
         return {"required": {"feature_map": (T.FEATURE_MAP, {"tooltip": "From Trident Splice & Aggregate."})}}
 
     def inspect(self, feature_map: list) -> tuple[torch.Tensor]:
-        return _out([pca_rgb(fm.features, fm.image_size) for fm in feature_map])
+        return _out([pca_rgb(fm.features, fm.image_size) for fm in T.items(feature_map, "feature map")])
 
 
 class InspectClassProbability:
@@ -66,7 +66,7 @@ class InspectClassProbability:
         }}
 
     def inspect(self, segmentation: list, class_name: str, coarse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = [class_probability(seg, class_name, coarse) for seg in segmentation]
+        probs = [class_probability(seg, class_name, coarse) for seg in T.items(segmentation, "segmentation")]
         return _out([heat_rgb(p) for p in probs], [p.cpu() for p in probs])
 
 
@@ -108,6 +108,9 @@ class InspectPointAffinity:
     def inspect(self, feature_map: list, sam: T.ModelHandle, x: float, y: float, units: str, correlation: str,
                 cos_fac: float, refine_neg_cos: bool,
                 image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        T.items(feature_map, "feature map")
+        if image is not None:
+            T.images(image)
         T.ready(sam)
         progress = Progress(len(feature_map))
         heat, values = [], []
@@ -117,7 +120,7 @@ class InspectPointAffinity:
                 if image is None or image.shape[0] != len(feature_map):
                     raise ValueError("this feature map has no SAM encoding (segment_then_splice): connect the image "
                                      "it was made from to 'image'")
-                encodings, tiles = encode_tiles(sam.model, to_rgb_uint8(image[b]), (1, 1)), (1, 1)
+                encodings, tiles = image_encodings(sam.model, to_rgb_uint8(image[b]), fm.image_size), (1, 1)
             point = point_to_pixels(x, y, units, fm.image_size)
             amap = point_affinity(encodings, tiles, sam.model, fm.image_size, point, correlation, cos_fac,
                                   refine_neg_cos)

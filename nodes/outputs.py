@@ -40,7 +40,7 @@ class SegmentationToMasks:
 
     def masks(self, segmentation: list, classes: str, invert: bool) -> tuple[torch.Tensor, torch.Tensor]:
         unions, per_class = [], []
-        for seg in segmentation:
+        for seg in T.items(segmentation, "segmentation"):
             union = masks_for(seg.labels, class_indices(seg.classes, classes))
             unions.append(1.0 - union if invert else union)
             per_class.append(torch.stack([masks_for(seg.labels, [k]) for k in range(len(seg.classes))]))
@@ -72,7 +72,7 @@ class PreviewSegmentation:
 
     def preview(self, segmentation: list, image: torch.Tensor, alpha: float,
                 show_legend: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if image.shape[0] != len(segmentation):
+        if T.images(image).shape[0] != len(T.items(segmentation, "segmentation")):
             raise ValueError(f"{image.shape[0]} image(s) for {len(segmentation)} segmentation(s): connect the "
                              "segmented image")
         colors_out, overlays = [], []

@@ -90,6 +90,7 @@ class WindowFeatures:
 
     def compute(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, short_side: int, window: int,
                 stride: int) -> tuple[T.WindowFeatureBatch]:
+        T.images(image)
         params = P.update(short_side=short_side, window=window, stride=stride)
         T.ready(clip, dino)
         progress = Progress(image.shape[0])
@@ -137,7 +138,8 @@ class SpliceAggregate:
     def aggregate(self, window_features: T.WindowFeatureBatch, sam: T.ModelHandle, image: torch.Tensor,
                   correlation: str, paradigm: str, sam_tiles: str, cos_fac: float,
                   refine_neg_cos: bool) -> tuple[list]:
-        _batch(image, len(window_features.items), "window features")
+        T.images(image)
+        _batch(image, len(T.items(window_features.items, "window features")), "window features")
         params = P.update(correlation=correlation, paradigm=paradigm, sam_tiles=sam_tiles, cos_fac=cos_fac,
                           refine_neg_cos=refine_neg_cos)
         uses_sam = paradigm == "splice_then_segment"
@@ -177,7 +179,7 @@ class Classify:
 
     def classify(self, feature_map: list, classes: T.EncodedClasses, logit_scale: float,
                  prob_thd: float) -> tuple[list]:
-        progress = Progress(len(feature_map))
+        progress = Progress(len(T.items(feature_map, "feature map")))
         segs = []
         for fm in feature_map:
             if fm.features.shape[0] != classes.text.shape[1]:
@@ -222,7 +224,8 @@ class SamRefine:
 
     def refine(self, segmentation: list, sam: T.ModelHandle, image: torch.Tensor, coarse_thresh: float,
                minimal_area: int, mask_alpha: float, iou_thresh: float, mask_prompt_mode: str) -> tuple[list]:
-        _batch(image, len(segmentation), "segmentation")
+        T.images(image)
+        _batch(image, len(T.items(segmentation, "segmentation")), "segmentation")
         rp = refine_params(P.update(coarse_thresh=coarse_thresh, minimal_area=minimal_area, mask_alpha=mask_alpha,
                                     iou_thresh=iou_thresh, mask_prompt_mode=mask_prompt_mode))
         T.ready(sam)
@@ -270,6 +273,7 @@ class TridentSegment:
     def segment(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, sam: T.ModelHandle,
                 classes: str, preset: str, refine: bool, sam_tiles: str,
                 background: str = "") -> tuple[list[Segmentation]]:
+        T.images(image)
         chosen = PRESETS[preset]
         cl = chosen.class_list(classes, background)
         params = chosen.params.update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles)

@@ -30,6 +30,22 @@ class ModelHandle:
     patcher: object | None = None
 
 
+def images(image: torch.Tensor, name: str = "image") -> torch.Tensor:
+    """The IMAGE batch, refused when it holds no image (every output would be empty)."""
+    if image.shape[0] == 0:
+        raise ValueError(f"the '{name}' input is an IMAGE batch of 0 images: connect a node that gives at least one "
+                         "image (e.g. Load Image)")
+    return image
+
+
+def items(batch: list, what: str) -> list:
+    """A per-image list from an earlier Trident node, refused when empty (made from an IMAGE batch of 0 images)."""
+    if not batch:
+        raise ValueError(f"the {what} holds no image (it was made from an IMAGE batch of 0 images): connect at least "
+                         "one image to the first Trident node")
+    return batch
+
+
 def ready(*handles: ModelHandle) -> None:
     """Put the models on the compute device (ComfyUI may have offloaded them for another model meanwhile)."""
     load_models([h.patcher for h in handles])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -109,6 +110,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{p}: cannot be read; the file is corrupt or truncated (an interrupted download?). "
             f"Delete it and download it again. ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from e
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in blocks (what identifies a model file whatever its name)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def identify(sd: dict[str, torch.Tensor]) -> str:

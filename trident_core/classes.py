@@ -80,9 +80,19 @@ def parse_classes(text: str | list[str] | tuple[str, ...], background: str | Non
 
 
 def read_class_file(path: str) -> list[str]:
-    """Lines of a class file (one class per line, '; ' between synonyms), as the reference's configs/cls_*.txt."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    """Lines of a class file (one class per line, '; ' between synonyms), as the reference's configs/cls_*.txt.
+
+    A UTF-8 byte-order mark (Windows editors write one), blank lines and `#` comment lines are not class names."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    except UnicodeDecodeError as e:
+        raise ClassListError(f"class file {path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8 "
+                             "with one class per line") from None
+    if not lines:
+        raise ClassListError(f"class file {path} holds no class names (only blank or '#' comment lines): write one "
+                             "class per line, e.g. 'sky' then 'horse; pony'")
+    return lines
 
 
 def name_key(name: str) -> str:

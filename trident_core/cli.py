@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import ClassList
+from .classes import ClassList, read_class_file
 from .presets import PRESETS, get_preset
 
 DEFAULT_FILES = {"clip": "ViT-B-16_openai_open_clip_model.safetensors", "dino": "dino_vitbase16_pretrain.pth",
@@ -79,7 +79,7 @@ def classes_from_args(args: argparse.Namespace) -> ClassList:
     background class, the first given class is that background (as the reference treats line 0)."""
     text = args.classes or ""
     if text and os.path.isfile(text):
-        text = Path(text).read_text(encoding="utf-8")
+        text = "\n".join(read_class_file(text))
     return get_preset(args.preset).class_list(text, args.background)
 
 
@@ -121,7 +121,12 @@ def save_npz(seg, path: str | os.PathLike) -> None:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from .image import to_rgb_uint8
+    from .paths import require_output_file, require_output_folder
 
+    if args.out:
+        require_output_folder(args.out, "--out")
+    if args.save_npz:
+        require_output_file(args.save_npz, "--save-npz")
     image = to_rgb_uint8(args.image)
     classes = classes_from_args(args)
     params = params_from_args(args)
@@ -150,8 +155,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a preset on its validation set (data-parallel under torchrun)."""
     import dataclasses
 
+    from .checkpoints import file_sha256
     from .evaluation import build_dataset, evaluate, init_distributed
 
+    if args.out:
+        from .paths import require_output_file
+
+        require_output_file(args.out, "--out")
     _rank, _world, device = init_distributed()
     if args.device == "auto":
         args.device = str(device)
@@ -164,8 +174,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def predict(image: np.ndarray) -> np.ndarray:
         return tr.segment(image, classes, params).labels.cpu().numpy()
 
-    config = {"params": dataclasses.asdict(params), "clip": tr.clip.path, "dino": tr.dino.path, "sam": tr.sam.path,
-              "precision": str(tr.clip.dtype)}
+    # A resume state belongs to this exact run: the models' contents (not just their paths), parameters, precision
+    # and kind of device (whose rounding differs).
+    models = {"clip": tr.clip.path, "dino": tr.dino.path, "sam": tr.sam.path}
+    config = {"params": dataclasses.asdict(params), **models,
+              **{f"{role}_sha256": file_sha256(path) for role, path in models.items()},
+              "precision": str(tr.clip.dtype), "device": tr.clip.device.type}
     evaluate(predict, dataset, dataset.num_classes, limit=args.limit, result_json=args.out, resume=args.resume,
              config=config)  # tables use the dataset's own class names (the prompts' first synonyms differ)
     return 0

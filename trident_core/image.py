@@ -68,6 +68,13 @@ def to_rgb_uint8(image: object) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def require_size(image: np.ndarray, size: tuple[int, int], what: str) -> None:
+    """Refuse an image of another size than the one a stage's result (`what`) was made from."""
+    if tuple(image.shape[:2]) != tuple(size):
+        raise ImageError(f"the image is {image.shape[1]}x{image.shape[0]} pixels but the {what} was made from a "
+                         f"{size[1]}x{size[0]} image: connect the image that was segmented")
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as RGB uint8, decoded as the reference does (OpenCV, EXIF orientation applied); PIL (with the
     same orientation handling) for what OpenCV cannot read."""

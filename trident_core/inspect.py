@@ -5,6 +5,7 @@ Used by the ComfyUI inspect nodes; pure torch/numpy/OpenCV."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields, replace
 
 import cv2
@@ -12,11 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .aggregation import _cuts
+from .aggregation import _cuts, encode_tiles
 from .classes import ClassListError, class_indices
 from .classify import Segmentation
+from .image import require_size
 from .models import SamModel
-from .sam_affinity import CORRELATIONS, SamEncoding, affinity_rows
+from .sam_affinity import CORRELATIONS, SamEncoding, affinity_rows, require_same_sam
 
 POINT_UNITS = ("fraction", "pixels")
 
@@ -65,10 +67,19 @@ def point_to_pixels(x: float, y: float, units: str, size: tuple[int, int]) -> tu
     """(x, y) as fractions of the width/height or as pixels, to a pixel (column, row) inside an image of `size`."""
     if units not in POINT_UNITS:
         raise ValueError(f"units must be one of {POINT_UNITS}, not {units!r}")
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise ValueError(f"the point (x={x}, y={y}) is not a finite number: give x and y as fractions from 0 to 1 "
+                         "of the width and height, or as pixels")
     h, w = size
     if units == "fraction":
         x, y = x * w, y * h
     return min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
+
+
+def image_encodings(sam: SamModel, image: np.ndarray, image_size: tuple[int, int]) -> list[SamEncoding]:
+    """SAM's encoding (one tile) of the segmented image, for a feature map that has none (segment_then_splice)."""
+    require_size(image, image_size, "feature map")
+    return encode_tiles(sam, image, (1, 1))
 
 
 def encoding_to(enc: SamEncoding, device: torch.device | str) -> SamEncoding:
@@ -97,7 +108,12 @@ def point_affinity(encodings: list[SamEncoding], tiles: tuple[int, int], sam: Sa
     r = next(i for i, (a, b) in enumerate(ycuts) if a <= py < b or i == rows - 1)
     c = next(i for i, (a, b) in enumerate(xcuts) if a <= px < b or i == cols - 1)
     (y1, y2), (x1, x2) = ycuts[r], xcuts[c]
-    enc = encoding_to(encodings[r * cols + c], sam.device)
+    chosen = encodings[r * cols + c]
+    require_same_sam(chosen, sam, "feature map's SAM encoding")
+    if tuple(chosen.original_size) != (y2 - y1, x2 - x1):
+        raise ValueError(f"the SAM encoding is of a {chosen.original_size[1]}x{chosen.original_size[0]} image, not "
+                         f"of the {w}x{h} image the feature map was made from: connect the image that was segmented")
+    enc = encoding_to(chosen, sam.device)
     hs, ws = enc.grid
     ty = min(hs - 1, int((py - y1) / (y2 - y1) * enc.input_size[0] / 16))
     tx = min(ws - 1, int((px - x1) / (x2 - x1) * enc.input_size[1] / 16))

@@ -12,7 +12,7 @@ from .aggregation import FeatureMap, splice_and_aggregate
 from .classes import ClassList, parse_classes
 from .classify import Segmentation, classify
 from .devices import resolve_device, resolve_dtype
-from .image import clip_input, to_rgb_uint8
+from .image import clip_input, require_size, to_rgb_uint8
 from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
 from .presets import Params
 from .refine import RefineParams, refine
@@ -45,9 +45,8 @@ def compute_feature_map(wf: WindowFeatures, clip: ClipModel, sam: SamModel | Non
                         params: Params = DEFAULT_PARAMS, progress: Progress = _noop) -> FeatureMap:
     """S5 to S7: splice, SAM affinity, aggregation, projection (or the segment-then-splice baseline)."""
     img = to_rgb_uint8(image) if image is not None else None
-    if img is not None and tuple(img.shape[:2]) != tuple(wf.image_size):
-        raise ValueError(f"the image ({img.shape[0]}x{img.shape[1]}) is not the one the window features were made "
-                         f"from ({wf.image_size[0]}x{wf.image_size[1]})")
+    if img is not None:
+        require_size(img, wf.image_size, "window features")
     return splice_and_aggregate(wf, clip, sam, img, params.correlation, params.paradigm, params.sam_tiles,
                                 params.cos_fac, params.refine_neg_cos, on_step=lambda: progress("sam"))
 

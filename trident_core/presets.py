@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from importlib import resources
 
@@ -32,9 +33,31 @@ class Params:
     iou_thresh: float = 0.80
     mask_prompt_mode: str = "reference"
 
+    def __post_init__(self) -> None:
+        """Refuse values that would give a meaningless result (a one-pixel image, gaps between windows, NaN)."""
+        for name, (lo, hi, whole) in _RANGES.items():
+            value = getattr(self, name)
+            hi = self.window if name == "stride" else hi
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  and lo <= value <= hi and (not whole or value == int(value)))
+            if not ok:
+                kind = "a whole number" if whole else "a number"
+                why = " (the window): a larger stride leaves gaps between windows" if name == "stride" else ""
+                raise ValueError(f"{name}={value!r} is out of range: expected {kind} from {lo:g} to {hi:g}{why}. "
+                                 f"Give a value in that range (default {self.__dataclass_fields__[name].default}).")
+
     def update(self, **changes) -> Params:
         """A copy with some fields changed (None values are ignored)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+_RANGES: dict[str, tuple[float, float, bool]] = {  # name: (lowest, highest, whole numbers only)
+    "short_side": (32, 8192, True), "long_cap": (32, 16384, True), "window": (32, 4096, True),
+    "stride": (1, 4096, True), "gamma": (-1e6, 1e6, False), "beta": (-1e6, 1e6, False),
+    "cos_fac": (-1e6, 1e6, False), "logit_scale": (1e-6, 1e6, False), "prob_thd": (0, 1, False),
+    "coarse_thresh": (0, 1, False), "minimal_area": (0, 1 << 30, True), "mask_alpha": (0, 1e6, False),
+    "iou_thresh": (0, 1, False),
+}
 
 
 @dataclass(frozen=True)

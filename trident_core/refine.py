@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .classify import Segmentation
-from .image import round_up_to
+from .image import require_size, round_up_to
 from .models import SamModel
-from .sam_affinity import SamEncoding, encode_sam
+from .sam_affinity import SamEncoding, encode_sam, require_same_sam
 
 MASK_PROMPT_MODES = ("reference", "batched")
 
@@ -129,7 +129,12 @@ def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefinePa
     """Refined labels (and score map) of a coarse segmentation; the image is the original RGB uint8 array."""
     if params.mask_prompt_mode not in MASK_PROMPT_MODES:
         raise ValueError(f"mask_prompt_mode must be one of {MASK_PROMPT_MODES}")
-    enc = encoding or seg.sam_encoding or encode_sam(sam, round_up_to(image, 16))
+    require_size(image, seg.image_size, "segmentation")
+    enc = encoding or seg.sam_encoding
+    if enc is None:
+        enc = encode_sam(sam, round_up_to(image, 16))
+    else:
+        require_same_sam(enc, sam, "segmentation's SAM encoding")
     h, w = seg.image_size
     c = len(seg.classes)
     half = (h // 2, w // 2)

@@ -35,6 +35,7 @@ class SamEncoding:
     input_size: tuple[int, int]
     original_size: tuple[int, int]
     padded_grid: tuple[int, int]
+    made_by: str = ""
     features: torch.Tensor | None = None
 
     @property
@@ -78,7 +79,19 @@ def encode_sam(sam: SamModel, image: np.ndarray) -> SamEncoding:
     b, h, w, _ = qkv.shape
     heads = last.attn.num_heads
     q, k, v = qkv.float().reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * heads, h * w, -1)
-    return SamEncoding(q, k, v, x, input_size, tuple(image.shape[:2]), (h, w))
+    return SamEncoding(q, k, v, x, input_size, tuple(image.shape[:2]), (h, w), sam_identity(sam))
+
+
+def sam_identity(sam: SamModel) -> str:
+    """Which SAM made an encoding: its architecture and file (another SAM cannot decode or explain it)."""
+    return f"{sam.arch} from {sam.path}"
+
+
+def require_same_sam(enc: SamEncoding, sam: SamModel, what: str) -> None:
+    """Refuse to use an encoding with another SAM than the one that made it (its tokens mean nothing to it)."""
+    if enc.made_by != sam_identity(sam):
+        raise ValueError(f"the {what} was made with SAM {enc.made_by}, but the SAM given here is "
+                         f"{sam_identity(sam)}: connect the SAM that made it (the one given to Splice & Aggregate)")
 
 
 def _valid_index(enc: SamEncoding) -> torch.Tensor:

@@ -30,8 +30,9 @@ def _starts(length: int, window: int, stride: int) -> list[tuple[int, int]]:
 
 def plan_windows(size: tuple[int, int], window: int = 336, stride: int = 224) -> WindowPlan:
     """Grid `max(L - window + stride - 1, 0) // stride + 1` per side; the last window is shifted back inside."""
-    if window <= 0 or stride <= 0:
-        raise ValueError(f"window ({window}) and stride ({stride}) must be positive")
+    if window <= 0 or not 0 < stride <= window:
+        raise ValueError(f"window ({window}) must be positive and stride ({stride}) from 1 to the window: a larger "
+                         "stride leaves gaps between windows")
     h, w = size
     rows, cols = _starts(h, window, stride), _starts(w, window, stride)
     boxes = tuple((y1, x1, y2, x2) for y1, y2 in rows for x1, x2 in cols)

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ..paths import require_output_file
 from .datasets import Sample, SegDataset, load_image_rgb
 from .distributed import all_reduce, rank_and_world
 from .metrics import IGNORE_INDEX, compute_metrics, confusion_matrix, format_table, percent
@@ -74,6 +75,8 @@ def evaluate(
     }
 
     out = Path(result_json) if result_json is not None else None
+    if out is not None:
+        require_output_file(out, "result_json (--out)")
     state = _State(out, rank, world, meta) if out else None
     empty = np.zeros((num_classes, num_classes + 1), np.int64)
     # (confusion, indices done) is swapped as one object: an interrupt can never save one without the other.
@@ -169,6 +172,10 @@ class _State:
             saved = json.loads(str(data["meta"]))
             confusion, done, predict_s = data["confusion"], data["done"].tolist(), float(data["predict_s"])
         diff = sorted(k for k in self.meta if saved.get(k) != self.meta[k])
+        if "config" in diff:  # name the settings that changed (e.g. a model file's content)
+            old, new = json.loads(saved.get("config") or "null") or {}, json.loads(self.meta["config"]) or {}
+            keys = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+            diff[diff.index("config")] = f"config: {', '.join(keys)}"
         if diff:
             raise ValueError(
                 f"resume state {self.path} is from a different run ({', '.join(diff)} differ); "

@@ -1,0 +1,253 @@
+"""Careless input gets one clear line, never a silent wrong result: parameter ranges (library, CLI, nodes),
+images and SAMs that are not the ones a stage's result came from, empty IMAGE batches, output paths that cannot
+be written (refused before any computing), eval resume states of another run, class files with a BOM and comments."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import test_nodes
+import torch
+from factory import small_sam_state
+from PIL import Image
+from test_nodes import run
+
+from trident_core import Params
+from trident_core.classes import read_class_file
+from trident_core.cli import classes_from_args, main
+from trident_core.windows import plan_windows
+
+models, loaded, images = test_nodes.models, test_nodes.loaded, test_nodes.images  # the node tests' fixtures
+
+
+def _cli(capsys, *args: str) -> tuple[int, list[str]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(list(args))
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def _model_args(ckpts) -> list[str]:
+    return ["--clip", str(ckpts["clip"]), "--dino", str(ckpts["dino"]), "--sam", str(ckpts["sam"]), "--no-download",
+            "--device", "cpu"]
+
+
+@pytest.fixture
+def png(tmp_path, photo) -> Path:
+    path = tmp_path / "in.png"
+    Image.fromarray(photo[:96, :160]).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------- parameter ranges
+
+@pytest.mark.parametrize(("field", "value", "allowed"), [
+    ("stride", 337, "from 1 to 336"), ("stride", 0, "from 1 to 336"), ("short_side", 0, "from 32 to 8192"),
+    ("short_side", -448, "from 32 to 8192"), ("short_side", 1, "from 32 to 8192"), ("prob_thd", math.nan, "0 to 1"),
+    ("logit_scale", 0.0, "from 1e-06"), ("iou_thresh", 1.5, "from 0 to 1"), ("minimal_area", -1, "from 0"),
+])
+def test_params_refuse_values_out_of_range(field, value, allowed):
+    with pytest.raises(ValueError) as e:
+        Params(**{field: value})
+    message = str(e.value)
+    assert message.startswith(f"{field}={value!r} is out of range") and allowed in message and "\n" not in message
+
+
+def test_a_stride_up_to_the_window_leaves_no_gap():
+    """The property the range protects: every pixel lies in some window exactly when stride <= window."""
+    for stride in (224, 336):
+        plan = plan_windows((500, 700), 336, stride)
+        covered = np.zeros((500, 700), bool)
+        for y1, x1, y2, x2 in plan.boxes:
+            covered[y1:y2, x1:x2] = True
+        assert covered.all() and Params(stride=stride).stride == stride
+    with pytest.raises(ValueError, match="gaps"):
+        plan_windows((500, 700), 336, 400)
+
+
+@pytest.mark.parametrize("option", [["--stride", "400"], ["--short-side", "0"], ["--short-side", "-5"],
+                                    ["--short-side", "1"]])
+def test_cli_refuses_meaningless_parameters_in_one_line(small_ckpts, png, tmp_path, capsys, option):
+    rc, err = _cli(capsys, "segment", str(png), "--classes", "sky, person", "--save-npz", str(tmp_path / "o.npz"),
+                   *option, *_model_args(small_ckpts))
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {option[0][2:].replace('-', '_')}="), err
+    assert "out of range" in err[0] and not (tmp_path / "o.npz").exists()
+
+
+def test_window_features_node_refuses_a_stride_over_the_window(loaded, images):
+    clip, dino, _ = loaded
+    with pytest.raises(ValueError, match="stride=400 is out of range.*1 to 336"):
+        run("TridentWindowFeatures", image=images, clip=clip, dino=dino, short_side=448, window=336, stride=400)
+
+
+# ------------------------------------------------------------------------------- images and SAMs that differ
+
+@pytest.fixture(scope="module")
+def tiled(loaded, images):
+    """A coarse segmentation made with SAM tiles 1x2 (so it carries no whole-image SAM encoding)."""
+    clip, dino, sam = loaded
+    (segs,) = run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes="sky, person",
+                  preset="default", refine=False, sam_tiles="1x2")
+    assert segs[0].sam_encoding is None
+    return segs
+
+
+def test_sam_refine_refuses_an_image_of_another_size(loaded, images, tiled):
+    _, _, sam = loaded
+    other = images[:1, :, :96]
+    with pytest.raises(ValueError) as e:
+        run("TridentSamRefine", segmentation=tiled, sam=sam, image=other, coarse_thresh=0.2, minimal_area=225,
+            mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="reference")
+    message = str(e.value)
+    assert "96x64" in message and "192x64" in message and "connect the image that was segmented" in message
+
+
+@pytest.fixture(scope="module")
+def other_sam(tmp_path_factory, models):
+    """A SAM of another size (encoder width 32) in the models folder."""
+    from segment_anything.build_sam import _build_sam
+
+    m = _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=1, encoder_global_attn_indexes=[1],
+                   checkpoint=None)
+    sd = small_sam_state()
+    sd.update({k: v for k, v in m.state_dict().items() if k.startswith("image_encoder.")})
+    torch.save(sd, models / "sams" / "sam_other.pth")
+    (handle,) = run("TridentLoadSAM", model_name="sam_other.pth", precision="fp32", allow_download=False)
+    yield handle
+    (models / "sams" / "sam_other.pth").unlink()
+
+
+def _feature_map(loaded, image, paradigm: str) -> list:
+    """Window Features then Splice & Aggregate with the default parameters."""
+    clip, dino, sam = loaded
+    (wf,) = run("TridentWindowFeatures", image=image, clip=clip, dino=dino, short_side=448, window=336, stride=224)
+    (fm,) = run("TridentSpliceAggregate", window_features=wf, sam=sam, image=image, correlation="affinity",
+                paradigm=paradigm, sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
+    return fm
+
+
+def test_a_sam_of_another_size_is_refused_by_refine_and_inspect(loaded, images, other_sam):
+    clip, dino, sam = loaded
+    (segs,) = run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes="sky, person",
+                  preset="default", refine=False, sam_tiles="1x1")
+    with pytest.raises(ValueError) as e:
+        run("TridentSamRefine", segmentation=segs, sam=other_sam, image=images[:1], coarse_thresh=0.2,
+            minimal_area=225, mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="reference")
+    assert "vit_64x2" in str(e.value) and "vit_32x2" in str(e.value) and "\n" not in str(e.value)
+    fm = _feature_map(loaded, images[:1], "splice_then_segment")
+    with pytest.raises(ValueError, match="made with SAM vit_64x2.*vit_32x2.*connect the SAM that made it"):
+        run("TridentInspectPointAffinity", feature_map=fm, sam=other_sam, x=0.5, y=0.5, units="fraction",
+            correlation="affinity", cos_fac=1.2, refine_neg_cos=True)
+
+
+def test_inspect_point_affinity_refuses_an_image_of_another_size_and_a_nan_point(loaded, images):
+    sam = loaded[2]
+    fm = _feature_map(loaded, images[:1], "segment_then_splice")
+    with pytest.raises(ValueError, match="190x64 pixels but the feature map was made from a 192x64 image"):
+        run("TridentInspectPointAffinity", feature_map=fm, sam=sam, x=0.5, y=0.5, units="fraction",
+            correlation="affinity", cos_fac=1.2, refine_neg_cos=True, image=images[:1, :, :190])
+    for x, y in ((math.nan, 0.5), (0.5, math.inf)):
+        with pytest.raises(ValueError, match="not a finite number"):
+            run("TridentInspectPointAffinity", feature_map=fm, sam=sam, x=x, y=y, units="fraction",
+                correlation="affinity", cos_fac=1.2, refine_neg_cos=True, image=images[:1])
+
+
+# ------------------------------------------------------------------------------------ empty IMAGE batches
+
+def test_an_image_batch_of_zero_images_is_one_line(loaded, images):
+    clip, dino, sam = loaded
+    empty = images[:0]
+    with pytest.raises(ValueError, match="IMAGE batch of 0 images"):
+        run("TridentSegment", image=empty, clip=clip, dino=dino, sam=sam, classes="sky", preset="default",
+            refine=False, sam_tiles="preset")
+    with pytest.raises(ValueError, match="IMAGE batch of 0 images"):
+        run("TridentSegmentationToMasks", segmentation=[], classes="", invert=False)
+    (segs,) = run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes="sky, person",
+                  preset="default", refine=False, sam_tiles="preset")
+    with pytest.raises(ValueError, match="IMAGE batch of 0 images"):
+        run("TridentPreviewSegmentation", segmentation=segs, image=empty, alpha=0.5, show_legend=True)
+    with pytest.raises(ValueError, match="IMAGE batch of 0 images"):
+        run("TridentInspectClassProbability", segmentation=[], class_name="sky", coarse=False)
+    with pytest.raises(ValueError, match="IMAGE batch of 0 images"):
+        run("TridentInspectFeatures", feature_map=[])
+    with pytest.raises(ValueError, match="IMAGE batch of 0 images"):
+        run("TridentInspectPointAffinity", feature_map=[], sam=sam, x=0.5, y=0.5, units="fraction",
+            correlation="affinity", cos_fac=1.2, refine_neg_cos=True, image=empty)
+
+
+# ---------------------------------------------------------------------------- output paths, checked first
+
+def test_segment_out_that_cannot_be_written_fails_before_computing(small_ckpts, png, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_bytes(b"keep me")
+    for args in (["--out", str(blocker)], ["--out", str(blocker / "sub")], ["--save-npz", str(tmp_path)],
+                 ["--out", "/proc/trident_out"]):
+        rc, err = _cli(capsys, "segment", str(png), "--classes", "sky", *args, *_model_args(small_ckpts))
+        assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {args[0]} ") and args[1] in err[0], err
+    assert blocker.read_bytes() == b"keep me"
+
+
+def test_eval_out_naming_a_folder_fails_before_computing(small_ckpts, tmp_path, capsys):
+    rc, err = _cli(capsys, "eval", "--preset", "city_scapes", "--data-root", str(tmp_path / "nodata"), "--out",
+                   str(tmp_path), *_model_args(small_ckpts))
+    expected = f"error: --out {tmp_path} is a folder; give a file name, e.g. {tmp_path / 'result.json'}"
+    assert rc == 2 and err == [expected]
+
+
+def test_a_cache_folder_that_is_a_file_is_one_line(png, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "cache"
+    blocker.write_bytes(b"")
+    monkeypatch.setenv("TRIDENT_CACHE", str(blocker))
+    rc, err = _cli(capsys, "segment", str(png), "--classes", "sky", "--out", str(tmp_path / "o"), "--no-download")
+    assert rc == 2 and len(err) == 1 and f"{blocker} is a file, not a folder" in err[0] and "TRIDENT_CACHE" in err[0]
+
+
+# ---------------------------------------------------------------------------- eval resume of another run
+
+def _tiny_cityscapes(root: Path, photo: np.ndarray) -> None:
+    stem = "aachen/aachen_000000_000019"
+    img = root / "cityscapes/leftImg8bit/val" / f"{stem}_leftImg8bit.png"
+    lab = root / "cityscapes/gtFine/val" / f"{stem}_gtFine_labelTrainIds.png"
+    img.parent.mkdir(parents=True)
+    lab.parent.mkdir(parents=True)
+    Image.fromarray(photo[:64, :128]).save(img)
+    Image.fromarray(np.random.default_rng(0).integers(0, 19, (64, 128)).astype(np.uint8)).save(lab)
+
+
+def test_eval_resume_refuses_the_state_of_a_run_with_another_model_file(small_ckpts, photo, tmp_path, capsys):
+    """The same path, other weights: the stored result is not returned as if it were this run's."""
+    import shutil
+
+    _tiny_cityscapes(tmp_path / "data", photo)
+    sam = tmp_path / "sam.pth"
+    shutil.copy(small_ckpts["sam"], sam)
+    args = ["eval", "--preset", "city_scapes", "--data-root", str(tmp_path / "data"), "--out",
+            str(tmp_path / "r.json"), *_model_args({**small_ckpts, "sam": sam})]
+    assert _cli(capsys, *args)[0] == 0
+    assert _cli(capsys, *args)[0] == 0  # the same run resumes (nothing left to do)
+    torch.save(small_sam_state(seed=7), sam)
+    rc, err = _cli(capsys, *args)
+    errors = [line for line in err if line.startswith("error: ")]
+    assert rc == 2 and errors == err[-1:] and "is from a different run (config: sam_sha256 differ)" in err[-1]
+    assert "--no-resume" in err[-1]
+
+
+# ---------------------------------------------------------------------------------------------- class files
+
+def test_class_files_skip_the_byte_order_mark_and_comment_lines(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_bytes("\ufeff# my classes\nsky\n  # a comment\n\nhorse; pony\n".encode())
+    assert read_class_file(str(path)) == ["sky", "horse; pony"]
+    args = argparse.Namespace(classes=str(path), preset="default", background=None)
+    assert classes_from_args(args).classes == (("sky",), ("horse", "pony"))
+    path.write_bytes(b"\xef\xbb\xbf# only a comment\n")
+    with pytest.raises(ValueError, match=f"class file {path} holds no class names"):
+        read_class_file(str(path))
+    path.write_bytes(b"\xff\xfes\x00k\x00y\x00")  # UTF-16
+    with pytest.raises(ValueError, match=f"class file {path} is not UTF-8 text"):
+        read_class_file(str(path))
