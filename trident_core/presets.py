@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from importlib import resources
 
-from .classes import ClassList, parse_classes
+from .classes import ClassList, parse_classes, read_class_file
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ class Preset:
         """The preset's own class list (benchmark presets only)."""
         if self.class_file is None:
             raise ValueError(f"preset {self.name!r} has no class list; give the class names")
-        text = resources.files("trident_core").joinpath("data", self.class_file).read_text(encoding="utf-8")
-        cl = parse_classes([line for line in text.splitlines() if line.strip()])
+        with resources.as_file(resources.files("trident_core").joinpath("data", self.class_file)) as path:
+            cl = parse_classes(read_class_file(str(path)), unique=False)
         return ClassList(cl.classes, has_background=self.background)
 
 
@@ -81,6 +81,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                                     sam_tiles="1x2"), "cls_city_scapes.txt", description="Cityscapes, 19 classes"),
     Preset("ade20k", _P.update(short_side=576, refine_neg_cos=False, coarse_thresh=0.05), "cls_ade20k.txt",
            description="ADE20K, 150 classes"),
+    # cfg_ade847.py / cfg_context459.py set only the class file: the base configuration's parameters.
+    Preset("ade847", _P, "cls_ade20k847.txt", description="ADE20K-Full, 847 classes"),
+    Preset("context459", _P, "cls_context459.txt", description="PASCAL Context, 459 classes"),
 )}
 
 
