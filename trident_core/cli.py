@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import ClassList
+from .classes import ClassList, read_class_file
 from .presets import PRESETS, get_preset
 
 DEFAULT_FILES = {"clip": "ViT-B-16_openai_open_clip_model.safetensors", "dino": "dino_vitbase16_pretrain.pth",
@@ -52,6 +52,8 @@ def add_model_arguments(ap: argparse.ArgumentParser, preset_and_refine: bool = T
     ap.add_argument("--stride", type=int)
     ap.add_argument("--prob-thd", type=float)
     ap.add_argument("--mask-prompt-mode", choices=["reference", "batched"])
+    ap.add_argument("--pamr-steps", type=int, help="PAMR steps on the logits before the label map (default 0: off)")
+    ap.add_argument("--pamr-dilations", help="PAMR dilations, comma-separated (default 8,16)")
 
 
 def build_trident(args: argparse.Namespace):
@@ -69,17 +71,23 @@ def build_trident(args: argparse.Namespace):
 
 def params_from_args(args: argparse.Namespace):
     """The preset's parameters with the command line's overrides."""
-    return get_preset(args.preset).params.update(
+    from .pamr import check_pamr, parse_dilations
+
+    params = get_preset(args.preset).params.update(
         refine=args.refine, sam_tiles=args.sam_tiles, correlation=args.correlation, paradigm=args.paradigm,
-        short_side=args.short_side, stride=args.stride, prob_thd=args.prob_thd, mask_prompt_mode=args.mask_prompt_mode)
+        short_side=args.short_side, stride=args.stride, prob_thd=args.prob_thd, mask_prompt_mode=args.mask_prompt_mode,
+        pamr_steps=args.pamr_steps,
+        pamr_dilations=parse_dilations(args.pamr_dilations) if args.pamr_dilations is not None else None)
+    check_pamr(params.pamr_steps, params.pamr_dilations)
+    return params
 
 
 def classes_from_args(args: argparse.Namespace) -> ClassList:
     """The class list: --classes (text or a file), else the preset's. With a benchmark preset that has a
     background class, the first given class is that background (as the reference treats line 0)."""
     text = args.classes or ""
-    if text and os.path.isfile(text):
-        text = Path(text).read_text(encoding="utf-8")
+    if text and os.path.isfile(text):  # a class file: one class per line, as the reference reads them
+        return get_preset(args.preset).class_list(read_class_file(text), args.background)
     return get_preset(args.preset).class_list(text, args.background)
 
 

@@ -31,6 +31,8 @@ class Params:
     mask_alpha: float = 0.005
     iou_thresh: float = 0.80
     mask_prompt_mode: str = "reference"
+    pamr_steps: int = 0
+    pamr_dilations: tuple[int, ...] = (8, 16)
 
     def update(self, **changes) -> Params:
         """A copy with some fields changed (None values are ignored)."""
@@ -47,10 +49,11 @@ class Preset:
     background: bool = False
     description: str = ""
 
-    def class_list(self, text: str, background: str | None = None) -> ClassList:
-        """The user's classes, or the preset's own list when `text` is empty. With a benchmark preset that has a
-        background class, the first given class is that background (as the reference treats line 0)."""
-        if not text.strip() and self.class_file:
+    def class_list(self, text: str | list[str], background: str | None = None) -> ClassList:
+        """The user's classes (typed text, or the lines of a class file), or the preset's own list when there are
+        none. With a benchmark preset that has a background class, the first given class is that background (as
+        the reference treats line 0)."""
+        if not "".join(text).strip() and self.class_file:
             return self.classes()
         cl = parse_classes(text, background or None)
         return ClassList(cl.classes, cl.has_background or self.background)
