@@ -174,8 +174,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = {"params": dataclasses.asdict(params), "clip": tr.clip.path, "dino": tr.dino.path, "sam": tr.sam.path,
               "precision": str(tr.clip.dtype)}
+    # tables use the dataset's own class names (the prompts' first synonyms differ)
     evaluate(predict, dataset, dataset.num_classes, limit=args.limit, result_json=args.out, resume=args.resume,
-             config=config)  # tables use the dataset's own class names (the prompts' first synonyms differ)
+             config=config, ignore_index=dataset.ignore_index)
     return 0
 
 
