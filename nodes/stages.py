@@ -17,7 +17,7 @@ from ..trident_core.refine import MASK_PROMPT_MODES, refine
 from ..trident_core.sam_affinity import CORRELATIONS
 from ..trident_core.text import encode_classes
 from . import types as T
-from .comfy_bridge import Progress, to_intermediate
+from .comfy_bridge import Progress, count_progress, to_intermediate
 
 P = Params()
 SAM_TILES = ("1x1", "1x2", "2x1", "2x2", "auto")
@@ -66,7 +66,7 @@ class EncodeClasses:
     def encode(self, clip: T.ModelHandle, classes: str, background: str = "") -> tuple[T.EncodedClasses]:
         cl = parse_classes(classes, background or None)
         T.ready(clip)
-        return (to_intermediate(T.EncodedClasses(cl, encode_classes(clip.model, cl))),)
+        return (to_intermediate(T.EncodedClasses(cl, encode_classes(clip.model, cl, count_progress()))),)
 
 
 class WindowFeatures:

@@ -167,7 +167,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     classes = get_preset(args.preset).classes()
     params = params_from_args(args)
     tr = build_trident(args)
-    tr.text(classes)
+    t0 = time.perf_counter()
+    tr.text(classes, lambda stage: _log(f"[{time.perf_counter() - t0:6.1f}s] {stage} of {len(classes.queries)} "
+                                        "class names"))
 
     def predict(image: np.ndarray) -> np.ndarray:
         return tr.segment(image, classes, params).labels.cpu().numpy()

@@ -84,9 +84,9 @@ class Trident:
         dtype = resolve_dtype(precision, dev)
         return cls(load_clip(clip, dev, dtype), load_dino(dino, dev, dtype), load_sam(sam, dev, dtype))
 
-    def text(self, classes: ClassList) -> torch.Tensor:
-        """Query embeddings (cached per name on the CLIP model)."""
-        return encode_classes(self.clip, classes)
+    def text(self, classes: ClassList, progress: Progress = _noop) -> torch.Tensor:
+        """Query embeddings (cached per name on the CLIP model); `progress` gets "text NN%" in steps of 10 %."""
+        return encode_classes(self.clip, classes, lambda done, total: progress(f"text {done * 10 // total * 10}%"))
 
     @torch.no_grad()
     def segment(self, image: object, classes: str | ClassList, params: Params = DEFAULT_PARAMS,
@@ -95,7 +95,7 @@ class Trident:
         cl = parse_classes(classes) if isinstance(classes, str) else classes
         img = to_rgb_uint8(image)
         pamr = pamr_for(img, params)
-        text = self.text(cl)
+        text = self.text(cl, progress)
         progress("text")
         wf = compute_window_features(self.clip, self.dino, img, params, progress)
         fm = compute_feature_map(wf, self.clip, self.sam, img, params, progress)
