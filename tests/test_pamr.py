@@ -101,3 +101,14 @@ def test_bad_pamr_options(flags, message, tmp_path, capsys, photo):
                *flags])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_pamr_equals_the_reference_output():
+    """tests/data/pamr_reference.npz holds the reference's own pamr.py output (scripts/make_pamr_golden.py) on a
+    crop of a real photo: ours must give the same refined logits."""
+    from pathlib import Path
+
+    z = np.load(Path(__file__).parent / "data" / "pamr_reference.npz")
+    dilations = tuple(int(d) for d in z["dilations"])
+    ours = Pamr(int(z["steps"]), dilations, torch.from_numpy(z["guide"]))(torch.from_numpy(z["logits"]))
+    np.testing.assert_allclose(ours.numpy(), z["refined"], rtol=0, atol=1e-7)
