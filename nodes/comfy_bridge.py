@@ -202,9 +202,9 @@ class Progress:
         self.bar.update(1)
 
 
-def download_progress() -> object:
-    """A `(done_bytes, total_bytes)` callback for trident_core.download that drives a progress bar (and lets the
-    user cancel a download)."""
+def count_progress() -> object:
+    """A `(done, total)` callback (bytes downloaded, class names encoded) that drives a progress bar and lets the
+    user cancel."""
     bar = progress_bar(1)
 
     def report(done: int, total: int | None) -> None:

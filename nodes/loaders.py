@@ -12,7 +12,7 @@ from . import types as T
 from .comfy_bridge import (
     FOLDERS,
     compute_device,
-    download_progress,
+    count_progress,
     find_model_file,
     model_choices,
     model_folders,
@@ -32,7 +32,7 @@ def resolve_model_file(role: str, name: str, allow_download: bool) -> Path:
     folders = model_folders(role)
     try:
         return ensure_file(Path(name).name, folders[0], allow_download=None if allow_download else False,
-                           progress=download_progress())
+                           progress=count_progress())
     except ModelFileMissing as e:
         where = ", ".join(str(f) for f in folders)
         raise ModelFileMissing(f"{e} (ComfyUI model folder '{FOLDERS[role]}': {where})") from e

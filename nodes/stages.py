@@ -9,13 +9,15 @@ from ..trident_core.aggregation import PARADIGMS
 from ..trident_core.classes import parse_classes
 from ..trident_core.classify import Segmentation, classify
 from ..trident_core.image import to_rgb_uint8
-from ..trident_core.pipeline import Trident, compute_feature_map, compute_window_features, refine_params
+from ..trident_core.pamr import MAX_STEPS as MAX_PAMR_STEPS
+from ..trident_core.pamr import check_pamr, parse_dilations
+from ..trident_core.pipeline import Trident, compute_feature_map, compute_window_features, pamr_for, refine_params
 from ..trident_core.presets import PRESETS, Params
 from ..trident_core.refine import MASK_PROMPT_MODES, refine
 from ..trident_core.sam_affinity import CORRELATIONS
 from ..trident_core.text import encode_classes
 from . import types as T
-from .comfy_bridge import Progress, to_intermediate
+from .comfy_bridge import Progress, count_progress, to_intermediate
 
 P = Params()
 SAM_TILES = ("1x1", "1x2", "2x1", "2x2", "auto")
@@ -27,6 +29,11 @@ BACKGROUND_TIP = ("Optional names of a background class (label 0), e.g. 'sky; wa
 IMAGE_TIP = "The image(s) to segment; a batch is processed image by image."
 SAM_TILES_TIP = ("SAM encodes the image in rows x cols tiles: 1x1 the whole image (the method's default), 1x2 "
                  "left/right halves (the reference's Cityscapes mode, for wide images), auto = tiles about square.")
+
+
+PAMR_STEPS_INPUT = {"default": 0, "min": 0, "max": MAX_PAMR_STEPS,
+                    "tooltip": "PAMR steps on the logits before the label map (edges follow the image's colours; "
+                               "0 = off, as in every benchmark configuration)."}
 
 
 def _batch(image: torch.Tensor, n: int, what: str) -> None:
@@ -59,7 +66,7 @@ class EncodeClasses:
     def encode(self, clip: T.ModelHandle, classes: str, background: str = "") -> tuple[T.EncodedClasses]:
         cl = parse_classes(classes, background or None)
         T.ready(clip)
-        return (to_intermediate(T.EncodedClasses(cl, encode_classes(clip.model, cl))),)
+        return (to_intermediate(T.EncodedClasses(cl, encode_classes(clip.model, cl, count_progress()))),)
 
 
 class WindowFeatures:
@@ -175,17 +182,33 @@ class Classify:
             "prob_thd": ("FLOAT", {"default": P.prob_thd, "min": 0.0, "max": 1.0, "step": 0.01,
                                    "tooltip": "Pixels whose best class probability is below this get the "
                                               "background class, or no label when there is none (0 = off)."}),
+        }, "optional": {
+            "image": ("IMAGE", {"tooltip": "The segmented image; needed only for PAMR (its guide)."}),
+            "pamr_steps": ("INT", PAMR_STEPS_INPUT),
+            "pamr_dilations": ("STRING", {"default": ",".join(map(str, P.pamr_dilations)),
+                                          "tooltip": "PAMR's neighbour distances in pixels, comma-separated (8,16)."}),
+            "short_side": ("INT", {"default": P.short_side, "min": 112, "max": 2048, "step": 16,
+                                   "tooltip": "The short side the window features used (PAMR's guide is the image "
+                                              "at this scale, as the reference's)."}),
         }}
 
-    def classify(self, feature_map: list, classes: T.EncodedClasses, logit_scale: float,
-                 prob_thd: float) -> tuple[list]:
+    def classify(self, feature_map: list, classes: T.EncodedClasses, logit_scale: float, prob_thd: float,
+                 image: torch.Tensor | None = None, pamr_steps: int = 0, pamr_dilations: str = "8,16",
+                 short_side: int = P.short_side) -> tuple[list]:
+        params = P.update(pamr_steps=pamr_steps, pamr_dilations=parse_dilations(pamr_dilations), short_side=short_side)
+        if pamr_steps and image is None:
+            raise ValueError("PAMR needs the image: connect the segmented image to Trident Classify, or set "
+                             "pamr_steps to 0")
+        if image is not None:
+            _batch(image, len(feature_map), "feature map")
         progress = Progress(len(T.items(feature_map, "feature map")))
         segs = []
-        for fm in feature_map:
+        for i, fm in enumerate(feature_map):
             if fm.features.shape[0] != classes.text.shape[1]:
                 raise ValueError(f"the classes were encoded by a CLIP with {classes.text.shape[1]}-d embeddings, the "
                                  f"feature map has {fm.features.shape[0]}: use the same CLIP for both")
-            segs.append(to_intermediate(classify(fm, classes.text, classes.classes, logit_scale, prob_thd)))
+            pamr = pamr_for(image[i], params) if pamr_steps else None
+            segs.append(to_intermediate(classify(fm, classes.text, classes.classes, logit_scale, prob_thd, pamr)))
             progress.step()
         return (segs,)
 
@@ -268,15 +291,18 @@ class TridentSegment:
                                                    + " preset = the preset's choice."}),
         }, "optional": {
             "background": ("STRING", {"default": "", "tooltip": BACKGROUND_TIP}),
+            "pamr_steps": ("INT", PAMR_STEPS_INPUT),
         }}
 
     def segment(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, sam: T.ModelHandle,
                 classes: str, preset: str, refine: bool, sam_tiles: str,
-                background: str = "") -> tuple[list[Segmentation]]:
+                background: str = "", pamr_steps: int = 0) -> tuple[list[Segmentation]]:
         T.images(image)
         chosen = PRESETS[preset]
         cl = chosen.class_list(classes, background)
-        params = chosen.params.update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles)
+        params = chosen.params.update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles,
+                                      pamr_steps=pamr_steps)
+        check_pamr(params.pamr_steps, params.pamr_dilations)
         T.ready(clip, dino, sam)
         trident = Trident(clip.model, dino.model, sam.model)
         progress = Progress(image.shape[0])

@@ -511,3 +511,60 @@ def test_init_distributed_outside_torchrun_does_nothing(monkeypatch):
     assert (rank, world) == (0, 1)
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert not torch.distributed.is_initialized()
+
+
+# preset, folder under data root, image dir, label dir, split file (None: scanned), classes
+SIXTEEN_BIT_LAYOUTS = [
+    ("ade847", "ADE20K_2021_17_01", "images_detectron2/validation", "annotations_detectron2/validation", None, 847),
+    ("context459", "VOCdevkit/VOC2010", "JPEGImages", "annotations_detectron2/pc459_val",
+     "ImageSets/SegmentationContext/val.txt", 459),
+]
+
+
+@pytest.mark.filterwarnings(NOT_OFFICIAL)
+@pytest.mark.parametrize("layout", SIXTEEN_BIT_LAYOUTS, ids=[row[0] for row in SIXTEEN_BIT_LAYOUTS])
+def test_sixteen_bit_layouts_read_labels_and_ignore_65535(tmp_path, layout):
+    """ADE20K-Full and Pascal Context 459 in detectron2's layouts: 16-bit TIFF labels read unchanged, 65535 is
+    ignored and label 255 is a class like any other (the 8-bit sets' ignore value)."""
+    preset, folder, img_dir, seg_dir, split, n_cls = layout
+    root = tmp_path / folder
+    names = ["img_b", "img_a"]
+    raws = {}
+    for k, name in enumerate(names):
+        write_image(root / img_dir / (name + ".jpg"), np.full((4, 6, 3), 50 * k, np.uint8))
+        raw = np.array([[0, 255, n_cls - 1, 65535, 300, k + 1]] * 4, np.uint16)
+        raws[name] = raw
+        (root / seg_dir).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(raw).save(root / seg_dir / (name + ".tif"))
+    if split:
+        (root / split).parent.mkdir(parents=True, exist_ok=True)
+        (root / split).write_text("\n".join(names) + "\n")
+    ds = build_dataset(preset, tmp_path)
+    assert ds.root == root and ds.num_classes == n_cls == len(ds.classes) and ds.ignore_index == 65535
+    order = names if split else sorted(names)
+    for i, name in enumerate(order):
+        assert ds[i].name == name and ds[i].label.dtype == np.uint16
+        np.testing.assert_array_equal(ds[i].label, raws[name])
+
+    def predict(rgb: np.ndarray) -> np.ndarray:
+        return np.full(rgb.shape[:2], 255)
+
+    result = evaluate(predict, ds, ds.num_classes, ignore_index=ds.ignore_index, progress=False)
+    conf = np.zeros((n_cls, n_cls + 1), np.int64)
+    for raw in raws.values():
+        for g in raw.ravel().tolist():
+            if g != 65535:
+                conf[g, 255] += 1
+    np.testing.assert_array_equal(np.array(result["confusion_matrix"]), conf)
+    assert conf[255, 255] == 8  # class 255 is evaluated, not ignored
+
+
+def test_ade847_split_file_is_used_when_present(tmp_path):
+    root = tmp_path / "ADE20K_2021_17_01"
+    (root / "annotations_detectron2/validation").mkdir(parents=True)
+    for name in ("b", "a"):
+        write_image(root / "images_detectron2/validation" / f"{name}.jpg", np.zeros((4, 4, 3), np.uint8))
+        Image.fromarray(np.zeros((4, 4), np.uint16)).save(root / "annotations_detectron2/validation" / f"{name}.tif")
+    (root / "validation.txt").write_text("b\na\n")
+    with pytest.warns(UserWarning, match="official split"):
+        assert build_dataset("ade847", tmp_path).names == ["b", "a"]

@@ -284,6 +284,27 @@ def test_stage_chain_equals_trident_segment_and_the_core(chain, loaded, images):
     assert torch.equal(direct.labels, segs[1].labels) and torch.equal(direct.probs, segs[1].probs)
 
 
+def test_pamr_input_on_classify_and_segment(chain, loaded, images):
+    """PAMR through Trident Classify (with the image) equals Trident Segment's pamr_steps and the core's."""
+    clip, dino, sam = loaded
+    Params, Trident = core("presets").Params, core("pipeline").Trident
+    (pamr,) = run("TridentClassify", feature_map=chain["fm"], classes=chain["classes"], logit_scale=40.0,
+                  prob_thd=0.0, image=images, pamr_steps=2, pamr_dilations="8,16", short_side=448)
+    (segs,) = run("TridentSegment", image=images, clip=clip, dino=dino, sam=sam, classes=CLASSES, preset="default",
+                  refine=False, sam_tiles="preset", pamr_steps=2)
+    direct = Trident(clip.model, dino.model, sam.model).segment(images[1], CLASSES, Params(pamr_steps=2))
+    for a, b in zip(pamr, segs):
+        assert torch.equal(a.labels, b.labels) and torch.allclose(a.probs, b.probs, atol=1e-6)
+    assert torch.equal(direct.probs, segs[1].probs)
+    assert not torch.equal(pamr[0].probs, chain["coarse"][0].probs)
+    with pytest.raises(ValueError, match="PAMR needs the image"):
+        run("TridentClassify", feature_map=chain["fm"], classes=chain["classes"], logit_scale=40.0, prob_thd=0.0,
+            pamr_steps=2)
+    with pytest.raises(ValueError, match="positive integers"):
+        run("TridentClassify", feature_map=chain["fm"], classes=chain["classes"], logit_scale=40.0, prob_thd=0.0,
+            image=images, pamr_steps=2, pamr_dilations="8;16")
+
+
 def test_trident_segment_presets_background_and_tiles(loaded, images):
     clip, dino, sam = loaded
     (voc,) = run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes="", preset="voc20",

@@ -204,3 +204,22 @@ def test_banded_sam_attention_equals_segment_anything(small_trident):
         for mod in plain.modules():
             mod.__dict__.pop("forward", None)  # the library's own modules and PyTorch's kernels
         assert torch.equal(blk.attn(x), Attention.forward(plain, x))
+
+
+def test_text_progress_counts_names_and_skips_cached_ones(small_trident, monkeypatch):
+    """Large class lists report progress after every batch of prompts; cached names cost nothing and report none."""
+    import trident_core.text as text_mod
+
+    monkeypatch.setattr(text_mod, "PROMPT_BATCH", 160)  # two names per batch
+    names = [f"thing {i}" for i in range(5)]
+    for n in names:
+        small_trident.clip.text_cache.pop(n, None)
+    calls: list[tuple[int, int]] = []
+    first = text_mod.encode_names(small_trident.clip, names, lambda d, t: calls.append((d, t)))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    stages: list[str] = []
+    again = small_trident.text(parse_classes(", ".join(names)), stages.append)
+    assert stages == [] and torch.equal(again, first)
+    small_trident.clip.text_cache.pop("thing 4")
+    small_trident.text(parse_classes(", ".join(names)), stages.append)
+    assert stages == ["text 100%"]

@@ -48,12 +48,14 @@ def _split_synonyms(entry: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in entry.split(";") if s.strip())
 
 
-def parse_classes(text: str | list[str] | tuple[str, ...], background: str | None = None) -> ClassList:
+def parse_classes(text: str | list[str] | tuple[str, ...], background: str | None = None,
+                  unique: bool = True) -> ClassList:
     """Parse a class list.
 
     `text` is comma-separated ("sky, horse; pony, grass": three classes, the second with two names), one class
     per line (the reference's class files), or a list of entries. `;` separates synonyms of one class.
-    `background`, when given (e.g. "sky; wall; floor"), becomes class 0 with those names."""
+    `background`, when given (e.g. "sky; wall; floor"), becomes class 0 with those names. `unique=False` accepts a
+    name in two classes, as the reference's class files have (COCO-Object's background synonyms include "bed")."""
     if isinstance(text, str):
         entries = text.splitlines() if "\n" in text.strip() else text.split(",")
     else:
@@ -68,7 +70,7 @@ def parse_classes(text: str | list[str] | tuple[str, ...], background: str | Non
     if len(classes) > MAX_CLASSES:
         raise ClassListError(f"{len(classes)} classes given; at most {MAX_CLASSES} are supported")
     seen: dict[str, int] = {}
-    for i, cls in enumerate(classes):
+    for i, cls in enumerate(classes if unique else ()):
         for name in cls:
             key = name_key(name)
             if key in seen:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .aggregation import FeatureMap
 from .classes import UNLABELED, ClassList
+from .pamr import Pamr
 from .sam_affinity import SamEncoding
 
 
@@ -67,11 +68,15 @@ def labels_from_probs(probs: torch.Tensor, classes: ClassList, prob_thd: float) 
 
 @torch.no_grad()
 def classify(fm: FeatureMap, text: torch.Tensor, classes: ClassList, logit_scale: float = 40.0,
-             prob_thd: float = 0.0) -> Segmentation:
-    """Labels and probabilities at the image's size from a feature map and the query embeddings."""
+             prob_thd: float = 0.0, pamr: Pamr | None = None) -> Segmentation:
+    """Labels and probabilities at the image's size from a feature map and the query embeddings; with `pamr`, the
+    upsampled logits are refined by PAMR before the softmax (where the reference applies it)."""
     if text.shape[0] != len(classes.queries):
         raise ValueError(f"{text.shape[0]} text embeddings for {len(classes.queries)} class names")
     g = grid_logits(fm, text)
-    probs = class_probs(upsample(g, fm.image_size), classes, logit_scale)
+    logits = upsample(g, fm.image_size)
+    if pamr is not None and pamr.steps:
+        logits = pamr(logits)
+    probs = class_probs(logits, classes, logit_scale)
     labels = labels_from_probs(probs, classes, prob_thd)
     return Segmentation(labels, probs, g, classes, fm.image_size, sam_encoding=fm.sam_encoding)

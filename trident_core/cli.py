@@ -52,6 +52,8 @@ def add_model_arguments(ap: argparse.ArgumentParser, preset_and_refine: bool = T
     ap.add_argument("--stride", type=int)
     ap.add_argument("--prob-thd", type=float)
     ap.add_argument("--mask-prompt-mode", choices=["reference", "batched"])
+    ap.add_argument("--pamr-steps", type=int, help="PAMR steps on the logits before the label map (default 0: off)")
+    ap.add_argument("--pamr-dilations", help="PAMR dilations, comma-separated (default 8,16)")
 
 
 def build_trident(args: argparse.Namespace):
@@ -69,17 +71,23 @@ def build_trident(args: argparse.Namespace):
 
 def params_from_args(args: argparse.Namespace):
     """The preset's parameters with the command line's overrides."""
-    return get_preset(args.preset).params.update(
+    from .pamr import check_pamr, parse_dilations
+
+    params = get_preset(args.preset).params.update(
         refine=args.refine, sam_tiles=args.sam_tiles, correlation=args.correlation, paradigm=args.paradigm,
-        short_side=args.short_side, stride=args.stride, prob_thd=args.prob_thd, mask_prompt_mode=args.mask_prompt_mode)
+        short_side=args.short_side, stride=args.stride, prob_thd=args.prob_thd, mask_prompt_mode=args.mask_prompt_mode,
+        pamr_steps=args.pamr_steps,
+        pamr_dilations=parse_dilations(args.pamr_dilations) if args.pamr_dilations is not None else None)
+    check_pamr(params.pamr_steps, params.pamr_dilations)
+    return params
 
 
 def classes_from_args(args: argparse.Namespace) -> ClassList:
     """The class list: --classes (text or a file), else the preset's. With a benchmark preset that has a
     background class, the first given class is that background (as the reference treats line 0)."""
     text = args.classes or ""
-    if text and os.path.isfile(text):
-        text = "\n".join(read_class_file(text))
+    if text and os.path.isfile(text):  # a class file: one class per line, as the reference reads them
+        return get_preset(args.preset).class_list(read_class_file(text), args.background)
     return get_preset(args.preset).class_list(text, args.background)
 
 
@@ -169,7 +177,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     classes = get_preset(args.preset).classes()
     params = params_from_args(args)
     tr = build_trident(args)
-    tr.text(classes)
+    t0 = time.perf_counter()
+    tr.text(classes, lambda stage: _log(f"[{time.perf_counter() - t0:6.1f}s] {stage} of {len(classes.queries)} "
+                                        "class names"))
 
     def predict(image: np.ndarray) -> np.ndarray:
         return tr.segment(image, classes, params).labels.cpu().numpy()
@@ -180,8 +190,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = {"params": dataclasses.asdict(params), **models,
               **{f"{role}_sha256": file_sha256(path) for role, path in models.items()},
               "precision": str(tr.clip.dtype), "device": tr.clip.device.type}
+    # tables use the dataset's own class names (the prompts' first synonyms differ)
     evaluate(predict, dataset, dataset.num_classes, limit=args.limit, result_json=args.out, resume=args.resume,
-             config=config)  # tables use the dataset's own class names (the prompts' first synonyms differ)
+             config=config, ignore_index=dataset.ignore_index)
     return 0
 
 

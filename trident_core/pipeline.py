@@ -14,6 +14,7 @@ from .classify import Segmentation, classify
 from .devices import resolve_device, resolve_dtype
 from .image import clip_input, require_size, to_rgb_uint8
 from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
+from .pamr import Pamr, check_pamr, pamr_guide
 from .presets import Params
 from .refine import RefineParams, refine
 from .text import encode_classes
@@ -57,6 +58,15 @@ def refine_params(params: Params) -> RefineParams:
                         params.mask_prompt_mode)
 
 
+def pamr_for(image: object, params: Params) -> Pamr | None:
+    """PAMR for this image with the parameters' steps and dilations, or None when it is off."""
+    check_pamr(params.pamr_steps, params.pamr_dilations)
+    if not params.pamr_steps:
+        return None
+    img = to_rgb_uint8(image)
+    return Pamr(params.pamr_steps, tuple(params.pamr_dilations), pamr_guide(img, params.short_side, params.long_cap))
+
+
 @dataclass(eq=False)
 class Trident:
     """CLIP + DINO + SAM, ready to segment images with any class list."""
@@ -73,21 +83,22 @@ class Trident:
         dtype = resolve_dtype(precision, dev)
         return cls(load_clip(clip, dev, dtype), load_dino(dino, dev, dtype), load_sam(sam, dev, dtype))
 
-    def text(self, classes: ClassList) -> torch.Tensor:
-        """Query embeddings (cached per name on the CLIP model)."""
-        return encode_classes(self.clip, classes)
+    def text(self, classes: ClassList, progress: Progress = _noop) -> torch.Tensor:
+        """Query embeddings (cached per name on the CLIP model); `progress` gets "text NN%" in steps of 10 %."""
+        return encode_classes(self.clip, classes, lambda done, total: progress(f"text {done * 10 // total * 10}%"))
 
     @torch.no_grad()
     def segment(self, image: object, classes: str | ClassList, params: Params = DEFAULT_PARAMS,
                 progress: Progress = _noop) -> Segmentation:
         """Label map, probabilities and raw logits of one image (path, PIL, array or tensor, HxWxC)."""
         cl = parse_classes(classes) if isinstance(classes, str) else classes
-        text = self.text(cl)
-        progress("text")
         img = to_rgb_uint8(image)
+        pamr = pamr_for(img, params)
+        text = self.text(cl, progress)
+        progress("text")
         wf = compute_window_features(self.clip, self.dino, img, params, progress)
         fm = compute_feature_map(wf, self.clip, self.sam, img, params, progress)
-        seg = classify(fm, text, cl, params.logit_scale, params.prob_thd)
+        seg = classify(fm, text, cl, params.logit_scale, params.prob_thd, pamr)
         progress("classify")
         if params.refine:
             seg = refine(seg, self.sam, img, refine_params(params), on_class=lambda: progress("refine"))

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, replace
 from importlib import resources
 
-from .classes import ClassList, parse_classes
+from .classes import ClassList, parse_classes, read_class_file
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class Params:
     mask_alpha: float = 0.005
     iou_thresh: float = 0.80
     mask_prompt_mode: str = "reference"
+    pamr_steps: int = 0
+    pamr_dilations: tuple[int, ...] = (8, 16)
 
     def __post_init__(self) -> None:
         """Refuse values that would give a meaningless result (a one-pixel image, gaps between windows, NaN)."""
@@ -70,10 +72,11 @@ class Preset:
     background: bool = False
     description: str = ""
 
-    def class_list(self, text: str, background: str | None = None) -> ClassList:
-        """The user's classes, or the preset's own list when `text` is empty. With a benchmark preset that has a
-        background class, the first given class is that background (as the reference treats line 0)."""
-        if not text.strip() and self.class_file:
+    def class_list(self, text: str | list[str], background: str | None = None) -> ClassList:
+        """The user's classes (typed text, or the lines of a class file), or the preset's own list when there are
+        none. With a benchmark preset that has a background class, the first given class is that background (as
+        the reference treats line 0)."""
+        if not "".join(text).strip() and self.class_file:
             return self.classes()
         cl = parse_classes(text, background or None)
         return ClassList(cl.classes, cl.has_background or self.background)
@@ -82,8 +85,8 @@ class Preset:
         """The preset's own class list (benchmark presets only)."""
         if self.class_file is None:
             raise ValueError(f"preset {self.name!r} has no class list; give the class names")
-        text = resources.files("trident_core").joinpath("data", self.class_file).read_text(encoding="utf-8")
-        cl = parse_classes([line for line in text.splitlines() if line.strip()])
+        with resources.as_file(resources.files("trident_core").joinpath("data", self.class_file)) as path:
+            cl = parse_classes(read_class_file(str(path)), unique=False)
         return ClassList(cl.classes, has_background=self.background)
 
 
@@ -104,6 +107,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                                     sam_tiles="1x2"), "cls_city_scapes.txt", description="Cityscapes, 19 classes"),
     Preset("ade20k", _P.update(short_side=576, refine_neg_cos=False, coarse_thresh=0.05), "cls_ade20k.txt",
            description="ADE20K, 150 classes"),
+    # cfg_ade847.py / cfg_context459.py set only the class file: the base configuration's parameters.
+    Preset("ade847", _P, "cls_ade20k847.txt", description="ADE20K-Full, 847 classes"),
+    Preset("context459", _P, "cls_context459.txt", description="PASCAL Context, 459 classes"),
 )}
 
 

@@ -6,6 +6,8 @@ Embeddings are cached on the model per name, so asking again for the same names 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +15,7 @@ from .classes import ClassList, ClassListError
 from .models import ClipModel
 
 PROMPT_BATCH = 640
+NameProgress = Callable[[int, int], None]
 
 
 def templates() -> list:
@@ -53,8 +56,11 @@ def encode_prompts(clip: ClipModel, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_names(clip: ClipModel, names: list[str]) -> torch.Tensor:
-    """Embeddings [len(names), E] (float32, L2-normalised), from the model's cache where present."""
+def encode_names(clip: ClipModel, names: list[str], on_progress: NameProgress | None = None) -> torch.Tensor:
+    """Embeddings [len(names), E] (float32, L2-normalised), from the model's cache where present.
+
+    `on_progress(done, total)` is called after each batch with the number of names encoded so far (847 names x 80
+    prompts take minutes on a CPU)."""
     import open_clip
 
     todo = [n for n in dict.fromkeys(names) if n not in clip.text_cache]
@@ -66,6 +72,8 @@ def encode_names(clip: ClipModel, names: list[str]) -> torch.Tensor:
         for i in range(0, len(prompts), PROMPT_BATCH):
             tokens = open_clip.tokenize(prompts[i:i + PROMPT_BATCH])
             feats.append(encode_prompts(clip, tokens).float())
+            if on_progress is not None:
+                on_progress(min(len(todo), (i + PROMPT_BATCH) // len(tmpl)), len(todo))
         per_prompt = F.normalize(torch.cat(feats), dim=-1).view(len(todo), len(tmpl), -1)
         emb = F.normalize(per_prompt.mean(dim=1), dim=-1)
         for n, e in zip(todo, emb):
@@ -74,6 +82,6 @@ def encode_names(clip: ClipModel, names: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_classes(clip: ClipModel, classes: ClassList) -> torch.Tensor:
+def encode_classes(clip: ClipModel, classes: ClassList, on_progress: NameProgress | None = None) -> torch.Tensor:
     """Embeddings of every query of a class list, [queries, E]."""
-    return encode_names(clip, classes.queries)
+    return encode_names(clip, classes.queries, on_progress)

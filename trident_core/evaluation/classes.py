@@ -63,3 +63,12 @@ ADE20K: tuple[str, ...] = (
     "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
     "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )
+
+
+def from_class_file(name: str) -> tuple[str, ...]:
+    """One name per line of a class file in trident_core/data (ADE20K-Full and Pascal Context 459: the reference's
+    class files, whose lines are its dataset classes' names, spelt with spaces)."""
+    from importlib import resources
+
+    text = resources.files("trident_core").joinpath("data", name).read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())

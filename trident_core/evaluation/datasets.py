@@ -21,6 +21,8 @@ from PIL import Image
 from . import classes
 from .metrics import IGNORE_INDEX
 
+SIXTEEN_BIT_VOID = 65535
+
 
 @dataclass(frozen=True)
 class DatasetPreset:
@@ -36,10 +38,12 @@ class DatasetPreset:
     reduce_zero_label: bool
     classes: tuple[str, ...]
     expected_size: int  # images in the full official validation split, to warn about partial copies
+    ignore_index: int = IGNORE_INDEX  # 65535 in the 16-bit detectron2 label maps (ADE20K-Full, Pascal Context 459)
+    split_optional: bool = False  # without the split file, every image under img_dir (sorted)
 
     @property
     def num_classes(self) -> int:
-        """Number of evaluated classes (label values 0..num_classes-1; 255 is ignored)."""
+        """Number of evaluated classes (label values 0..num_classes-1; `ignore_index` is ignored)."""
         return len(self.classes)
 
 
@@ -66,12 +70,20 @@ PRESETS: dict[str, DatasetPreset] = {
                       "_leftImg8bit.png", "_gtFine_labelTrainIds.png", None, False, classes.CITYSCAPES, 500),
         DatasetPreset("ade20k", ("ade/ADEChallengeData2016", "ADEChallengeData2016"), "images/validation",
                       "annotations/validation", ".jpg", ".png", None, True, classes.ADE20K, 2000),
+        # detectron2's prepare_ade20k_full_sem_seg.py / prepare_pascal_context.py: 16-bit TIFFs, 65535 = void.
+        DatasetPreset("ade847", ("ADE20K_2021_17_01", "ade20k_full"), "images_detectron2/validation",
+                      "annotations_detectron2/validation", ".jpg", ".tif", "validation.txt", False,
+                      classes.from_class_file("cls_ade20k847.txt"), 2000, SIXTEEN_BIT_VOID, split_optional=True),
+        DatasetPreset("context459", _VOC2010, "JPEGImages", "annotations_detectron2/pc459_val", ".jpg", ".tif",
+                      "ImageSets/SegmentationContext/val.txt", False, classes.from_class_file("cls_context459.txt"),
+                      5104, SIXTEEN_BIT_VOID),
     )
 }
 
 
 class Sample(NamedTuple):
-    """One validation image: its path, its label map (HxW uint8, 255 = ignore) and its name in the split."""
+    """One validation image: its path, its label map (HxW uint8, 255 = ignore; uint16, 65535 = ignore, for the
+    16-bit layouts) and its name in the split."""
 
     image_path: Path
     label: np.ndarray
@@ -86,12 +98,17 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def load_label(path: str | os.PathLike[str], reduce_zero: bool = False) -> np.ndarray:
-    """Read a label PNG as mmseg does (PIL, unchanged: palette PNGs give their indices) into HxW uint8."""
+def load_label(path: str | os.PathLike[str], reduce_zero: bool = False, sixteen_bit: bool = False) -> np.ndarray:
+    """Read a label map as mmseg does (PIL, unchanged: palette PNGs give their indices) into HxW uint8, or uint16
+    for the 16-bit TIFF layouts (as the reference's MyLoadAnnotations)."""
     with Image.open(path) as img:
         label = np.array(img)
     if label.ndim != 2:
         raise ValueError(f"{path}: label map must be single-channel (class indices), got shape {label.shape}")
+    if sixteen_bit:
+        if label.size and (label.min() < 0 or label.max() > SIXTEEN_BIT_VOID):
+            raise ValueError(f"{path}: label values must fit in 0..65535, got {label.min()}..{label.max()}")
+        return label.astype(np.uint16)
     if label.dtype != np.uint8:
         if label.size and (label.min() < 0 or label.max() > 255):
             raise ValueError(f"{path}: label values must fit in 0..255, got {label.min()}..{label.max()}")
@@ -114,10 +131,13 @@ class SegDataset(Sequence[Sample]):
         self.preset = preset
         self.root = _resolve_root(preset, Path(data_root).expanduser())
         img_dir, seg_dir = self.root / preset.img_dir, self.root / preset.seg_dir
-        self.names = _read_split(self.root / preset.split_file) if preset.split_file else _scan(img_dir, preset)
+        split = self.root / preset.split_file if preset.split_file else None
+        if split is not None and preset.split_optional and not split.is_file():
+            split = None
+        self.names = _read_split(split) if split is not None else _scan(img_dir, preset)
         self.image_paths = [img_dir / (n + preset.img_suffix) for n in self.names]
         self.label_paths = [seg_dir / (n + preset.seg_suffix) for n in self.names]
-        _check_files(preset, self.image_paths if preset.split_file else [], self.label_paths)
+        _check_files(preset, self.image_paths if split is not None else [], self.label_paths)
         if len(self.names) != preset.expected_size:
             warnings.warn(
                 f"{preset.name}: {len(self.names)} images under {self.root}, the official split has "
@@ -140,6 +160,11 @@ class SegDataset(Sequence[Sample]):
         """Number of evaluated classes."""
         return self.preset.num_classes
 
+    @property
+    def ignore_index(self) -> int:
+        """The label value that is not evaluated (255, or 65535 in the 16-bit layouts)."""
+        return self.preset.ignore_index
+
     def __len__(self) -> int:
         """Number of images."""
         return len(self.names)
@@ -154,7 +179,8 @@ class SegDataset(Sequence[Sample]):
         """Image path, label map (reduce_zero_label applied when the preset says so) and name of image ``index``."""
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        label = load_label(self.label_paths[index], self.preset.reduce_zero_label)
+        label = load_label(self.label_paths[index], self.preset.reduce_zero_label,
+                           self.preset.ignore_index == SIXTEEN_BIT_VOID)
         return Sample(self.image_paths[index], label, self.names[index])
 
 
