@@ -20,8 +20,9 @@ from .comfy_bridge import Progress, to_intermediate
 P = Params()
 SAM_TILES = ("1x1", "1x2", "2x1", "2x2", "auto")
 
-CLASSES_TIP = ("Class names separated by commas; ';' between synonyms of one class, e.g. 'sky, horse; pony, "
-               "grass'. Pixels where no class is confident are left unlabeled.")
+CLASSES_TIP = ("Class names separated by commas or line breaks; ';' between synonyms of one class, e.g. 'sky, "
+               "horse; pony, grass'. All are foreground classes. Pixels where no class is confident are left "
+               "unlabeled (or get the background class when there is one).")
 BACKGROUND_TIP = ("Optional names of a background class (label 0), e.g. 'sky; wall; floor': pixels under the "
                   "probability threshold then get the background instead of no label.")
 IMAGE_TIP = "The image(s) to segment; a batch is processed image by image."
@@ -254,7 +255,9 @@ class TridentSegment:
             "dino": (T.DINO, {"tooltip": "The DINO model from Trident Load DINO."}),
             "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM."}),
             "classes": ("STRING", {"multiline": True, "default": "sky, person, grass",
-                                   "tooltip": CLASSES_TIP + " Empty with a benchmark preset: the dataset's classes."}),
+                                   "tooltip": CLASSES_TIP + " Empty with a benchmark preset: the dataset's classes. "
+                                              "voc21, context60 and coco_object add their own background class "
+                                              "(label 0) unless 'background' is given."}),
             "preset": (list(PRESETS), {
                 "default": next(iter(PRESETS)),
                 "tooltip": "Parameters: 'default' for everyday images, or a benchmark's configuration (voc21, "

@@ -299,6 +299,20 @@ def test_trident_segment_presets_background_and_tiles(loaded, images):
         run("TridentEncodeClasses", clip=clip, classes="")
 
 
+def test_typed_multiline_classes_and_preset_background(loaded, images):
+    """Typed as people do (commas on a line, more on the next), with voc21: every typed name is its own
+    foreground class, voc21's background is class 0, and Segmentation to Masks finds each typed name."""
+    clip, dino, sam = loaded
+    (enc,) = run("TridentEncodeClasses", clip=clip, classes="sky, person\nflag, grass")
+    assert enc.classes.names == ["sky", "person", "flag", "grass"] and not enc.classes.has_background
+    (segs,) = run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes="person, flag\nrocket",
+                  preset="voc21", refine=False, sam_tiles="preset")
+    cl = segs[0].classes
+    assert cl.has_background and cl.names[1:] == ["person", "flag", "rocket"] and cl.names[0] != "person"
+    mask, _ = run("TridentSegmentationToMasks", segmentation=segs, classes="person\nrocket", invert=False)
+    assert torch.equal(mask[0], ((segs[0].labels == 1) | (segs[0].labels == 3)).float())
+
+
 def test_segment_then_splice_needs_no_sam_and_mismatches_are_refused(chain, loaded, images):
     clip, _, sam = loaded
     (fm,) = run("TridentSpliceAggregate", window_features=chain["wf"], sam=sam, image=images, correlation="affinity",

@@ -75,12 +75,13 @@ def params_from_args(args: argparse.Namespace):
 
 
 def classes_from_args(args: argparse.Namespace) -> ClassList:
-    """The class list: --classes (text or a file), else the preset's. With a benchmark preset that has a
-    background class, the first given class is that background (as the reference treats line 0)."""
+    """The class list: --classes as typed text (commas and line breaks separate classes, all foreground) or a
+    class file (one class per line; line 0 is the background with a preset that has one), else the preset's."""
     text = args.classes or ""
+    preset = get_preset(args.preset)
     if text and os.path.isfile(text):
-        text = Path(text).read_text(encoding="utf-8")
-    return get_preset(args.preset).class_list(text, args.background)
+        return preset.class_list_from_file(text, args.background)
+    return preset.class_list(text, args.background)
 
 
 def _save_outputs(seg, image: np.ndarray, out: Path) -> None:
@@ -176,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     seg = sub.add_parser("segment", help="segment one image by class names")
     seg.add_argument("image")
-    seg.add_argument("--classes", help='class names: "sky, horse; pony, grass" or a file with one class per line')
+    seg.add_argument("--classes", help='class names: "sky, horse; pony, grass" (commas or line breaks between '
+                     'classes) or a class file (one class per line, commas part of a name; line 0 is the '
+                     'background with voc21, context60, coco_object)')
     seg.add_argument("--background", help='names of a background class (label 0), e.g. "sky; wall"')
     seg.add_argument("--out", help="folder for labels_color.png, overlay.png, labels.png and masks/")
     seg.add_argument("--save-npz", help="npz with logits, probs, labels, class_names")
