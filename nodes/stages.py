@@ -9,7 +9,13 @@ from ..trident_core.aggregation import PARADIGMS
 from ..trident_core.classes import parse_classes
 from ..trident_core.classify import Segmentation, classify
 from ..trident_core.image import to_rgb_uint8
-from ..trident_core.pipeline import Trident, compute_feature_map, compute_window_features, refine_params
+from ..trident_core.pipeline import (
+    Trident,
+    compute_feature_map,
+    compute_window_features,
+    refine_params,
+    require_sam,
+)
 from ..trident_core.presets import PRESETS, Params
 from ..trident_core.refine import MASK_PROMPT_MODES, refine
 from ..trident_core.sam_affinity import CORRELATIONS
@@ -98,7 +104,7 @@ class WindowFeatures:
         for img in image:
             items.append(to_intermediate(compute_window_features(clip.model, dino.model, img, params, progress)))
             progress.step()
-        return (T.WindowFeatureBatch(items, clip),)
+        return (T.WindowFeatureBatch(tuple(items), clip),)
 
 
 class SpliceAggregate:
@@ -117,7 +123,6 @@ class SpliceAggregate:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "window_features": (T.WINDOW_FEATURES, {"tooltip": "From Trident Window Features."}),
-            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM (unused by segment_then_splice)."}),
             "image": ("IMAGE", {"tooltip": "The same image the window features were made from (SAM encodes it)."}),
             "correlation": (list(CORRELATIONS), {
                 "default": P.correlation,
@@ -133,14 +138,18 @@ class SpliceAggregate:
             "refine_neg_cos": ("BOOLEAN", {"default": P.refine_neg_cos,
                                            "tooltip": "Keep a negative threshold as it is (on) or raise it to 0.6 "
                                                       "(off, as the Cityscapes and ADE20K presets do)."}),
+        }, "optional": {
+            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM (needed by splice_then_segment; "
+                                       "segment_then_splice runs without it)."}),
         }}
 
-    def aggregate(self, window_features: T.WindowFeatureBatch, sam: T.ModelHandle, image: torch.Tensor,
-                  correlation: str, paradigm: str, sam_tiles: str, cos_fac: float,
-                  refine_neg_cos: bool) -> tuple[list]:
+    def aggregate(self, window_features: T.WindowFeatureBatch, image: torch.Tensor, correlation: str, paradigm: str,
+                  sam_tiles: str, cos_fac: float, refine_neg_cos: bool,
+                  sam: T.ModelHandle | None = None) -> tuple[list]:
         _batch(image, len(window_features.items), "window features")
         params = P.update(correlation=correlation, paradigm=paradigm, sam_tiles=sam_tiles, cos_fac=cos_fac,
                           refine_neg_cos=refine_neg_cos)
+        require_sam(sam, params)
         uses_sam = paradigm == "splice_then_segment"
         T.ready(window_features.clip, *([sam] if uses_sam else []))
         progress = Progress(image.shape[0])
@@ -253,7 +262,6 @@ class TridentSegment:
             "image": ("IMAGE", {"tooltip": IMAGE_TIP}),
             "clip": (T.CLIP, {"tooltip": "The CLIP model from Trident Load CLIP."}),
             "dino": (T.DINO, {"tooltip": "The DINO model from Trident Load DINO."}),
-            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM."}),
             "classes": ("STRING", {"multiline": True, "default": "sky, person, grass",
                                    "tooltip": CLASSES_TIP + " Empty with a benchmark preset: the dataset's classes. "
                                               "voc21, context60 and coco_object add their own background class "
@@ -267,17 +275,19 @@ class TridentSegment:
             "sam_tiles": (["preset", *SAM_TILES], {"default": "preset", "tooltip": SAM_TILES_TIP
                                                    + " preset = the preset's choice."}),
         }, "optional": {
+            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM (every preset uses it)."}),
             "background": ("STRING", {"default": "", "tooltip": BACKGROUND_TIP}),
         }}
 
-    def segment(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, sam: T.ModelHandle,
-                classes: str, preset: str, refine: bool, sam_tiles: str,
+    def segment(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, classes: str, preset: str,
+                refine: bool, sam_tiles: str, sam: T.ModelHandle | None = None,
                 background: str = "") -> tuple[list[Segmentation]]:
         chosen = PRESETS[preset]
         cl = chosen.class_list(classes, background)
         params = chosen.params.update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles)
-        T.ready(clip, dino, sam)
-        trident = Trident(clip.model, dino.model, sam.model)
+        require_sam(sam, params)
+        T.ready(clip, dino, *([sam] if sam else []))
+        trident = Trident(clip.model, dino.model, sam.model if sam else None)
         progress = Progress(image.shape[0])
         segs = []
         for img in image:

@@ -54,16 +54,17 @@ def add_model_arguments(ap: argparse.ArgumentParser, preset_and_refine: bool = T
     ap.add_argument("--mask-prompt-mode", choices=["reference", "batched"])
 
 
-def build_trident(args: argparse.Namespace):
-    """Load the three models named by the arguments."""
-    from .pipeline import Trident
+def build_trident(args: argparse.Namespace, params):
+    """Load the models named by the arguments; SAM (and its download) only when `params` use it."""
+    from .pipeline import Trident, needs_sam
 
     allow = not args.no_download
-    paths = {r: _model_file(getattr(args, r), r, allow) for r in ("clip", "dino", "sam")}
+    roles = ("clip", "dino", "sam") if needs_sam(params) else ("clip", "dino")
+    paths = {r: _model_file(getattr(args, r), r, allow) for r in roles}
     t0 = time.perf_counter()
-    tr = Trident.from_files(paths["clip"], paths["dino"], paths["sam"], args.device, args.precision)
+    tr = Trident.from_files(paths["clip"], paths["dino"], paths.get("sam"), args.device, args.precision)
     _log(f"models loaded in {time.perf_counter() - t0:.1f}s on {tr.clip.device} "
-         f"(CLIP {tr.clip.arch}, DINO {tr.dino.arch}, SAM {tr.sam.arch})")
+         f"(CLIP {tr.clip.arch}, DINO {tr.dino.arch}, " + (f"SAM {tr.sam.arch})" if tr.sam else "no SAM needed)"))
     return tr
 
 
@@ -126,7 +127,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     image = to_rgb_uint8(args.image)
     classes = classes_from_args(args)
     params = params_from_args(args)
-    tr = build_trident(args)
+    tr = build_trident(args, params)
     t0 = time.perf_counter()
     last = {"stage": ""}
 
@@ -159,14 +160,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = build_dataset(args.preset, args.data_root)
     classes = get_preset(args.preset).classes()
     params = params_from_args(args)
-    tr = build_trident(args)
+    tr = build_trident(args, params)
     tr.text(classes)
 
     def predict(image: np.ndarray) -> np.ndarray:
         return tr.segment(image, classes, params).labels.cpu().numpy()
 
-    config = {"params": dataclasses.asdict(params), "clip": tr.clip.path, "dino": tr.dino.path, "sam": tr.sam.path,
-              "precision": str(tr.clip.dtype)}
+    config = {"params": dataclasses.asdict(params), "clip": tr.clip.path, "dino": tr.dino.path,
+              "sam": tr.sam.path if tr.sam else None, "precision": str(tr.clip.dtype)}
     evaluate(predict, dataset, dataset.num_classes, limit=args.limit, result_json=args.out, resume=args.resume,
              config=config)  # tables use the dataset's own class names (the prompts' first synonyms differ)
     return 0

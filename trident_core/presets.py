@@ -71,7 +71,8 @@ class Preset:
         """The preset's own class list (benchmark presets only)."""
         if self.class_file is None:
             raise ValueError(f"preset {self.name!r} has no class list; give the class names")
-        with resources.as_file(resources.files("trident_core").joinpath("data", self.class_file)) as path:
+        # this package by its own name: inside ComfyUI it is the pack's `<path>.trident_core`, not `trident_core`
+        with resources.as_file(resources.files(__package__).joinpath("data", self.class_file)) as path:
             return load_class_file(str(path), self.background)
 
 
