@@ -11,6 +11,7 @@ from ..trident_core.models import load_clip, load_dino, load_sam
 from . import types as T
 from .comfy_bridge import (
     FOLDERS,
+    auto_dtype,
     compute_device,
     count_progress,
     find_model_file,
@@ -57,7 +58,9 @@ class _Loader:
                            "downloaded on first use."}),
             "precision": (list(PRECISIONS), {
                 "default": "auto",
-                "tooltip": "Weight precision: auto = fp16 on a GPU, fp32 on the CPU (fp16/bf16 need a GPU)."}),
+                "tooltip": "Weight precision: auto = ComfyUI's choice for the device (fp16 where it is fast, "
+                           "bf16 or fp32 otherwise; --force-fp32 / --force-fp16 apply), fp32 on the CPU "
+                           "(fp16/bf16 need a GPU)."}),
             "allow_download": ("BOOLEAN", {
                 "default": True,
                 "tooltip": "Download a known missing file from its official source into the first "
@@ -66,7 +69,8 @@ class _Loader:
 
     def load(self, model_name: str, precision: str, allow_download: bool) -> tuple[T.ModelHandle]:
         path = resolve_model_file(self.ROLE, model_name, allow_download)
-        dtype = resolve_dtype(precision, compute_device())
+        device = compute_device()
+        dtype = resolve_dtype(precision, device, auto_dtype(device))
         model = type(self).LOAD(path, offload_device(), dtype)
         return (T.ModelHandle(model, wrap_model(model.model)),)
 

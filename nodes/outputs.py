@@ -34,7 +34,7 @@ class SegmentationToMasks:
         return {"required": {
             "segmentation": (T.SEGMENTATION, {"tooltip": "From Trident Segment, Classify or SAM Refine."}),
             "classes": ("STRING", {"default": "person", "tooltip": "Names of the classes to put in the mask, "
-                                   "separated by commas (any synonym, any case). Empty = every class."}),
+                                   "separated by commas or line breaks (any synonym, any case). Empty = every class."}),
             "invert": ("BOOLEAN", {"default": False, "tooltip": "Invert the mask (everything but those classes)."}),
         }}
 

@@ -11,7 +11,14 @@ from ..trident_core.classify import Segmentation, classify
 from ..trident_core.image import to_rgb_uint8
 from ..trident_core.pamr import MAX_STEPS as MAX_PAMR_STEPS
 from ..trident_core.pamr import check_pamr, parse_dilations
-from ..trident_core.pipeline import Trident, compute_feature_map, compute_window_features, pamr_for, refine_params
+from ..trident_core.pipeline import (
+    Trident,
+    compute_feature_map,
+    compute_window_features,
+    pamr_for,
+    refine_params,
+    require_sam,
+)
 from ..trident_core.presets import PRESETS, Params
 from ..trident_core.refine import MASK_PROMPT_MODES, refine
 from ..trident_core.sam_affinity import CORRELATIONS
@@ -22,8 +29,9 @@ from .comfy_bridge import Progress, count_progress, to_intermediate
 P = Params()
 SAM_TILES = ("1x1", "1x2", "2x1", "2x2", "auto")
 
-CLASSES_TIP = ("Class names separated by commas; ';' between synonyms of one class, e.g. 'sky, horse; pony, "
-               "grass'. Pixels where no class is confident are left unlabeled.")
+CLASSES_TIP = ("Class names separated by commas or line breaks; ';' between synonyms of one class, e.g. 'sky, "
+               "horse; pony, grass'. All are foreground classes. Pixels where no class is confident are left "
+               "unlabeled (or get the background class when there is one).")
 BACKGROUND_TIP = ("Optional names of a background class (label 0), e.g. 'sky; wall; floor': pixels under the "
                   "probability threshold then get the background instead of no label.")
 IMAGE_TIP = "The image(s) to segment; a batch is processed image by image."
@@ -105,7 +113,7 @@ class WindowFeatures:
         for img in image:
             items.append(to_intermediate(compute_window_features(clip.model, dino.model, img, params, progress)))
             progress.step()
-        return (T.WindowFeatureBatch(items, clip),)
+        return (T.WindowFeatureBatch(tuple(items), clip),)
 
 
 class SpliceAggregate:
@@ -124,7 +132,6 @@ class SpliceAggregate:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "window_features": (T.WINDOW_FEATURES, {"tooltip": "From Trident Window Features."}),
-            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM (unused by segment_then_splice)."}),
             "image": ("IMAGE", {"tooltip": "The same image the window features were made from (SAM encodes it)."}),
             "correlation": (list(CORRELATIONS), {
                 "default": P.correlation,
@@ -140,15 +147,19 @@ class SpliceAggregate:
             "refine_neg_cos": ("BOOLEAN", {"default": P.refine_neg_cos,
                                            "tooltip": "Keep a negative threshold as it is (on) or raise it to 0.6 "
                                                       "(off, as the Cityscapes and ADE20K presets do)."}),
+        }, "optional": {
+            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM (needed by splice_then_segment; "
+                                       "segment_then_splice runs without it)."}),
         }}
 
-    def aggregate(self, window_features: T.WindowFeatureBatch, sam: T.ModelHandle, image: torch.Tensor,
-                  correlation: str, paradigm: str, sam_tiles: str, cos_fac: float,
-                  refine_neg_cos: bool) -> tuple[list]:
+    def aggregate(self, window_features: T.WindowFeatureBatch, image: torch.Tensor, correlation: str, paradigm: str,
+                  sam_tiles: str, cos_fac: float, refine_neg_cos: bool,
+                  sam: T.ModelHandle | None = None) -> tuple[list]:
         T.images(image)
         _batch(image, len(T.items(window_features.items, "window features")), "window features")
         params = P.update(correlation=correlation, paradigm=paradigm, sam_tiles=sam_tiles, cos_fac=cos_fac,
                           refine_neg_cos=refine_neg_cos)
+        require_sam(sam, params)
         uses_sam = paradigm == "splice_then_segment"
         T.ready(window_features.clip, *([sam] if uses_sam else []))
         progress = Progress(image.shape[0])
@@ -278,9 +289,10 @@ class TridentSegment:
             "image": ("IMAGE", {"tooltip": IMAGE_TIP}),
             "clip": (T.CLIP, {"tooltip": "The CLIP model from Trident Load CLIP."}),
             "dino": (T.DINO, {"tooltip": "The DINO model from Trident Load DINO."}),
-            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM."}),
             "classes": ("STRING", {"multiline": True, "default": "sky, person, grass",
-                                   "tooltip": CLASSES_TIP + " Empty with a benchmark preset: the dataset's classes."}),
+                                   "tooltip": CLASSES_TIP + " Empty with a benchmark preset: the dataset's classes. "
+                                              "voc21, context60 and coco_object add their own background class "
+                                              "(label 0) unless 'background' is given."}),
             "preset": (list(PRESETS), {
                 "default": next(iter(PRESETS)),
                 "tooltip": "Parameters: 'default' for everyday images, or a benchmark's configuration (voc21, "
@@ -290,12 +302,13 @@ class TridentSegment:
             "sam_tiles": (["preset", *SAM_TILES], {"default": "preset", "tooltip": SAM_TILES_TIP
                                                    + " preset = the preset's choice."}),
         }, "optional": {
+            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM (every preset uses it)."}),
             "background": ("STRING", {"default": "", "tooltip": BACKGROUND_TIP}),
             "pamr_steps": ("INT", PAMR_STEPS_INPUT),
         }}
 
-    def segment(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, sam: T.ModelHandle,
-                classes: str, preset: str, refine: bool, sam_tiles: str,
+    def segment(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, classes: str, preset: str,
+                refine: bool, sam_tiles: str, sam: T.ModelHandle | None = None,
                 background: str = "", pamr_steps: int = 0) -> tuple[list[Segmentation]]:
         T.images(image)
         chosen = PRESETS[preset]
@@ -303,8 +316,9 @@ class TridentSegment:
         params = chosen.params.update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles,
                                       pamr_steps=pamr_steps)
         check_pamr(params.pamr_steps, params.pamr_dilations)
-        T.ready(clip, dino, sam)
-        trident = Trident(clip.model, dino.model, sam.model)
+        require_sam(sam, params)
+        T.ready(clip, dino, *([sam] if sam else []))
+        trident = Trident(clip.model, dino.model, sam.model if sam else None)
         progress = Progress(image.shape[0])
         segs = []
         for img in image:

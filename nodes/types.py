@@ -47,11 +47,14 @@ def items(batch: list, what: str) -> list:
 
 
 def ready(*handles: ModelHandle) -> None:
-    """Put the models on the compute device (ComfyUI may have offloaded them for another model meanwhile)."""
-    load_models([h.patcher for h in handles])
+    """Put the models on the compute device (ComfyUI may have offloaded them for another model meanwhile), with
+    room for the step's working memory."""
+    widest = max((h.model.dtype for h in handles), key=lambda d: torch.empty((), dtype=d).element_size(),
+                 default=torch.float16)
+    load_models([h.patcher for h in handles], widest)
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class EncodedClasses:
     """A class list and the CLIP text embeddings of its queries [Q, E]."""
 
@@ -59,10 +62,10 @@ class EncodedClasses:
     text: torch.Tensor
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class WindowFeatureBatch:
     """Window features of each batch image, and the CLIP they came from (Splice & Aggregate projects the spliced
     features with its ln_post and projection)."""
 
-    items: list[WindowFeatures]
+    items: tuple[WindowFeatures, ...]
     clip: ModelHandle

@@ -27,6 +27,21 @@ def test_segment_command(small_ckpts, photo, tmp_path):
     assert ((masks > 0).sum(0) == (z["labels"] >= 0)).all()
 
 
+def test_segment_then_splice_without_refinement_needs_no_sam(small_ckpts, photo, tmp_path, monkeypatch, capsys):
+    """Nothing uses SAM there: no --sam, no SAM file anywhere, downloads off, and it runs; with --refine the
+    missing SAM file is the one line of error."""
+    monkeypatch.setenv("TRIDENT_CACHE", str(tmp_path / "empty_cache"))
+    Image.fromarray(photo[:120, :160]).save(tmp_path / "x.png")
+    common = ["segment", str(tmp_path / "x.png"), "--classes", "sky, person", "--clip", str(small_ckpts["clip"]),
+              "--dino", str(small_ckpts["dino"]), "--paradigm", "segment_then_splice", "--device", "cpu",
+              "--no-download", "--out", str(tmp_path / "out")]
+    assert main([*common, "--no-refine"]) == 0
+    assert Image.open(tmp_path / "out" / "labels.png").size == (160, 120)
+    capsys.readouterr()
+    assert main([*common, "--refine"]) == 2
+    assert "sam_vit_b_01ec64.pth" in capsys.readouterr().err
+
+
 def test_missing_model_without_download(tmp_path, capsys, photo):
     Image.fromarray(photo).save(tmp_path / "x.png")
     rc = main(["segment", str(tmp_path / "x.png"), "--classes", "a", "--clip", str(tmp_path / "nope.safetensors"),

@@ -320,11 +320,43 @@ def test_trident_segment_presets_background_and_tiles(loaded, images):
         run("TridentEncodeClasses", clip=clip, classes="")
 
 
+def test_preset_class_lists_load_inside_comfyui_without_a_global_trident_core(monkeypatch):
+    """ComfyUI imports the pack under its path; no `trident_core` is importable by that name there."""
+    monkeypatch.setitem(sys.modules, "trident_core", None)  # `import trident_core` now fails, as in ComfyUI
+    presets = core("presets")
+    assert len(presets.get_preset("voc21").class_list("")) == 21
+    assert presets.get_preset("coco_object").class_list("person, dog").names[1:] == ["person", "dog"]
+
+
+def test_typed_multiline_classes_and_preset_background(loaded, images):
+    """Typed as people do (commas on a line, more on the next), with voc21: every typed name is its own
+    foreground class, voc21's background is class 0, and Segmentation to Masks finds each typed name."""
+    clip, dino, sam = loaded
+    (enc,) = run("TridentEncodeClasses", clip=clip, classes="sky, person\nflag, grass")
+    assert enc.classes.names == ["sky", "person", "flag", "grass"] and not enc.classes.has_background
+    (segs,) = run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes="person, flag\nrocket",
+                  preset="voc21", refine=False, sam_tiles="preset")
+    cl = segs[0].classes
+    assert cl.has_background and cl.names[1:] == ["person", "flag", "rocket"] and cl.names[0] != "person"
+    mask, _ = run("TridentSegmentationToMasks", segmentation=segs, classes="person\nrocket", invert=False)
+    assert torch.equal(mask[0], ((segs[0].labels == 1) | (segs[0].labels == 3)).float())
+
+
 def test_segment_then_splice_needs_no_sam_and_mismatches_are_refused(chain, loaded, images):
-    clip, _, sam = loaded
-    (fm,) = run("TridentSpliceAggregate", window_features=chain["wf"], sam=sam, image=images, correlation="affinity",
+    clip, dino, sam = loaded
+    (fm,) = run("TridentSpliceAggregate", window_features=chain["wf"], image=images, correlation="affinity",
                 paradigm="segment_then_splice", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
-    assert fm[0].sam_tile_encodings == [] and fm[0].features.shape == (32, 28, 84)  # the 448x1344 CLIP grid
+    assert fm[0].sam_tile_encodings == () and fm[0].features.shape == (32, 28, 84)  # the 448x1344 CLIP grid
+    (with_sam,) = run("TridentSpliceAggregate", window_features=chain["wf"], sam=sam, image=images,
+                      correlation="affinity", paradigm="segment_then_splice", sam_tiles="1x1", cos_fac=1.2,
+                      refine_neg_cos=True)
+    assert all(torch.equal(a.features, b.features) for a, b in zip(fm, with_sam))
+    with pytest.raises(ValueError, match="splice_then_segment paradigm needs a SAM model"):
+        run("TridentSpliceAggregate", window_features=chain["wf"], image=images, correlation="affinity",
+            paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
+    with pytest.raises(ValueError, match="SAM refinement needs a SAM model"):
+        run("TridentSegment", image=images, clip=clip, dino=dino, classes=CLASSES, preset="default", refine=True,
+            sam_tiles="preset")
     with pytest.raises(ValueError, match="the image batch has 1 image"):
         run("TridentSpliceAggregate", window_features=chain["wf"], sam=sam, image=images[:1], correlation="affinity",
             paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
@@ -393,16 +425,119 @@ def test_inspect_nodes(chain, loaded, images):
             correlation="affinity", cos_fac=1.2, refine_neg_cos=True)
 
 
+def snapshot(obj: object) -> object:
+    """A deep, independent copy of a node output's state: every tensor cloned (with its device and dtype), every
+    object's attributes (its __dict__, so a value cached onto it later shows), containers item by item. Models
+    (which ComfyUI moves between devices) are left out."""
+    handle = core("models")
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", obj.detach().clone(), obj.device, obj.dtype)
+    if isinstance(obj, np.ndarray):
+        return ("array", obj.copy())
+    if isinstance(obj, (handle.ClipModel, handle.DinoModel, handle.SamModel)) or type(obj).__name__ == "ModelHandle":
+        return ("model", id(obj))
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, [snapshot(v) for v in obj])
+    if isinstance(obj, dict):
+        return ("dict", {k: snapshot(v) for k, v in obj.items()})
+    if hasattr(obj, "__dict__"):
+        return (type(obj).__name__, {k: snapshot(v) for k, v in vars(obj).items()})
+    return ("value", obj)
+
+
+def same_state(a: object, b: object, where: str = "output") -> None:
+    """Two snapshots are equal: same structure and attributes, tensors equal bit for bit on the same device."""
+    assert a[0] == b[0], f"{where}: {a[0]} became {b[0]}"
+    if a[0] == "tensor":
+        assert a[2] == b[2] and a[3] == b[3] and torch.equal(a[1], b[1]), f"{where}: tensor changed"
+    elif a[0] == "array":
+        assert np.array_equal(a[1], b[1]), f"{where}: array changed"
+    elif isinstance(a[1], list):
+        assert len(a[1]) == len(b[1]), f"{where}: length changed"
+        for i, (x, y) in enumerate(zip(a[1], b[1])):
+            same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a[1], dict):
+        assert a[1].keys() == b[1].keys(), f"{where}: attributes {set(a[1]) ^ set(b[1])} added or removed"
+        for k in a[1]:
+            same_state(a[1][k], b[1][k], f"{where}.{k}")
+    else:
+        assert a == b, f"{where}: {a} became {b}"
+
+
+def tensors(obj: object, seen: set | None = None):
+    """Every tensor inside a node output (models left out)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or type(obj).__name__ in ("ModelHandle", "ClipModel", "DinoModel", "SamModel"):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors(v, seen)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors(v, seen)
+    elif hasattr(obj, "__dict__"):
+        for v in vars(obj).values():
+            yield from tensors(v, seen)
+
+
+def test_graph_run_twice_leaves_every_upstream_output_as_it_was(loaded, images):
+    """ComfyUI caches each output and hands the same object to the next run: no node may change what an upstream
+    node returned (SAM Refine once wrote SAM's image embedding onto Classify's segmentation). Every output is
+    snapshotted when made, every downstream node then runs twice, and each output must equal its snapshot; every
+    tensor returned lives on the intermediate device (the CPU here)."""
+    clip, dino, sam = loaded
+    made: dict[str, tuple[object, object]] = {}
+
+    def node(name: str, **inputs) -> tuple:
+        out = run(name.split("#")[0], **inputs)
+        if name not in made:
+            made[name] = (out, snapshot(out))
+        return out
+
+    def graph() -> None:
+        (classes,) = node("TridentEncodeClasses", clip=clip, classes=CLASSES)
+        (wf,) = node("TridentWindowFeatures", image=images, clip=clip, dino=dino, short_side=448, window=336,
+                     stride=224)
+        (fm,) = node("TridentSpliceAggregate", window_features=wf, sam=sam, image=images, correlation="affinity",
+                     paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
+        (coarse,) = node("TridentClassify", feature_map=fm, classes=classes, logit_scale=40.0, prob_thd=0.0)
+        (refined,) = node("TridentSamRefine", segmentation=coarse, sam=sam, image=images, coarse_thresh=0.2,
+                          minimal_area=225, mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="reference")
+        node("TridentSamRefine#2", segmentation=refined, sam=sam, image=images, coarse_thresh=0.2, minimal_area=225,
+             mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="batched")
+        node("TridentSegmentationToMasks", segmentation=refined, classes="person", invert=False)
+        node("TridentPreviewSegmentation", segmentation=refined, image=images, alpha=0.5, show_legend=True)
+        node("TridentInspectFeatures", feature_map=fm)
+        node("TridentInspectClassProbability", segmentation=refined, class_name="sky", coarse=True)
+        node("TridentInspectPointAffinity", feature_map=fm, sam=sam, x=0.25, y=0.5, units="fraction",
+             correlation="affinity", cos_fac=1.2, refine_neg_cos=True)
+        node("TridentSegment", image=images, clip=clip, dino=dino, sam=sam, classes=CLASSES, preset="voc21",
+             refine=True, sam_tiles="preset")
+
+    graph()
+    graph()  # the second run: the same cached upstream objects again
+    for name, (out, snap) in made.items():
+        same_state(snap, snapshot(out), name)
+        for t in tensors(out):
+            assert t.device == torch.device("cpu"), f"{name} returned a tensor on {t.device}"
+
+
 # ----------------------------------------------------------------------------------- inside ComfyUI (stand-ins)
 
 class Interrupted(Exception):
     """Stands in for comfy.model_management.InterruptProcessingException."""
 
 
-def fake_comfy(folders: dict[str, list[str]], models_dir: Path, interrupt_after: int | None = None) -> dict:
+def fake_comfy(folders: dict[str, list[str]], models_dir: Path, interrupt_after: int | None = None,
+               fp16: bool = False, bf16: bool = False) -> dict:
     """Modules that behave like ComfyUI's folder_paths, comfy.model_management, comfy.model_patcher and
-    comfy.utils for what the nodes use, recording the calls."""
-    log = {"loaded": [], "bars": [], "checks": 0, "intermediate": 0, "registered": []}
+    comfy.utils for what the nodes use, recording the calls. `fp16` / `bf16`: what should_use_fp16 /
+    should_use_bf16 answer for a GPU (ComfyUI answers False for the CPU, as here)."""
+    log = {"loaded": [], "bars": [], "checks": 0, "intermediate": 0, "registered": [], "dtype_asked": [],
+           "memory": []}
     fp = types.ModuleType("folder_paths")
     fp.models_dir = str(models_dir)
     fp.folder_names_and_paths = {k: (list(v), set()) for k, v in folders.items()}
@@ -433,14 +568,23 @@ def fake_comfy(folders: dict[str, list[str]], models_dir: Path, interrupt_after:
         log["intermediate"] += 1
         return torch.device("cpu")
 
-    def load_models_gpu(models, force_full_load=False):
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):
         log["loaded"].append((list(models), force_full_load))
+        log["memory"].append(memory_required)
 
     def throw_exception_if_processing_interrupted():
         log["checks"] += 1
         if interrupt_after is not None and log["checks"] > interrupt_after:
             raise Interrupted()
 
+    def should_use(answer: bool, what: str):
+        def ask(device=None, model_params=0, prioritize_performance=True, manual_cast=False):
+            log["dtype_asked"].append((what, device))
+            return answer and device is not None and device.type != "cpu"
+        return ask
+
+    mm.should_use_fp16, mm.should_use_bf16 = should_use(fp16, "fp16"), should_use(bf16, "bf16")
     mm.intermediate_device, mm.load_models_gpu = intermediate_device, load_models_gpu
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
 
@@ -500,6 +644,7 @@ def test_inside_comfyui_folders_patchers_progress_and_cancel(models, tmp_path, m
     (segs,) = run("TridentSegment", image=images, clip=clip, dino=dino, sam=sam, classes=CLASSES, preset="default",
                   refine=False, sam_tiles="preset")
     assert log["loaded"][-1] == ([clip.patcher, dino.patcher, sam.patcher], True)
+    assert log["memory"][-1] == 2 << 30  # the step's working memory for float32 models: 2 GiB (1 GiB in fp16)
     assert log["bars"][-1].total == 2 and log["bars"][-1].current == 2
     assert log["checks"] >= 6 and log["intermediate"] >= 2 and len(segs) == 2
 
@@ -516,6 +661,24 @@ def test_inside_comfyui_folders_patchers_progress_and_cancel(models, tmp_path, m
         run("TridentSegment", image=images, clip=clip, dino=dino, sam=sam, classes=CLASSES, preset="default",
             refine=True, sam_tiles="preset")
     assert cancel["log"]["checks"] == 4
+
+
+@pytest.mark.parametrize("fp16,bf16,want", [(True, False, torch.float16), (False, True, torch.bfloat16),
+                                             (False, False, torch.float32)])
+def test_auto_precision_follows_comfyuis_choice(models, monkeypatch, fp16, bf16, want):
+    """precision auto takes ComfyUI's should_use_fp16 / should_use_bf16 answer for the compute device (both False
+    is what --force-fp32 or an old card gives); on the CPU it stays fp32."""
+    fake = fake_comfy({}, models, fp16=fp16, bf16=bf16)
+    for name, module in fake["modules"].items():
+        monkeypatch.setitem(sys.modules, name, module)
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(fake["modules"]["comfy.model_management"], "get_torch_device", lambda: gpu)
+    (sam,) = run("TridentLoadSAM", model_name="sam_small.pth", precision="auto", allow_download=False)
+    assert sam.model.dtype == want and sam.model.device.type == "cpu"  # loaded on the offload device
+    assert ("fp16", gpu) in fake["log"]["dtype_asked"]
+    monkeypatch.setattr(fake["modules"]["comfy.model_management"], "get_torch_device", lambda: torch.device("cpu"))
+    (cpu_sam,) = run("TridentLoadSAM", model_name="sam_small.pth", precision="auto", allow_download=False)
+    assert cpu_sam.model.dtype == torch.float32
 
 
 def test_to_device_moves_every_tensor_and_keeps_sharing(chain):

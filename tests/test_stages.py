@@ -13,7 +13,7 @@ from trident_core.aggregation import _cuts, aggregate, encode_tiles, parse_tiles
 from trident_core.classes import UNLABELED, ClassList, parse_classes
 from trident_core.classify import class_probs, labels_from_probs
 from trident_core.image import clip_input, fit_to_patches, rescale_short_side, round_up_to
-from trident_core.sam_affinity import affinity_rows, encode_sam
+from trident_core.sam_affinity import affinity_rows, encode_sam, image_embedding
 from trident_core.text import encode_prompts
 from trident_core.window_features import WindowFeatures, proxy_attention, similarity_mean, splice
 from trident_core.windows import plan_windows
@@ -122,7 +122,8 @@ def test_blocked_affinity_equals_dense(small_trident, photo, cos_fac, refine_neg
 
 def test_sam_encoding_equals_segment_anythings_own_forward(small_trident, photo):
     """q, k, v equal, bit for bit, what a hook sees in segment_anything's full forward on its own modules and
-    PyTorch's kernels; the lazy embedding equals its output."""
+    PyTorch's kernels; the embedding finished from the encoding equals its output, and the encoding is left as
+    it was (a new tensor, nothing cached on it)."""
     from segment_anything.utils.transforms import ResizeLongestSide
 
     sam = small_trident.sam
@@ -142,8 +143,9 @@ def test_sam_encoding_equals_segment_anythings_own_forward(small_trident, photo)
     b, h, w, _ = seen["qkv"].shape
     q, k, v = seen["qkv"].reshape(b, h * w, 3, 1, -1).permute(2, 0, 3, 1, 4).reshape(3, b, h * w, -1)
     assert torch.equal(enc.q, q) and torch.equal(enc.k, k) and torch.equal(enc.v, v)
-    assert enc.features is None  # not computed until the refinement asks for it
-    assert torch.equal(enc.image_embedding(sam), full) and enc.features is not None
+    before = dict(vars(enc))
+    assert torch.equal(image_embedding(enc, sam), full)
+    assert vars(enc).keys() == before.keys() and all(vars(enc)[k] is v for k, v in before.items())
 
 
 def test_tiles_split_the_rounded_image(small_trident, photo):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_nodes import as_image, import_pack, make_models_dir
 
-WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"))
 EXPECTED = {"text_to_mask", "inpaint_by_text", "full_graph", "paradigms"}
 SEED_CONTROL = ("fixed", "increment", "decrement", "randomize")
 
@@ -139,6 +139,42 @@ def test_the_four_workflows_and_their_thumbnails_exist():
         with Image.open(thumb) as im:
             assert im.format == "JPEG" and min(im.size) >= 200
         assert thumb.stat().st_size < 300_000
+
+
+# What the frontend's missing-models dialog reads off a loader node: properties.models = [{name, url, directory}]
+# (its zod schema zModelFile: name, url (a URL), directory; hash and hash_type optional).
+LOADER_FOLDERS = {"TridentLoadCLIP": "open_clip", "TridentLoadDINO": "dino", "TridentLoadSAM": "sams",
+                  "CheckpointLoaderSimple": "checkpoints"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_model_loaders_carry_the_frontends_model_metadata(path):
+    """Someone who opens a shared workflow without the files is offered the download: each loader names its
+    selected file, the official URL the pack itself downloads it from, and ComfyUI's folder for it."""
+    from urllib.parse import urlparse
+
+    from trident_core.download import MODELS
+
+    loaders = [n for n in load(path)["nodes"] if n["type"] in LOADER_FOLDERS]
+    assert loaders
+    for node in loaders:
+        (entry,) = node["properties"]["models"]
+        assert set(entry) == {"name", "url", "directory"} and entry["name"] == node["widgets_values"][0]
+        assert entry["directory"] == LOADER_FOLDERS[node["type"]]
+        url = urlparse(entry["url"])
+        assert url.scheme == "https" and url.netloc
+        known = [m for m in MODELS.values() if m.filename == entry["name"]]
+        if node["type"] != "CheckpointLoaderSimple":
+            assert known and entry["url"] in known[0].urls
+        else:
+            assert url.netloc == "huggingface.co" and url.path.endswith("/" + entry["name"])
+
+
+def test_workflows_live_where_comfyui_looks_for_templates():
+    """ComfyUI serves a pack's templates from example_workflows/ (it only logs a hint for workflows/)."""
+    root = Path(__file__).resolve().parents[1]
+    assert WORKFLOWS and all(p.parent.name == "example_workflows" for p in WORKFLOWS)
+    assert not (root / "workflows").exists()
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

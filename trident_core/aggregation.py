@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .image import round_up_to
 from .models import ClipModel, SamModel
-from .sam_affinity import CORRELATIONS, SamEncoding, affinity_rows, encode_sam
+from .sam_affinity import CORRELATIONS, SamEncoding, affinity_rows, encode_sam, unit_values
 from .window_features import WindowFeatures, splice
 
 PARADIGMS = ("splice_then_segment", "segment_then_splice")
@@ -23,7 +23,7 @@ MAX_TILES = 8
 AUTO_TILE_SIDE = 1024
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class FeatureMap:
     """Per-token image features in CLIP's embedding space, [E, h, w], for an image of `image_size` (H, W).
 
@@ -35,7 +35,7 @@ class FeatureMap:
     correlation: str
     tiles: tuple[int, int]
     sam_encoding: SamEncoding | None = field(default=None, repr=False)
-    sam_tile_encodings: list[SamEncoding] = field(default_factory=list, repr=False)
+    sam_tile_encodings: tuple[SamEncoding, ...] = field(default=(), repr=False)
 
 
 def parse_tiles(spec: str | tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int]:
@@ -83,9 +83,10 @@ def aggregate(enc: SamEncoding, sam: SamModel, feats: torch.Tensor, mode: str = 
     g = feats.float().to(enc.q.device)
     row_block = row_block or (128 if g.device.type == "cpu" else 1024)  # GPUs: fewer, larger blocks
     out = torch.empty_like(g)
+    unit_v = unit_values(enc) if mode in ("affinity", "cosine") else None
     for s in range(0, n, row_block):
         e = min(n, s + row_block)
-        out[s:e] = affinity_rows(enc, sam, s, e, mode, cos_fac, refine_neg_cos) @ g
+        out[s:e] = affinity_rows(enc, sam, s, e, mode, cos_fac, refine_neg_cos, unit_v) @ g
     return out
 
 
@@ -131,7 +132,7 @@ def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | No
             on_step()
     feats = _mosaic(tiles_out, rows, cols)
     whole = encodings[0] if grid_tiles == (1, 1) else None
-    return FeatureMap(feats, wf.image_size, paradigm, correlation, grid_tiles, whole, encodings)
+    return FeatureMap(feats, wf.image_size, paradigm, correlation, grid_tiles, whole, tuple(encodings))
 
 
 

@@ -121,12 +121,34 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+# Keys SAM-HQ adds to SAM's mask decoder (its HQ output token and feature fusion); SAM's own decoder keys stay.
+SAM_HQ_EXTRAS = tuple(f"mask_decoder.{m}." for m in ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder",
+                                                       "embedding_maskfeature"))
+
+
+def _sam_variant(sd: dict[str, torch.Tensor]) -> str | None:
+    """Which member of the Segment Anything family a state dict holds, or None for none of them."""
+    if any(k.startswith("detector.backbone.vision_backbone.") or k.startswith("tracker.") for k in sd):
+        return "sam3"
+    if any(k.startswith(("image_encoder.trunk.", "sam_mask_decoder.", "memory_attention.")) for k in sd):
+        return "sam2"
+    if not (any(k.startswith("image_encoder.") for k in sd) and any(k.startswith("mask_decoder.") for k in sd)):
+        return None
+    if "image_encoder.patch_embed.proj.weight" not in sd:
+        return "mobile_sam"  # TinyViT image encoder (MobileSAM, SAM-HQ's light model)
+    if "prompt_encoder.invalid_points.weight" in sd or "image_encoder.blocks.0.attn.rel_pos_h" not in sd:
+        return "efficient_sam"  # a plain ViT without SAM's relative positions
+    return "sam"  # SAM, or SAM-HQ (SAM's ViT and decoder plus its HQ extras)
+
+
 def identify(sd: dict[str, torch.Tensor]) -> str:
-    """Which model family a state dict holds: "clip", "dino", "sam" or "unknown"."""
+    """Which model family a state dict holds: "clip", "dino", "sam" (SAM and SAM-HQ), another SAM family
+    ("mobile_sam", "efficient_sam", "sam2", "sam3") or "unknown"."""
     if "visual.conv1.weight" in sd and "token_embedding.weight" in sd:
         return "clip"
-    if any(k.startswith("image_encoder.") for k in sd) and any(k.startswith("mask_decoder.") for k in sd):
-        return "sam"
+    variant = _sam_variant(sd)
+    if variant:
+        return variant
     if "cls_token" in sd and "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd:
         return "dino"
     return "unknown"
@@ -137,11 +159,23 @@ FAMILY_FILES = {
     "dino": "a DINO ViT checkpoint, e.g. dino_vitbase16_pretrain.pth",
     "sam": "a Segment Anything checkpoint, e.g. sam_vit_b_01ec64.pth",
 }
+OTHER_SAMS = {"mobile_sam": "MobileSAM (a TinyViT image encoder)", "efficient_sam": "EfficientSAM",
+              "sam2": "SAM 2 / 2.1 (a Hiera image encoder)", "sam3": "SAM 3"}
+SAM_FILES_THAT_WORK = ("sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth or SAM-HQ's "
+                       "sam_hq_vit_b/l/h.pth")
 
 
 def expect_family(sd: dict[str, torch.Tensor], family: str, path: str | os.PathLike) -> None:
-    """Raise a clear error when a file of another model was selected."""
+    """Raise a clear error when a file of another model was selected; another SAM family in the SAM slot is
+    named, with the files that work (Trident's affinity needs SAM's ViT image encoder)."""
     found = identify(sd)
+    if family == "sam" and found in OTHER_SAMS:
+        raise CheckpointError(f"{path}: is a {OTHER_SAMS[found]} checkpoint, which Trident cannot use (its "
+                              "affinity needs SAM's ViT image encoder); select one of "
+                              f"{SAM_FILES_THAT_WORK} from models/sams.")
+    if found in OTHER_SAMS:
+        raise CheckpointError(f"{path}: is not {FAMILY_FILES[family]}; it looks like a {OTHER_SAMS[found]} "
+                              "checkpoint. Select the right file for this slot.")
     if found != family:
         what = (f"it looks like {FAMILY_FILES[found].split(',')[0]}" if found in FAMILY_FILES
                 else "its tensors match no known model")

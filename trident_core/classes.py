@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 UNLABELED = -1
@@ -48,37 +49,60 @@ def _split_synonyms(entry: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in entry.split(";") if s.strip())
 
 
-def parse_classes(text: str | list[str] | tuple[str, ...], background: str | None = None,
-                  unique: bool = True) -> ClassList:
-    """Parse a class list.
+def split_typed(text: str) -> list[str]:
+    """Entries of typed text: commas and line breaks both separate classes ("sky, person" then "grass" on the
+    next line is three classes)."""
+    return re.split(r"[,\r\n]", text)
 
-    `text` is comma-separated ("sky, horse; pony, grass": three classes, the second with two names), one class
-    per line (the reference's class files), or a list of entries. `;` separates synonyms of one class.
-    `background`, when given (e.g. "sky; wall; floor"), becomes class 0 with those names. `unique=False` accepts a
-    name in two classes, as the reference's class files have (COCO-Object's background synonyms include "bed")."""
-    if isinstance(text, str):
-        entries = text.splitlines() if "\n" in text.strip() else text.split(",")
-    else:
-        entries = list(text)
+
+def parse_classes(text: str | list[str] | tuple[str, ...], background: str | None = None) -> ClassList:
+    """Parse a class list as people type it.
+
+    A string is typed text: commas and line breaks separate classes, `;` separates synonyms of one class
+    ("sky, horse; pony, grass": three classes, the second with two names). A list holds one class per entry
+    (commas are then part of a name, as in class files). `background`, when given (e.g. "sky; wall; floor"),
+    becomes class 0 with those names."""
+    entries = split_typed(text) if isinstance(text, str) else list(text)
     classes = [syn for syn in (_split_synonyms(e) for e in entries) if syn]
-    has_background = bool(background and background.strip())
-    if has_background:
-        classes.insert(0, _split_synonyms(background))
-    if not classes or (has_background and len(classes) < 2):
-        raise ClassListError("no class names given: type class names separated by commas, e.g. 'sky, horse, grass' "
-                             "(use ';' between synonyms of one class: 'horse; pony')")
+    bg = _split_synonyms(background) if background else ()
+    return _class_list(classes, bg)
+
+
+def parse_class_lines(lines: list[str], background_first: bool = False) -> ClassList:
+    """A class file's lines by the reference's rule: one class per line, `;` between synonyms, commas part of a
+    name (ADE20K's "building, edifice"); with `background_first`, line 0 is the background class. A name may
+    appear in two classes, as in the reference's COCO-Object list ("bed" is a background synonym and a class)."""
+    classes = [syn for syn in (_split_synonyms(line) for line in lines) if syn]
+    if background_first and classes:
+        return _class_list(classes[1:], classes[0], unique=False)
+    return _class_list(classes, (), unique=False)
+
+
+def load_class_file(path: str, background_first: bool = False) -> ClassList:
+    """The class list of a class file (`--classes FILE`, the reference's cls_*.txt); see parse_class_lines."""
+    return parse_class_lines(read_class_file(path), background_first)
+
+
+def _class_list(classes: list[tuple[str, ...]], background: tuple[str, ...], unique: bool = True) -> ClassList:
+    """Foreground classes (and a background class 0 when `background` has names), checked for usability; with
+    `unique`, each name may appear once (typed text: a repeated name is a slip)."""
+    if not classes:
+        raise ClassListError("no class names given: type class names separated by commas or on separate lines, "
+                             "e.g. 'sky, horse, grass' (use ';' between synonyms of one class: 'horse; pony')")
+    if background:
+        classes = [background, *classes]
     if len(classes) > MAX_CLASSES:
         raise ClassListError(f"{len(classes)} classes given; at most {MAX_CLASSES} are supported")
     seen: dict[str, int] = {}
-    for i, cls in enumerate(classes if unique else ()):
+    for i, cls in enumerate(classes):
         for name in cls:
             key = name_key(name)
-            if key in seen:
+            if key in seen and (unique or seen[key] == i):
                 where = "twice in one class" if seen[key] == i else f"in classes {seen[key] + 1} and {i + 1}"
                 raise ClassListError(f"class name {name!r} appears {where}; each name may appear once. "
                                      "Merge them into one class with ';' between synonyms, or remove one.")
             seen[key] = i
-    return ClassList(tuple(classes), has_background)
+    return ClassList(tuple(classes), bool(background))
 
 
 def read_class_file(path: str) -> list[str]:
@@ -103,10 +127,10 @@ def name_key(name: str) -> str:
 
 
 def class_indices(classes: ClassList, text: str) -> list[int]:
-    """Indices of the classes named in `text` (commas or ';' between names; any synonym, case-insensitive).
+    """Indices of the classes named in `text` (commas, line breaks or ';' between names; any synonym, case-insensitive).
 
     An empty text selects every class; a name that is in no class raises ClassListError listing the classes."""
-    wanted = [name_key(n) for n in text.replace(";", ",").split(",") if n.strip()]
+    wanted = [name_key(n) for n in split_typed(text.replace(";", ",")) if n.strip()]
     if not wanted:
         return list(range(len(classes)))
     lookup = {name_key(n): i for i, names in enumerate(classes.classes) for n in names}

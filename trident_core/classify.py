@@ -13,7 +13,7 @@ from .pamr import Pamr
 from .sam_affinity import SamEncoding
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class Segmentation:
     """Labels [H, W] (int64; `UNLABELED` where no class is confident and there is no background class),
     class probabilities [C, H, W] and the raw cosine on the feature grid [Q, h, w], at the image's size."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import ClassList, read_class_file
+from .classes import ClassList
 from .presets import PRESETS, get_preset
 
 DEFAULT_FILES = {"clip": "ViT-B-16_openai_open_clip_model.safetensors", "dino": "dino_vitbase16_pretrain.pth",
@@ -56,16 +56,17 @@ def add_model_arguments(ap: argparse.ArgumentParser, preset_and_refine: bool = T
     ap.add_argument("--pamr-dilations", help="PAMR dilations, comma-separated (default 8,16)")
 
 
-def build_trident(args: argparse.Namespace):
-    """Load the three models named by the arguments."""
-    from .pipeline import Trident
+def build_trident(args: argparse.Namespace, params):
+    """Load the models named by the arguments; SAM (and its download) only when `params` use it."""
+    from .pipeline import Trident, needs_sam
 
     allow = not args.no_download
-    paths = {r: _model_file(getattr(args, r), r, allow) for r in ("clip", "dino", "sam")}
+    roles = ("clip", "dino", "sam") if needs_sam(params) else ("clip", "dino")
+    paths = {r: _model_file(getattr(args, r), r, allow) for r in roles}
     t0 = time.perf_counter()
-    tr = Trident.from_files(paths["clip"], paths["dino"], paths["sam"], args.device, args.precision)
+    tr = Trident.from_files(paths["clip"], paths["dino"], paths.get("sam"), args.device, args.precision)
     _log(f"models loaded in {time.perf_counter() - t0:.1f}s on {tr.clip.device} "
-         f"(CLIP {tr.clip.arch}, DINO {tr.dino.arch}, SAM {tr.sam.arch})")
+         f"(CLIP {tr.clip.arch}, DINO {tr.dino.arch}, " + (f"SAM {tr.sam.arch})" if tr.sam else "no SAM needed)"))
     return tr
 
 
@@ -83,12 +84,13 @@ def params_from_args(args: argparse.Namespace):
 
 
 def classes_from_args(args: argparse.Namespace) -> ClassList:
-    """The class list: --classes (text or a file), else the preset's. With a benchmark preset that has a
-    background class, the first given class is that background (as the reference treats line 0)."""
+    """The class list: --classes as typed text (commas and line breaks separate classes, all foreground) or a
+    class file (one class per line; line 0 is the background with a preset that has one), else the preset's."""
     text = args.classes or ""
-    if text and os.path.isfile(text):  # a class file: one class per line, as the reference reads them
-        return get_preset(args.preset).class_list(read_class_file(text), args.background)
-    return get_preset(args.preset).class_list(text, args.background)
+    preset = get_preset(args.preset)
+    if text and os.path.isfile(text):
+        return preset.class_list_from_file(text, args.background)
+    return preset.class_list(text, args.background)
 
 
 def _save_outputs(seg, image: np.ndarray, out: Path) -> None:
@@ -138,7 +140,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     image = to_rgb_uint8(args.image)
     classes = classes_from_args(args)
     params = params_from_args(args)
-    tr = build_trident(args)
+    tr = build_trident(args, params)
     t0 = time.perf_counter()
     last = {"stage": ""}
 
@@ -176,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = build_dataset(args.preset, args.data_root)
     classes = get_preset(args.preset).classes()
     params = params_from_args(args)
-    tr = build_trident(args)
+    tr = build_trident(args, params)
     t0 = time.perf_counter()
     tr.text(classes, lambda stage: _log(f"[{time.perf_counter() - t0:6.1f}s] {stage} of {len(classes.queries)} "
                                         "class names"))
@@ -186,7 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     # A resume state belongs to this exact run: the models' contents (not just their paths), parameters, precision
     # and kind of device (whose rounding differs).
-    models = {"clip": tr.clip.path, "dino": tr.dino.path, "sam": tr.sam.path}
+    models = {"clip": tr.clip.path, "dino": tr.dino.path, **({"sam": tr.sam.path} if tr.sam else {})}
     config = {"params": dataclasses.asdict(params), **models,
               **{f"{role}_sha256": file_sha256(path) for role, path in models.items()},
               "precision": str(tr.clip.dtype), "device": tr.clip.device.type}
@@ -201,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     seg = sub.add_parser("segment", help="segment one image by class names")
     seg.add_argument("image")
-    seg.add_argument("--classes", help='class names: "sky, horse; pony, grass" or a file with one class per line')
+    seg.add_argument("--classes", help='class names: "sky, horse; pony, grass" (commas or line breaks between '
+                     'classes) or a class file (one class per line, commas part of a name; line 0 is the '
+                     'background with voc21, context60, coco_object)')
     seg.add_argument("--background", help='names of a background class (label 0), e.g. "sky; wall"')
     seg.add_argument("--out", help="folder for labels_color.png, overlay.png, labels.png and masks/")
     seg.add_argument("--save-npz", help="npz with logits, probs, labels, class_names")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import CheckpointError, expect_family, read_state_dict
+from .checkpoints import SAM_HQ_EXTRAS, CheckpointError, expect_family, read_state_dict
 from .onednn import use_onednn
 from .sam_attention import use_banded_attention
 
@@ -210,11 +210,13 @@ _SAM_ARCHS = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
 
 def load_sam(path: str | os.PathLike, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> SamModel:
-    """Load Segment Anything (vit_b / vit_l / vit_h, or any encoder size read off the file)."""
+    """Load Segment Anything (vit_b / vit_l / vit_h, or any encoder size read off the file). A SAM-HQ file loads
+    as the SAM it extends: the same ViT encoder and mask decoder, its HQ extras left aside."""
     from segment_anything.build_sam import _build_sam
 
     sd = read_state_dict(path)
     expect_family(sd, "sam", path)
+    sd = {k: v for k, v in sd.items() if not k.startswith(SAM_HQ_EXTRAS)}
     dim = sd["image_encoder.patch_embed.proj.weight"].shape[0]
     depth = _count_blocks(sd, "image_encoder.blocks.")
     head_dim = sd[f"image_encoder.blocks.{depth - 1}.attn.rel_pos_h"].shape[1]

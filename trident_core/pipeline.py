@@ -52,6 +52,20 @@ def compute_feature_map(wf: WindowFeatures, clip: ClipModel, sam: SamModel | Non
                                 params.cos_fac, params.refine_neg_cos, on_step=lambda: progress("sam"))
 
 
+def needs_sam(params: Params) -> bool:
+    """Whether these parameters use SAM: the splice-then-segment aggregation or the refinement (the
+    segment-then-splice baseline without refinement runs on CLIP and DINO alone)."""
+    return params.paradigm == "splice_then_segment" or params.refine
+
+
+def require_sam(sam: object | None, params: Params) -> None:
+    """One clear line when the parameters need SAM and none was given."""
+    if sam is None and needs_sam(params):
+        what = "SAM refinement" if params.refine else f"the {params.paradigm} paradigm"
+        raise ValueError(f"{what} needs a SAM model (e.g. sam_vit_b_01ec64.pth); give one, or choose the "
+                         "segment_then_splice paradigm without refinement, which runs without SAM")
+
+
 def refine_params(params: Params) -> RefineParams:
     """The refinement subset of the parameters."""
     return RefineParams(params.coarse_thresh, params.minimal_area, params.mask_alpha, params.iou_thresh,
@@ -69,19 +83,21 @@ def pamr_for(image: object, params: Params) -> Pamr | None:
 
 @dataclass(eq=False)
 class Trident:
-    """CLIP + DINO + SAM, ready to segment images with any class list."""
+    """CLIP + DINO + SAM, ready to segment images with any class list (SAM may be None for the
+    segment-then-splice baseline without refinement)."""
 
     clip: ClipModel
     dino: DinoModel
-    sam: SamModel
+    sam: SamModel | None = None
 
     @classmethod
-    def from_files(cls, clip: str | os.PathLike, dino: str | os.PathLike, sam: str | os.PathLike,
+    def from_files(cls, clip: str | os.PathLike, dino: str | os.PathLike, sam: str | os.PathLike | None = None,
                    device: str | torch.device | None = None, precision: str = "auto") -> Trident:
-        """Load the three models from their checkpoint files."""
+        """Load the models from their checkpoint files (SAM only when a file is given)."""
         dev = resolve_device(device)
         dtype = resolve_dtype(precision, dev)
-        return cls(load_clip(clip, dev, dtype), load_dino(dino, dev, dtype), load_sam(sam, dev, dtype))
+        return cls(load_clip(clip, dev, dtype), load_dino(dino, dev, dtype),
+                   load_sam(sam, dev, dtype) if sam is not None else None)
 
     def text(self, classes: ClassList, progress: Progress = _noop) -> torch.Tensor:
         """Query embeddings (cached per name on the CLIP model); `progress` gets "text NN%" in steps of 10 %."""
@@ -91,6 +107,7 @@ class Trident:
     def segment(self, image: object, classes: str | ClassList, params: Params = DEFAULT_PARAMS,
                 progress: Progress = _noop) -> Segmentation:
         """Label map, probabilities and raw logits of one image (path, PIL, array or tensor, HxWxC)."""
+        require_sam(self.sam, params)
         cl = parse_classes(classes) if isinstance(classes, str) else classes
         img = to_rgb_uint8(image)
         pamr = pamr_for(img, params)

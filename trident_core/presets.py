@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, replace
 from importlib import resources
 
-from .classes import ClassList, parse_classes, read_class_file
+from .classes import ClassList, load_class_file, name_key, parse_classes, read_class_file
 
 
 @dataclass(frozen=True)
@@ -72,22 +72,33 @@ class Preset:
     background: bool = False
     description: str = ""
 
-    def class_list(self, text: str | list[str], background: str | None = None) -> ClassList:
-        """The user's classes (typed text, or the lines of a class file), or the preset's own list when there are
-        none. With a benchmark preset that has a background class, the first given class is that background (as
-        the reference treats line 0)."""
-        if not "".join(text).strip() and self.class_file:
+    def class_list(self, text: str, background: str | None = None) -> ClassList:
+        """Typed classes (commas and line breaks separate classes), all foreground; or the preset's own list when
+        `text` is empty. Class 0 is `background` when given, else the preset's background class (voc21,
+        context60, coco_object) without the names typed as classes."""
+        if not text.strip() and self.class_file:
             return self.classes()
-        cl = parse_classes(text, background or None)
-        return ClassList(cl.classes, cl.has_background or self.background)
+        if background and background.strip() or not self.background:
+            return parse_classes(text, background or None)
+        typed = parse_classes(text)
+        taken = {name_key(n) for n in typed.queries}
+        own = tuple(n for n in self.classes().classes[0] if name_key(n) not in taken)
+        return ClassList((own, *typed.classes), True) if own else typed
+
+    def class_list_from_file(self, path: str, background: str | None = None) -> ClassList:
+        """A class file's classes (one per line, commas part of a name). Line 0 is the background when the preset
+        has one, as in the reference, unless `background` is given: then that is class 0 and every line a class."""
+        if background and background.strip():
+            return parse_classes(read_class_file(path), background)
+        return load_class_file(path, self.background)
 
     def classes(self) -> ClassList:
         """The preset's own class list (benchmark presets only)."""
         if self.class_file is None:
             raise ValueError(f"preset {self.name!r} has no class list; give the class names")
-        with resources.as_file(resources.files("trident_core").joinpath("data", self.class_file)) as path:
-            cl = parse_classes(read_class_file(str(path)), unique=False)
-        return ClassList(cl.classes, has_background=self.background)
+        # this package by its own name: inside ComfyUI it is the pack's `<path>.trident_core`, not `trident_core`
+        with resources.as_file(resources.files(__package__).joinpath("data", self.class_file)) as path:
+            return load_class_file(str(path), self.background)
 
 
 _P = Params()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .classify import Segmentation
 from .image import require_size, round_up_to
 from .models import SamModel
-from .sam_affinity import SamEncoding, encode_sam, require_same_sam
+from .sam_affinity import SamEncoding, encode_sam, image_embedding, require_same_sam
 
 MASK_PROMPT_MODES = ("reference", "batched")
 
@@ -75,18 +75,19 @@ def _mask_prompt(prob_down: torch.Tensor, image_size: tuple[int, int], p: Refine
 
 
 @torch.no_grad()
-def _decode(sam: SamModel, enc: SamEncoding, regions: list[_Region], half: tuple[int, int],
+def _decode(sam: SamModel, embedding: torch.Tensor, regions: list[_Region], half: tuple[int, int],
             mask_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A class's regions through the mask decoder: low-res mask logits [n, 1, 256, 256] and IoUs [n].
 
     The reference makes one call per class; the decoder treats each prompt on its own, so calls of a few
     regions give the same masks with less memory."""
     chunk = _chunk(sam.device)
-    outs = [_decode_call(sam, enc, regions[i:i + chunk], half, mask_prompt) for i in range(0, len(regions), chunk)]
+    outs = [_decode_call(sam, embedding, regions[i:i + chunk], half, mask_prompt)
+            for i in range(0, len(regions), chunk)]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def _decode_call(sam: SamModel, enc: SamEncoding, regions: list[_Region], half: tuple[int, int],
+def _decode_call(sam: SamModel, embedding: torch.Tensor, regions: list[_Region], half: tuple[int, int],
                  mask_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One mask-decoder call (point + box per region, the class's mask prompt)."""
     from segment_anything.utils.transforms import ResizeLongestSide
@@ -98,7 +99,7 @@ def _decode_call(sam: SamModel, enc: SamEncoding, regions: list[_Region], half: 
     points = tf.apply_coords_torch(torch.tensor([r.point for r in regions], dtype=torch.float32), half)[:, None]
     sparse, dense = model.prompt_encoder(points=(points.to(dev), torch.ones(len(regions), 1, device=dev)),
                                          boxes=boxes.to(dev), masks=mask_prompt.to(dev))
-    low, iou = model.mask_decoder(image_embeddings=enc.image_embedding(sam),
+    low, iou = model.mask_decoder(image_embeddings=embedding,
                                   image_pe=model.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
                                   dense_prompt_embeddings=dense, multimask_output=False)
     return low.float(), iou[:, 0].float()
@@ -147,6 +148,7 @@ def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefinePa
         lab_down[prob_down.max(dim=0).values < params.coarse_thresh] = c
     lab_np, prob_np = lab_down.cpu().numpy(), prob_down.cpu().numpy()
     refined = torch.zeros_like(probs)
+    embedding = None  # SAM's image embedding, finished from the encoding when the first class needs it
     failed = np.zeros(half, dtype=bool)
     kept_total = rejected_total = 0
     for k in range(c):
@@ -157,7 +159,9 @@ def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefinePa
         regions = _regions(lab_np == k, prob_np[k], params.minimal_area)
         if not regions:
             continue
-        low, iou = _decode(sam, enc, regions, half, _mask_prompt(prob_down[k], (h, w), params))
+        if embedding is None:
+            embedding = image_embedding(enc, sam)
+        low, iou = _decode(sam, embedding, regions, half, _mask_prompt(prob_down[k], (h, w), params))
         keep = (iou > params.iou_thresh).cpu()
         for r, ok in zip(regions, keep.tolist()):
             if not ok:

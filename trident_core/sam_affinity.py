@@ -2,7 +2,8 @@
 
 A small adapter runs segment_anything's encoder modules in their own order up to the last block's qkv projection
 (q, k, v are all the affinity needs); the rest of the last block and the neck, whose output only the refinement's
-mask decoder uses, run when that embedding is first asked for. The attention probabilities W_h (softmax over all
+mask decoder uses, run when the refinement asks for that embedding (`image_embedding`). An encoding never changes
+once made (ComfyUI hands the same cached object to every later run). The attention probabilities W_h (softmax over all
 64x64 tokens, padding included, relative position added) and the value cosines C_h are computed for a block of
 valid rows at a time, so no [heads, N, N] tensor ever exists (aggregation.py multiplies each block into the
 features)."""
@@ -10,7 +11,6 @@ features)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -23,10 +23,10 @@ from .sam_attention import attention_probs
 CORRELATIONS = ("affinity", "attention", "cosine", "none")
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class SamEncoding:
-    """One SAM encoding of an image (or tile): the last block's q, k, v [heads, 64*64, head_dim] (float32), its
-    input (to finish the encoder later) and, once computed, the image embedding for the mask decoder."""
+    """One SAM encoding of an image (or tile): the last block's q, k, v [heads, 64*64, head_dim] (float32) and its
+    input (to finish the encoder for the mask decoder: `image_embedding`)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -36,26 +36,25 @@ class SamEncoding:
     original_size: tuple[int, int]
     padded_grid: tuple[int, int]
     made_by: str = ""
-    features: torch.Tensor | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
         """The valid token region (hs, ws): the resized image's size // 16."""
         return self.input_size[0] // 16, self.input_size[1] // 16
 
-    @cached_property
-    def unit_values(self) -> torch.Tensor:
-        """The valid tokens' L2-normalised values [heads, N, head_dim], whose products are the cosines C_h."""
-        return F.normalize(self.v[:, _valid_index(self)], dim=-1)
 
-    @torch.no_grad()
-    def image_embedding(self, sam: SamModel) -> torch.Tensor:
-        """The encoder's output [1, 256, 64, 64] (float32): the last block and the neck, run once on demand."""
-        if self.features is None:
-            enc = sam.model.image_encoder
-            x = enc.blocks[-1](self.last_input.to(device=sam.device, dtype=sam.dtype))
-            self.features = enc.neck(x.permute(0, 3, 1, 2)).float()
-        return self.features
+def unit_values(enc: SamEncoding) -> torch.Tensor:
+    """The valid tokens' L2-normalised values [heads, N, head_dim], whose products are the cosines C_h."""
+    return F.normalize(enc.v[:, _valid_index(enc)], dim=-1)
+
+
+@torch.no_grad()
+def image_embedding(enc: SamEncoding, sam: SamModel) -> torch.Tensor:
+    """The encoder's output [1, 256, 64, 64] (float32) on SAM's device: the last block and the neck, finished from
+    the encoding (a new tensor; the encoding is left as it is)."""
+    encoder = sam.model.image_encoder
+    x = encoder.blocks[-1](enc.last_input.to(device=sam.device, dtype=sam.dtype))
+    return encoder.neck(x.permute(0, 3, 1, 2)).float()
 
 
 @torch.no_grad()
@@ -121,8 +120,10 @@ def _head_attention(enc: SamEncoding, sam: SamModel, rows: torch.Tensor):
 
 
 def affinity_rows(enc: SamEncoding, sam: SamModel, start: int, stop: int, mode: str = "affinity",
-                  cos_fac: float = 1.2, refine_neg_cos: bool = True) -> torch.Tensor:
+                  cos_fac: float = 1.2, refine_neg_cos: bool = True,
+                  unit_v: torch.Tensor | None = None) -> torch.Tensor:
     """Rows start..stop of the row-normalised correlation matrix over the valid tokens, [stop-start, N].
+    `unit_v` is `unit_values(enc)` when the caller computed it once for many blocks.
 
     Heads come one at a time, so a block of rows holds the heads' cosines and a few [rows, N] matrices; the
     reference's order of operations is kept (bit-identical thresholds)."""
@@ -135,7 +136,7 @@ def affinity_rows(enc: SamEncoding, sam: SamModel, start: int, stop: int, mode: 
         a = torch.zeros(stop - start, n, device=enc.q.device)
     else:
         if mode in ("affinity", "cosine"):
-            unit_v = enc.unit_values
+            unit_v = unit_values(enc) if unit_v is None else unit_v
             cos = [linear(unit_v[h, start:stop], unit_v[h]) for h in range(heads)]  # C_h rows, [r, N] each
             mean_cos = cos[0].clone()
             for c in cos[1:]:  # summed in order then divided: the head mean bit for bit, without a stacked copy

@@ -76,7 +76,7 @@ def encode_names(clip: ClipModel, names: list[str], on_progress: NameProgress | 
                 on_progress(min(len(todo), (i + PROMPT_BATCH) // len(tmpl)), len(todo))
         per_prompt = F.normalize(torch.cat(feats), dim=-1).view(len(todo), len(tmpl), -1)
         emb = F.normalize(per_prompt.mean(dim=1), dim=-1)
-        for n, e in zip(todo, emb):
+        for n, e in zip(todo, emb.cpu()):  # kept on the CPU: the cache pins no accelerator memory
             clip.text_cache[n] = e
     return torch.stack([clip.text_cache[n] for n in names])
 

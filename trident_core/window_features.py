@@ -20,7 +20,7 @@ from .windows import WindowPlan
 WINDOW_CHUNK = 8
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class WindowFeatures:
     """CLIP's last-block outputs Y [n, gh*gw, D] per window (on the grid `token_grid`), and where they came from."""
 

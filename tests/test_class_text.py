@@ -1,0 +1,85 @@
+"""Class lists as people type them (commas and line breaks both separate classes) versus class files (the
+reference's rule: one class per line, commas part of a name), and the background of benchmark presets."""
+
+from __future__ import annotations
+
+import argparse
+from importlib import resources
+
+import pytest
+
+from trident_core.classes import load_class_file, parse_classes
+from trident_core.cli import classes_from_args
+from trident_core.presets import get_preset
+
+
+def _preset_background(name: str) -> tuple[str, ...]:
+    """Line 0 of the preset's class file, read independently of the code under test."""
+    text = resources.files("trident_core").joinpath("data", f"cls_{name}.txt").read_text(encoding="utf-8")
+    return tuple(s.strip() for s in text.splitlines()[0].split(";"))
+
+
+def test_typed_text_commas_and_line_breaks_both_separate_classes():
+    cl = parse_classes("sky, person\ngrass, tree\r\nhorse; pony")
+    assert cl.classes == (("sky",), ("person",), ("grass",), ("tree",), ("horse", "pony"))
+    assert not cl.has_background
+
+
+def test_class_file_keeps_commas_inside_names(tmp_path):
+    f = tmp_path / "cls.txt"
+    f.write_text("building, edifice\nsky\nhorse; pony\n", encoding="utf-8")
+    assert load_class_file(str(f)).classes == (("building, edifice",), ("sky",), ("horse", "pony"))
+    with_bg = load_class_file(str(f), background_first=True)
+    assert with_bg.has_background and with_bg.names == ["building, edifice", "sky", "horse"]
+
+
+@pytest.mark.parametrize("preset", ["voc21", "context60", "coco_object"])
+def test_typed_classes_are_foreground_with_a_background_preset(preset):
+    p = get_preset(preset)
+    own = _preset_background(preset)
+    cl = p.class_list("person, dog\ncat")
+    assert cl.has_background
+    assert cl.classes[1:] == (("person",), ("dog",), ("cat",))
+    assert cl.classes[0] == own
+    given = p.class_list("person, dog", background="void; nothing")
+    assert given.classes == (("void", "nothing"), ("person",), ("dog",))
+
+
+def test_typed_names_leave_the_preset_background():
+    """voc21's background synonyms include 'sky' and 'tree': typed as classes, they are classes."""
+    cl = get_preset("voc21").class_list("sky, person, tree")
+    assert cl.classes[1:] == (("sky",), ("person",), ("tree",))
+    assert cl.classes[0] == tuple(n for n in _preset_background("voc21") if n not in ("sky", "tree"))
+
+
+def test_preset_without_background_keeps_typed_list():
+    assert not get_preset("ade20k").class_list("sky, person").has_background
+    assert get_preset("default").class_list("a\nb").classes == (("a",), ("b",))
+
+
+def _cli_args(classes: str, preset: str, background: str | None = None) -> argparse.Namespace:
+    return argparse.Namespace(classes=classes, preset=preset, background=background)
+
+
+def test_cli_file_keeps_line0_background_and_text_is_typed(tmp_path):
+    f = tmp_path / "mine.txt"
+    f.write_text("void; nothing\nperson, rider\ncar\n", encoding="utf-8")
+    from_file = classes_from_args(_cli_args(str(f), "voc21"))
+    assert from_file.classes == (("void", "nothing"), ("person, rider",), ("car",)) and from_file.has_background
+    no_bg = classes_from_args(_cli_args(str(f), "default"))
+    assert no_bg.classes == (("void", "nothing"), ("person, rider",), ("car",)) and not no_bg.has_background
+    explicit = classes_from_args(_cli_args(str(f), "voc21", "dark"))
+    assert explicit.classes[0] == ("dark",) and explicit.classes[1] == ("void", "nothing")
+    typed = classes_from_args(_cli_args("person, rider\ncar", "voc21"))
+    assert typed.classes[1:] == (("person",), ("rider",), ("car",))
+    assert typed.classes[0] == _preset_background("voc21")
+
+
+
+@pytest.mark.parametrize("name", ["voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff",
+                                  "city_scapes", "ade20k"])
+def test_every_preset_list_loads(name):
+    """COCO-Object's list names 'bed' as a background synonym and as a class, as the reference's file does."""
+    p = get_preset(name)
+    text = resources.files("trident_core").joinpath("data", p.class_file).read_text(encoding="utf-8")
+    assert len(p.classes()) == len([ln for ln in text.splitlines() if ln.strip()])
