@@ -62,9 +62,29 @@ def build_trident(args: argparse.Namespace):
     paths = {r: _model_file(getattr(args, r), r, allow) for r in ("clip", "dino", "sam")}
     t0 = time.perf_counter()
     tr = Trident.from_files(paths["clip"], paths["dino"], paths["sam"], args.device, args.precision)
+    tr.clip.disk_cache = text_cache_dir()
     _log(f"models loaded in {time.perf_counter() - t0:.1f}s on {tr.clip.device} "
          f"(CLIP {tr.clip.arch}, DINO {tr.dino.arch}, SAM {tr.sam.arch})")
     return tr
+
+
+def text_cache_dir() -> Path:
+    """Where the command line keeps text embeddings between runs (under the model cache directory)."""
+    from .download import cache_dir
+
+    return cache_dir() / "text-embeddings"
+
+
+def release_text_tower(clip) -> None:
+    """Unmap the resident pages of CLIP's text tower once the classes are encoded: the images never use it (its
+    weights stay valid and are mapped again if asked; see residency.py)."""
+    from torch import nn
+
+    from .residency import release
+
+    parts = [getattr(clip.model, name, None) for name in
+             ("token_embedding", "positional_embedding", "text_projection", "transformer", "ln_final")]
+    release([t for p in parts if p is not None for t in (p.parameters() if isinstance(p, nn.Module) else [p])])
 
 
 def params_from_args(args: argparse.Namespace):
@@ -115,6 +135,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     tr = build_trident(args)
     tr.text(classes)
+    release_text_tower(tr.clip)
     t0 = time.perf_counter()
     last = {"stage": ""}
 

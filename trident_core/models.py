@@ -11,6 +11,7 @@ import math
 import os
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ class ClipModel:
     path: str
     quick_gelu: bool
     text_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    disk_cache: Path | None = field(default=None, repr=False)  # folder of text embeddings kept between runs
 
     @property
     def device(self) -> torch.device:
