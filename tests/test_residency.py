@@ -56,3 +56,7 @@ def test_segmentation_is_bit_identical_after_releasing_every_model(small_ckpts, 
     again = tr.segment(img, "sky, person, flag", params)
     assert torch.equal(first.labels, again.labels) and torch.equal(first.grid_logits, again.grid_logits)
     assert torch.equal(first.probs, again.probs)
+    tr.release_weights = True  # released within the call, after each stage
+    third = tr.segment(img, "sky, person, flag", params)
+    assert torch.equal(first.labels, third.labels) and torch.equal(first.grid_logits, third.grid_logits)
+    assert torch.equal(first.labels_coarse, third.labels_coarse)

@@ -16,6 +16,7 @@ from .image import clip_input, to_rgb_uint8
 from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
 from .presets import Params
 from .refine import RefineParams, refine
+from .residency import release
 from .text import encode_classes
 from .window_features import WindowFeatures, window_features
 from .windows import plan_windows
@@ -65,6 +66,9 @@ class Trident:
     clip: ClipModel
     dino: DinoModel
     sam: SamModel
+    # Unmap each model's memory-mapped weight pages when its stage is done (residency.py): the peak then holds the
+    # running stage's weights only, at the price of mapping them again per image (minor faults, same values).
+    release_weights: bool = False
 
     @classmethod
     def from_files(cls, clip: str | os.PathLike, dino: str | os.PathLike, sam: str | os.PathLike,
@@ -87,10 +91,15 @@ class Trident:
         progress("text")
         img = to_rgb_uint8(image)
         wf = compute_window_features(self.clip, self.dino, img, params, progress)
+        if self.release_weights:
+            release(self.clip.model.visual)
+            release(self.dino.model)
         fm = compute_feature_map(wf, self.clip, self.sam, img, params, progress)
         seg = classify(fm, text, cl, params.logit_scale, params.prob_thd)
         progress("classify")
         if params.refine:
             seg = refine(seg, self.sam, img, refine_params(params), on_class=lambda: progress("refine"))
+        if self.release_weights:
+            release(self.sam.model)
         return seg
 
