@@ -136,6 +136,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     tr = build_trident(args)
     tr.text(classes)
     release_text_tower(tr.clip)
+    tr.release_weights = True  # the peak holds one stage's weights (residency.py)
     t0 = time.perf_counter()
     last = {"stage": ""}
 
