@@ -62,3 +62,12 @@ def photo() -> np.ndarray:
     from skimage import data
 
     return data.astronaut()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """The command line's cache folder (text embeddings, file digests) is a temporary one, never the user's."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TRIDENT_CACHE", str(tmp_path_factory.mktemp("trident_cache")))
+    yield
+    patch.undo()

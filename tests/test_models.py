@@ -111,3 +111,44 @@ def test_format_is_read_from_the_content_not_the_name(small_ckpts, tmp_path):
     (tmp_path / "b.safetensors").write_bytes(small_ckpts["clip_bin"].read_bytes())
     a, b = load_clip(tmp_path / "a.bin"), load_clip(tmp_path / "b.safetensors")
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_models_are_built_without_random_initialisation(small_ckpts, monkeypatch):
+    """No initialiser touches a real tensor while the three loaders build their models (the checkpoint's tensors
+    are assigned instead), and every parameter and buffer, the rebuilt non-persistent ones included, equals what
+    the architectures' own constructors plus load_state_dict give."""
+    import timm.layers
+    from segment_anything.build_sam import _build_sam
+
+    from trident_core.checkpoints import read_state_dict
+
+    touched = []
+
+    def spy(fn):
+        def wrapped(tensor, *a, **k):
+            if not tensor.is_meta:
+                touched.append(tuple(tensor.shape))
+            return fn(tensor, *a, **k)
+        return wrapped
+
+    for mod, name in [(torch.nn.init, n) for n in ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_",
+                                                   "zeros_", "ones_", "constant_")] + [(timm.layers, "trunc_normal_")]:
+        monkeypatch.setattr(mod, name, spy(getattr(mod, name)))
+    clip, dino, sam = load_clip(small_ckpts["clip"]), load_dino(small_ckpts["dino"]), load_sam(small_ckpts["sam"])
+    assert touched == []
+    monkeypatch.undo()
+
+    ref_clip = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=224, patch_size=16, width=64, layers=2,
+                                                            head_width=64),
+                              text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+                              quick_gelu=True)
+    ref_sam = _build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=1,
+                         encoder_global_attn_indexes=[1], checkpoint=None)
+    for ours, ref, path in ((clip.model, ref_clip, small_ckpts["clip"]), (sam.model, ref_sam, small_ckpts["sam"])):
+        ref.load_state_dict(read_state_dict(path))
+        want = dict(ref.named_buffers()) | dict(ref.named_parameters())
+        got = dict(ours.named_buffers()) | dict(ours.named_parameters())
+        assert set(got) == set(want)
+        for k, v in want.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    assert not any(t.is_meta for t in (*dino.model.parameters(), *dino.model.buffers()))

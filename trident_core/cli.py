@@ -65,9 +65,29 @@ def build_trident(args: argparse.Namespace, params):
     paths = {r: _model_file(getattr(args, r), r, allow) for r in roles}
     t0 = time.perf_counter()
     tr = Trident.from_files(paths["clip"], paths["dino"], paths.get("sam"), args.device, args.precision)
+    tr.clip.disk_cache = text_cache_dir()
     _log(f"models loaded in {time.perf_counter() - t0:.1f}s on {tr.clip.device} "
          f"(CLIP {tr.clip.arch}, DINO {tr.dino.arch}, " + (f"SAM {tr.sam.arch})" if tr.sam else "no SAM needed)"))
     return tr
+
+
+def text_cache_dir() -> Path:
+    """Where the command line keeps text embeddings between runs (under the model cache directory)."""
+    from .download import cache_dir
+
+    return cache_dir() / "text-embeddings"
+
+
+def release_text_tower(clip) -> None:
+    """Unmap the resident pages of CLIP's text tower once the classes are encoded: the images never use it (its
+    weights stay valid and are mapped again if asked; see residency.py)."""
+    from torch import nn
+
+    from .residency import release
+
+    parts = [getattr(clip.model, name, None) for name in
+             ("token_embedding", "positional_embedding", "text_projection", "transformer", "ln_final")]
+    release([t for p in parts if p is not None for t in (p.parameters() if isinstance(p, nn.Module) else [p])])
 
 
 def params_from_args(args: argparse.Namespace):
@@ -93,54 +113,45 @@ def classes_from_args(args: argparse.Namespace) -> ClassList:
     return preset.class_list(text, args.background)
 
 
-def _save_outputs(seg, image: np.ndarray, out: Path) -> None:
-    from PIL import Image
+def _settings(tr, classes: ClassList, params) -> dict:
+    """What decides an image's outputs besides the image (stored in each output's completion marker)."""
+    import dataclasses
 
-    from .render import color_labels, legend, overlay
-
-    out.mkdir(parents=True, exist_ok=True)
-    names = seg.classes.names
-    colors = color_labels(seg.labels, len(names))
-    Image.fromarray(np.concatenate([colors, legend(names, colors.shape[1])])).save(out / "labels_color.png")
-    Image.fromarray(overlay(image, colors)).save(out / "overlay.png")
-    Image.fromarray(seg.labels.clamp(min=0).cpu().numpy().astype(np.uint16 if len(names) > 255 else np.uint8)).save(
-        out / "labels.png")
-    masks = out / "masks"
-    masks.mkdir(exist_ok=True)
-    lab = seg.labels.cpu().numpy()
-    for i, name in enumerate(names):
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60]
-        Image.fromarray(((lab == i) * 255).astype(np.uint8)).save(masks / f"{i:03d}_{safe}.png")
-
-
-def save_npz(seg, path: str | os.PathLike) -> None:
-    """logits (raw cosine, queries x H x W), probs, labels, class_names (+ labels_coarse/probs_coarse when refined);
-    `pred`/`pred_coarse` repeat the label maps under the reference harness's names."""
-    arrays = {"logits": seg.logits().cpu().numpy().astype(np.float32),
-              "probs": seg.probs.cpu().numpy().astype(np.float32),
-              "labels": seg.labels.cpu().numpy().astype(np.int32), "class_names": np.array(seg.classes.names),
-              "query_words": np.array(seg.classes.queries), "query_idx": np.array(seg.classes.query_class)}
-    if seg.refined:
-        arrays["labels_coarse"] = seg.labels_coarse.cpu().numpy().astype(np.int32)
-        arrays["probs_coarse"] = seg.probs_coarse.cpu().numpy().astype(np.float32)
-        arrays["pred_coarse"] = arrays["labels_coarse"]
-    arrays["pred"] = arrays["labels"]  # the reference harness's names for the label maps
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    models = {role: [Path(m.path).name, os.path.getsize(m.path)] for role, m in
+              (("clip", tr.clip), ("dino", tr.dino), ("sam", tr.sam)) if m is not None}
+    return {"format": 1, "classes": classes.names, "queries": list(classes.queries),
+            "params": dataclasses.asdict(params), "models": models, "dtype": str(tr.clip.dtype),
+            "device": tr.clip.device.type}
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    """Segment the images (a path, folder, glob or @list) and write each one's outputs (see the README)."""
+    from .batch import EXIT_SKIPPED, Destinations, run
+    from .evaluation.distributed import all_reduce, init_distributed
     from .image import to_rgb_uint8
+    from .image_list import gather
     from .paths import require_output_file, require_output_folder
 
-    if args.out:
+    out = Path(args.out) if args.out else None
+    npz = Path(args.save_npz) if args.save_npz else None
+    jobs, single = gather(args.images)
+    if single:
+        to_rgb_uint8(jobs[0].path)  # an unreadable single image is an error before the models load
+    elif npz is not None and npz.suffix.lower() == ".npz":
+        raise ValueError(f"--save-npz {npz}: with several images, give a folder (each image's npz goes there)")
+    if out is not None:
         require_output_folder(args.out, "--out")
-    if args.save_npz:
-        require_output_file(args.save_npz, "--save-npz")
-    image = to_rgb_uint8(args.image)
+    if npz is not None:
+        (require_output_file if single else require_output_folder)(args.save_npz, "--save-npz")
+    rank, world, device = init_distributed()
+    if args.device == "auto":
+        args.device = str(device)
     classes = classes_from_args(args)
     params = params_from_args(args)
     tr = build_trident(args, params)
+    tr.text(classes)
+    release_text_tower(tr.clip)
+    tr.release_weights = True  # the peak holds one stage's weights (residency.py)
     t0 = time.perf_counter()
     last = {"stage": ""}
 
@@ -149,16 +160,26 @@ def cmd_segment(args: argparse.Namespace) -> int:
             _log(f"[{time.perf_counter() - t0:6.1f}s] {stage}")
             last["stage"] = stage
 
-    seg = tr.segment(image, classes, params, progress)
-    _log(f"segmented {image.shape[1]}x{image.shape[0]} into {len(classes)} classes in {time.perf_counter() - t0:.1f}s"
-         + (f" (refinement: {seg.info})" if seg.refined else ""))
-    if args.out:
-        _save_outputs(seg, image, Path(args.out))
-        _log(f"wrote {Path(args.out) / 'labels_color.png'}, overlay.png, labels.png, masks/")
-    if args.save_npz:
-        save_npz(seg, args.save_npz)
-        _log(f"wrote {args.save_npz}")
-    return 0
+    def segment(image: np.ndarray):
+        return tr.segment(image, classes, params, progress if single else lambda _stage: None)
+
+    counts = run(segment, jobs, Destinations(out, npz, single), _settings(tr, classes, params), rank=rank,
+                 world=world, resume=not args.overwrite, log=_log, show_progress=not single)
+    done, complete, unreadable = (int(v) for v in all_reduce(
+        np.array([counts.segmented, counts.complete, counts.unreadable], np.int64)))
+    if rank == 0:
+        where = ", ".join(str(p) for p in (out, npz) if p is not None)
+        _log(f"{done} segmented in {time.perf_counter() - t0:.1f}s, {complete} already complete, "
+             f"{unreadable} unreadable (skipped) -> {where}")
+    _finish_distributed()
+    return EXIT_SKIPPED if unreadable else 0
+
+
+def _finish_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -201,14 +222,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="trident", description="Training-free open-vocabulary segmentation (Trident)")
     sub = ap.add_subparsers(dest="command", required=True)
-    seg = sub.add_parser("segment", help="segment one image by class names")
-    seg.add_argument("image")
+    seg = sub.add_parser("segment", help="segment images by class names (torchrun for several processes)")
+    seg.add_argument("images", nargs="+", metavar="IMAGE",
+                     help="image files, folders (their images, also in sub-folders), glob patterns ('**' spans "
+                          "folders) or @LIST (a text file naming one image per line)")
     seg.add_argument("--classes", help='class names: "sky, horse; pony, grass" (commas or line breaks between '
                      'classes) or a class file (one class per line, commas part of a name; line 0 is the '
                      'background with voc21, context60, coco_object)')
     seg.add_argument("--background", help='names of a background class (label 0), e.g. "sky; wall"')
-    seg.add_argument("--out", help="folder for labels_color.png, overlay.png, labels.png and masks/")
-    seg.add_argument("--save-npz", help="npz with logits, probs, labels, class_names")
+    seg.add_argument("--out", help="folder for labels_color.png, overlay.png, labels.png and masks/ (several "
+                                   "images: one sub-folder per image, named by its path)")
+    seg.add_argument("--save-npz", help="npz with logits, probs, labels, class_names (several images: a folder)")
+    seg.add_argument("--overwrite", action="store_true",
+                     help="segment every image again (default: skip images whose outputs are complete)")
     add_model_arguments(seg)
     seg.set_defaults(func=cmd_segment)
     ev = sub.add_parser("eval", help="mIoU on a benchmark's validation set (torchrun for several processes)")
@@ -224,4 +250,5 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _log(f"error: {e}")
+        _finish_distributed()
         return 2

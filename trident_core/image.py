@@ -78,7 +78,12 @@ def require_size(image: np.ndarray, size: tuple[int, int], what: str) -> None:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as RGB uint8, decoded as the reference does (OpenCV, EXIF orientation applied); PIL (with the
     same orientation handling) for what OpenCV cannot read."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR) if os.path.isfile(path) else None
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a broken file gets our one line only
+    try:
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR) if os.path.isfile(path) else None
+    finally:
+        cv2.utils.logging.setLogLevel(level)
     if bgr is not None:
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     from PIL import Image, ImageOps

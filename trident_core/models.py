@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import os
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ class ClipModel:
     path: str
     quick_gelu: bool
     text_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    disk_cache: Path | None = field(default=None, repr=False)  # folder of text embeddings kept between runs
 
     @property
     def device(self) -> torch.device:
@@ -90,6 +93,20 @@ def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: str | os.
     except RuntimeError as e:
         first = str(e).split("\n\t")[:3]
         raise CheckpointError(f"{path}: does not fit {what}: {' '.join(first)[:600]}") from e
+
+
+def _on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a model's structure without allocating or initialising weights (the checkpoint's tensors are then
+    assigned by `_load_strict`); saves the time of random initialisation that the file overwrites anyway."""
+    with torch.device("meta"):
+        return build()
+
+
+def _check_materialised(module: nn.Module, path: str | os.PathLike) -> None:
+    """Every parameter and buffer came from the file or was rebuilt (none left on the meta device)."""
+    left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: the checkpoint lacks tensors the model needs: {', '.join(left[:5])}")
 
 
 def _count_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
@@ -172,9 +189,12 @@ def load_clip(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
         sd.pop(key, None)
     arch, cfg = _clip_config(sd)
     qg = arch in _OPENAI_ARCHS if quick_gelu is None else quick_gelu
-    model = open_clip.CLIP(**cfg, quick_gelu=qg)
+    model = _on_meta(lambda: open_clip.CLIP(**cfg, quick_gelu=qg))
     sd = {k: v.float() for k, v in sd.items()}
     _load_strict(model, sd, path, f"open_clip CLIP {arch}")
+    n = model.positional_embedding.shape[0]  # the causal text mask is a non-persistent buffer: rebuilt as open_clip
+    model.attn_mask = torch.full((n, n), float("-inf")).triu_(1)
+    _check_materialised(model, path)
     return ClipModel(_place(model, device, dtype, attention=True), arch, cfg["vision_cfg"]["patch_size"], str(path), qg)
 
 
@@ -194,10 +214,12 @@ def load_dino(path: str | os.PathLike, device: torch.device | str = "cpu",
     grid = round(math.sqrt(sd["pos_embed"].shape[1] - 1))
     mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
     heads = max(1, dim // 64)
-    model = VisionTransformer(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                              mlp_ratio=mlp_ratio, qkv_bias="blocks.0.attn.qkv.bias" in sd, num_classes=0)
+    model = _on_meta(lambda: VisionTransformer(
+        img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd, num_classes=0))
     arch = {384: "ViT-S", 768: "ViT-B"}.get(dim, f"ViT-{dim}") + f"/{patch}"
     _load_strict(model, {k: v.float() for k, v in sd.items()}, path, f"DINO {arch}")
+    _check_materialised(model, path)
     model = _place(model, device, dtype)
     _gelu_in_place(model.blocks)
     return DinoModel(model, arch, patch, str(path))
@@ -205,6 +227,8 @@ def load_dino(path: str | os.PathLike, device: torch.device | str = "cpu",
 
 # ------------------------------------------------------------------------------------------------------ SAM
 
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 _SAM_ARCHS = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
 
 
@@ -223,10 +247,14 @@ def load_sam(path: str | os.PathLike, device: torch.device | str = "cpu",
     global_idx = [i for i in range(depth) if sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * 64 - 1]
     if depth - 1 not in global_idx:
         raise CheckpointError(f"{path}: the last SAM encoder block must use global attention")
-    model = _build_sam(encoder_embed_dim=dim, encoder_depth=depth, encoder_num_heads=dim // head_dim,
-                       encoder_global_attn_indexes=global_idx, checkpoint=None)
+    model = _on_meta(lambda: _build_sam(encoder_embed_dim=dim, encoder_depth=depth, encoder_num_heads=dim // head_dim,
+                                        encoder_global_attn_indexes=global_idx, checkpoint=None))
     arch = _SAM_ARCHS.get((dim, depth), f"vit_{dim}x{depth}")
     _load_strict(model, {k: v.float() for k, v in sd.items()}, path, f"SAM {arch}")
+    # pixel_mean/std are non-persistent buffers: rebuilt with the values segment_anything's _build_sam passes
+    model.pixel_mean = torch.tensor(SAM_PIXEL_MEAN).view(-1, 1, 1)
+    model.pixel_std = torch.tensor(SAM_PIXEL_STD).view(-1, 1, 1)
+    _check_materialised(model, path)
     # Prompt encoder and mask decoder stay float32 (as the reference keeps them), the encoder may be half.
     model = _place(model, device, torch.float32)
     model.image_encoder.to(dtype)

@@ -17,6 +17,7 @@ from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_s
 from .pamr import Pamr, check_pamr, pamr_guide
 from .presets import Params
 from .refine import RefineParams, refine
+from .residency import release
 from .text import encode_classes
 from .window_features import WindowFeatures, window_features
 from .windows import plan_windows
@@ -89,6 +90,9 @@ class Trident:
     clip: ClipModel
     dino: DinoModel
     sam: SamModel | None = None
+    # Unmap each model's memory-mapped weight pages when its stage is done (residency.py): the peak then holds the
+    # running stage's weights only, at the price of mapping them again per image (minor faults, same values).
+    release_weights: bool = False
 
     @classmethod
     def from_files(cls, clip: str | os.PathLike, dino: str | os.PathLike, sam: str | os.PathLike | None = None,
@@ -114,10 +118,15 @@ class Trident:
         text = self.text(cl, progress)
         progress("text")
         wf = compute_window_features(self.clip, self.dino, img, params, progress)
+        if self.release_weights:
+            release(self.clip.model.visual)
+            release(self.dino.model)
         fm = compute_feature_map(wf, self.clip, self.sam, img, params, progress)
         seg = classify(fm, text, cl, params.logit_scale, params.prob_thd, pamr)
         progress("classify")
         if params.refine:
             seg = refine(seg, self.sam, img, refine_params(params), on_class=lambda: progress("refine"))
+        if self.release_weights and self.sam is not None:
+            release(self.sam.model)
         return seg
 

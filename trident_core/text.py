@@ -2,7 +2,8 @@
 
 The prompts run through open_clip's text tower trimmed to the longest prompt of the batch: CLIP's text mask is
 causal and pooling takes the end-of-text token, so trimming the padding gives the same embeddings for less work.
-Embeddings are cached on the model per name, so asking again for the same names costs nothing."""
+Embeddings are cached on the model per name, so asking again for the same names costs nothing, and on disk
+when the model has a `disk_cache` folder (the command line's), so a later run does not encode them again."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import text_cache
 from .classes import ClassList, ClassListError
 from .models import ClipModel
 
@@ -67,15 +69,21 @@ def encode_names(clip: ClipModel, names: list[str], on_progress: NameProgress | 
     if todo:
         check_length(todo)
         tmpl = templates()
-        prompts = [t(n) for n in todo for t in tmpl]
-        feats = []
-        for i in range(0, len(prompts), PROMPT_BATCH):
-            tokens = open_clip.tokenize(prompts[i:i + PROMPT_BATCH])
-            feats.append(encode_prompts(clip, tokens).float())
-            if on_progress is not None:
-                on_progress(min(len(todo), (i + PROMPT_BATCH) // len(tmpl)), len(todo))
-        per_prompt = F.normalize(torch.cat(feats), dim=-1).view(len(todo), len(tmpl), -1)
-        emb = F.normalize(per_prompt.mean(dim=1), dim=-1)
+        disk = None if clip.disk_cache is None else text_cache.cache_file(
+            clip.disk_cache, clip.path, todo, tmpl, clip.dtype, clip.device.type)
+        emb = None if disk is None else text_cache.load(disk, todo, clip.model.text_projection.shape[1])
+        if emb is None:
+            prompts = [t(n) for n in todo for t in tmpl]
+            feats = []
+            for i in range(0, len(prompts), PROMPT_BATCH):
+                tokens = open_clip.tokenize(prompts[i:i + PROMPT_BATCH])
+                feats.append(encode_prompts(clip, tokens).float())
+                if on_progress is not None:
+                    on_progress(min(len(todo), (i + PROMPT_BATCH) // len(tmpl)), len(todo))
+            per_prompt = F.normalize(torch.cat(feats), dim=-1).view(len(todo), len(tmpl), -1)
+            emb = F.normalize(per_prompt.mean(dim=1), dim=-1)
+            if disk is not None:
+                text_cache.save(disk, todo, emb)
         for n, e in zip(todo, emb.cpu()):  # kept on the CPU: the cache pins no accelerator memory
             clip.text_cache[n] = e
     return torch.stack([clip.text_cache[n] for n in names])

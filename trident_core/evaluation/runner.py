@@ -12,13 +12,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_file, write_atomic
 from ..paths import require_output_file
 from .datasets import Sample, SegDataset, load_image_rgb
 from .distributed import all_reduce, rank_and_world
@@ -142,7 +142,7 @@ def evaluate(
     if rank == 0:
         print(f"{preset}: {total} images\n{format_table(metrics, names)}", flush=True)
         if out:
-            _write_atomic(out, json.dumps(result, indent=1).encode())
+            write_atomic(out, json.dumps(result, indent=1).encode())
     return result
 
 
@@ -194,7 +194,7 @@ class _State:
 
     def save(self, confusion: np.ndarray, done: Sequence[int], predict_s: float) -> None:
         """Atomically replace the state file with the current progress."""
-        with _atomic(self.path) as f:
+        with atomic_file(self.path) as f:
             np.savez(
                 f,
                 confusion=confusion,
@@ -202,27 +202,6 @@ class _State:
                 predict_s=np.float64(predict_s),
                 meta=np.array(json.dumps(self.meta, sort_keys=True)),
             )
-
-
-@contextmanager
-def _atomic(path: Path) -> Iterator[BinaryIO]:
-    """Write to a temporary file beside ``path`` and ``os.replace`` it over ``path`` once complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` with ``data``."""
-    with _atomic(path) as f:
-        f.write(data)
 
 
 def _report(tag: str, done: int, share: int, new: int, left: int, elapsed: float) -> None:

@@ -1,0 +1,59 @@
+"""Files and folders that appear under their final name only when complete (temporary name, then os.replace)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+
+def partial_name(path: Path) -> Path:
+    """This process's temporary name beside `path` (hidden, never taken for a finished output)."""
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+def remove_partials(path: Path) -> None:
+    """Delete what interrupted runs left beside `path` under temporary names."""
+    for leftover in glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "partial-*"):
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            Path(leftover).unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Write to a temporary file beside `path` and `os.replace` it over `path` once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Atomically replace `path` with `data`."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` at `final`; a folder already there is moved aside first and then deleted,
+    so `final` is at every moment either the old complete folder or the new one (or briefly absent)."""
+    if final.exists():
+        old = partial_name(final).with_name(partial_name(final).name + "-old")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)

@@ -1,0 +1,110 @@
+"""The images a `segment` run takes: paths, folders, glob patterns and `@list.txt` files, each image named by its
+path relative to the inputs' common folder (so equal file names in different folders never collide)."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .outputs import MARKER
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                    ".pbm", ".pnm", ".gif")
+_GLOB_CHARS = set("*?[")
+
+
+class InputError(ValueError):
+    """An input argument that names no image: a missing path, an empty folder, a pattern matching nothing."""
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to segment: its file and its name (path relative to the common folder, '/'-separated)."""
+
+    path: Path
+    name: str
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    """The absolute path with `..` resolved, symbolic links kept (the name the user sees)."""
+    return Path(os.path.abspath(path))
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _is_output(path: Path) -> bool:
+    """A file `segment` wrote (beside its completion marker, or in the masks/ folder of one)."""
+    return (path.parent / MARKER).is_file() or (path.parent.name == "masks" and (path.parent.parent / MARKER).is_file())
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursively, sorted), without hidden files and earlier runs' outputs."""
+    found = sorted(p for p in folder.rglob("*") if _is_image(p) and p.is_file() and not _hidden(p, folder)
+                   and not _is_output(p))
+    if not found:
+        raise InputError(f"no images in folder {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} files, also in "
+                         "sub-folders); give a folder that holds images")
+    return found
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder part of a pattern before its first wildcard ("photos/*/x.png" -> "photos")."""
+    parts = Path(pattern).parts
+    fixed = parts[:next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))]
+    return _absolute(Path(*fixed)) if fixed else Path.cwd()
+
+
+def _list_file(arg: str) -> list[Path]:
+    """The paths listed in `@FILE`: one per line, relative to the list's folder; blank and '#' lines skipped."""
+    path = Path(arg[1:])
+    if not path.is_file():
+        raise InputError(f"image list {path} not found (an argument starting with @ names a text file listing "
+                         "one image path per line)")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    entries = [_absolute(path.parent / ln) for ln in lines if ln and not ln.startswith("#")]
+    if not entries:
+        raise InputError(f"image list {path} lists no images (one path per line expected)")
+    return entries
+
+
+def gather(inputs: list[str]) -> tuple[list[ImageJob], bool]:
+    """The images named by the arguments, in order, without duplicates; and whether it is the single-image form
+    (one argument that is an image file), which keeps the flat output layout.
+
+    An argument is `@FILE` (a list of paths, one per line), an existing folder (its images, recursively), an
+    existing file, or a glob pattern (`*`, `?`, `[`; `**` spans folders). A folder's images exclude the outputs of
+    earlier runs written into it. Listed files that do not exist are kept: they are reported when read."""
+    found: list[tuple[Path, Path]] = []  # (image, the folder its name is relative to)
+    for arg in inputs:
+        if arg.startswith("@"):
+            found += [(p, p.parent) for p in _list_file(arg)]
+        elif os.path.isdir(arg):
+            folder = _absolute(arg)
+            found += [(p, folder) for p in _folder_images(folder)]
+        elif os.path.isfile(arg):
+            found.append((_absolute(arg), _absolute(arg).parent))
+        elif _GLOB_CHARS & set(arg):
+            matches = sorted(_absolute(m) for m in glob.glob(arg, recursive=True) if os.path.isfile(m))
+            matches = [m for m in matches if not _is_output(m)]
+            if not matches:
+                raise InputError(f"no file matches the pattern {arg!r}")
+            found += [(m, _glob_root(arg)) for m in matches]
+        else:
+            raise InputError(f"{arg}: no such image file or folder (give image paths, folders, glob patterns or "
+                             "@list.txt)")
+    unique = dict.fromkeys(p for p, _ in found)
+    try:
+        common = Path(os.path.commonpath([str(r) for _, r in found]))
+    except ValueError:  # different drives (Windows): names are the paths without their anchor
+        common = None
+    jobs = [ImageJob(p, (p.relative_to(common) if common else p.relative_to(p.anchor)).as_posix()) for p in unique]
+    single = len(inputs) == 1 and not inputs[0].startswith("@") and os.path.isfile(inputs[0])
+    return jobs, single
