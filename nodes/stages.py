@@ -7,7 +7,8 @@ import torch
 
 from ..trident_core.aggregation import PARADIGMS
 from ..trident_core.classes import parse_classes
-from ..trident_core.classify import Segmentation, classify
+from ..trident_core.classify import classify
+from ..trident_core.compact import CompactSegmentation, compact
 from ..trident_core.image import to_rgb_uint8
 from ..trident_core.pipeline import Trident, compute_feature_map, compute_window_features, refine_params
 from ..trident_core.presets import PRESETS, Params
@@ -24,7 +25,8 @@ CLASSES_TIP = ("Class names separated by commas; ';' between synonyms of one cla
                "grass'. Pixels where no class is confident are left unlabeled.")
 BACKGROUND_TIP = ("Optional names of a background class (label 0), e.g. 'sky; wall; floor': pixels under the "
                   "probability threshold then get the background instead of no label.")
-IMAGE_TIP = "The image(s) to segment; a batch is processed image by image."
+IMAGE_TIP = ("The image(s) to segment; a batch (video frames) is processed frame by frame, each frame's "
+             "intermediates freed before the next.")
 SAM_TILES_TIP = ("SAM encodes the image in rows x cols tiles: 1x1 the whole image (the method's default), 1x2 "
                  "left/right halves (the reference's Cityscapes mode, for wide images), auto = tiles about square.")
 
@@ -183,7 +185,8 @@ class Classify:
             if fm.features.shape[0] != classes.text.shape[1]:
                 raise ValueError(f"the classes were encoded by a CLIP with {classes.text.shape[1]}-d embeddings, the "
                                  f"feature map has {fm.features.shape[0]}: use the same CLIP for both")
-            segs.append(to_intermediate(classify(fm, classes.text, classes.classes, logit_scale, prob_thd)))
+            seg = classify(fm, classes.text, classes.classes, logit_scale, prob_thd)
+            segs.append(to_intermediate(compact(seg, logit_scale, prob_thd, keep_encoding=True)))
             progress.step()
         return (segs,)
 
@@ -195,7 +198,8 @@ class SamRefine:
     FUNCTION = "refine"
     RETURN_TYPES = (T.SEGMENTATION,)
     RETURN_NAMES = ("segmentation",)
-    OUTPUT_TOOLTIPS = ("The refined segmentation (the coarse one is kept inside it for inspection).",)
+    OUTPUT_TOOLTIPS = ("The refined segmentation (the coarse one is kept inside it for inspection; the refined "
+                       "scores in float16).",)
     DESCRIPTION = ("Prompts SAM with each confident class region's best point, its box and the class's probability "
                    "as a mask; masks SAM is sure of (IoU) replace the coarse labels where they lie.")
 
@@ -204,8 +208,10 @@ class SamRefine:
         return {"required": {
             "segmentation": (T.SEGMENTATION, {"tooltip": "The coarse segmentation from Trident Classify."}),
             "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM."}),
-            "image": ("IMAGE", {"tooltip": "The segmented image (SAM's encoding from aggregation is reused when "
-                                           "SAM tiles were 1x1)."}),
+            "image": ("IMAGE", {"tooltip": "The segmented image. SAM's encoding from Splice & Aggregate is reused "
+                                           "when its SAM tiles were 1x1; otherwise, and after Trident Segment (which "
+                                           "keeps no SAM encoding per frame, to keep frame batches small), SAM "
+                                           "encodes the image again here."}),
             "coarse_thresh": ("FLOAT", {"default": P.coarse_thresh, "min": 0.0, "max": 1.0, "step": 0.01,
                                         "tooltip": "Classes and pixels below this probability are not prompted."}),
             "minimal_area": ("INT", {"default": P.minimal_area, "min": 0, "max": 1 << 20,
@@ -229,7 +235,9 @@ class SamRefine:
         progress = Progress(image.shape[0])
         out = []
         for seg, img in zip(segmentation, image):
-            out.append(to_intermediate(refine(seg, sam.model, to_rgb_uint8(img), rp, on_class=progress)))
+            refined = refine(seg, sam.model, to_rgb_uint8(img), rp, on_class=progress)
+            out.append(to_intermediate(compact(refined, seg.logit_scale, seg.prob_thd)))
+            del refined  # this frame's SAM encoding goes before the next frame is encoded
             progress.step()
         return (out,)
 
@@ -241,7 +249,9 @@ class TridentSegment:
     FUNCTION = "segment"
     RETURN_TYPES = (T.SEGMENTATION,)
     RETURN_NAMES = ("segmentation",)
-    OUTPUT_TOOLTIPS = ("Labels and class probabilities at the image's size, one per batch image.",)
+    OUTPUT_TOOLTIPS = ("Labels and class probabilities at the image's size, one per batch image (kept small: the "
+                       "labels, the low-resolution logits the probabilities are recomputed from, refined scores in "
+                       "float16; no SAM encoding).",)
     DESCRIPTION = ("Training-free open-vocabulary segmentation (Trident: CLIP + DINO + SAM): type class names, get a "
                    "label map. All stages in one node with a preset's parameters; use the stage nodes to change "
                    "each parameter.")
@@ -269,7 +279,7 @@ class TridentSegment:
 
     def segment(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, sam: T.ModelHandle,
                 classes: str, preset: str, refine: bool, sam_tiles: str,
-                background: str = "") -> tuple[list[Segmentation]]:
+                background: str = "") -> tuple[list[CompactSegmentation]]:
         chosen = PRESETS[preset]
         cl = chosen.class_list(classes, background)
         params = chosen.params.update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles)
@@ -277,8 +287,10 @@ class TridentSegment:
         trident = Trident(clip.model, dino.model, sam.model)
         progress = Progress(image.shape[0])
         segs = []
-        for img in image:
-            segs.append(to_intermediate(trident.segment(img, cl, params, progress)))
+        for img in image:  # the text is encoded at the first frame, then taken from the CLIP's cache
+            full = trident.segment(img, cl, params, progress)
+            segs.append(to_intermediate(compact(full, params.logit_scale, params.prob_thd)))
+            del full  # the frame's SAM encoding and full-size maps go before the next frame
             progress.step()
         return (segs,)
 

@@ -337,7 +337,7 @@ def test_preview_colours_overlay_and_legend(chain, images):
     assert colors.shape == over.shape and colors.shape[0] == 2 and colors.shape[1] > 64 and colors.shape[2] == 192
     pal = torch.from_numpy(palette(3)).float() / 255
     for b, seg in enumerate(segs):
-        lab = seg.labels
+        lab = seg.labels.long()
         want = torch.where((lab >= 0)[..., None], pal[lab.clamp(min=0)], torch.zeros(3))
         assert torch.equal(colors[b, :64], want)
         assert torch.allclose(over[b, :64], (images[b] + want) / 2, atol=1 / 255 + 1e-6)
