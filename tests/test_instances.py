@@ -128,3 +128,30 @@ def test_instances_node_masks_json_and_segs():
         run("TridentInstances", segmentation=segs, image=image[:1], classes="", min_area=6, crop_factor=2.0)
     with pytest.raises(ValueError, match="not in the segmentation's classes"):
         run("TridentInstances", segmentation=segs, image=image, classes="horse", min_area=6, crop_factor=2.0)
+
+
+def test_cli_writes_one_mask_per_object_and_a_json(small_ckpts, photo, tmp_path, capsys):
+    from PIL import Image
+
+    from trident_core.cli import main
+
+    img = tmp_path / "astronaut.png"
+    Image.fromarray(photo[:120, :160]).save(img)
+    models = ["--clip", str(small_ckpts["clip"]), "--dino", str(small_ckpts["dino"]), "--sam", str(small_ckpts["sam"]),
+              "--no-refine", "--device", "cpu", "--no-download"]
+    out, npz = tmp_path / "out", tmp_path / "r.npz"
+    rc = main(["segment", str(img), "--classes", "sky, person, flag", *models, "--out", str(out), "--save-npz",
+               str(npz), "--instances", "--min-area", "5"])
+    assert rc == 0
+    labels = np.load(npz)["labels"]
+    want = flood_fill_objects(labels, [0, 1, 2], 5)
+    records = json.loads((out / "instances.json").read_text())
+    assert len(records) == len(want) > 0
+    for i, ((k, mask), rec) in enumerate(zip(want, records)):
+        ys, xs = np.nonzero(mask)
+        assert rec["class_index"] == k and rec["box"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert rec["mask"] == f"instances/{i:03d}_{rec['class']}.png" and rec["frame"] == 0
+        assert np.array_equal(np.array(Image.open(out / rec["mask"])) > 0, mask)
+    with pytest.raises(SystemExit):
+        main(["segment", str(img), "--classes", "sky", *models, "--out", str(out), "--instances", "--min-area", "0"])
+    assert "--min-area must be a whole number of pixels >= 1, not 0" in capsys.readouterr().err

@@ -140,6 +140,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.out:
         _save_outputs(seg, image, Path(args.out))
         _log(f"wrote {Path(args.out) / 'labels_color.png'}, overlay.png, labels.png, masks/")
+    if args.out and args.instances is not None:
+        from .instances import find_instances, object_classes, write_instances
+
+        objects = find_instances(seg.labels, object_classes(seg.classes, args.instances), seg.classes.names,
+                                 args.min_area, seg.probs)
+        _log(f"wrote {write_instances(objects, image.shape[:2], Path(args.out))} ({len(objects)} objects)")
     if args.save_npz:
         save_npz(seg, args.save_npz)
         _log(f"wrote {args.save_npz}")
@@ -180,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     seg.add_argument("--background", help='names of a background class (label 0), e.g. "sky; wall"')
     seg.add_argument("--out", help="folder for labels_color.png, overlay.png, labels.png and masks/")
     seg.add_argument("--save-npz", help="npz with logits, probs, labels, class_names")
+    seg.add_argument("--instances", nargs="?", const="", metavar="CLASSES",
+                     help="also write one mask per object (connected region) of these classes (none given: every "
+                          "class but the background) under --out: instances/NNN_<class>.png and instances.json")
+    seg.add_argument("--min-area", type=int, default=64, help="smallest object in pixels (default: %(default)s)")
     add_model_arguments(seg)
     seg.set_defaults(func=cmd_segment)
     ev = sub.add_parser("eval", help="mIoU on a benchmark's validation set (torchrun for several processes)")
@@ -191,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "segment" and not (args.out or args.save_npz):
         ap.error("give --out DIR and/or --save-npz FILE")
+    if args.command == "segment" and args.min_area < 1:
+        ap.error(f"--min-area must be a whole number of pixels >= 1, not {args.min_area}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -6,7 +6,9 @@ left-most pixel of that row). Boxes are (x1, y1, x2, y2) with exclusive ends, as
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -105,3 +107,21 @@ def object_classes(classes: ClassList, text: str) -> list[int]:
     if text.strip():
         return class_indices(classes, text)
     return list(range(1 if classes.has_background else 0, len(classes)))
+
+
+def write_instances(objects: list[Instance], size: tuple[int, int], folder: Path) -> Path:
+    """One white-on-black PNG per object in `folder`/instances/ (NNN_<class>.png, NNN in the objects' order) and
+    `folder`/instances.json listing each object (frame, class, box, area, confidence) with its mask's file name."""
+    from PIL import Image
+
+    masks = folder / "instances"
+    masks.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, obj in enumerate(objects):
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in obj.class_name)[:60]
+        name = f"{i:03d}_{safe}.png"
+        Image.fromarray(obj.full_mask(size).astype(np.uint8) * 255).save(masks / name)
+        records.append({**obj.as_dict(), "mask": f"instances/{name}"})
+    path = folder / "instances.json"
+    path.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    return path
