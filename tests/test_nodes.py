@@ -90,7 +90,7 @@ def images(photo) -> torch.Tensor:
 def test_pack_imports_like_comfyui_and_exports_mappings():
     pack = import_pack()
     assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
-    assert len(pack.NODE_CLASS_MAPPINGS) == 14
+    assert len(pack.NODE_CLASS_MAPPINGS) == 15
     assert all(k.startswith("Trident") for k in pack.NODE_CLASS_MAPPINGS)
     assert all(v.startswith("Trident ") for v in pack.NODE_DISPLAY_NAME_MAPPINGS.values())
     assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
@@ -119,7 +119,7 @@ def test_node_declaration(node_type, models):
                 assert kind in ("IMAGE", "MASK") or kind.startswith("TRIDENT_"), kind
     rt, rn, tips = cls.RETURN_TYPES, cls.RETURN_NAMES, cls.OUTPUT_TOOLTIPS
     assert isinstance(rt, tuple) and rt and len(rn) == len(rt) == len(tips)
-    assert all(t in ("IMAGE", "MASK") or t.startswith("TRIDENT_") for t in rt)
+    assert all(t in ("IMAGE", "MASK", "SEGS", "STRING", "INT") or t.startswith("TRIDENT_") for t in rt)
     fn = getattr(cls, cls.FUNCTION)
     params = [p for p in inspect.signature(fn).parameters if p != "self"]
     assert params == names, "the function's parameters must be the inputs, in order"
