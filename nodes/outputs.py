@@ -39,13 +39,22 @@ class SegmentationToMasks:
         }}
 
     def masks(self, segmentation: list, classes: str, invert: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        unions, per_class = [], []
-        for seg in T.items(segmentation, "segmentation"):
-            union = masks_for(seg.labels, class_indices(seg.classes, classes))
-            unions.append(1.0 - union if invert else union)
-            per_class.append(torch.stack([masks_for(seg.labels, [k]) for k in range(len(seg.classes))]))
+        segmentation = T.items(segmentation, "segmentation")
+        size = tuple(segmentation[0].image_size)
+        if any(tuple(seg.image_size) != size for seg in segmentation):
+            raise ValueError("the segmentations have different sizes; a MASK batch needs one size")
         dev = intermediate_device()
-        return torch.stack(unions).to(dev), torch.cat(per_class).to(dev)
+        # filled frame by frame: a batch of frames never holds its masks twice (a list and the stacked copy)
+        unions = torch.empty((len(segmentation), *size), device=dev)
+        per_class = torch.empty((sum(len(seg.classes) for seg in segmentation), *size), device=dev)
+        row = 0
+        for b, seg in enumerate(segmentation):
+            union = masks_for(seg.labels, class_indices(seg.classes, classes))
+            unions[b] = 1.0 - union if invert else union
+            for k in range(len(seg.classes)):
+                per_class[row] = masks_for(seg.labels, [k])
+                row += 1
+        return unions, per_class
 
 
 class PreviewSegmentation:

@@ -7,7 +7,8 @@ import torch
 
 from ..trident_core.aggregation import PARADIGMS
 from ..trident_core.classes import parse_classes
-from ..trident_core.classify import Segmentation, classify
+from ..trident_core.classify import classify
+from ..trident_core.compact import CompactSegmentation, compact
 from ..trident_core.image import to_rgb_uint8
 from ..trident_core.pamr import MAX_STEPS as MAX_PAMR_STEPS
 from ..trident_core.pamr import check_pamr, parse_dilations
@@ -34,7 +35,8 @@ CLASSES_TIP = ("Class names separated by commas or line breaks; ';' between syno
                "unlabeled (or get the background class when there is one).")
 BACKGROUND_TIP = ("Optional names of a background class (label 0), e.g. 'sky; wall; floor': pixels under the "
                   "probability threshold then get the background instead of no label.")
-IMAGE_TIP = "The image(s) to segment; a batch is processed image by image."
+IMAGE_TIP = ("The image(s) to segment; a batch (video frames) is processed frame by frame, each frame's "
+             "intermediates freed before the next.")
 SAM_TILES_TIP = ("SAM encodes the image in rows x cols tiles: 1x1 the whole image (the method's default), 1x2 "
                  "left/right halves (the reference's Cityscapes mode, for wide images), auto = tiles about square.")
 
@@ -219,7 +221,8 @@ class Classify:
                 raise ValueError(f"the classes were encoded by a CLIP with {classes.text.shape[1]}-d embeddings, the "
                                  f"feature map has {fm.features.shape[0]}: use the same CLIP for both")
             pamr = pamr_for(image[i], params) if pamr_steps else None
-            segs.append(to_intermediate(classify(fm, classes.text, classes.classes, logit_scale, prob_thd, pamr)))
+            seg = classify(fm, classes.text, classes.classes, logit_scale, prob_thd, pamr)
+            segs.append(to_intermediate(compact(seg, logit_scale, prob_thd, keep_encoding=True)))
             progress.step()
         return (segs,)
 
@@ -231,7 +234,8 @@ class SamRefine:
     FUNCTION = "refine"
     RETURN_TYPES = (T.SEGMENTATION,)
     RETURN_NAMES = ("segmentation",)
-    OUTPUT_TOOLTIPS = ("The refined segmentation (the coarse one is kept inside it for inspection).",)
+    OUTPUT_TOOLTIPS = ("The refined segmentation (the coarse one is kept inside it for inspection; the refined "
+                       "scores in float16).",)
     DESCRIPTION = ("Prompts SAM with each confident class region's best point, its box and the class's probability "
                    "as a mask; masks SAM is sure of (IoU) replace the coarse labels where they lie.")
 
@@ -240,8 +244,10 @@ class SamRefine:
         return {"required": {
             "segmentation": (T.SEGMENTATION, {"tooltip": "The coarse segmentation from Trident Classify."}),
             "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM."}),
-            "image": ("IMAGE", {"tooltip": "The segmented image (SAM's encoding from aggregation is reused when "
-                                           "SAM tiles were 1x1)."}),
+            "image": ("IMAGE", {"tooltip": "The segmented image. SAM's encoding from Splice & Aggregate is reused "
+                                           "when its SAM tiles were 1x1; otherwise, and after Trident Segment (which "
+                                           "keeps no SAM encoding per frame, to keep frame batches small), SAM "
+                                           "encodes the image again here."}),
             "coarse_thresh": ("FLOAT", {"default": P.coarse_thresh, "min": 0.0, "max": 1.0, "step": 0.01,
                                         "tooltip": "Classes and pixels below this probability are not prompted."}),
             "minimal_area": ("INT", {"default": P.minimal_area, "min": 0, "max": 1 << 20,
@@ -266,7 +272,9 @@ class SamRefine:
         progress = Progress(image.shape[0])
         out = []
         for seg, img in zip(segmentation, image):
-            out.append(to_intermediate(refine(seg, sam.model, to_rgb_uint8(img), rp, on_class=progress)))
+            refined = refine(seg, sam.model, to_rgb_uint8(img), rp, on_class=progress)
+            out.append(to_intermediate(compact(refined, seg.logit_scale, seg.prob_thd)))
+            del refined  # this frame's SAM encoding goes before the next frame is encoded
             progress.step()
         return (out,)
 
@@ -278,7 +286,9 @@ class TridentSegment:
     FUNCTION = "segment"
     RETURN_TYPES = (T.SEGMENTATION,)
     RETURN_NAMES = ("segmentation",)
-    OUTPUT_TOOLTIPS = ("Labels and class probabilities at the image's size, one per batch image.",)
+    OUTPUT_TOOLTIPS = ("Labels and class probabilities at the image's size, one per batch image (kept small: the "
+                       "labels, the low-resolution logits the probabilities are recomputed from, refined scores in "
+                       "float16; no SAM encoding).",)
     DESCRIPTION = ("Training-free open-vocabulary segmentation (Trident: CLIP + DINO + SAM): type class names, get a "
                    "label map. All stages in one node with a preset's parameters; use the stage nodes to change "
                    "each parameter.")
@@ -309,7 +319,7 @@ class TridentSegment:
 
     def segment(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, classes: str, preset: str,
                 refine: bool, sam_tiles: str, sam: T.ModelHandle | None = None,
-                background: str = "", pamr_steps: int = 0) -> tuple[list[Segmentation]]:
+                background: str = "", pamr_steps: int = 0) -> tuple[list[CompactSegmentation]]:
         T.images(image)
         chosen = PRESETS[preset]
         cl = chosen.class_list(classes, background)
@@ -321,8 +331,10 @@ class TridentSegment:
         trident = Trident(clip.model, dino.model, sam.model if sam else None)
         progress = Progress(image.shape[0])
         segs = []
-        for img in image:
-            segs.append(to_intermediate(trident.segment(img, cl, params, progress)))
+        for img in image:  # the text is encoded at the first frame, then taken from the CLIP's cache
+            full = trident.segment(img, cl, params, progress)
+            segs.append(to_intermediate(compact(full, params.logit_scale, params.prob_thd)))
+            del full  # the frame's SAM encoding and full-size maps go before the next frame
             progress.step()
         return (segs,)
 

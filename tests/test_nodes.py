@@ -90,7 +90,7 @@ def images(photo) -> torch.Tensor:
 def test_pack_imports_like_comfyui_and_exports_mappings():
     pack = import_pack()
     assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
-    assert len(pack.NODE_CLASS_MAPPINGS) == 14
+    assert len(pack.NODE_CLASS_MAPPINGS) == 15
     assert all(k.startswith("Trident") for k in pack.NODE_CLASS_MAPPINGS)
     assert all(v.startswith("Trident ") for v in pack.NODE_DISPLAY_NAME_MAPPINGS.values())
     assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
@@ -119,7 +119,7 @@ def test_node_declaration(node_type, models):
                 assert kind in ("IMAGE", "MASK") or kind.startswith("TRIDENT_"), kind
     rt, rn, tips = cls.RETURN_TYPES, cls.RETURN_NAMES, cls.OUTPUT_TOOLTIPS
     assert isinstance(rt, tuple) and rt and len(rn) == len(rt) == len(tips)
-    assert all(t in ("IMAGE", "MASK") or t.startswith("TRIDENT_") for t in rt)
+    assert all(t in ("IMAGE", "MASK", "SEGS", "STRING", "INT") or t.startswith("TRIDENT_") for t in rt)
     fn = getattr(cls, cls.FUNCTION)
     params = [p for p in inspect.signature(fn).parameters if p != "self"]
     assert params == names, "the function's parameters must be the inputs, in order"
@@ -390,7 +390,7 @@ def test_preview_colours_overlay_and_legend(chain, images):
     assert colors.shape == over.shape and colors.shape[0] == 2 and colors.shape[1] > 64 and colors.shape[2] == 192
     pal = torch.from_numpy(palette(3)).float() / 255
     for b, seg in enumerate(segs):
-        lab = seg.labels
+        lab = seg.labels.long()
         want = torch.where((lab >= 0)[..., None], pal[lab.clamp(min=0)], torch.zeros(3))
         assert torch.equal(colors[b, :64], want)
         assert torch.allclose(over[b, :64], (images[b] + want) / 2, atol=1 / 255 + 1e-6)

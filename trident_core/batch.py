@@ -15,7 +15,7 @@ from typing import TextIO
 
 from .image import ImageError, to_rgb_uint8
 from .image_list import ImageJob
-from .outputs import marker_matches, npz_complete, save_flat, save_folder, save_npz
+from .outputs import Extra, marker_matches, npz_complete, save_flat, save_folder, save_npz
 
 EXIT_SKIPPED = 3  # some images could not be read (the others were segmented)
 
@@ -28,6 +28,7 @@ class Destinations:
     out: Path | None
     npz: Path | None
     flat: bool
+    extra: Extra | None = None  # more files per image folder (the objects of --instances)
 
     def folder(self, job: ImageJob) -> Path | None:
         return None if self.out is None else self.out if self.flat else self.out / job.name
@@ -128,7 +129,7 @@ def _write(seg, image, job: ImageJob, dest: Destinations, key: str, settings: di
     if npz is not None:
         save_npz(seg, npz, key)
     if folder is not None:
-        (save_flat if dest.flat else save_folder)(seg, image, folder, key, settings)
+        (save_flat if dest.flat else save_folder)(seg, image, folder, key, settings, dest.extra)
 
 
 def _reason(e: Exception) -> str:

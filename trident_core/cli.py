@@ -148,6 +148,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         args.device = str(device)
     classes = classes_from_args(args)
     params = params_from_args(args)
+    extra = _instances_writer(args, classes)
     tr = build_trident(args, params)
     tr.text(classes)
     release_text_tower(tr.clip)
@@ -163,7 +164,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     def segment(image: np.ndarray):
         return tr.segment(image, classes, params, progress if single else lambda _stage: None)
 
-    counts = run(segment, jobs, Destinations(out, npz, single), _settings(tr, classes, params), rank=rank,
+    counts = run(segment, jobs, Destinations(out, npz, single, extra),
+                 _settings(tr, classes, params) | _instances_settings(args), rank=rank,
                  world=world, resume=not args.overwrite, log=_log, show_progress=not single)
     done, complete, unreadable = (int(v) for v in all_reduce(
         np.array([counts.segmented, counts.complete, counts.unreadable], np.int64)))
@@ -173,6 +175,29 @@ def cmd_segment(args: argparse.Namespace) -> int:
              f"{unreadable} unreadable (skipped) -> {where}")
     _finish_distributed()
     return EXIT_SKIPPED if unreadable else 0
+
+
+def _instances_writer(args: argparse.Namespace, classes: ClassList):
+    """With --instances, the writer of each image's objects (instances/ and instances.json); checked first."""
+    if args.instances is None:
+        return None
+    from .instances import check_min_area, find_instances, object_classes, write_instances
+
+    if not args.out:
+        raise ValueError("--instances writes its masks under --out: give --out DIR")
+    wanted = object_classes(classes, args.instances)
+    min_area = check_min_area(args.min_area)
+
+    def write(seg, image: np.ndarray, folder: Path) -> None:
+        objects = find_instances(seg.labels, wanted, seg.classes.names, min_area, seg.probs)
+        write_instances(objects, image.shape[:2], folder)
+
+    return write
+
+
+def _instances_settings(args: argparse.Namespace) -> dict:
+    """What --instances adds to the outputs' key (nothing without it, so earlier outputs stay complete)."""
+    return {} if args.instances is None else {"instances": args.instances, "min_area": args.min_area}
 
 
 def _finish_distributed() -> None:
@@ -235,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     seg.add_argument("--save-npz", help="npz with logits, probs, labels, class_names (several images: a folder)")
     seg.add_argument("--overwrite", action="store_true",
                      help="segment every image again (default: skip images whose outputs are complete)")
+    seg.add_argument("--instances", nargs="?", const="", metavar="CLASSES",
+                     help="also write one mask per object (connected region) of these classes (none given: every "
+                          "class but the background) under --out: instances/NNN_<class>.png and instances.json")
+    seg.add_argument("--min-area", type=int, default=64, help="smallest object in pixels (default: %(default)s)")
     add_model_arguments(seg)
     seg.set_defaults(func=cmd_segment)
     ev = sub.add_parser("eval", help="mIoU on a benchmark's validation set (torchrun for several processes)")
@@ -246,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "segment" and not (args.out or args.save_npz):
         ap.error("give --out DIR and/or --save-npz FILE")
+    if args.command == "segment" and args.min_area < 1:
+        ap.error(f"--min-area must be a whole number of pixels >= 1, not {args.min_area}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -87,25 +88,33 @@ def _marker(key: str, settings: dict) -> bytes:
     return json.dumps({"key": key, "settings": settings}, indent=1, sort_keys=True).encode()
 
 
-def save_folder(seg, image: np.ndarray, final: Path, key: str, settings: dict) -> None:
+Extra = Callable[[object, np.ndarray, Path], None]
+"""More files of one segmentation written beside the images (e.g. its objects), into the same temporary folder."""
+
+
+def save_folder(seg, image: np.ndarray, final: Path, key: str, settings: dict, extra: Extra | None = None) -> None:
     """An image's own output folder: written complete (marker included) under a temporary name, then renamed."""
     remove_partials(final)
     tmp = partial_name(final)
     try:
         write_images(seg, image, tmp)
+        if extra is not None:
+            extra(seg, image, tmp)
         (tmp / MARKER).write_bytes(_marker(key, settings))
         replace_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_flat(seg, image: np.ndarray, out: Path, key: str, settings: dict) -> None:
+def save_flat(seg, image: np.ndarray, out: Path, key: str, settings: dict, extra: Extra | None = None) -> None:
     """The single-image layout: the files directly in `out` (a folder that may hold other things), each moved in
     complete, masks/ replaced as a whole, the marker written last."""
     tmp = partial_name(out / "outputs")
     remove_partials(out / "outputs")
     try:
         write_images(seg, image, tmp)
+        if extra is not None:
+            extra(seg, image, tmp)
         (out / MARKER).unlink(missing_ok=True)
         for entry in sorted(tmp.iterdir()):
             if entry.is_dir():

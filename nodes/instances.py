@@ -1,0 +1,94 @@
+"""Trident Instances: the chosen classes split into objects, as masks, boxes and Impact-Pack's SEGS."""
+
+from __future__ import annotations
+
+import json
+from collections import namedtuple
+
+import torch
+
+from ..trident_core.instances import (
+    Instance,
+    check_crop_factor,
+    check_min_area,
+    crop_region,
+    find_instances,
+    object_classes,
+)
+from . import types as T
+from .comfy_bridge import Progress, intermediate_device
+
+# Impact-Pack's SEG (impact/core.py), rebuilt so the pack loads without Impact-Pack; its nodes read the fields by
+# name. SEGS = ((H, W), [SEG, ...]).
+SEG = namedtuple("SEG", ["cropped_image", "cropped_mask", "confidence", "crop_region", "bbox", "label",
+                         "control_net_wrapper"], defaults=[None])
+
+
+def _seg(obj: Instance, image: torch.Tensor, size: tuple[int, int], crop_factor: float) -> SEG:
+    """An object as a SEG: the frame and the object's mask (float32 numpy, as Impact-Pack keeps it) cut to the
+    crop region."""
+    x1, y1, x2, y2 = region = crop_region(obj.box, size, crop_factor)
+    mask = obj.full_mask(size)[y1:y2, x1:x2].astype("float32")
+    return SEG(image[obj.frame:obj.frame + 1, y1:y2, x1:x2, :], mask, obj.confidence, list(region), obj.box,
+               obj.class_name, None)
+
+
+class TridentInstances:
+    """Objects (connected regions) of chosen classes."""
+
+    CATEGORY = T.CATEGORY
+    FUNCTION = "split"
+    RETURN_TYPES = ("MASK", "SEGS", "STRING", "INT")
+    RETURN_NAMES = ("masks", "segs", "objects_json", "count")
+    OUTPUT_TOOLTIPS = (
+        "One mask per object [objects, H, W] (one empty mask when there is none).",
+        "Impact-Pack's SEGS of the objects (crop of the image and of the mask, box, class name as label, mean class "
+        "probability as confidence), for its Detailer nodes. With a batch of frames they hold the objects of every "
+        "frame: give Impact's Detailer one frame at a time.",
+        "The objects as JSON: frame, class, class_index, box [x1, y1, x2, y2) (ends exclusive), area in pixels, "
+        "confidence; in the masks' order.",
+        "The number of objects.")
+    DESCRIPTION = ("Splits the chosen classes of a segmentation (after SAM refinement where it ran) into objects: "
+                   "each 8-connected region of a class with at least min_area pixels. Ordered by frame, class, "
+                   "then the region's top-most, left-most pixel.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "segmentation": (T.SEGMENTATION, {"tooltip": "From Trident Segment, Classify or SAM Refine."}),
+            "image": ("IMAGE", {"tooltip": "The segmented image(s), cropped into the SEGS."}),
+            "classes": ("STRING", {"default": "person", "tooltip": "Classes to split into objects, separated by "
+                                   "commas (any synonym, any case). Empty = every class but the background."}),
+            "min_area": ("INT", {"default": 64, "min": 1, "max": 1 << 26,
+                                 "tooltip": "Smaller regions (in pixels at the image's size) are dropped."}),
+            "crop_factor": ("FLOAT", {"default": 3.0, "min": 1.0, "max": 100.0, "step": 0.1,
+                                      "tooltip": "Each SEG's crop region is its box grown this many times around "
+                                                 "its centre (context for a detailer), kept inside the image."}),
+        }}
+
+    def split(self, segmentation: list, image: torch.Tensor, classes: str, min_area: int,
+              crop_factor: float) -> tuple[torch.Tensor, tuple, str, int]:
+        if image.shape[0] != len(segmentation):
+            raise ValueError(f"{image.shape[0]} image(s) for {len(segmentation)} segmentation(s): connect the "
+                             "segmented image")
+        size = tuple(image.shape[1:3])
+        check_min_area(min_area)
+        check_crop_factor(crop_factor)
+        progress = Progress(len(segmentation))
+        objects: list[Instance] = []
+        for b, seg in enumerate(segmentation):
+            if tuple(seg.image_size) != size:
+                raise ValueError(f"the image is {size[1]}x{size[0]}, the segmentation {seg.image_size[1]}x"
+                                 f"{seg.image_size[0]}: connect the segmented image")
+            objects += find_instances(seg.labels, object_classes(seg.classes, classes), seg.classes.names, min_area,
+                                      seg.probs, frame=b)
+            progress.step()
+        dev = intermediate_device()
+        masks = (torch.stack([torch.from_numpy(o.full_mask(size)) for o in objects]).float() if objects
+                 else torch.zeros((1, *size)))
+        segs = (size, [_seg(o, image, size, crop_factor) for o in objects])
+        return masks.to(dev), segs, json.dumps([o.as_dict() for o in objects]), len(objects)
+
+
+NODE_CLASS_MAPPINGS = {"TridentInstances": TridentInstances}
+NODE_DISPLAY_NAME_MAPPINGS = {"TridentInstances": "Trident Instances"}
