@@ -132,14 +132,16 @@ def _feature_map(loaded, image, paradigm: str) -> list:
 
 
 def test_a_sam_of_another_size_is_refused_by_refine_and_inspect(loaded, images, other_sam):
-    clip, dino, sam = loaded
-    (segs,) = run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes="sky, person",
-                  preset="default", refine=False, sam_tiles="1x1")
+    """A segmentation that carries SAM's encoding (Classify after Splice & Aggregate) is refined and inspected only
+    with the SAM that made it (Trident Segment's output keeps no encoding: SAM Refine encodes the frame again)."""
+    clip = loaded[0]
+    fm = _feature_map(loaded, images[:1], "splice_then_segment")
+    (classes,) = run("TridentEncodeClasses", clip=clip, classes="sky, person")
+    (segs,) = run("TridentClassify", feature_map=fm, classes=classes, logit_scale=40.0, prob_thd=0.0)
     with pytest.raises(ValueError) as e:
         run("TridentSamRefine", segmentation=segs, sam=other_sam, image=images[:1], coarse_thresh=0.2,
             minimal_area=225, mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="reference")
     assert "vit_64x2" in str(e.value) and "vit_32x2" in str(e.value) and "\n" not in str(e.value)
-    fm = _feature_map(loaded, images[:1], "splice_then_segment")
     with pytest.raises(ValueError, match="made with SAM vit_64x2.*vit_32x2.*connect the SAM that made it"):
         run("TridentInspectPointAffinity", feature_map=fm, sam=other_sam, x=0.5, y=0.5, units="fraction",
             correlation="affinity", cos_fac=1.2, refine_neg_cos=True)
