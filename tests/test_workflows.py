@@ -275,8 +275,9 @@ def test_workflow_runs_on_small_models(path, default_models, photo):
     assert previews
     for node in previews:
         (shown,) = results[node["id"]]
-        if node["type"] == "MaskPreview":
-            assert shown.shape == (1, 64, 86) and set(shown.unique().tolist()) <= {0.0, 1.0}
+        if node["type"] == "MaskPreview":  # one mask per image, or per object after Trident Instances
+            assert shown.shape[1:] == (64, 86) and shown.shape[0] >= 1
+            assert set(shown.unique().tolist()) <= {0.0, 1.0}
         else:
             assert shown.shape[0] == 1 and shown.shape[2] == 86 and shown.shape[3] == 3 and shown.shape[1] >= 64
             assert 0 <= shown.min() and shown.max() <= 1
