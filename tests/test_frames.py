@@ -103,15 +103,15 @@ def test_each_frame_is_freed_before_the_next(loaded, frames, monkeypatch):
 
 def test_text_encoded_once_per_batch(loaded, frames, monkeypatch):
     clip, dino, sam = loaded
-    text = core("text")
+    clip_class = core("models").ClipModel
     calls = []
-    original = text.encode_prompts
+    original = clip_class.encode_prompts
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(text, "encode_prompts", counted)
+    monkeypatch.setattr(clip_class, "encode_prompts", counted)
     run("TridentSegment", image=frames[:3], clip=clip, dino=dino, sam=sam, classes="meadow, kite flyer",
         preset="default", refine=False, sam_tiles="preset")
     assert len(calls) == 1  # 2 names x 80 prompts: one text-encoder call for the whole batch

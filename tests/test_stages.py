@@ -13,8 +13,7 @@ from trident_core.aggregation import _cuts, aggregate, encode_tiles, parse_tiles
 from trident_core.classes import UNLABELED, ClassList, parse_classes
 from trident_core.classify import class_probs, labels_from_probs
 from trident_core.image import clip_input, fit_to_patches, rescale_short_side, round_up_to
-from trident_core.sam_affinity import affinity_rows, encode_sam, image_embedding
-from trident_core.text import encode_prompts
+from trident_core.sam_affinity import affinity_rows
 from trident_core.window_features import WindowFeatures, proxy_attention, similarity_mean, splice
 from trident_core.windows import plan_windows
 
@@ -104,7 +103,7 @@ def _dense_affinity(enc, sam, cos_fac, refine_neg_cos):
 @pytest.mark.parametrize("cos_fac,refine_neg_cos", [(1.2, True), (3.0, False), (0.0, True)])
 def test_blocked_affinity_equals_dense(small_trident, photo, cos_fac, refine_neg_cos):
     sam = small_trident.sam
-    enc = encode_sam(sam, round_up_to(photo[:300, :400], 16))
+    enc = sam.encode(round_up_to(photo[:300, :400], 16))
     assert enc.grid == (48, 64)
     dense, attn, eq4 = _dense_affinity(enc, sam, cos_fac, refine_neg_cos)
     rows = affinity_rows(enc, sam, 100, 400, "affinity", cos_fac, refine_neg_cos)
@@ -128,7 +127,7 @@ def test_sam_encoding_equals_segment_anythings_own_forward(small_trident, photo)
 
     sam = small_trident.sam
     img = round_up_to(photo[:300, :400], 16)
-    enc = encode_sam(sam, img)
+    enc = sam.encode(img)
     model = copy.deepcopy(sam.model)
     for mod in model.modules():
         mod.__dict__.pop("forward", None)  # no banded attention, no oneDNN
@@ -144,7 +143,7 @@ def test_sam_encoding_equals_segment_anythings_own_forward(small_trident, photo)
     q, k, v = seen["qkv"].reshape(b, h * w, 3, 1, -1).permute(2, 0, 3, 1, 4).reshape(3, b, h * w, -1)
     assert torch.equal(enc.q, q) and torch.equal(enc.k, k) and torch.equal(enc.v, v)
     before = dict(vars(enc))
-    assert torch.equal(image_embedding(enc, sam), full)
+    assert torch.equal(sam.image_embedding(enc), full)
     assert vars(enc).keys() == before.keys() and all(vars(enc)[k] is v for k, v in before.items())
 
 
@@ -152,7 +151,7 @@ def test_tiles_split_the_rounded_image(small_trident, photo):
     wide = np.concatenate([photo, photo[:, ::-1]], axis=1)
     encs = encode_tiles(small_trident.sam, wide, (1, 2))
     assert [e.original_size for e in encs] == [(512, 512), (512, 512)]
-    whole = encode_sam(small_trident.sam, photo)
+    whole = small_trident.sam.encode(photo)
     assert torch.equal(encs[0].q, whole.q) and torch.equal(encs[0].v, whole.v)
     assert parse_tiles("auto", (512, 1024)) == (1, 2) and parse_tiles("auto", (3000, 1000)) == (3, 1)
     assert parse_tiles("auto", (1400, 1000)) == (1, 1) and parse_tiles("auto", (3000, 4000)) == (4, 4)
@@ -168,7 +167,7 @@ def test_trimmed_text_encoding_equals_full_length(small_trident):
 
     tokens = open_clip.tokenize(["a photo of a horse.", "a bad photo of the big red fire truck."])
     full = small_trident.clip.model.encode_text(tokens)
-    assert torch.allclose(encode_prompts(small_trident.clip, tokens), full, atol=1e-5)
+    assert torch.allclose(small_trident.clip.encode_prompts(tokens), full, atol=1e-5)
 
 
 def test_text_cache_reuses_embeddings(small_trident):

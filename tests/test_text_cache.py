@@ -10,7 +10,7 @@ import torch
 
 import trident_core.text as text
 from trident_core import text_cache
-from trident_core.models import load_clip
+from trident_core.models import ClipModel, load_clip
 
 NAMES = ["sky", "person", "astronaut", "flag"]
 
@@ -25,7 +25,7 @@ def _no_encoder(monkeypatch):
     def fail(*_a, **_k):
         raise AssertionError("the text encoder ran")
 
-    monkeypatch.setattr(text, "encode_prompts", fail)
+    monkeypatch.setattr(ClipModel, "encode_prompts", fail)
 
 
 def test_second_model_reads_the_embeddings_instead_of_encoding(small_ckpts, tmp_path, monkeypatch):
@@ -44,7 +44,7 @@ def test_second_model_reads_the_embeddings_instead_of_encoding(small_ckpts, tmp_
 
 
 def test_the_key_holds_the_clip_content_templates_dtype_and_device(small_ckpts, tmp_path):
-    tmpl = text.templates()
+    tmpl = ClipModel.templates()
     base = text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES, tmpl, torch.float32, "cpu")
     assert base == text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES, tmpl, torch.float32, "cpu")
     others = [text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES[::-1], tmpl, torch.float32, "cpu"),

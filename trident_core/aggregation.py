@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .image import round_up_to
-from .models import ClipModel, SamModel
-from .sam_affinity import CORRELATIONS, SamEncoding, affinity_rows, encode_sam, unit_values
+from .models import ClipModel, SamEncoding, SamModel
+from .sam_affinity import CORRELATIONS, affinity_rows, unit_values
 from .window_features import WindowFeatures, splice
 
 PARADIGMS = ("splice_then_segment", "segment_then_splice")
@@ -69,7 +69,7 @@ def encode_tiles(sam: SamModel, image: np.ndarray, tiles: tuple[int, int]) -> li
     rows, cols = tiles
     if h // rows < 16 or w // cols < 16:
         raise ValueError(f"SAM tiles {rows}x{cols} are too many for a {image.shape[0]}x{image.shape[1]} image")
-    return [encode_sam(sam, np.ascontiguousarray(img16[y1:y2, x1:x2]))
+    return [sam.encode(np.ascontiguousarray(img16[y1:y2, x1:x2]))
             for y1, y2 in _cuts(h, rows) for x1, x2 in _cuts(w, cols)]
 
 
@@ -90,13 +90,6 @@ def aggregate(enc: SamEncoding, sam: SamModel, feats: torch.Tensor, mode: str = 
     return out
 
 
-def project(clip: ClipModel, tokens: torch.Tensor) -> torch.Tensor:
-    """CLIP's ln_post and projection, [..., D] -> [..., E] float32."""
-    v = clip.model.visual
-    t = tokens.to(device=clip.device, dtype=clip.dtype)
-    return (v.ln_post(t) @ v.proj).float()
-
-
 @torch.no_grad()
 def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None, image: np.ndarray | None,
                          correlation: str = "affinity", paradigm: str = "splice_then_segment",
@@ -108,7 +101,7 @@ def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | No
     if correlation not in CORRELATIONS:
         raise ValueError(f"correlation must be one of {CORRELATIONS}, not {correlation!r}")
     if paradigm == "segment_then_splice":
-        projected = F.normalize(project(clip, wf.tokens), dim=-1)
+        projected = F.normalize(clip.project(wf.tokens), dim=-1)
         canvas = splice(WindowFeatures(projected, wf.token_grid, wf.plan, wf.patch_size, wf.image_size,
                                        wf.processed_size))
         return FeatureMap(canvas, wf.image_size, paradigm, "none", (1, 1))
@@ -127,7 +120,7 @@ def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | No
         hs, ws = enc.grid
         g = F.interpolate(canvas[None, :, y1:y2, x1:x2], size=(hs, ws), mode="bilinear", align_corners=False)[0]
         g = aggregate(enc, sam, g.flatten(1).T, correlation, cos_fac, refine_neg_cos)
-        tiles_out.append(F.normalize(project(clip, g), dim=-1).T.reshape(-1, hs, ws))
+        tiles_out.append(F.normalize(clip.project(g), dim=-1).T.reshape(-1, hs, ws))
         if on_step:
             on_step()
     feats = _mosaic(tiles_out, rows, cols)

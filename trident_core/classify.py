@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from .aggregation import FeatureMap
 from .classes import UNLABELED, ClassList
+from .models import SamEncoding
 from .pamr import Pamr
-from .sam_affinity import SamEncoding
 
 
 @dataclass(frozen=True, eq=False)

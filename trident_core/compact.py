@@ -13,7 +13,7 @@ import torch
 
 from .classes import ClassList
 from .classify import class_probs, labels_from_probs, upsample
-from .sam_affinity import SamEncoding
+from .models import SamEncoding
 
 
 def label_dtype(num_classes: int) -> torch.dtype:

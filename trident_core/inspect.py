@@ -6,7 +6,6 @@ Used by the ComfyUI inspect nodes; pure torch/numpy/OpenCV."""
 from __future__ import annotations
 
 import math
-from dataclasses import fields, replace
 
 import cv2
 import numpy as np
@@ -17,8 +16,8 @@ from .aggregation import _cuts, encode_tiles
 from .classes import ClassListError, class_indices
 from .classify import Segmentation
 from .image import require_size
-from .models import SamModel
-from .sam_affinity import CORRELATIONS, SamEncoding, affinity_rows, require_same_sam
+from .models import SamEncoding, SamModel
+from .sam_affinity import CORRELATIONS, affinity_rows
 
 POINT_UNITS = ("fraction", "pixels")
 
@@ -82,12 +81,6 @@ def image_encodings(sam: SamModel, image: np.ndarray, image_size: tuple[int, int
     return encode_tiles(sam, image, (1, 1))
 
 
-def encoding_to(enc: SamEncoding, device: torch.device | str) -> SamEncoding:
-    """The encoding with its tensors on `device`."""
-    return replace(enc, **{f.name: getattr(enc, f.name).to(device) for f in fields(enc)
-                           if isinstance(getattr(enc, f.name), torch.Tensor)})
-
-
 @torch.no_grad()
 def point_affinity(encodings: list[SamEncoding], tiles: tuple[int, int], sam: SamModel, image_size: tuple[int, int],
                    point: tuple[int, int], mode: str = "affinity", cos_fac: float = 1.2,
@@ -109,11 +102,11 @@ def point_affinity(encodings: list[SamEncoding], tiles: tuple[int, int], sam: Sa
     c = next(i for i, (a, b) in enumerate(xcuts) if a <= px < b or i == cols - 1)
     (y1, y2), (x1, x2) = ycuts[r], xcuts[c]
     chosen = encodings[r * cols + c]
-    require_same_sam(chosen, sam, "feature map's SAM encoding")
+    sam.check_encoding(chosen, "feature map's SAM encoding")
     if tuple(chosen.original_size) != (y2 - y1, x2 - x1):
         raise ValueError(f"the SAM encoding is of a {chosen.original_size[1]}x{chosen.original_size[0]} image, not "
                          f"of the {w}x{h} image the feature map was made from: connect the image that was segmented")
-    enc = encoding_to(chosen, sam.device)
+    enc = chosen.to(sam.device)
     hs, ws = enc.grid
     ty = min(hs - 1, int((py - y1) / (y2 - y1) * enc.input_size[0] / 16))
     tx = min(ws - 1, int((px - x1) / (x2 - x1) * enc.input_size[1] / 16))

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from .classify import Segmentation
 from .image import require_size, round_up_to
-from .models import SamModel
-from .sam_affinity import SamEncoding, encode_sam, image_embedding, require_same_sam
+from .models import SamEncoding, SamModel
 
 MASK_PROMPT_MODES = ("reference", "batched")
 
@@ -65,9 +64,7 @@ def _regions(member: np.ndarray, prob: np.ndarray, minimal_area: int) -> list[_R
 
 def _mask_prompt(prob_down: torch.Tensor, image_size: tuple[int, int], p: RefineParams) -> torch.Tensor:
     """The class's probability at SAM's 256 mask-prompt scale: alpha * p where p > coarse_thresh, else 0."""
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    nh, nw = ResizeLongestSide.get_preprocess_shape(image_size[0], image_size[1], 256)
+    nh, nw = SamModel.mask_prompt_size(image_size)
     r = F.interpolate(prob_down[None, None], [nh, nw], mode="bilinear", align_corners=False)[0]
     r = F.pad(r, (0, 256 - nw, 0, 256 - nh), mode="constant", value=0)
     r = torch.where(r > p.coarse_thresh, p.mask_alpha * r, torch.zeros(()))
@@ -82,27 +79,9 @@ def _decode(sam: SamModel, embedding: torch.Tensor, regions: list[_Region], half
     The reference makes one call per class; the decoder treats each prompt on its own, so calls of a few
     regions give the same masks with less memory."""
     chunk = _chunk(sam.device)
-    outs = [_decode_call(sam, embedding, regions[i:i + chunk], half, mask_prompt)
-            for i in range(0, len(regions), chunk)]
+    outs = [sam.decode(embedding, [r.point for r in regions[i:i + chunk]], [r.box for r in regions[i:i + chunk]],
+                       half, mask_prompt) for i in range(0, len(regions), chunk)]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-
-
-def _decode_call(sam: SamModel, embedding: torch.Tensor, regions: list[_Region], half: tuple[int, int],
-                 mask_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One mask-decoder call (point + box per region, the class's mask prompt)."""
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    model = sam.model
-    dev = sam.device
-    tf = ResizeLongestSide(model.image_encoder.img_size)
-    boxes = tf.apply_boxes_torch(torch.tensor([r.box for r in regions], dtype=torch.float32), half)
-    points = tf.apply_coords_torch(torch.tensor([r.point for r in regions], dtype=torch.float32), half)[:, None]
-    sparse, dense = model.prompt_encoder(points=(points.to(dev), torch.ones(len(regions), 1, device=dev)),
-                                         boxes=boxes.to(dev), masks=mask_prompt.to(dev))
-    low, iou = model.mask_decoder(image_embeddings=embedding,
-                                  image_pe=model.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
-                                  dense_prompt_embeddings=dense, multimask_output=False)
-    return low.float(), iou[:, 0].float()
 
 
 def _class_score(sam: SamModel, enc: SamEncoding, low: torch.Tensor, prob: torch.Tensor,
@@ -115,12 +94,12 @@ def _class_score(sam: SamModel, enc: SamEncoding, low: torch.Tensor, prob: torch
     score = torch.zeros(size, device=prob.device)
     union = torch.zeros(size, dtype=torch.bool, device=prob.device)
     for i in range(0, low.shape[0], chunk):
-        logits = sam.model.postprocess_masks(low[i:i + chunk], enc.input_size, enc.original_size)
+        logits = sam.upscale_masks(low[i:i + chunk], enc)
         if tuple(logits.shape[-2:]) != size:
             logits = F.interpolate(logits, size, mode="bilinear", align_corners=False)
         logits = logits[:, 0].to(prob.device)
         score = torch.maximum(score, (logits.sigmoid() * prob).max(dim=0).values)
-        union |= (logits > sam.model.mask_threshold).any(dim=0)
+        union |= (logits > sam.mask_threshold).any(dim=0)
     return score, union
 
 
@@ -133,9 +112,9 @@ def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefinePa
     require_size(image, seg.image_size, "segmentation")
     enc = encoding or seg.sam_encoding
     if enc is None:
-        enc = encode_sam(sam, round_up_to(image, 16))
+        enc = sam.encode(round_up_to(image, 16))
     else:
-        require_same_sam(enc, sam, "segmentation's SAM encoding")
+        sam.check_encoding(enc, "segmentation's SAM encoding")
     h, w = seg.image_size
     c = len(seg.classes)
     half = (h // 2, w // 2)
@@ -160,7 +139,7 @@ def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefinePa
         if not regions:
             continue
         if embedding is None:
-            embedding = image_embedding(enc, sam)
+            embedding = sam.image_embedding(enc)
         low, iou = _decode(sam, embedding, regions, half, _mask_prompt(prob_down[k], (h, w), params))
         keep = (iou > params.iou_thresh).cpu()
         for r, ok in zip(regions, keep.tolist()):

@@ -1,6 +1,6 @@
 """Text embeddings of class names (S1): 80 OpenAI ImageNet prompts per name, each normalised, averaged, normalised.
 
-The prompts run through open_clip's text tower trimmed to the longest prompt of the batch: CLIP's text mask is
+The prompts run through CLIP's text tower trimmed to the longest prompt of the batch: CLIP's text mask is
 causal and pooling takes the end-of-text token, so trimming the padding gives the same embeddings for less work.
 Embeddings are cached on the model per name, so asking again for the same names costs nothing, and on disk
 when the model has a `disk_cache` folder (the command line's), so a later run does not encode them again."""
@@ -20,41 +20,14 @@ PROMPT_BATCH = 640
 NameProgress = Callable[[int, int], None]
 
 
-def templates() -> list:
-    """open_clip's copy of OpenAI's 80 ImageNet prompt templates (the reference uses the same list)."""
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-    return list(OPENAI_IMAGENET_TEMPLATES)
-
-
-def _tokenizer():
-    from open_clip.tokenizer import _tokenizer
-
-    return _tokenizer
-
-
-def check_length(names: list[str], context_length: int = 77) -> None:
+def check_length(clip: ClipModel, names: list[str]) -> None:
     """Refuse names whose longest prompt would be cut at CLIP's context length."""
-    tok = _tokenizer()
-    longest = max(templates(), key=lambda t: len(tok.encode(t("x"))))
+    longest = max(clip.templates(), key=lambda t: clip.token_count(t("x")))
     for name in names:
-        n = len(tok.encode(longest(name))) + 2
-        if n > context_length:
+        n = clip.token_count(longest(name))
+        if n > clip.context_length:
             raise ClassListError(f"class name {name[:60]!r}... is too long: its prompts need {n} tokens, CLIP takes "
-                                 f"{context_length}. Use a shorter name.")
-
-
-@torch.no_grad()
-def encode_prompts(clip: ClipModel, tokens: torch.Tensor) -> torch.Tensor:
-    """CLIP text features [P, E] of tokenized prompts [P, 77], computed on the trimmed length."""
-    m = clip.model
-    length = int(tokens.argmax(dim=-1).max()) + 1  # the end-of-text token has the largest id
-    tokens = tokens[:, :length].to(clip.device)
-    x = m.token_embedding(tokens).to(clip.dtype) + m.positional_embedding[:length].to(clip.dtype)
-    x = m.transformer(x, attn_mask=m.attn_mask[:length, :length].to(clip.dtype))
-    x = m.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-    return x @ m.text_projection
+                                 f"{clip.context_length}. Use a shorter name.")
 
 
 @torch.no_grad()
@@ -63,21 +36,19 @@ def encode_names(clip: ClipModel, names: list[str], on_progress: NameProgress | 
 
     `on_progress(done, total)` is called after each batch with the number of names encoded so far (847 names x 80
     prompts take minutes on a CPU)."""
-    import open_clip
-
     todo = [n for n in dict.fromkeys(names) if n not in clip.text_cache]
     if todo:
-        check_length(todo)
-        tmpl = templates()
+        check_length(clip, todo)
+        tmpl = clip.templates()
         disk = None if clip.disk_cache is None else text_cache.cache_file(
             clip.disk_cache, clip.path, todo, tmpl, clip.dtype, clip.device.type)
-        emb = None if disk is None else text_cache.load(disk, todo, clip.model.text_projection.shape[1])
+        emb = None if disk is None else text_cache.load(disk, todo, clip.embed_dim)
         if emb is None:
             prompts = [t(n) for n in todo for t in tmpl]
             feats = []
             for i in range(0, len(prompts), PROMPT_BATCH):
-                tokens = open_clip.tokenize(prompts[i:i + PROMPT_BATCH])
-                feats.append(encode_prompts(clip, tokens).float())
+                tokens = clip.tokenize(prompts[i:i + PROMPT_BATCH])
+                feats.append(clip.encode_prompts(tokens).float())
                 if on_progress is not None:
                     on_progress(min(len(todo), (i + PROMPT_BATCH) // len(tmpl)), len(todo))
             per_prompt = F.normalize(torch.cat(feats), dim=-1).view(len(todo), len(tmpl), -1)

@@ -1,8 +1,7 @@
 """S3 + S4: DINO proxy attention over each window, applied to the value path of CLIP's last block.
 
-Small adapters around the libraries' own modules: timm's ViT for DINO (DINO's position-embedding formula) and
-open_clip's VisionTransformer run up to its last block, of which only ln_1, the value projection and out_proj are
-used. Windows are processed in chunks so memory does not grow with the image size."""
+The models' adapters give DINO's patch tokens and CLIP's last-block values and out-projection; this module holds
+the proxy attention between them. Windows are processed in chunks so memory does not grow with the image size."""
 
 from __future__ import annotations
 
@@ -13,8 +12,6 @@ import torch.nn.functional as F
 
 from .image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from .models import ClipModel, DinoModel
-from .onednn import linear
-from .posembed import interpolate_pos_embed
 from .windows import WindowPlan
 
 WINDOW_CHUNK = 8
@@ -44,20 +41,6 @@ def clip_to_imagenet(x: torch.Tensor) -> torch.Tensor:
     return ((x * cs + cm) - im) / istd
 
 
-@torch.no_grad()
-def dino_tokens(dino: DinoModel, x: torch.Tensor) -> torch.Tensor:
-    """DINO's final normalised patch tokens [k, g*g, D] of ImageNet-normalised windows [k, 3, w, w]."""
-    m = dino.model
-    x = x.to(device=dino.device, dtype=dino.dtype)
-    grid = (x.shape[-2] // dino.patch_size, x.shape[-1] // dino.patch_size)
-    t = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
-    t = torch.cat([m.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
-    t = t + interpolate_pos_embed(m.pos_embed[0], grid)[None]
-    t = m.norm_pre(m.pos_drop(t))
-    t = m.norm(m.blocks(t))
-    return t[:, 1:]
-
-
 def similarity_mean(feats: torch.Tensor) -> torch.Tensor:
     """Mean of the per-window token cosine matrices over all windows and entries: sum_w |sum_i f_i|^2 / (n L^2)."""
     f = F.normalize(feats.float(), dim=-1)
@@ -75,26 +58,6 @@ def proxy_attention(feats: torch.Tensor, mean: torch.Tensor, gamma: float, beta:
     empty = torch.isinf(z).all(dim=-1, keepdim=True)
     z = torch.where(empty, torch.zeros_like(z), z)
     return z.softmax(dim=-1)
-
-
-@torch.no_grad()
-def clip_values(clip: ClipModel, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """V of CLIP's last block, [k, g*g, D]: patch embedding, interpolated positions, blocks 1..L-1, drop CLS,
-    ln_1, the value third of the in-projection."""
-    v = clip.model.visual
-    x = x.to(device=clip.device, dtype=clip.dtype)
-    grid = (x.shape[-2] // clip.patch_size, x.shape[-1] // clip.patch_size)
-    t = v.conv1(x).flatten(2).transpose(1, 2)
-    cls = v.class_embedding.to(t.dtype).view(1, 1, -1).expand(t.shape[0], -1, -1)
-    t = torch.cat([cls, t], dim=1) + interpolate_pos_embed(v.positional_embedding, grid).to(t.dtype)[None]
-    t = v.ln_pre(v.patch_dropout(t))
-    blocks = v.transformer.resblocks
-    for blk in blocks[:-1]:
-        t = blk(t)
-    last = blocks[-1]
-    dim = t.shape[-1]
-    w, b = last.attn.in_proj_weight[2 * dim:], last.attn.in_proj_bias[2 * dim:]
-    return linear(last.ln_1(t[:, 1:]), w, b), grid
 
 
 def _resize_tokens(t: torch.Tensor, grid: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
@@ -118,7 +81,7 @@ def window_features(clip: ClipModel, dino: DinoModel, x: torch.Tensor, plan: Win
     n = len(plan)
     dino_feats = []
     for s in range(0, n, chunk):
-        dino_feats.append(dino_tokens(dino, clip_to_imagenet(crop_windows(x, plan, range(s, min(n, s + chunk))))))
+        dino_feats.append(dino.patch_tokens(clip_to_imagenet(crop_windows(x, plan, range(s, min(n, s + chunk))))))
         if on_chunk:
             on_chunk()
     dino_feats = torch.cat(dino_feats)
@@ -126,14 +89,13 @@ def window_features(clip: ClipModel, dino: DinoModel, x: torch.Tensor, plan: Win
     dg = plan.window // dino.patch_size
     out = []
     grid = None
-    last = clip.model.visual.transformer.resblocks[-1]
     for s in range(0, n, chunk):
         idx = range(s, min(n, s + chunk))
-        values, grid = clip_values(clip, crop_windows(x, plan, idx))
+        values, grid = clip.window_values(crop_windows(x, plan, idx))
         values = _resize_tokens(values, grid, (dg, dg))
         p = proxy_attention(dino_feats[s:s + len(idx)], mean, gamma, beta)
         o = torch.bmm(p.to(values.dtype), values)
-        out.append(linear(o, last.attn.out_proj.weight, last.attn.out_proj.bias))
+        out.append(clip.attention_output(o))
         if on_chunk:
             on_chunk()
     tokens = torch.cat(out)

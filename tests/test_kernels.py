@@ -1,4 +1,5 @@
-"""The oneDNN products (bit-identical to PyTorch's) and the adapters that route the models' layers through them."""
+"""The kernels package: oneDNN products bit-identical to PyTorch's, the timing probe that decides where they run,
+the patches `kernels.apply` installs, and the one switch that turns all of it off."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trident_core import onednn
+from trident_core import kernels
+from trident_core.kernels import clip_attention, exact_linear, timing
+from trident_core.kernels.timing import Decision
+
+
+@pytest.fixture
+def force(monkeypatch):
+    """Force every timing decision: force(True) runs our kernels, force(False) PyTorch's path."""
+    def set_choice(ours: bool) -> None:
+        monkeypatch.setattr(timing, "decide", lambda key, contenders: Decision(0.0 if ours else 2.0, 1.0))
+    return set_choice
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -23,25 +34,27 @@ SHAPES = [  # (input shape, N): the models' own products, and odd ones
 ]
 
 
+@pytest.mark.parametrize("ours", [True, False])
 @pytest.mark.parametrize("shape,n", SHAPES)
-def test_linear_is_bit_identical_to_pytorch(shape, n):
+def test_linear_is_bit_identical_to_pytorch(shape, n, ours, force):
+    force(ours)
     k = shape[-1]
     x, w, bias = _rand(*shape), _rand(n, k, seed=1) / k**0.5, _rand(n, seed=2)
     for b in (bias, None):
         want = F.linear(x, w, b)
-        got = onednn.linear(x, w, b)
+        got = exact_linear.linear(x, w, b)
         assert got.shape == want.shape and torch.equal(got, want)
     xt = _rand(*shape[:-1], 2 * k)[..., ::2]  # a strided input (a view of a wider tensor)
-    assert torch.equal(onednn.linear(xt, w, bias), F.linear(xt, w, bias))
+    assert torch.equal(exact_linear.linear(xt, w, bias), F.linear(xt, w, bias))
 
 
 def test_blocked_sum_is_the_sum_of_block_products():
     """The kernel behind `linear`, against a float64 formulation of what it computes."""
-    if not onednn.available():
+    if not exact_linear.available():
         pytest.skip("oneDNN is not available here")
     a, w, bias = _rand(300, 500), _rand(320, 500, seed=1), _rand(320, seed=2)
     cuts = ((0, 192), (192, 384), (384, 500))
-    got = onednn._blocked(a, w, bias, cuts)
+    got = exact_linear._blocked(a, w, bias, cuts)
     want = bias.double() + sum(a[:, s:e].double() @ w[:, s:e].double().T for s, e in cuts)
     assert torch.allclose(got.double(), want, atol=1e-4)
 
@@ -54,33 +67,90 @@ def test_onednn_reproduces_this_machines_blas():
 
     cpuinfo = Path("/proc/cpuinfo")
     amd = cpuinfo.is_file() and "AuthenticAMD" in cpuinfo.read_text()
-    if platform.machine().lower() not in ("x86_64", "amd64") or not onednn.available() or not amd:
+    if platform.machine().lower() not in ("x86_64", "amd64") or not exact_linear.available() or not amd:
         pytest.skip("MKL's blocks are known for AMD x86 CPUs only (and oneDNN must be on)")
-    found = {(n, k): onednn.mkl_blocks(n, k) for n, k in ((2304, 768), (3072, 768), (768, 3072), (4096, 64))}
+    found = {(n, k): exact_linear.mkl_blocks(n, k) for n, k in ((2304, 768), (3072, 768), (768, 3072), (4096, 64))}
     assert all(v is not None for v in found.values()), found
 
 
-def test_onednn_can_be_turned_off(monkeypatch):
+def test_one_setting_turns_every_kernel_off(monkeypatch, small_ckpts):
+    """TRIDENT_KERNELS=0: no oneDNN product, and a loaded model runs its libraries' own forwards (no patch)."""
+    from trident_core.models import load_sam
+
     a, b = _rand(64, 96), _rand(33, 96, seed=1)
-    monkeypatch.setenv(onednn.ENV, "0")
-    onednn.available.cache_clear()
-    onednn.mkl_blocks.cache_clear()
+    monkeypatch.setenv(kernels.ENV, "0")
+    exact_linear.available.cache_clear()
+    exact_linear.mkl_blocks.cache_clear()
     try:
-        assert not onednn.available() and onednn.mkl_blocks(33, 96) is None
-        assert torch.equal(onednn.linear(a, b), F.linear(a, b))
+        assert not exact_linear.available() and exact_linear.mkl_blocks(33, 96) is None
+        assert torch.equal(exact_linear.linear(a, b), F.linear(a, b))
+        assert kernels.apply(nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1))) == {}
+        sam = load_sam(small_ckpts["sam"])
+        assert not any("forward" in vars(m) for m in sam.model.modules())
     finally:
-        monkeypatch.delenv(onednn.ENV)
-        onednn.available.cache_clear()
-        onednn.mkl_blocks.cache_clear()
+        monkeypatch.delenv(kernels.ENV)
+        exact_linear.available.cache_clear()
+        exact_linear.mkl_blocks.cache_clear()
+    sam = load_sam(small_ckpts["sam"])
+    assert sum("forward" in vars(m) for m in sam.model.modules()) > 0
+
+
+def test_timing_probe_keeps_the_faster_path_and_remembers_it(tmp_path, monkeypatch):
+    """The first decision for a key times both contenders; the faster wins; later processes read it from disk
+    without timing again; the report counts the work run through it."""
+    monkeypatch.setenv("TRIDENT_CACHE", str(tmp_path))
+    timing.forget()
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        import time
+        time.sleep(0.003)
+
+    def fast():
+        calls.append("fast")
+
+    try:
+        d = timing.decide("test key", lambda: (fast, slow))
+        assert d.use_ours and d.ours_ms < d.torch_ms and calls.count("fast") == timing.REPEATS + 1
+        d.work += 10
+        assert d.saved_s == pytest.approx(10 * (d.torch_ms - d.ours_ms) / 1000)
+        other = timing.decide("other key", lambda: (slow, fast))
+        assert not other.use_ours and other.saved_s == 0
+        timing.forget()  # a new process: decisions come from the file, nothing is timed
+        calls.clear()
+        again = timing.decide("test key", lambda: pytest.fail("timed again"))
+        assert again.use_ours and calls == []
+        assert {r["key"] for r in timing.report()} == {"test key", "other key"}
+    finally:
+        timing.forget()
+
+
+def test_linear_follows_the_timing_decision(force, monkeypatch):
+    """Where PyTorch's path was measured faster, the blocked oneDNN kernel is never called."""
+    if not exact_linear.available():
+        pytest.skip("oneDNN is not available here")
+    if exact_linear.mkl_blocks(2304, 768) is None:  # (the exactness probe runs the kernel itself, once)
+        pytest.skip("no oneDNN blocking reproduces this machine's BLAS")
+    used = []
+    real = exact_linear._blocked
+    monkeypatch.setattr(exact_linear, "_blocked", lambda *a: used.append(1) or real(*a))
+    x, w = _rand(512, 768), _rand(2304, 768, seed=1)
+    force(False)
+    exact_linear.linear(x, w)
+    assert used == []
+    force(True)
+    exact_linear.linear(x, w)
+    assert used
 
 
 def test_gradients_and_other_dtypes_keep_pytorchs_path():
     w = _rand(8, 16, seed=1).requires_grad_()
     x = _rand(4, 16)
-    onednn.linear(x, w).sum().backward()  # autograd through F.linear
+    exact_linear.linear(x, w).sum().backward()  # autograd through F.linear
     assert torch.allclose(w.grad, x.sum(0).expand(8, 16))
     xd, wd = x.double(), w.detach().double()
-    assert torch.equal(onednn.linear(xd, wd), F.linear(xd, wd))
+    assert torch.equal(exact_linear.linear(xd, wd), F.linear(xd, wd))
 
 
 def _plain(module: nn.Module) -> nn.Module:
@@ -92,13 +162,14 @@ def _plain(module: nn.Module) -> nn.Module:
 
 
 @pytest.mark.parametrize("mask", [None, "float", "bool"])
-def test_self_attention_adapter_equals_multihead_attention(mask):
+def test_self_attention_adapter_equals_multihead_attention(mask, force):
+    force(True)
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(64, 4, batch_first=True).eval()
     with torch.no_grad():
         mha.in_proj_bias.normal_()
         mha.out_proj.bias.normal_()
-    onednn.use_onednn(mha, attention=True)
+    clip_attention.use_fast_self_attention(mha)
     x = _rand(3, 17, 64)
     m = None
     if mask == "float":
@@ -116,7 +187,7 @@ def test_self_attention_adapter_equals_multihead_attention(mask):
 
 def test_self_attention_adapter_leaves_other_calls_to_pytorch():
     mha = nn.MultiheadAttention(32, 2, batch_first=True).eval()
-    onednn.use_onednn(mha, attention=True)
+    clip_attention.use_fast_self_attention(mha)
     x, y = _rand(2, 5, 32), _rand(2, 7, 32, seed=1)
     with torch.no_grad():
         out, weights = mha(x, x, x, need_weights=True)  # attention weights asked for
@@ -126,12 +197,11 @@ def test_self_attention_adapter_leaves_other_calls_to_pytorch():
     assert torch.allclose(cross, want, atol=1e-6)
 
 
-def test_use_onednn_patches_linear_layers_and_attention_only_when_asked():
+def test_apply_patches_what_fits_and_keeps_values():
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
-    mha = nn.MultiheadAttention(16, 2, batch_first=True)
-    onednn.use_onednn(model)
-    onednn.use_onednn(mha)
-    assert all("forward" in m.__dict__ for m in model if isinstance(m, nn.Linear)) and "forward" not in mha.__dict__
+    counts = kernels.apply(model)
+    assert counts == {"exact_linear": 2, "clip_attention": 0, "sam_attention": 0, "gelu": 0}
+    assert all("forward" in m.__dict__ for m in model if isinstance(m, nn.Linear))
     x = _rand(10, 16)
     with torch.no_grad():
         assert torch.equal(model(x), _plain(model).float()(x))
@@ -143,14 +213,12 @@ def test_full_size_sam_and_dino_are_bit_identical_to_the_libraries(full_trident,
     from segment_anything.utils.transforms import ResizeLongestSide
 
     from trident_core.image import round_up_to
-    from trident_core.sam_affinity import encode_sam
-    from trident_core.window_features import dino_tokens
 
     if full_trident.sam.device.type != "cpu":
         pytest.skip("the CPU path")
     sam, dino = full_trident.sam, full_trident.dino
     img = round_up_to(photo[:, :400], 16)
-    enc = encode_sam(sam, img)
+    enc = sam.encode(img)
     plain_sam = _plain(sam.model).float()
     seen = {}
     hook = plain_sam.image_encoder.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, o: seen.update(qkv=o))
@@ -164,4 +232,4 @@ def test_full_size_sam_and_dino_are_bit_identical_to_the_libraries(full_trident,
 
     windows = _rand(4, 3, 336, 336)
     plain_dino = dataclasses.replace(dino, model=_plain(dino.model).float())
-    assert torch.equal(dino_tokens(dino, windows), dino_tokens(plain_dino, windows))
+    assert torch.equal(dino.patch_tokens(windows), plain_dino.patch_tokens(windows))

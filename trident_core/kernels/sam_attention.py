@@ -2,7 +2,7 @@
 
 SAM ViT-B's global blocks would otherwise hold [heads, 4096, 4096] matrices (0.8 GB each in float32). Softmax is
 per row, so the banded result is the full one. On the CPU each band repeats segment_anything's operations in its
-order, one head at a time (bit-identical results; q kᵀ through `onednn.linear`); on a GPU the band goes
+order, one head at a time (bit-identical results; q kᵀ through `exact_linear.linear`); on a GPU the band goes
 through `scaled_dot_product_attention` with the decomposed relative-position term as an additive bias (a fused
 kernel; equal up to rounding)."""
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .onednn import linear
+from .exact_linear import linear
 
 
 def query_band(device: torch.device) -> int:
@@ -69,7 +69,14 @@ def banded_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.proj(out)
 
 
-def use_banded_attention(image_encoder: nn.Module) -> None:
-    """Give every attention module of a SAM image encoder the banded forward (same results, less memory)."""
-    for blk in image_encoder.blocks:
-        blk.attn.forward = types.MethodType(banded_attention_forward, blk.attn)
+def use_banded_attention(model: nn.Module) -> int:
+    """Give every attention module of a SAM image encoder the banded forward (same results, less memory);
+    returns how many."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    count = 0
+    for mod in model.modules():
+        if isinstance(mod, Attention):
+            mod.forward = types.MethodType(banded_attention_forward, mod)
+            count += 1
+    return count

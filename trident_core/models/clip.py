@@ -1,0 +1,179 @@
+"""CLIP through open_clip: the one module that knows open_clip's model, tokenizer and prompt templates.
+
+Trident needs of CLIP the image tower run up to its last block's value projection on each window, that block's
+out-projection, the final projection into the joint space, and the text tower on the class names' prompts."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoints import CheckpointError, expect_family, read_state_dict
+from ..kernels import linear
+from ..posembed import interpolate_pos_embed
+from .loading import check_materialised, count_blocks, load_strict, on_meta, place
+
+# Architectures OpenAI released; their weights were trained with QuickGELU (open_clip's plain configs use GELU).
+OPENAI_ARCHS = {"ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"}
+
+
+@dataclass(eq=False)
+class ClipModel:
+    """An open_clip CLIP model plus what Trident needs to know of it."""
+
+    model: nn.Module
+    arch: str
+    patch_size: int
+    path: str
+    quick_gelu: bool
+    text_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    disk_cache: Path | None = field(default=None, repr=False)  # folder of text embeddings kept between runs
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.visual.conv1.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.visual.conv1.weight.dtype
+
+    @property
+    def embed_dim(self) -> int:
+        """The joint image-text space's width E."""
+        return self.model.text_projection.shape[1]
+
+    @property
+    def context_length(self) -> int:
+        return self.model.positional_embedding.shape[0]
+
+    # ------------------------------------------------------------------------------------------- image tower
+
+    @torch.no_grad()
+    def window_values(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """V of the last block [k, g*g, D] for CLIP-normalised windows x [k, 3, w, w], and the token grid: patch
+        embedding, interpolated positions, blocks 1..L-1, CLS dropped, ln_1, the value third of the in-projection."""
+        v = self.model.visual
+        x = x.to(device=self.device, dtype=self.dtype)
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        t = v.conv1(x).flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(t.dtype).view(1, 1, -1).expand(t.shape[0], -1, -1)
+        t = torch.cat([cls, t], dim=1) + interpolate_pos_embed(v.positional_embedding, grid).to(t.dtype)[None]
+        t = v.ln_pre(v.patch_dropout(t))
+        blocks = v.transformer.resblocks
+        for blk in blocks[:-1]:
+            t = blk(t)
+        last = blocks[-1]
+        dim = t.shape[-1]
+        w, b = last.attn.in_proj_weight[2 * dim:], last.attn.in_proj_bias[2 * dim:]
+        return linear(last.ln_1(t[:, 1:]), w, b), grid
+
+    @torch.no_grad()
+    def attention_output(self, o: torch.Tensor) -> torch.Tensor:
+        """The last block's out-projection of attended values o [..., D]."""
+        return self.model.visual.transformer.resblocks[-1].attn.out_proj(o)
+
+    @torch.no_grad()
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ln_post and the projection into the joint space, [..., D] -> [..., E] float32."""
+        v = self.model.visual
+        t = tokens.to(device=self.device, dtype=self.dtype)
+        return (v.ln_post(t) @ v.proj).float()
+
+    # -------------------------------------------------------------------------------------------- text tower
+
+    @staticmethod
+    def templates() -> list:
+        """open_clip's copy of OpenAI's 80 ImageNet prompt templates (the reference uses the same list)."""
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        return list(OPENAI_IMAGENET_TEMPLATES)
+
+    @staticmethod
+    def token_count(text: str) -> int:
+        """Tokens CLIP's tokenizer gives `text`, start and end of text included."""
+        from open_clip.tokenizer import _tokenizer
+
+        return len(_tokenizer.encode(text)) + 2
+
+    @staticmethod
+    def tokenize(prompts: list[str]) -> torch.Tensor:
+        """Prompts as token ids [P, 77]."""
+        import open_clip
+
+        return open_clip.tokenize(prompts)
+
+    @torch.no_grad()
+    def encode_prompts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text features [P, E] of tokenized prompts [P, 77], computed on the longest prompt's length: the text
+        mask is causal and pooling takes the end-of-text token, so the padding changes nothing."""
+        m = self.model
+        length = int(tokens.argmax(dim=-1).max()) + 1  # the end-of-text token has the largest id
+        tokens = tokens[:, :length].to(self.device)
+        x = m.token_embedding(tokens).to(self.dtype) + m.positional_embedding[:length].to(self.dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length].to(self.dtype))
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return x @ m.text_projection
+
+
+def _clip_config(sd: dict[str, torch.Tensor]) -> tuple[str, dict]:
+    """open_clip config read off an OpenAI/open_clip-layout state dict; head widths from a matching named config."""
+    import open_clip
+
+    if "visual.proj" not in sd:
+        raise CheckpointError("only ViT CLIP models are supported (this checkpoint has a ResNet image tower)")
+    vision = dict(
+        width=sd["visual.conv1.weight"].shape[0],
+        layers=count_blocks(sd, "visual.transformer.resblocks."),
+        patch_size=sd["visual.conv1.weight"].shape[-1],
+        image_size=sd["visual.conv1.weight"].shape[-1]
+        * round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1)),
+    )
+    text = dict(
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        width=sd["ln_final.weight"].shape[0],
+        layers=count_blocks(sd, "transformer.resblocks."),
+    )
+    embed_dim = sd["text_projection"].shape[1]
+    for name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name)
+        vc, tc = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+        if (cfg.get("embed_dim") == embed_dim and all(vc.get(k) == vision[k] for k in vision)
+                and all(tc.get(k, 77 if k == "context_length" else 49408 if k == "vocab_size" else None) == text[k]
+                        for k in text) and "hf_model_name" not in tc and not vc.get("timm_model_name")):
+            vision["head_width"] = vc.get("head_width", 64)
+            text["heads"] = tc.get("heads", text["width"] // 64)
+            return name.removesuffix("-quickgelu"), dict(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text)
+    vision["head_width"] = 64
+    text["heads"] = max(1, text["width"] // 64)
+    arch = f"ViT-w{vision['width']}-L{vision['layers']}-p{vision['patch_size']}"
+    return arch, dict(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text)
+
+
+def load_clip(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              quick_gelu: bool | None = None) -> ClipModel:
+    """Load a CLIP ViT from an open_clip state dict (.safetensors/.bin/.pt) or OpenAI's TorchScript file.
+
+    `quick_gelu=None` uses QuickGELU for the architectures OpenAI released (their weights need it) and GELU
+    otherwise (e.g. LAION's ViT-H-14)."""
+    import open_clip
+
+    sd = read_state_dict(path)
+    expect_family(sd, "clip", path)
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):  # TorchScript extras
+        sd.pop(key, None)
+    arch, cfg = _clip_config(sd)
+    qg = arch in OPENAI_ARCHS if quick_gelu is None else quick_gelu
+    model = on_meta(lambda: open_clip.CLIP(**cfg, quick_gelu=qg))
+    sd = {k: v.float() for k, v in sd.items()}
+    load_strict(model, sd, path, f"open_clip CLIP {arch}")
+    n = model.positional_embedding.shape[0]  # the causal text mask is a non-persistent buffer: rebuilt as open_clip
+    model.attn_mask = torch.full((n, n), float("-inf")).triu_(1)
+    check_materialised(model, path)
+    return ClipModel(place(model, device, dtype), arch, cfg["vision_cfg"]["patch_size"], str(path), qg)

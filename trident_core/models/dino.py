@@ -1,0 +1,69 @@
+"""DINO through timm: the one module that knows timm's VisionTransformer. Trident needs of DINO only its final
+normalised patch tokens for each window, with DINO's position-embedding interpolation."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..checkpoints import expect_family, read_state_dict
+from ..posembed import interpolate_pos_embed
+from .loading import check_materialised, count_blocks, load_strict, on_meta, place
+
+
+@dataclass(eq=False)
+class DinoModel:
+    """A DINO ViT (timm's VisionTransformer with DINO's weights)."""
+
+    model: nn.Module
+    arch: str
+    patch_size: int
+    path: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.cls_token.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.cls_token.dtype
+
+    @torch.no_grad()
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The final normalised patch tokens [k, g*g, D] of ImageNet-normalised windows x [k, 3, w, w]."""
+        m = self.model
+        x = x.to(device=self.device, dtype=self.dtype)
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        t = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        t = torch.cat([m.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
+        t = t + interpolate_pos_embed(m.pos_embed[0], grid)[None]
+        t = m.norm_pre(m.pos_drop(t))
+        t = m.norm(m.blocks(t))
+        return t[:, 1:]
+
+
+def load_dino(path: str | os.PathLike, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> DinoModel:
+    """Load a DINO v1 ViT (e.g. dino_vitbase16_pretrain.pth, dino_deitsmall16_pretrain.pth) into timm's ViT."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    sd = read_state_dict(path)
+    expect_family(sd, "dino", path)
+    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    dim = sd["cls_token"].shape[-1]
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    depth = count_blocks(sd, "blocks.")
+    grid = round(math.sqrt(sd["pos_embed"].shape[1] - 1))
+    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    heads = max(1, dim // 64)
+    model = on_meta(lambda: VisionTransformer(
+        img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd, num_classes=0))
+    arch = {384: "ViT-S", 768: "ViT-B"}.get(dim, f"ViT-{dim}") + f"/{patch}"
+    load_strict(model, {k: v.float() for k, v in sd.items()}, path, f"DINO {arch}")
+    check_materialised(model, path)
+    return DinoModel(place(model, device, dtype), arch, patch, str(path))

@@ -1,0 +1,50 @@
+"""What the three loaders share: building a model on the meta device, assigning the file's tensors strictly, and
+placing it for inference with the kernels applied."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..checkpoints import CheckpointError
+
+
+def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike, what: str) -> None:
+    """load_state_dict(strict=True) with an error that says which file does not fit which model."""
+    try:
+        module.load_state_dict(sd, strict=True, assign=True)  # the file's tensors become the weights: no copy
+    except RuntimeError as e:
+        first = str(e).split("\n\t")[:3]
+        raise CheckpointError(f"{path}: does not fit {what}: {' '.join(first)[:600]}") from e
+
+
+def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a model's structure without allocating or initialising weights (the checkpoint's tensors are then
+    assigned by `load_strict`); saves the time of random initialisation that the file overwrites anyway."""
+    with torch.device("meta"):
+        return build()
+
+
+def check_materialised(module: nn.Module, path: str | os.PathLike) -> None:
+    """Every parameter and buffer came from the file or was rebuilt (none left on the meta device)."""
+    left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: the checkpoint lacks tensors the model needs: {', '.join(left[:5])}")
+
+
+def count_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    """The number of numbered blocks `prefix<i>.` in a state dict."""
+    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def place(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """The model in inference mode on `device` in `dtype`, with the kernels' tricks applied (kernels.apply)."""
+    module = module.to(device=device, dtype=dtype).eval()
+    module.requires_grad_(False)
+    kernels.apply(module)
+    return module

@@ -1,0 +1,210 @@
+"""Segment Anything through segment_anything: the one module that knows its encoder, prompt encoder, mask decoder
+and transforms.
+
+Trident needs of SAM: the encoder run up to the last block's qkv projection (q, k, v are all the affinity needs),
+that block's attention probabilities and value cosines for a band of query tokens, the rest of the encoder when
+the refinement asks for the image embedding, and the mask decoder on point + box + mask prompts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoints import SAM_HQ_EXTRAS, CheckpointError, expect_family, read_state_dict
+from ..kernels import attention_probs, linear
+from .loading import check_materialised, count_blocks, load_strict, on_meta, place
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+PATCH = 16  # SAM's encoder patch: a token per 16x16 pixels of its input
+MASK_PROMPT_SIDE = 256  # the mask decoder's low-resolution side
+_ARCHS = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
+
+
+@dataclass(frozen=True, eq=False)
+class SamEncoding:
+    """One SAM encoding of an image (or tile): the last block's q, k, v [heads, 64*64, head_dim] (float32) and its
+    input (to finish the encoder for the mask decoder: `SamModel.image_embedding`). Never changed once made."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    last_input: torch.Tensor
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+    padded_grid: tuple[int, int]
+    made_by: str = ""
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The valid token region (hs, ws): the resized image's size // 16."""
+        return self.input_size[0] // PATCH, self.input_size[1] // PATCH
+
+    def to(self, device: torch.device | str) -> SamEncoding:
+        """The encoding with its tensors on `device` (itself when they are there)."""
+        if self.q.device == torch.device(device):
+            return self
+        return SamEncoding(self.q.to(device), self.k.to(device), self.v.to(device), self.last_input.to(device),
+                           self.input_size, self.original_size, self.padded_grid, self.made_by)
+
+
+@dataclass(eq=False)
+class SamModel:
+    """A segment_anything Sam model."""
+
+    model: nn.Module
+    arch: str
+    path: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.image_encoder.patch_embed.proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.image_encoder.patch_embed.proj.weight.dtype
+
+    @property
+    def num_heads(self) -> int:
+        return self.model.image_encoder.blocks[-1].attn.num_heads
+
+    @property
+    def identity(self) -> str:
+        """Which SAM made an encoding: its architecture and file (another SAM cannot decode or explain it)."""
+        return f"{self.arch} from {self.path}"
+
+    def check_encoding(self, enc: SamEncoding, what: str) -> None:
+        """Refuse an encoding made by another SAM (its tokens mean nothing to this one)."""
+        if enc.made_by != self.identity:
+            raise ValueError(f"the {what} was made with SAM {enc.made_by}, but the SAM given here is "
+                             f"{self.identity}: connect the SAM that made it (the one given to Splice & Aggregate)")
+
+    # ---------------------------------------------------------------------------------------------- encoder
+
+    @torch.no_grad()
+    def encode(self, image: np.ndarray) -> SamEncoding:
+        """SAM's ResizeLongestSide, pixel normalisation, padding and image encoder on an RGB uint8 image, stopped
+        at the last block's qkv projection."""
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        model = self.model
+        enc = model.image_encoder
+        resized = ResizeLongestSide(enc.img_size).apply_image(image)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        input_size = tuple(x.shape[-2:])
+        x = model.preprocess(x.float()).to(self.dtype)
+        x = enc.patch_embed(x)  # ImageEncoderViT.forward, stopped at the last block's qkv projection
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        for blk in enc.blocks[:-1]:
+            x = blk(x)
+        last = enc.blocks[-1]
+        qkv = last.attn.qkv(last.norm1(x))
+        b, h, w, _ = qkv.shape
+        heads = last.attn.num_heads
+        q, k, v = qkv.float().reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * heads, h * w, -1)
+        return SamEncoding(q, k, v, x, input_size, tuple(image.shape[:2]), (h, w), self.identity)
+
+    @torch.no_grad()
+    def image_embedding(self, enc: SamEncoding) -> torch.Tensor:
+        """The encoder's output [1, 256, 64, 64] (float32) on SAM's device: the last block and the neck, finished
+        from the encoding (a new tensor; the encoding is left as it is)."""
+        encoder = self.model.image_encoder
+        x = encoder.blocks[-1](enc.last_input.to(device=self.device, dtype=self.dtype))
+        return encoder.neck(x.permute(0, 3, 1, 2)).float()
+
+    def head_attention(self, enc: SamEncoding, rows: torch.Tensor) -> Callable[[int], torch.Tensor]:
+        """A function of the head h giving the last block's attention probabilities [len(rows), 64*64] for the
+        query tokens `rows` (softmax over all tokens, padding included, relative position added)."""
+        from segment_anything.modeling.image_encoder import get_rel_pos
+
+        attn_mod = self.model.image_encoder.blocks[-1].attn
+        grid = enc.padded_grid
+        q = enc.q[:, rows]
+        rel_h = rel_w = None
+        if attn_mod.use_rel_pos:
+            rh = get_rel_pos(grid[0], grid[0], attn_mod.rel_pos_h.float())  # [ph, ph, c]
+            rw = get_rel_pos(grid[1], grid[1], attn_mod.rel_pos_w.float())
+            rel_h = torch.einsum("hrc,rkc->hrk", q, rh[rows // grid[1]])  # [heads, r, ph]
+            rel_w = torch.einsum("hrc,rkc->hrk", q, rw[rows % grid[1]])  # [heads, r, pw]
+        return lambda h: attention_probs(q[h], enc.k[h], attn_mod.scale, grid, None if rel_h is None else rel_h[h],
+                                         None if rel_w is None else rel_w[h])
+
+    @staticmethod
+    def value_cosines(unit_v: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
+        """Each head's cosines [stop-start, N] of the query tokens start..stop with all tokens, from the last
+        block's L2-normalised values unit_v [heads, N, head_dim]."""
+        return [linear(unit_v[h, start:stop], unit_v[h]) for h in range(unit_v.shape[0])]
+
+    # ----------------------------------------------------------------------------------------- mask decoder
+
+    @property
+    def mask_threshold(self) -> float:
+        return self.model.mask_threshold
+
+    @staticmethod
+    def mask_prompt_size(image_size: tuple[int, int]) -> tuple[int, int]:
+        """The unpadded size of an image of `image_size` at the mask decoder's 256 scale."""
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        return ResizeLongestSide.get_preprocess_shape(image_size[0], image_size[1], MASK_PROMPT_SIDE)
+
+    @torch.no_grad()
+    def decode(self, embedding: torch.Tensor, points: list[tuple[int, int]], boxes: list[tuple[int, int, int, int]],
+               size: tuple[int, int], mask_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One mask-decoder call, a positive point (x, y) and a box (x1, y1, x2, y2) per prompt in an image of
+        `size`, all with the same mask prompt: low-res mask logits [n, 1, 256, 256] and predicted IoUs [n]."""
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        model = self.model
+        dev = self.device
+        tf = ResizeLongestSide(model.image_encoder.img_size)
+        box_t = tf.apply_boxes_torch(torch.tensor(boxes, dtype=torch.float32), size)
+        point_t = tf.apply_coords_torch(torch.tensor(points, dtype=torch.float32), size)[:, None]
+        sparse, dense = model.prompt_encoder(points=(point_t.to(dev), torch.ones(len(points), 1, device=dev)),
+                                             boxes=box_t.to(dev), masks=mask_prompt.to(dev))
+        low, iou = model.mask_decoder(image_embeddings=embedding,
+                                      image_pe=model.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+                                      dense_prompt_embeddings=dense, multimask_output=False)
+        return low.float(), iou[:, 0].float()
+
+    @torch.no_grad()
+    def upscale_masks(self, low: torch.Tensor, enc: SamEncoding) -> torch.Tensor:
+        """Low-res mask logits [n, 1, 256, 256] at the encoded image's original size: SAM's 256 -> 1024 -> crop
+        -> original path."""
+        return self.model.postprocess_masks(low, enc.input_size, enc.original_size)
+
+
+def load_sam(path: str | os.PathLike, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> SamModel:
+    """Load Segment Anything (vit_b / vit_l / vit_h, or any encoder size read off the file). A SAM-HQ file loads
+    as the SAM it extends: the same ViT encoder and mask decoder, its HQ extras left aside."""
+    from segment_anything.build_sam import _build_sam
+
+    sd = read_state_dict(path)
+    expect_family(sd, "sam", path)
+    sd = {k: v for k, v in sd.items() if not k.startswith(SAM_HQ_EXTRAS)}
+    dim = sd["image_encoder.patch_embed.proj.weight"].shape[0]
+    depth = count_blocks(sd, "image_encoder.blocks.")
+    head_dim = sd[f"image_encoder.blocks.{depth - 1}.attn.rel_pos_h"].shape[1]
+    global_idx = [i for i in range(depth) if sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * 64 - 1]
+    if depth - 1 not in global_idx:
+        raise CheckpointError(f"{path}: the last SAM encoder block must use global attention")
+    model = on_meta(lambda: _build_sam(encoder_embed_dim=dim, encoder_depth=depth, encoder_num_heads=dim // head_dim,
+                                       encoder_global_attn_indexes=global_idx, checkpoint=None))
+    arch = _ARCHS.get((dim, depth), f"vit_{dim}x{depth}")
+    load_strict(model, {k: v.float() for k, v in sd.items()}, path, f"SAM {arch}")
+    # pixel_mean/std are non-persistent buffers: rebuilt with the values segment_anything's _build_sam passes
+    model.pixel_mean = torch.tensor(PIXEL_MEAN).view(-1, 1, 1)
+    model.pixel_std = torch.tensor(PIXEL_STD).view(-1, 1, 1)
+    check_materialised(model, path)
+    # Prompt encoder and mask decoder stay float32 (as the reference keeps them), the encoder may be half.
+    model = place(model, device, torch.float32)
+    model.image_encoder.to(dtype)
+    return SamModel(model, arch, str(path))
+
