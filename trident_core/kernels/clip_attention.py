@@ -8,14 +8,13 @@ threshold), so it runs only for shapes where it was measured faster here (`timin
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import timing
 from .exact_linear import linear
+from .patching import patch_forward
 
 
 def _attention(self: nn.MultiheadAttention, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -60,9 +59,4 @@ def _self_attention_forward(self: nn.MultiheadAttention, query: torch.Tensor, ke
 
 def use_fast_self_attention(model: nn.Module) -> int:
     """Give every nn.MultiheadAttention of a model the forward above; returns how many."""
-    count = 0
-    for mod in model.modules():
-        if isinstance(mod, nn.MultiheadAttention):
-            mod.forward = types.MethodType(_self_attention_forward, mod)
-            count += 1
-    return count
+    return patch_forward(model, lambda m: isinstance(m, nn.MultiheadAttention), _self_attention_forward)

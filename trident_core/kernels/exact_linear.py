@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import platform
-import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import timing
+from .patching import patch_forward
 from .switch import enabled
 
 ROWS = 256  # rows per chunk: the chunk's output stays in cache while its blocks are added
@@ -131,9 +131,4 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def use_exact_linear(model: nn.Module) -> int:
     """Route every nn.Linear of a model through `linear` (bit-identical); returns how many."""
-    count = 0
-    for mod in model.modules():
-        if isinstance(mod, nn.Linear):
-            mod.forward = types.MethodType(_linear_forward, mod)
-            count += 1
-    return count
+    return patch_forward(model, lambda m: isinstance(m, nn.Linear), _linear_forward)

@@ -5,11 +5,11 @@ allocated twice (SAM ViT-B: 50 MB per block)."""
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .patching import patch_forward
 
 MLP_CLASSES = ("Mlp", "MLPBlock")  # timm's ViT MLP (fc1, act, fc2) and segment_anything's (lin1, act, lin2)
 
@@ -22,10 +22,6 @@ def _gelu_forward_in_place(self: nn.GELU, x: torch.Tensor) -> torch.Tensor:
 
 def use_gelu_in_place(model: nn.Module) -> int:
     """Give the GELU of every timm / segment_anything MLP block the in-place forward; returns how many."""
-    count = 0
-    for mod in model.modules():
-        act = getattr(mod, "act", None)
-        if type(mod).__name__ in MLP_CLASSES and isinstance(act, nn.GELU):
-            act.forward = types.MethodType(_gelu_forward_in_place, act)
-            count += 1
-    return count
+    acts = nn.ModuleList(m.act for m in model.modules()
+                         if type(m).__name__ in MLP_CLASSES and isinstance(getattr(m, "act", None), nn.GELU))
+    return patch_forward(acts, lambda m: isinstance(m, nn.GELU), _gelu_forward_in_place)

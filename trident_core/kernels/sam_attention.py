@@ -8,13 +8,12 @@ kernel; equal up to rounding)."""
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .exact_linear import linear
+from .patching import patch_forward
 
 
 def query_band(device: torch.device) -> int:
@@ -74,9 +73,4 @@ def use_banded_attention(model: nn.Module) -> int:
     returns how many."""
     from segment_anything.modeling.image_encoder import Attention
 
-    count = 0
-    for mod in model.modules():
-        if isinstance(mod, Attention):
-            mod.forward = types.MethodType(banded_attention_forward, mod)
-            count += 1
-    return count
+    return patch_forward(model, lambda m: isinstance(m, Attention), banded_attention_forward)
