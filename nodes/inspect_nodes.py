@@ -17,7 +17,7 @@ from ..trident_core.inspect import (
     point_to_pixels,
 )
 from ..trident_core.sam_affinity import CORRELATIONS
-from . import types as T
+from . import sockets as T
 from .comfy_bridge import Progress, intermediate_device
 from .stages import P
 

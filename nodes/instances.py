@@ -15,7 +15,7 @@ from ..trident_core.instances import (
     find_instances,
     object_classes,
 )
-from . import types as T
+from . import sockets as T
 from .comfy_bridge import Progress, intermediate_device
 
 # Impact-Pack's SEG (impact/core.py), rebuilt so the pack loads without Impact-Pack; its nodes read the fields by

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..trident_core.devices import PRECISIONS, resolve_dtype
 from ..trident_core.download import ModelFileMissing, ensure_file
 from ..trident_core.models import load_clip, load_dino, load_sam
-from . import types as T
+from . import sockets as T
 from .comfy_bridge import (
     FOLDERS,
     auto_dtype,

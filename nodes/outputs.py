@@ -8,7 +8,7 @@ import torch
 from ..trident_core.classes import class_indices
 from ..trident_core.image import to_rgb_uint8
 from ..trident_core.render import color_labels, legend, masks_for, overlay
-from . import types as T
+from . import sockets as T
 from .comfy_bridge import intermediate_device
 
 

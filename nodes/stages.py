@@ -24,7 +24,7 @@ from ..trident_core.presets import PRESETS, Params
 from ..trident_core.refine import MASK_PROMPT_MODES, refine
 from ..trident_core.sam_affinity import CORRELATIONS
 from ..trident_core.text import encode_classes
-from . import types as T
+from . import sockets as T
 from .comfy_bridge import Progress, count_progress, to_intermediate
 
 P = Params()
@@ -79,7 +79,7 @@ class EncodeClasses:
         return (to_intermediate(T.EncodedClasses(cl, encode_classes(clip.model, cl, count_progress()))),)
 
 
-class WindowFeatures:
+class WindowFeaturesNode:
     """S0, S2-S4: windows and CLIP's DINO-guided features."""
 
     CATEGORY = T.CATEGORY
@@ -341,7 +341,7 @@ class TridentSegment:
 
 NODE_CLASS_MAPPINGS = {
     "TridentEncodeClasses": EncodeClasses,
-    "TridentWindowFeatures": WindowFeatures,
+    "TridentWindowFeatures": WindowFeaturesNode,
     "TridentSpliceAggregate": SpliceAggregate,
     "TridentClassify": Classify,
     "TridentSamRefine": SamRefine,
