@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trident_core import Trident, get_preset, parse_classes  # noqa: E402
 from trident_core.aggregation import encode_tiles, parse_tiles, splice_and_aggregate  # noqa: E402
 from trident_core.classify import classify  # noqa: E402
-from trident_core.pipeline import compute_window_features, refine_params  # noqa: E402
+from trident_core.pipeline import compute_window_features  # noqa: E402
 from trident_core.refine import refine  # noqa: E402
 
 CLASSES = "person, flag, rocket, sky"
@@ -127,17 +127,16 @@ def run_case(tr: Trident, name: str, device: torch.device) -> dict:
         with m.stage("text_again"):
             tr.text(classes)
         with m.stage("windows (S0-S4)"):
-            wf = compute_window_features(tr.clip, tr.dino, img, params)
+            wf = compute_window_features(tr.clip, tr.dino, img, params.windows)
         with m.stage("sam_encoder (S6)"):
-            encs = encode_tiles(tr.sam, img, parse_tiles(params.sam_tiles, img.shape[:2]))
+            encs = encode_tiles(tr.sam, img, parse_tiles(params.aggregation.sam_tiles, img.shape[:2]))
         with m.stage("aggregate (S5-S7)"):
-            fm = splice_and_aggregate(wf, tr.clip, tr.sam, img, params.correlation, params.paradigm,
-                                      params.sam_tiles, params.cos_fac, params.refine_neg_cos, encodings=encs)
+            fm = splice_and_aggregate(wf, tr.clip, tr.sam, img, params.aggregation, encodings=encs)
         with m.stage("classify (S8)"):
-            seg = classify(fm, text, classes, params.logit_scale, params.prob_thd)
+            seg = classify(fm, text, classes, params.classification)
         if refine_on:
             with m.stage("refine (S9)"):
-                seg = refine(seg, tr.sam, img, refine_params(params))
+                seg = refine(seg, tr.sam, img, params.refinement)
     image_s = sum(r["seconds"] for k, r in m.rows.items() if not k.startswith("text"))
     return {"case": name, "preset": preset, "image_hw": list(size), "refine": refine_on, "stages": m.rows,
             "image_seconds": round(image_s, 2), "peak_mb": round(m.peak, 1), "refine_info": seg.info}

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 
@@ -20,6 +22,7 @@ from ..trident_core.download import MODELS, cache_dir
 # role -> folder_paths name, which is also the sub-folder of ComfyUI's models/ folder
 FOLDERS = {"clip": "open_clip", "dino": "dino", "sam": "sams"}
 EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin")
+R = TypeVar("R")
 
 
 def _comfy(name: str) -> ModuleType | None:
@@ -222,6 +225,18 @@ class Progress:
     def step(self) -> None:
         check_interrupt()
         self.bar.update(1)
+
+
+def each_image(fn: Callable[..., R], *batches: Sequence) -> list[R]:
+    """`fn(*items, progress)` for each image of the batch (the batches zipped, in order), with one progress bar:
+    it advances after each image, and Cancel is honoured between images and, through `progress`, between stages.
+    Whatever `fn` holds for an image is freed before the next image starts."""
+    progress = Progress(len(batches[0]))
+    out = []
+    for items in zip(*batches):
+        out.append(fn(*items, progress))
+        progress.step()
+    return out
 
 
 def count_progress() -> object:

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import torch
 
+from ..trident_core.config import CORRELATIONS, AggregateConfig
 from ..trident_core.image import to_rgb_uint8
 from ..trident_core.inspect import (
     POINT_UNITS,
     class_probability,
+    feature_map_encodings,
     heat_rgb,
-    image_encodings,
     mark_point,
     pca_rgb,
     point_affinity,
     point_to_pixels,
 )
-from ..trident_core.sam_affinity import CORRELATIONS
-from . import types as T
-from .comfy_bridge import Progress, intermediate_device
-from .stages import P
+from . import sockets as T
+from .comfy_bridge import each_image, intermediate_device
+
+A = AggregateConfig()  # the defaults of Splice & Aggregate
 
 
 def _out(*batches: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -95,10 +96,10 @@ class InspectPointAffinity:
             "units": (list(POINT_UNITS), {"default": "fraction", "tooltip": "Whether x and y are fractions of the "
                                                                           "image's size or pixels."}),
             "correlation": ([c for c in CORRELATIONS if c != "none"], {
-                "default": P.correlation, "tooltip": "Which correlation to show (affinity is the method's)."}),
-            "cos_fac": ("FLOAT", {"default": P.cos_fac, "min": -10.0, "max": 10.0, "step": 0.05,
+                "default": A.correlation, "tooltip": "Which correlation to show (affinity is the method's)."}),
+            "cos_fac": ("FLOAT", {"default": A.cos_fac, "min": -10.0, "max": 10.0, "step": 0.05,
                                   "tooltip": "Threshold factor of the affinity, as in Splice & Aggregate."}),
-            "refine_neg_cos": ("BOOLEAN", {"default": P.refine_neg_cos,
+            "refine_neg_cos": ("BOOLEAN", {"default": A.refine_neg_cos,
                                            "tooltip": "As in Splice & Aggregate."}),
         }, "optional": {
             "image": ("IMAGE", {"tooltip": "The segmented image; needed only when the feature map has no SAM "
@@ -112,22 +113,17 @@ class InspectPointAffinity:
         if image is not None:
             T.images(image)
         T.ready(sam)
-        progress = Progress(len(feature_map))
-        heat, values = [], []
-        for b, fm in enumerate(feature_map):
-            encodings, tiles = fm.sam_tile_encodings, fm.tiles
-            if not encodings:
-                if image is None or image.shape[0] != len(feature_map):
-                    raise ValueError("this feature map has no SAM encoding (segment_then_splice): connect the image "
-                                     "it was made from to 'image'")
-                encodings, tiles = image_encodings(sam.model, to_rgb_uint8(image[b]), fm.image_size), (1, 1)
+        same_batch = image is not None and image.shape[0] == len(feature_map)
+
+        def one(b: int, fm: object, _progress: object) -> tuple[torch.Tensor, torch.Tensor]:
+            encodings, tiles = feature_map_encodings(fm, sam.model, to_rgb_uint8(image[b]) if same_batch else None)
             point = point_to_pixels(x, y, units, fm.image_size)
             amap = point_affinity(encodings, tiles, sam.model, fm.image_size, point, correlation, cos_fac,
                                   refine_neg_cos)
-            heat.append(mark_point(heat_rgb(amap), point))
-            values.append(amap)
-            progress.step()
-        return _out(heat, values)
+            return mark_point(heat_rgb(amap), point), amap
+
+        heat, values = zip(*each_image(one, range(len(feature_map)), feature_map))
+        return _out(list(heat), list(values))
 
 
 NODE_CLASS_MAPPINGS = {"TridentInspectFeatures": InspectFeatures,

@@ -15,8 +15,8 @@ from ..trident_core.instances import (
     find_instances,
     object_classes,
 )
-from . import types as T
-from .comfy_bridge import Progress, intermediate_device
+from . import sockets as T
+from .comfy_bridge import each_image, intermediate_device
 
 # Impact-Pack's SEG (impact/core.py), rebuilt so the pack loads without Impact-Pack; its nodes read the fields by
 # name. SEGS = ((H, W), [SEG, ...]).
@@ -74,15 +74,15 @@ class TridentInstances:
         size = tuple(image.shape[1:3])
         check_min_area(min_area)
         check_crop_factor(crop_factor)
-        progress = Progress(len(segmentation))
-        objects: list[Instance] = []
-        for b, seg in enumerate(segmentation):
+
+        def one(b: int, seg: object, _progress: object) -> list[Instance]:
             if tuple(seg.image_size) != size:
                 raise ValueError(f"the image is {size[1]}x{size[0]}, the segmentation {seg.image_size[1]}x"
                                  f"{seg.image_size[0]}: connect the segmented image")
-            objects += find_instances(seg.labels, object_classes(seg.classes, classes), seg.classes.names, min_area,
-                                      seg.probs, frame=b)
-            progress.step()
+            return find_instances(seg.labels, object_classes(seg.classes, classes), seg.classes.names, min_area,
+                                  seg.probs, frame=b)
+
+        objects = [o for frame in each_image(one, range(len(segmentation)), segmentation) for o in frame]
         dev = intermediate_device()
         masks = (torch.stack([torch.from_numpy(o.full_mask(size)) for o in objects]).float() if objects
                  else torch.zeros((1, *size)))

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..trident_core.devices import PRECISIONS, resolve_dtype
-from ..trident_core.download import ModelFileMissing, ensure_file
+from ..trident_core.download import DEFAULT_FILES, ModelFileMissing, ensure_file
 from ..trident_core.models import load_clip, load_dino, load_sam
-from . import types as T
+from . import sockets as T
 from .comfy_bridge import (
     FOLDERS,
     auto_dtype,
@@ -20,9 +20,6 @@ from .comfy_bridge import (
     offload_device,
     wrap_model,
 )
-
-DEFAULT_FILES = {"clip": "ViT-B-16_openai_open_clip_model.safetensors", "dino": "dino_vitbase16_pretrain.pth",
-                 "sam": "sam_vit_b_01ec64.pth"}
 
 
 def resolve_model_file(role: str, name: str, allow_download: bool) -> Path:

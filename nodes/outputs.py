@@ -7,9 +7,9 @@ import torch
 
 from ..trident_core.classes import class_indices
 from ..trident_core.image import to_rgb_uint8
-from ..trident_core.render import color_labels, legend, masks_for, overlay
-from . import types as T
-from .comfy_bridge import intermediate_device
+from ..trident_core.render import masks_for, preview
+from . import sockets as T
+from .comfy_bridge import each_image, intermediate_device
 
 
 def _image(rgb: np.ndarray) -> torch.Tensor:
@@ -84,19 +84,12 @@ class PreviewSegmentation:
         if T.images(image).shape[0] != len(T.items(segmentation, "segmentation")):
             raise ValueError(f"{image.shape[0]} image(s) for {len(segmentation)} segmentation(s): connect the "
                              "segmented image")
-        colors_out, overlays = [], []
-        for seg, img in zip(segmentation, image):
-            rgb = to_rgb_uint8(img)
-            if rgb.shape[:2] != tuple(seg.image_size):
-                raise ValueError(f"the image is {rgb.shape[1]}x{rgb.shape[0]}, the segmentation "
-                                 f"{seg.image_size[1]}x{seg.image_size[0]}: connect the segmented image")
-            colors = color_labels(seg.labels, len(seg.classes))
-            blended = overlay(rgb, colors, alpha)
-            if show_legend:
-                strip = legend(seg.classes.names, colors.shape[1])
-                colors, blended = np.concatenate([colors, strip]), np.concatenate([blended, strip])
-            colors_out.append(_image(colors))
-            overlays.append(_image(blended))
+
+        def one(seg: object, img: torch.Tensor, _progress: object) -> tuple[torch.Tensor, torch.Tensor]:
+            colors, blended = preview(seg.labels, seg.classes.names, to_rgb_uint8(img), alpha, show_legend)
+            return _image(colors), _image(blended)
+
+        colors_out, overlays = zip(*each_image(one, segmentation, image))
         dev = intermediate_device()
         return torch.stack(colors_out).to(dev), torch.stack(overlays).to(dev)
 

@@ -5,30 +5,31 @@ from __future__ import annotations
 
 import torch
 
-from ..trident_core.aggregation import PARADIGMS
 from ..trident_core.classes import parse_classes
 from ..trident_core.classify import classify
 from ..trident_core.compact import CompactSegmentation, compact
+from ..trident_core.config import (
+    CORRELATIONS,
+    MASK_PROMPT_MODES,
+    PARADIGMS,
+    SAM_TILE_CHOICES,
+    AggregateConfig,
+    Params,
+    RefineConfig,
+    WindowConfig,
+)
 from ..trident_core.image import to_rgb_uint8
 from ..trident_core.pamr import MAX_STEPS as MAX_PAMR_STEPS
-from ..trident_core.pamr import check_pamr, parse_dilations
-from ..trident_core.pipeline import (
-    Trident,
-    compute_feature_map,
-    compute_window_features,
-    pamr_for,
-    refine_params,
-    require_sam,
-)
-from ..trident_core.presets import PRESETS, Params
-from ..trident_core.refine import MASK_PROMPT_MODES, refine
-from ..trident_core.sam_affinity import CORRELATIONS
+from ..trident_core.pamr import parse_dilations
+from ..trident_core.pipeline import Trident, compute_feature_map, compute_window_features, pamr_for, require_sam
+from ..trident_core.presets import PRESETS
+from ..trident_core.refine import refine
 from ..trident_core.text import encode_classes
-from . import types as T
-from .comfy_bridge import Progress, count_progress, to_intermediate
+from . import sockets as T
+from .comfy_bridge import count_progress, each_image, to_intermediate
 
 P = Params()
-SAM_TILES = ("1x1", "1x2", "2x1", "2x2", "auto")
+W, A, C, R = P.windows, P.aggregation, P.classification, P.refinement  # each stage's defaults
 
 CLASSES_TIP = ("Class names separated by commas or line breaks; ';' between synonyms of one class, e.g. 'sky, "
                "horse; pony, grass'. All are foreground classes. Pixels where no class is confident are left "
@@ -79,7 +80,7 @@ class EncodeClasses:
         return (to_intermediate(T.EncodedClasses(cl, encode_classes(clip.model, cl, count_progress()))),)
 
 
-class WindowFeatures:
+class WindowFeaturesNode:
     """S0, S2-S4: windows and CLIP's DINO-guided features."""
 
     CATEGORY = T.CATEGORY
@@ -96,25 +97,22 @@ class WindowFeatures:
             "image": ("IMAGE", {"tooltip": IMAGE_TIP}),
             "clip": (T.CLIP, {"tooltip": "The CLIP model from Trident Load CLIP."}),
             "dino": (T.DINO, {"tooltip": "The DINO model from Trident Load DINO."}),
-            "short_side": ("INT", {"default": P.short_side, "min": 112, "max": 2048, "step": 16,
+            "short_side": ("INT", {"default": W.short_side, "min": 112, "max": 2048, "step": 16,
                                    "tooltip": "The image's short side is scaled to this many pixels first "
                                               "(448 default; 336-688 in the benchmark presets)."}),
-            "window": ("INT", {"default": P.window, "min": 112, "max": 1024, "step": 16,
+            "window": ("INT", {"default": W.window, "min": 112, "max": 1024, "step": 16,
                                "tooltip": "Window size in pixels (a multiple of both models' patch sizes; 336)."}),
-            "stride": ("INT", {"default": P.stride, "min": 16, "max": 1024, "step": 16,
+            "stride": ("INT", {"default": W.stride, "min": 16, "max": 1024, "step": 16,
                                "tooltip": "Step between windows in pixels (224; 112 gives more overlap)."}),
         }}
 
     def compute(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, short_side: int, window: int,
                 stride: int) -> tuple[T.WindowFeatureBatch]:
         T.images(image)
-        params = P.update(short_side=short_side, window=window, stride=stride)
+        config = WindowConfig(short_side=short_side, window=window, stride=stride)
         T.ready(clip, dino)
-        progress = Progress(image.shape[0])
-        items = []
-        for img in image:
-            items.append(to_intermediate(compute_window_features(clip.model, dino.model, img, params, progress)))
-            progress.step()
+        items = each_image(lambda img, progress: to_intermediate(
+            compute_window_features(clip.model, dino.model, img, config, progress)), image)
         return (T.WindowFeatureBatch(tuple(items), clip),)
 
 
@@ -136,17 +134,17 @@ class SpliceAggregate:
             "window_features": (T.WINDOW_FEATURES, {"tooltip": "From Trident Window Features."}),
             "image": ("IMAGE", {"tooltip": "The same image the window features were made from (SAM encodes it)."}),
             "correlation": (list(CORRELATIONS), {
-                "default": P.correlation,
+                "default": A.correlation,
                 "tooltip": "How tokens are related: affinity (SAM attention where value cosines pass a threshold, "
                            "the method), attention (SAM attention), cosine (value cosines), none (no aggregation)."}),
             "paradigm": (list(PARADIGMS), {
-                "default": P.paradigm,
+                "default": A.paradigm,
                 "tooltip": "splice_then_segment (the method) or segment_then_splice (the ProxyCLIP baseline)."}),
-            "sam_tiles": (list(SAM_TILES), {"default": P.sam_tiles, "tooltip": SAM_TILES_TIP}),
-            "cos_fac": ("FLOAT", {"default": P.cos_fac, "min": -10.0, "max": 10.0, "step": 0.05,
+            "sam_tiles": (list(SAM_TILE_CHOICES), {"default": A.sam_tiles, "tooltip": SAM_TILES_TIP}),
+            "cos_fac": ("FLOAT", {"default": A.cos_fac, "min": -10.0, "max": 10.0, "step": 0.05,
                                   "tooltip": "Threshold factor: a token pair counts when its value cosine exceeds "
                                              "cos_fac x the row's mean cosine (1.2; 0 keeps all positive ones)."}),
-            "refine_neg_cos": ("BOOLEAN", {"default": P.refine_neg_cos,
+            "refine_neg_cos": ("BOOLEAN", {"default": A.refine_neg_cos,
                                            "tooltip": "Keep a negative threshold as it is (on) or raise it to 0.6 "
                                                       "(off, as the Cityscapes and ADE20K presets do)."}),
         }, "optional": {
@@ -159,19 +157,13 @@ class SpliceAggregate:
                   sam: T.ModelHandle | None = None) -> tuple[list]:
         T.images(image)
         _batch(image, len(T.items(window_features.items, "window features")), "window features")
-        params = P.update(correlation=correlation, paradigm=paradigm, sam_tiles=sam_tiles, cos_fac=cos_fac,
-                          refine_neg_cos=refine_neg_cos)
-        require_sam(sam, params)
-        uses_sam = paradigm == "splice_then_segment"
-        T.ready(window_features.clip, *([sam] if uses_sam else []))
-        progress = Progress(image.shape[0])
-        maps = []
-        for wf, img in zip(window_features.items, image):
-            fm = compute_feature_map(wf, window_features.clip.model, sam.model if uses_sam else None, img, params,
-                                     progress)
-            maps.append(to_intermediate(fm))
-            progress.step()
-        return (maps,)
+        config = AggregateConfig(paradigm=paradigm, correlation=correlation, sam_tiles=sam_tiles, cos_fac=cos_fac,
+                                 refine_neg_cos=refine_neg_cos)
+        require_sam(sam, Params(aggregation=config))
+        T.ready(window_features.clip, *([sam] if config.uses_sam else []))
+        clip, sam_model = window_features.clip.model, sam.model if config.uses_sam else None
+        return (each_image(lambda wf, img, progress: to_intermediate(
+            compute_feature_map(wf, clip, sam_model, img, config, progress)), window_features.items, image),)
 
 
 class Classify:
@@ -190,41 +182,39 @@ class Classify:
         return {"required": {
             "feature_map": (T.FEATURE_MAP, {"tooltip": "From Trident Splice & Aggregate."}),
             "classes": (T.CLASSES, {"tooltip": "From Trident Encode Classes (with the same CLIP)."}),
-            "logit_scale": ("FLOAT", {"default": P.logit_scale, "min": 1.0, "max": 200.0, "step": 1.0,
+            "logit_scale": ("FLOAT", {"default": C.logit_scale, "min": 1.0, "max": 200.0, "step": 1.0,
                                       "tooltip": "Softmax temperature: cosines are multiplied by this (40)."}),
-            "prob_thd": ("FLOAT", {"default": P.prob_thd, "min": 0.0, "max": 1.0, "step": 0.01,
+            "prob_thd": ("FLOAT", {"default": C.prob_thd, "min": 0.0, "max": 1.0, "step": 0.01,
                                    "tooltip": "Pixels whose best class probability is below this get the "
                                               "background class, or no label when there is none (0 = off)."}),
         }, "optional": {
             "image": ("IMAGE", {"tooltip": "The segmented image; needed only for PAMR (its guide)."}),
             "pamr_steps": ("INT", PAMR_STEPS_INPUT),
-            "pamr_dilations": ("STRING", {"default": ",".join(map(str, P.pamr_dilations)),
+            "pamr_dilations": ("STRING", {"default": ",".join(map(str, C.pamr_dilations)),
                                           "tooltip": "PAMR's neighbour distances in pixels, comma-separated (8,16)."}),
-            "short_side": ("INT", {"default": P.short_side, "min": 112, "max": 2048, "step": 16,
+            "short_side": ("INT", {"default": W.short_side, "min": 112, "max": 2048, "step": 16,
                                    "tooltip": "The short side the window features used (PAMR's guide is the image "
                                               "at this scale, as the reference's)."}),
         }}
 
     def classify(self, feature_map: list, classes: T.EncodedClasses, logit_scale: float, prob_thd: float,
                  image: torch.Tensor | None = None, pamr_steps: int = 0, pamr_dilations: str = "8,16",
-                 short_side: int = P.short_side) -> tuple[list]:
-        params = P.update(pamr_steps=pamr_steps, pamr_dilations=parse_dilations(pamr_dilations), short_side=short_side)
+                 short_side: int = W.short_side) -> tuple[list]:
+        params = P.update(logit_scale=logit_scale, prob_thd=prob_thd, pamr_steps=pamr_steps,
+                          pamr_dilations=parse_dilations(pamr_dilations), short_side=short_side)
         if pamr_steps and image is None:
             raise ValueError("PAMR needs the image: connect the segmented image to Trident Classify, or set "
                              "pamr_steps to 0")
         if image is not None:
             _batch(image, len(feature_map), "feature map")
-        progress = Progress(len(T.items(feature_map, "feature map")))
-        segs = []
-        for i, fm in enumerate(feature_map):
-            if fm.features.shape[0] != classes.text.shape[1]:
-                raise ValueError(f"the classes were encoded by a CLIP with {classes.text.shape[1]}-d embeddings, the "
-                                 f"feature map has {fm.features.shape[0]}: use the same CLIP for both")
+        config = params.classification
+
+        def one(i: int, fm: object, _progress: object) -> CompactSegmentation:
             pamr = pamr_for(image[i], params) if pamr_steps else None
-            seg = classify(fm, classes.text, classes.classes, logit_scale, prob_thd, pamr)
-            segs.append(to_intermediate(compact(seg, logit_scale, prob_thd, keep_encoding=True)))
-            progress.step()
-        return (segs,)
+            seg = classify(fm, classes.text, classes.classes, config, pamr)
+            return to_intermediate(compact(seg, logit_scale, prob_thd, keep_encoding=True))
+
+        return (each_image(one, range(len(feature_map)), T.items(feature_map, "feature map")),)
 
 
 class SamRefine:
@@ -248,16 +238,16 @@ class SamRefine:
                                            "when its SAM tiles were 1x1; otherwise, and after Trident Segment (which "
                                            "keeps no SAM encoding per frame, to keep frame batches small), SAM "
                                            "encodes the image again here."}),
-            "coarse_thresh": ("FLOAT", {"default": P.coarse_thresh, "min": 0.0, "max": 1.0, "step": 0.01,
+            "coarse_thresh": ("FLOAT", {"default": R.coarse_thresh, "min": 0.0, "max": 1.0, "step": 0.01,
                                         "tooltip": "Classes and pixels below this probability are not prompted."}),
-            "minimal_area": ("INT", {"default": P.minimal_area, "min": 0, "max": 1 << 20,
+            "minimal_area": ("INT", {"default": R.minimal_area, "min": 0, "max": 1 << 20,
                                      "tooltip": "Smallest region prompted, in half-resolution pixels (225)."}),
-            "mask_alpha": ("FLOAT", {"default": P.mask_alpha, "min": 0.0, "max": 1.0, "step": 0.001,
+            "mask_alpha": ("FLOAT", {"default": R.mask_alpha, "min": 0.0, "max": 1.0, "step": 0.001,
                                      "tooltip": "Scale of the class probability given to SAM as mask prompt (0.005)."}),
-            "iou_thresh": ("FLOAT", {"default": P.iou_thresh, "min": 0.0, "max": 1.0, "step": 0.01,
+            "iou_thresh": ("FLOAT", {"default": R.iou_thresh, "min": 0.0, "max": 1.0, "step": 0.01,
                                      "tooltip": "A SAM mask is kept when its predicted IoU is above this (0.8)."}),
             "mask_prompt_mode": (list(MASK_PROMPT_MODES), {
-                "default": P.mask_prompt_mode,
+                "default": R.mask_prompt_mode,
                 "tooltip": "reference: the mask prompt as the authors pass it (3-D; their numbers); batched: the "
                            "corrected 4-D call."}),
         }}
@@ -266,17 +256,15 @@ class SamRefine:
                minimal_area: int, mask_alpha: float, iou_thresh: float, mask_prompt_mode: str) -> tuple[list]:
         T.images(image)
         _batch(image, len(T.items(segmentation, "segmentation")), "segmentation")
-        rp = refine_params(P.update(coarse_thresh=coarse_thresh, minimal_area=minimal_area, mask_alpha=mask_alpha,
-                                    iou_thresh=iou_thresh, mask_prompt_mode=mask_prompt_mode))
+        config = RefineConfig(coarse_thresh=coarse_thresh, minimal_area=minimal_area, mask_alpha=mask_alpha,
+                              iou_thresh=iou_thresh, mask_prompt_mode=mask_prompt_mode)
         T.ready(sam)
-        progress = Progress(image.shape[0])
-        out = []
-        for seg, img in zip(segmentation, image):
-            refined = refine(seg, sam.model, to_rgb_uint8(img), rp, on_class=progress)
-            out.append(to_intermediate(compact(refined, seg.logit_scale, seg.prob_thd)))
-            del refined  # this frame's SAM encoding goes before the next frame is encoded
-            progress.step()
-        return (out,)
+
+        def one(seg: CompactSegmentation, img: torch.Tensor, progress: object) -> CompactSegmentation:
+            refined = refine(seg, sam.model, to_rgb_uint8(img), config, on_class=progress)
+            return to_intermediate(compact(refined, seg.logit_scale, seg.prob_thd))
+
+        return (each_image(one, segmentation, image),)
 
 
 class TridentSegment:
@@ -309,7 +297,7 @@ class TridentSegment:
                            "context60, coco_object, ... as in the paper)."}),
             "refine": ("BOOLEAN", {"default": True, "tooltip": "SAM refinement of the coarse labels (sharper edges; "
                                                                "takes longer)."}),
-            "sam_tiles": (["preset", *SAM_TILES], {"default": "preset", "tooltip": SAM_TILES_TIP
+            "sam_tiles": (["preset", *SAM_TILE_CHOICES], {"default": "preset", "tooltip": SAM_TILES_TIP
                                                    + " preset = the preset's choice."}),
         }, "optional": {
             "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM (every preset uses it)."}),
@@ -325,23 +313,22 @@ class TridentSegment:
         cl = chosen.class_list(classes, background)
         params = chosen.params.update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles,
                                       pamr_steps=pamr_steps)
-        check_pamr(params.pamr_steps, params.pamr_dilations)
         require_sam(sam, params)
         T.ready(clip, dino, *([sam] if sam else []))
         trident = Trident(clip.model, dino.model, sam.model if sam else None)
-        progress = Progress(image.shape[0])
-        segs = []
-        for img in image:  # the text is encoded at the first frame, then taken from the CLIP's cache
+        config = params.classification
+
+        def one(img: torch.Tensor, progress: object) -> CompactSegmentation:
+            # the text is encoded at the first frame, then taken from the CLIP's cache
             full = trident.segment(img, cl, params, progress)
-            segs.append(to_intermediate(compact(full, params.logit_scale, params.prob_thd)))
-            del full  # the frame's SAM encoding and full-size maps go before the next frame
-            progress.step()
-        return (segs,)
+            return to_intermediate(compact(full, config.logit_scale, config.prob_thd))
+
+        return (each_image(one, image),)
 
 
 NODE_CLASS_MAPPINGS = {
     "TridentEncodeClasses": EncodeClasses,
-    "TridentWindowFeatures": WindowFeatures,
+    "TridentWindowFeatures": WindowFeaturesNode,
     "TridentSpliceAggregate": SpliceAggregate,
     "TridentClassify": Classify,
     "TridentSamRefine": SamRefine,

@@ -53,7 +53,7 @@ def png(tmp_path, photo) -> Path:
 ])
 def test_params_refuse_values_out_of_range(field, value, allowed):
     with pytest.raises(ValueError) as e:
-        Params(**{field: value})
+        Params().update(**{field: value})
     message = str(e.value)
     assert message.startswith(f"{field}={value!r} is out of range") and allowed in message and "\n" not in message
 
@@ -65,7 +65,7 @@ def test_a_stride_up_to_the_window_leaves_no_gap():
         covered = np.zeros((500, 700), bool)
         for y1, x1, y2, x2 in plan.boxes:
             covered[y1:y2, x1:x2] = True
-        assert covered.all() and Params(stride=stride).stride == stride
+        assert covered.all() and Params().update(stride=stride).windows.stride == stride
     with pytest.raises(ValueError, match="gaps"):
         plan_windows((500, 700), 336, 400)
 

@@ -58,7 +58,7 @@ def test_batch_equals_one_frame_at_a_time(loaded, frames, refine):
     bit for bit, refined scores within float16's rounding."""
     clip, dino, sam = loaded
     trident = core("pipeline").Trident(clip.model, dino.model, sam.model)
-    params = core("presets").Params(refine=refine)
+    params = core("config").Params(refine=refine)
     segs = segment(loaded, frames[:3], refine)
     for seg, frame in zip(segs, frames[:3]):
         alone = trident.segment(frame, CLASSES, params)
@@ -138,7 +138,7 @@ def test_stage_nodes_and_refine_after_segment(loaded, frames):
         assert torch.equal(a.labels, c.labels) and torch.equal(b.labels, c.labels)
         assert a.sam_encoding is None and b.sam_encoding is None
     (kept,) = run("TridentSamRefine", segmentation=coarse, **{**refine_args, "iou_thresh": 0.0, "minimal_area": 10})
-    rp = core("refine").RefineParams(0.2, 10, 0.005, 0.0, "reference")
+    rp = core("config").RefineConfig(0.2, 10, 0.005, 0.0, "reference")
     to_rgb = core("image").to_rgb_uint8
     for seg, c, frame in zip(kept, coarse, frames[:2]):
         alone = core("refine").refine(c, sam.model, to_rgb(frame), rp)
@@ -156,7 +156,7 @@ def test_compact_labels_dtype_and_exact_probabilities(loaded, frames):
     assert compact.label_dtype(40000) == torch.int32
     clip, dino, sam = loaded
     trident = core("pipeline").Trident(clip.model, dino.model, sam.model)
-    full = trident.segment(frames[0], CLASSES, core("presets").Params(refine=False, prob_thd=0.4))
+    full = trident.segment(frames[0], CLASSES, core("config").Params().update(prob_thd=0.4))
     small = compact.compact(full, 40.0, 0.4)
     assert small.stored_probs is None and torch.equal(small.probs, full.probs)  # rebuilt from the logits, exactly
     assert (full.labels == -1).any() and torch.equal(small.labels.long(), full.labels)

@@ -62,7 +62,7 @@ def test_tiny_and_extreme_images_segment(small_trident, size):
     from trident_core import Params
 
     img = np.random.default_rng(1).integers(0, 255, (*size, 3), dtype=np.uint8)
-    seg = small_trident.segment(img, "sky, horse, grass", Params(refine=True, iou_thresh=0.0, minimal_area=1))
+    seg = small_trident.segment(img, "sky, horse, grass", Params().update(refine=True, iou_thresh=0.0, minimal_area=1))
     assert tuple(seg.labels.shape) == size and tuple(seg.probs.shape) == (3, *size)
     assert torch.isfinite(seg.probs).all() and torch.isfinite(seg.grid_logits).all()
 

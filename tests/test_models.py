@@ -96,9 +96,10 @@ def test_patch14_clip_with_dino16_runs_end_to_end(small_ckpts, tmp_path, photo):
     torch.save(m.state_dict(), tmp_path / "clip14.bin")
     tr = Trident.from_files(tmp_path / "clip14.bin", small_ckpts["dino"], small_ckpts["sam"], device="cpu")
     assert tr.clip.patch_size == 14 and not tr.clip.quick_gelu
+    from trident_core.config import WindowConfig
     from trident_core.pipeline import compute_window_features
 
-    wf = compute_window_features(tr.clip, tr.dino, photo[:300, :500], Params())
+    wf = compute_window_features(tr.clip, tr.dino, photo[:300, :500], WindowConfig())
     assert wf.token_grid == (24, 24) and wf.tokens.shape[1] == 576
     assert all(v % 14 == 0 for box in wf.plan.boxes for v in box)
     seg = tr.segment(photo[:300, :500], "sky, person", Params(refine=True))

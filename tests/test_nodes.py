@@ -275,7 +275,7 @@ def test_stage_chain_equals_trident_segment_and_the_core(chain, loaded, images):
     """The one-node path, the stage nodes and trident_core itself agree; image 2 of the batch is segmented as if
     it were alone."""
     clip, dino, sam = loaded
-    Params, Trident = core("presets").Params, core("pipeline").Trident
+    Params, Trident = core("config").Params, core("pipeline").Trident
     (segs,) = run("TridentSegment", image=images, clip=clip, dino=dino, sam=sam, classes=CLASSES, preset="default",
                   refine=True, sam_tiles="preset")
     direct = Trident(clip.model, dino.model, sam.model).segment(images[1], CLASSES, Params(refine=True))
@@ -287,12 +287,12 @@ def test_stage_chain_equals_trident_segment_and_the_core(chain, loaded, images):
 def test_pamr_input_on_classify_and_segment(chain, loaded, images):
     """PAMR through Trident Classify (with the image) equals Trident Segment's pamr_steps and the core's."""
     clip, dino, sam = loaded
-    Params, Trident = core("presets").Params, core("pipeline").Trident
+    Params, Trident = core("config").Params, core("pipeline").Trident
     (pamr,) = run("TridentClassify", feature_map=chain["fm"], classes=chain["classes"], logit_scale=40.0,
                   prob_thd=0.0, image=images, pamr_steps=2, pamr_dilations="8,16", short_side=448)
     (segs,) = run("TridentSegment", image=images, clip=clip, dino=dino, sam=sam, classes=CLASSES, preset="default",
                   refine=False, sam_tiles="preset", pamr_steps=2)
-    direct = Trident(clip.model, dino.model, sam.model).segment(images[1], CLASSES, Params(pamr_steps=2))
+    direct = Trident(clip.model, dino.model, sam.model).segment(images[1], CLASSES, Params().update(pamr_steps=2))
     for a, b in zip(pamr, segs):
         assert torch.equal(a.labels, b.labels) and torch.allclose(a.probs, b.probs, atol=1e-6)
     assert torch.equal(direct.labels, segs[1].labels.long())

@@ -76,7 +76,7 @@ def test_segment_applies_pamr_to_the_logits_before_the_softmax(small_trident, ph
     img = photo[100:140, 200:256]
     cl = parse_classes("sky, person; astronaut, flag")
     plain = small_trident.segment(img, cl, Params())
-    seg = small_trident.segment(img, cl, Params(pamr_steps=2, pamr_dilations=(2, 5)))
+    seg = small_trident.segment(img, cl, Params().update(pamr_steps=2, pamr_dilations=(2, 5)))
     assert torch.equal(seg.logits(), plain.logits())  # the raw logits stay the coarse ones, as the reference saves
     scaled = cv2.resize(img, (627, 448), interpolation=cv2.INTER_LINEAR).astype(np.float32)  # 40x56 * 11.2
     mean, std = np.array([122.771, 116.746, 104.094]), np.array([68.501, 66.632, 70.323])

@@ -12,22 +12,23 @@ import torch.nn.functional as F
 from trident_core import Params, parse_classes
 from trident_core.aggregation import splice_and_aggregate
 from trident_core.classify import classify
+from trident_core.config import AggregateConfig, ClassifyConfig, RefineConfig
 from trident_core.pipeline import compute_feature_map, compute_window_features
-from trident_core.refine import RefineParams, refine
+from trident_core.refine import refine
 
 
 @pytest.mark.parametrize("correlation", ["affinity", "attention", "cosine", "none"])
 def test_correlation_modes(small_trident, photo, correlation):
-    seg = small_trident.segment(photo[:256, :384], "sky, person, flag", Params(correlation=correlation))
+    seg = small_trident.segment(photo[:256, :384], "sky, person, flag", Params().update(correlation=correlation))
     assert tuple(seg.labels.shape) == (256, 384) and torch.isfinite(seg.probs).all()
     assert torch.allclose(seg.probs.sum(0), torch.ones(256, 384), atol=1e-4)
 
 
 def test_paradigms_differ_and_stts_averages_window_logits(small_trident, photo):
     img = photo[:336, :512]
-    p = Params(short_side=336)  # the processed image is the image itself: a 1x2 window grid, 21x32 tokens
-    wf = compute_window_features(small_trident.clip, small_trident.dino, img, p)
-    fm = compute_feature_map(wf, small_trident.clip, None, img, p.update(paradigm="segment_then_splice"))
+    p = Params().update(short_side=336)  # the processed image is the image itself: a 1x2 window grid, 21x32 tokens
+    wf = compute_window_features(small_trident.clip, small_trident.dino, img, p.windows)
+    fm = compute_feature_map(wf, small_trident.clip, None, img, AggregateConfig(paradigm="segment_then_splice"))
     # independent formulation: classify each window's tokens on their own, then average the logits per token
     text = small_trident.text(parse_classes("sky, person"))
     v = small_trident.clip.model.visual
@@ -39,33 +40,32 @@ def test_paradigms_differ_and_stts_averages_window_logits(small_trident, photo):
         count[y1 // 16:y1 // 16 + 21, x1 // 16:x1 // 16 + 21] += 1
     got = torch.einsum("qe,ehw->qhw", text, fm.features)
     assert torch.allclose(got, total / count, atol=1e-5)
-    sts = compute_feature_map(wf, small_trident.clip, small_trident.sam, img, p)
+    sts = compute_feature_map(wf, small_trident.clip, small_trident.sam, img, p.aggregation)
     assert sts.features.shape[1:] != fm.features.shape[1:] or not torch.allclose(sts.features, fm.features)
 
 
 def test_tiles_block_diagonal_equals_per_tile(small_trident, photo):
     wide = np.concatenate([photo, photo[:, ::-1]], axis=1)
-    p = Params()
-    wf = compute_window_features(small_trident.clip, small_trident.dino, wide, p)
-    fm = splice_and_aggregate(wf, small_trident.clip, small_trident.sam, wide, tiles="1x2")
+    wf = compute_window_features(small_trident.clip, small_trident.dino, wide, Params().windows)
+    fm = splice_and_aggregate(wf, small_trident.clip, small_trident.sam, wide, AggregateConfig(sam_tiles="1x2"))
     assert fm.tiles == (1, 2) and tuple(fm.features.shape[1:]) == (64, 128) and fm.sam_encoding is None
-    auto = splice_and_aggregate(wf, small_trident.clip, small_trident.sam, wide, tiles="auto",
+    auto = splice_and_aggregate(wf, small_trident.clip, small_trident.sam, wide, AggregateConfig(sam_tiles="auto"),
                                 encodings=fm.sam_tile_encodings)
     assert torch.equal(auto.features, fm.features)
-    whole = splice_and_aggregate(wf, small_trident.clip, small_trident.sam, wide, tiles="1x1")
+    whole = splice_and_aggregate(wf, small_trident.clip, small_trident.sam, wide, AggregateConfig(sam_tiles="1x1"))
     assert tuple(whole.features.shape[1:]) == (32, 64)
 
 
 def test_refinement_modes_and_rejection(small_trident, photo):
     cl = parse_classes("sky, person, flag")
     seg = small_trident.segment(photo, cl, Params())
-    kept = refine(seg, small_trident.sam, photo, RefineParams(iou_thresh=-10.0, minimal_area=100))
+    kept = refine(seg, small_trident.sam, photo, RefineConfig(iou_thresh=0.0, minimal_area=100))
     assert kept.refined and kept.info["regions_kept"] > 0 and kept.info["regions_rejected"] == 0
     assert torch.equal(kept.labels_coarse, seg.labels)
-    none = refine(seg, small_trident.sam, photo, RefineParams(iou_thresh=10.0, minimal_area=100))
+    none = refine(seg, small_trident.sam, photo, RefineConfig(iou_thresh=1.0, minimal_area=100))
     assert none.info["regions_kept"] == 0 and torch.equal(none.labels, seg.labels)
     assert torch.equal(none.probs, seg.probs)
-    batched = refine(seg, small_trident.sam, photo, RefineParams(iou_thresh=-10.0, minimal_area=100,
+    batched = refine(seg, small_trident.sam, photo, RefineConfig(iou_thresh=0.0, minimal_area=100,
                                                                   mask_prompt_mode="batched"))
     assert batched.info["regions_kept"] == kept.info["regions_kept"]
     # labels change only inside kept masks: where the refined score map equals the coarse one, labels stay
@@ -73,11 +73,18 @@ def test_refinement_modes_and_rejection(small_trident, photo):
     assert torch.equal(kept.labels[same], seg.labels[same])
 
 
-def test_repeated_calls_leave_no_hooks(small_trident, photo):
-    for _ in range(3):
-        small_trident.segment(photo[:200, :200], "sky, person", Params(refine=True))
-    sam_blocks = small_trident.sam.model.image_encoder.blocks
-    assert all(not b.attn.qkv._forward_hooks for b in sam_blocks)
+def test_no_hook_is_ever_registered(small_trident, photo, monkeypatch):
+    """The stages call the models' modules directly: segmenting with refinement registers no forward hook, on a
+    module or globally (so none can be left behind)."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a forward hook was registered")
+
+    for name in ("register_forward_hook", "register_forward_pre_hook"):
+        monkeypatch.setattr(torch.nn.Module, name, refuse)
+    for name in ("register_module_forward_hook", "register_module_forward_pre_hook"):
+        monkeypatch.setattr(torch.nn.modules.module, name, refuse)
+    seg = small_trident.segment(photo[:200, :200], "sky, person", Params(refine=True))
+    assert seg.refined
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +108,10 @@ def test_full_size_every_class_can_win(full_trident, image448):
     """Text embeddings equal to the features of four chosen tokens: each class must win at its token."""
     img = image448
     p = Params()
-    wf = compute_window_features(full_trident.clip, full_trident.dino, img, p)
-    fm = compute_feature_map(wf, full_trident.clip, full_trident.sam, img, p)
+    wf = compute_window_features(full_trident.clip, full_trident.dino, img, p.windows)
+    fm = compute_feature_map(wf, full_trident.clip, full_trident.sam, img, p.aggregation)
     picks = [(5, 5), (5, 58), (58, 5), (58, 58)]
     text = torch.stack([fm.features[:, y, x] for y, x in picks])
-    seg = classify(fm, text, parse_classes("a, b, c, d"), 40.0, 0.0)
+    seg = classify(fm, text, parse_classes("a, b, c, d"), ClassifyConfig(logit_scale=40.0, prob_thd=0.0))
     for c, (y, x) in enumerate(picks):
         assert seg.labels[y * 7 + 3, x * 7 + 3] == c

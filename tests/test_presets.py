@@ -7,7 +7,8 @@ from importlib import resources
 import pytest
 
 from trident_core import get_preset
-from trident_core.presets import PRESETS, Params
+from trident_core.config import Params
+from trident_core.presets import PRESETS
 
 
 def reference_rule(text: str) -> tuple[list[str], list[int]]:
@@ -33,8 +34,8 @@ def test_class_files_parse_as_the_reference(name):
 def test_large_vocabulary_presets():
     """cfg_ade847.py and cfg_context459.py change only the class file: the base configuration (448 short side,
     stride 224, cos_fac 1.2, refine_neg_cos, coarse_thresh 0.2, Trident's prob_thd 0.0), no background class."""
-    base = Params(short_side=448, stride=224, window=336, cos_fac=1.2, refine_neg_cos=True, coarse_thresh=0.2,
-                  prob_thd=0.0, iou_thresh=0.80, minimal_area=225, sam_tiles="1x1", refine=False)
+    base = Params().update(short_side=448, stride=224, window=336, cos_fac=1.2, refine_neg_cos=True, coarse_thresh=0.2,
+                           prob_thd=0.0, iou_thresh=0.80, minimal_area=225, sam_tiles="1x1", refine=False)
     for name, n_classes in (("ade847", 847), ("context459", 459)):
         preset = get_preset(name)
         assert preset.params == base and not preset.background

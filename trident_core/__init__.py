@@ -4,8 +4,9 @@ Pure PyTorch; no ComfyUI import. `Trident.from_files(clip, dino, sam).segment(im
 
 from .classes import UNLABELED, ClassList, ClassListError, parse_classes
 from .classify import Segmentation
+from .config import Params
 from .pipeline import Trident
-from .presets import PRESETS, Params, get_preset
+from .presets import PRESETS, get_preset
 
 __all__ = ["PRESETS", "UNLABELED", "ClassList", "ClassListError", "Params", "Segmentation", "Trident", "get_preset",
            "parse_classes"]

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import AggregateConfig
 from .image import round_up_to
 from .models import ClipModel, SamEncoding, SamModel
-from .sam_affinity import CORRELATIONS, affinity_rows, unit_values
+from .sam_affinity import affinity_rows, unit_values
 from .window_features import WindowFeatures, splice
 
-PARADIGMS = ("splice_then_segment", "segment_then_splice")
 MAX_TILES = 8
 AUTO_TILE_SIDE = 1024
 
@@ -92,22 +92,18 @@ def aggregate(enc: SamEncoding, sam: SamModel, feats: torch.Tensor, mode: str = 
 
 @torch.no_grad()
 def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None, image: np.ndarray | None,
-                         correlation: str = "affinity", paradigm: str = "splice_then_segment",
-                         tiles: str | tuple[int, int] = "1x1", cos_fac: float = 1.2, refine_neg_cos: bool = True,
-                         encodings: list[SamEncoding] | None = None, on_step=None) -> FeatureMap:
+                         config: AggregateConfig, encodings: list[SamEncoding] | None = None,
+                         on_step=None) -> FeatureMap:
     """S5 + S6 + S7: the feature map that classification compares with the text embeddings."""
-    if paradigm not in PARADIGMS:
-        raise ValueError(f"paradigm must be one of {PARADIGMS}, not {paradigm!r}")
-    if correlation not in CORRELATIONS:
-        raise ValueError(f"correlation must be one of {CORRELATIONS}, not {correlation!r}")
-    if paradigm == "segment_then_splice":
+    paradigm, correlation = config.paradigm, config.correlation
+    if not config.uses_sam:
         projected = F.normalize(clip.project(wf.tokens), dim=-1)
         canvas = splice(WindowFeatures(projected, wf.token_grid, wf.plan, wf.patch_size, wf.image_size,
                                        wf.processed_size))
         return FeatureMap(canvas, wf.image_size, paradigm, "none", (1, 1))
     if sam is None or image is None:
         raise ValueError("splice_then_segment needs SAM and the image")
-    grid_tiles = parse_tiles(tiles, wf.image_size)
+    grid_tiles = parse_tiles(config.sam_tiles, wf.image_size)
     if encodings is None:
         encodings = encode_tiles(sam, image, grid_tiles)
         if on_step:
@@ -119,7 +115,7 @@ def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | No
                                        _cuts(canvas.shape[2], cols) * rows, encodings):
         hs, ws = enc.grid
         g = F.interpolate(canvas[None, :, y1:y2, x1:x2], size=(hs, ws), mode="bilinear", align_corners=False)[0]
-        g = aggregate(enc, sam, g.flatten(1).T, correlation, cos_fac, refine_neg_cos)
+        g = aggregate(enc, sam, g.flatten(1).T, correlation, config.cos_fac, config.refine_neg_cos)
         tiles_out.append(F.normalize(clip.project(g), dim=-1).T.reshape(-1, hs, ws))
         if on_step:
             on_step()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .aggregation import FeatureMap
 from .classes import UNLABELED, ClassList
+from .config import ClassifyConfig
 from .models import SamEncoding
 from .pamr import Pamr
 
@@ -59,6 +60,7 @@ def class_probs(logits: torch.Tensor, classes: ClassList, logit_scale: float) ->
         start += len(cls)
     return torch.stack(merged)
 
+
 def labels_from_probs(probs: torch.Tensor, classes: ClassList, prob_thd: float) -> torch.Tensor:
     """Argmax class; under `prob_thd` the background (0) or `UNLABELED` when the list has no background."""
     best, labels = probs.max(dim=0)
@@ -66,17 +68,25 @@ def labels_from_probs(probs: torch.Tensor, classes: ClassList, prob_thd: float) 
     return torch.where(best < prob_thd, torch.full_like(labels, low), labels)
 
 
-@torch.no_grad()
-def classify(fm: FeatureMap, text: torch.Tensor, classes: ClassList, logit_scale: float = 40.0,
-             prob_thd: float = 0.0, pamr: Pamr | None = None) -> Segmentation:
-    """Labels and probabilities at the image's size from a feature map and the query embeddings; with `pamr`, the
-    upsampled logits are refined by PAMR before the softmax (where the reference applies it)."""
+def check_embeddings(fm: FeatureMap, text: torch.Tensor, classes: ClassList) -> None:
+    """Refuse text embeddings that do not fit: one per query, of the feature map's size (the same CLIP)."""
     if text.shape[0] != len(classes.queries):
         raise ValueError(f"{text.shape[0]} text embeddings for {len(classes.queries)} class names")
+    if text.shape[1] != fm.features.shape[0]:
+        raise ValueError(f"the classes were encoded by a CLIP with {text.shape[1]}-d embeddings, the feature map has "
+                         f"{fm.features.shape[0]}: use the same CLIP for both")
+
+
+@torch.no_grad()
+def classify(fm: FeatureMap, text: torch.Tensor, classes: ClassList, config: ClassifyConfig,
+             pamr: Pamr | None = None) -> Segmentation:
+    """Labels and probabilities at the image's size from a feature map and the query embeddings; with `pamr` (built
+    from `config`'s PAMR settings), the upsampled logits are refined by PAMR before the softmax (as the reference)."""
+    check_embeddings(fm, text, classes)
     g = grid_logits(fm, text)
     logits = upsample(g, fm.image_size)
     if pamr is not None and pamr.steps:
         logits = pamr(logits)
-    probs = class_probs(logits, classes, logit_scale)
-    labels = labels_from_probs(probs, classes, prob_thd)
+    probs = class_probs(logits, classes, config.logit_scale)
+    labels = labels_from_probs(probs, classes, config.prob_thd)
     return Segmentation(labels, probs, g, classes, fm.image_size, sam_encoding=fm.sam_encoding)

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from .classes import ClassList
+from .config import CORRELATIONS, MASK_PROMPT_MODES, PARADIGMS
+from .devices import PRECISIONS
 from .presets import PRESETS, get_preset
-
-DEFAULT_FILES = {"clip": "ViT-B-16_openai_open_clip_model.safetensors", "dino": "dino_vitbase16_pretrain.pth",
-                 "sam": "sam_vit_b_01ec64.pth"}
 
 
 def _log(msg: str) -> None:
@@ -23,7 +22,7 @@ def _log(msg: str) -> None:
 
 def _model_file(value: str | None, role: str, allow_download: bool) -> Path:
     """An existing path, or a known file name fetched into the cache directory (or the given folder)."""
-    from .download import cache_dir, ensure_file
+    from .download import DEFAULT_FILES, cache_dir, ensure_file
 
     if value and Path(value).is_file():
         return Path(value)
@@ -44,14 +43,14 @@ def add_model_arguments(ap: argparse.ArgumentParser, preset_and_refine: bool = T
     ap.add_argument("--sam", help="SAM checkpoint (sam_vit_b_01ec64.pth)")
     ap.add_argument("--no-download", action="store_true", help="never download missing model files")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS)
     ap.add_argument("--sam-tiles", help="SAM tiles: auto or ROWSxCOLS (preset default: 1x1, city_scapes 1x2)")
-    ap.add_argument("--correlation", choices=["affinity", "attention", "cosine", "none"])
-    ap.add_argument("--paradigm", choices=["splice_then_segment", "segment_then_splice"])
+    ap.add_argument("--correlation", choices=CORRELATIONS)
+    ap.add_argument("--paradigm", choices=PARADIGMS)
     ap.add_argument("--short-side", type=int)
     ap.add_argument("--stride", type=int)
     ap.add_argument("--prob-thd", type=float)
-    ap.add_argument("--mask-prompt-mode", choices=["reference", "batched"])
+    ap.add_argument("--mask-prompt-mode", choices=MASK_PROMPT_MODES)
     ap.add_argument("--pamr-steps", type=int, help="PAMR steps on the logits before the label map (default 0: off)")
     ap.add_argument("--pamr-dilations", help="PAMR dilations, comma-separated (default 8,16)")
 
@@ -91,16 +90,14 @@ def release_text_tower(clip) -> None:
 
 
 def params_from_args(args: argparse.Namespace):
-    """The preset's parameters with the command line's overrides."""
-    from .pamr import check_pamr, parse_dilations
+    """The preset's parameters with the command line's overrides (each stage's config checks its own)."""
+    from .pamr import parse_dilations
 
-    params = get_preset(args.preset).params.update(
+    return get_preset(args.preset).params.update(
         refine=args.refine, sam_tiles=args.sam_tiles, correlation=args.correlation, paradigm=args.paradigm,
         short_side=args.short_side, stride=args.stride, prob_thd=args.prob_thd, mask_prompt_mode=args.mask_prompt_mode,
         pamr_steps=args.pamr_steps,
         pamr_dilations=parse_dilations(args.pamr_dilations) if args.pamr_dilations is not None else None)
-    check_pamr(params.pamr_steps, params.pamr_dilations)
-    return params
 
 
 def classes_from_args(args: argparse.Namespace) -> ClassList:
@@ -115,12 +112,10 @@ def classes_from_args(args: argparse.Namespace) -> ClassList:
 
 def _settings(tr, classes: ClassList, params) -> dict:
     """What decides an image's outputs besides the image (stored in each output's completion marker)."""
-    import dataclasses
-
     models = {role: [Path(m.path).name, os.path.getsize(m.path)] for role, m in
               (("clip", tr.clip), ("dino", tr.dino), ("sam", tr.sam)) if m is not None}
     return {"format": 1, "classes": classes.names, "queries": list(classes.queries),
-            "params": dataclasses.asdict(params), "models": models, "dtype": str(tr.clip.dtype),
+            "params": params.flat(), "models": models, "dtype": str(tr.clip.dtype),
             "device": tr.clip.device.type}
 
 
@@ -209,8 +204,6 @@ def _finish_distributed() -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a preset on its validation set (data-parallel under torchrun)."""
-    import dataclasses
-
     from .checkpoints import file_sha256
     from .evaluation import build_dataset, evaluate, init_distributed
 
@@ -235,7 +228,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # A resume state belongs to this exact run: the models' contents (not just their paths), parameters, precision
     # and kind of device (whose rounding differs).
     models = {"clip": tr.clip.path, "dino": tr.dino.path, **({"sam": tr.sam.path} if tr.sam else {})}
-    config = {"params": dataclasses.asdict(params), **models,
+    config = {"params": params.flat(), **models,
               **{f"{role}_sha256": file_sha256(path) for role, path in models.items()},
               "precision": str(tr.clip.dtype), "device": tr.clip.device.type}
     # tables use the dataset's own class names (the prompts' first synonyms differ)

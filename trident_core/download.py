@@ -149,6 +149,10 @@ MODELS: dict[str, ModelFile] = {
     )
 }
 
+DEFAULT_FILES: dict[Role, str] = {"clip": MODELS["clip_vit_b16_openai"].filename,
+                                  "dino": MODELS["dino_vitb16"].filename, "sam": MODELS["sam_vit_b"].filename}
+"""The file each role loads when none is named (the command line's default, the loader nodes' preselection)."""
+
 
 def find_model(name_or_filename: str) -> ModelFile | None:
     """Look a known model file up by registry name or by filename, so callers may pass either."""

@@ -12,12 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .aggregation import _cuts, encode_tiles
+from .aggregation import FeatureMap, _cuts, encode_tiles
 from .classes import ClassListError, class_indices
 from .classify import Segmentation
+from .config import CORRELATIONS, check_mode
 from .image import require_size
 from .models import SamEncoding, SamModel
-from .sam_affinity import CORRELATIONS, affinity_rows
+from .sam_affinity import affinity_rows
 
 POINT_UNITS = ("fraction", "pixels")
 
@@ -75,10 +76,17 @@ def point_to_pixels(x: float, y: float, units: str, size: tuple[int, int]) -> tu
     return min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
 
 
-def image_encodings(sam: SamModel, image: np.ndarray, image_size: tuple[int, int]) -> list[SamEncoding]:
-    """SAM's encoding (one tile) of the segmented image, for a feature map that has none (segment_then_splice)."""
-    require_size(image, image_size, "feature map")
-    return encode_tiles(sam, image, (1, 1))
+def feature_map_encodings(fm: FeatureMap, sam: SamModel,
+                          image: np.ndarray | None) -> tuple[list[SamEncoding], tuple[int, int]]:
+    """The feature map's SAM tile encodings and tiling; for a map that has none (segment_then_splice), SAM's
+    encoding (one tile) of the segmented image."""
+    if fm.sam_tile_encodings:
+        return list(fm.sam_tile_encodings), fm.tiles
+    if image is None:
+        raise ValueError("this feature map has no SAM encoding (segment_then_splice): connect the image it was made "
+                         "from to 'image'")
+    require_size(image, fm.image_size, "feature map")
+    return encode_tiles(sam, image, (1, 1)), (1, 1)
 
 
 @torch.no_grad()
@@ -89,8 +97,7 @@ def point_affinity(encodings: list[SamEncoding], tiles: tuple[int, int], sam: Sa
 
     `encodings` are the SAM tile encodings of the image (row-major, as `aggregation.encode_tiles` makes them);
     the affinity is block-diagonal over tiles, so pixels of other tiles are 0."""
-    if mode not in CORRELATIONS:
-        raise ValueError(f"correlation mode must be one of {CORRELATIONS}, not {mode!r}")
+    check_mode("correlation", mode, CORRELATIONS)
     rows, cols = tiles
     if len(encodings) != rows * cols:
         raise ValueError(f"{len(encodings)} SAM encodings for {rows}x{cols} tiles")

@@ -11,12 +11,12 @@ import torch
 from .aggregation import FeatureMap, splice_and_aggregate
 from .classes import ClassList, parse_classes
 from .classify import Segmentation, classify
+from .config import AggregateConfig, Params, WindowConfig
 from .devices import resolve_device, resolve_dtype
 from .image import clip_input, require_size, to_rgb_uint8
 from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
-from .pamr import Pamr, check_pamr, pamr_guide
-from .presets import Params
-from .refine import RefineParams, refine
+from .pamr import Pamr, pamr_guide
+from .refine import refine
 from .residency import release
 from .text import encode_classes
 from .window_features import WindowFeatures, window_features
@@ -30,56 +30,50 @@ def _noop(_stage: str) -> None:
     return None
 
 
-def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, params: Params = DEFAULT_PARAMS,
+def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, config: WindowConfig,
                             progress: Progress = _noop) -> WindowFeatures:
     """S0, S2, S3, S4: the image rescaled, windowed, and CLIP's DINO-guided window features."""
-    if params.window % clip.patch_size or params.window % dino.patch_size:
-        raise ValueError(f"window {params.window} must be a multiple of CLIP's patch ({clip.patch_size}) and "
+    if config.window % clip.patch_size or config.window % dino.patch_size:
+        raise ValueError(f"window {config.window} must be a multiple of CLIP's patch ({clip.patch_size}) and "
                          f"DINO's ({dino.patch_size})")
     img = to_rgb_uint8(image)
-    x = clip_input(img, params.short_side, clip.patch_size, params.window, params.long_cap)
-    plan = plan_windows(tuple(x.shape[-2:]), params.window, params.stride)
-    return window_features(clip, dino, x, plan, params.gamma, params.beta, image_size=img.shape[:2],
+    x = clip_input(img, config.short_side, clip.patch_size, config.window, config.long_cap)
+    plan = plan_windows(tuple(x.shape[-2:]), config.window, config.stride)
+    return window_features(clip, dino, x, plan, config.gamma, config.beta, image_size=img.shape[:2],
                            on_chunk=lambda: progress("windows"))
 
 
 def compute_feature_map(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None, image: object,
-                        params: Params = DEFAULT_PARAMS, progress: Progress = _noop) -> FeatureMap:
+                        config: AggregateConfig, progress: Progress = _noop) -> FeatureMap:
     """S5 to S7: splice, SAM affinity, aggregation, projection (or the segment-then-splice baseline)."""
     img = to_rgb_uint8(image) if image is not None else None
     if img is not None:
         require_size(img, wf.image_size, "window features")
-    return splice_and_aggregate(wf, clip, sam, img, params.correlation, params.paradigm, params.sam_tiles,
-                                params.cos_fac, params.refine_neg_cos, on_step=lambda: progress("sam"))
+    return splice_and_aggregate(wf, clip, sam, img, config, on_step=lambda: progress("sam"))
 
 
 def needs_sam(params: Params) -> bool:
     """Whether these parameters use SAM: the splice-then-segment aggregation or the refinement (the
     segment-then-splice baseline without refinement runs on CLIP and DINO alone)."""
-    return params.paradigm == "splice_then_segment" or params.refine
+    return params.aggregation.uses_sam or params.refine
 
 
 def require_sam(sam: object | None, params: Params) -> None:
     """One clear line when the parameters need SAM and none was given."""
     if sam is None and needs_sam(params):
-        what = "SAM refinement" if params.refine else f"the {params.paradigm} paradigm"
+        what = "SAM refinement" if params.refine else f"the {params.aggregation.paradigm} paradigm"
         raise ValueError(f"{what} needs a SAM model (e.g. sam_vit_b_01ec64.pth); give one, or choose the "
                          "segment_then_splice paradigm without refinement, which runs without SAM")
 
 
-def refine_params(params: Params) -> RefineParams:
-    """The refinement subset of the parameters."""
-    return RefineParams(params.coarse_thresh, params.minimal_area, params.mask_alpha, params.iou_thresh,
-                        params.mask_prompt_mode)
-
-
 def pamr_for(image: object, params: Params) -> Pamr | None:
-    """PAMR for this image with the parameters' steps and dilations, or None when it is off."""
-    check_pamr(params.pamr_steps, params.pamr_dilations)
-    if not params.pamr_steps:
+    """PAMR for this image with the parameters' steps and dilations (its guide at the windows' scale), or None when
+    it is off."""
+    steps, dilations = params.classification.pamr_steps, params.classification.pamr_dilations
+    if not steps:
         return None
     img = to_rgb_uint8(image)
-    return Pamr(params.pamr_steps, tuple(params.pamr_dilations), pamr_guide(img, params.short_side, params.long_cap))
+    return Pamr(steps, tuple(dilations), pamr_guide(img, params.windows.short_side, params.windows.long_cap))
 
 
 @dataclass(eq=False)
@@ -117,15 +111,15 @@ class Trident:
         pamr = pamr_for(img, params)
         text = self.text(cl, progress)
         progress("text")
-        wf = compute_window_features(self.clip, self.dino, img, params, progress)
+        wf = compute_window_features(self.clip, self.dino, img, params.windows, progress)
         if self.release_weights:
             release(self.clip.model.visual)
             release(self.dino.model)
-        fm = compute_feature_map(wf, self.clip, self.sam, img, params, progress)
-        seg = classify(fm, text, cl, params.logit_scale, params.prob_thd, pamr)
+        fm = compute_feature_map(wf, self.clip, self.sam, img, params.aggregation, progress)
+        seg = classify(fm, text, cl, params.classification, pamr)
         progress("classify")
         if params.refine:
-            seg = refine(seg, self.sam, img, refine_params(params), on_class=lambda: progress("refine"))
+            seg = refine(seg, self.sam, img, params.refinement, on_class=lambda: progress("refine"))
         if self.release_weights and self.sam is not None:
             release(self.sam.model)
         return seg

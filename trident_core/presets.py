@@ -2,69 +2,16 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 
 from .classes import ClassList, load_class_file, name_key, parse_classes, read_class_file
-
-
-@dataclass(frozen=True)
-class Params:
-    """Every constant of the method; presets differ in a few of them."""
-
-    short_side: int = 448
-    long_cap: int = 2048
-    window: int = 336
-    stride: int = 224
-    gamma: float = 3.0
-    beta: float = 1.2
-    cos_fac: float = 1.2
-    refine_neg_cos: bool = True
-    logit_scale: float = 40.0
-    prob_thd: float = 0.0
-    correlation: str = "affinity"
-    paradigm: str = "splice_then_segment"
-    sam_tiles: str = "1x1"
-    refine: bool = False
-    coarse_thresh: float = 0.2
-    minimal_area: int = 225
-    mask_alpha: float = 0.005
-    iou_thresh: float = 0.80
-    mask_prompt_mode: str = "reference"
-    pamr_steps: int = 0
-    pamr_dilations: tuple[int, ...] = (8, 16)
-
-    def __post_init__(self) -> None:
-        """Refuse values that would give a meaningless result (a one-pixel image, gaps between windows, NaN)."""
-        for name, (lo, hi, whole) in _RANGES.items():
-            value = getattr(self, name)
-            hi = self.window if name == "stride" else hi
-            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                  and lo <= value <= hi and (not whole or value == int(value)))
-            if not ok:
-                kind = "a whole number" if whole else "a number"
-                why = " (the window): a larger stride leaves gaps between windows" if name == "stride" else ""
-                raise ValueError(f"{name}={value!r} is out of range: expected {kind} from {lo:g} to {hi:g}{why}. "
-                                 f"Give a value in that range (default {self.__dataclass_fields__[name].default}).")
-
-    def update(self, **changes) -> Params:
-        """A copy with some fields changed (None values are ignored)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-
-_RANGES: dict[str, tuple[float, float, bool]] = {  # name: (lowest, highest, whole numbers only)
-    "short_side": (32, 8192, True), "long_cap": (32, 16384, True), "window": (32, 4096, True),
-    "stride": (1, 4096, True), "gamma": (-1e6, 1e6, False), "beta": (-1e6, 1e6, False),
-    "cos_fac": (-1e6, 1e6, False), "logit_scale": (1e-6, 1e6, False), "prob_thd": (0, 1, False),
-    "coarse_thresh": (0, 1, False), "minimal_area": (0, 1 << 30, True), "mask_alpha": (0, 1e6, False),
-    "iou_thresh": (0, 1, False),
-}
+from .config import Params
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A named configuration; benchmark presets ship their dataset's class list (background first)."""
+    """A named bundle of stage configs; benchmark presets ship their dataset's class list (background first)."""
 
     name: str
     params: Params

@@ -18,21 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .classify import Segmentation
+from .config import RefineConfig
 from .image import require_size, round_up_to
 from .models import SamEncoding, SamModel
-
-MASK_PROMPT_MODES = ("reference", "batched")
-
-
-@dataclass(frozen=True)
-class RefineParams:
-    """The reference's refinement constants."""
-
-    coarse_thresh: float = 0.2
-    minimal_area: int = 225
-    mask_alpha: float = 0.005
-    iou_thresh: float = 0.80
-    mask_prompt_mode: str = "reference"
 
 
 def _chunk(device: torch.device) -> int:
@@ -62,7 +50,7 @@ def _regions(member: np.ndarray, prob: np.ndarray, minimal_area: int) -> list[_R
     return out
 
 
-def _mask_prompt(prob_down: torch.Tensor, image_size: tuple[int, int], p: RefineParams) -> torch.Tensor:
+def _mask_prompt(prob_down: torch.Tensor, image_size: tuple[int, int], p: RefineConfig) -> torch.Tensor:
     """The class's probability at SAM's 256 mask-prompt scale: alpha * p where p > coarse_thresh, else 0."""
     nh, nw = SamModel.mask_prompt_size(image_size)
     r = F.interpolate(prob_down[None, None], [nh, nw], mode="bilinear", align_corners=False)[0]
@@ -104,11 +92,9 @@ def _class_score(sam: SamModel, enc: SamEncoding, low: torch.Tensor, prob: torch
 
 
 @torch.no_grad()
-def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefineParams = RefineParams(),
+def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefineConfig,
            encoding: SamEncoding | None = None, on_class=None) -> Segmentation:
     """Refined labels (and score map) of a coarse segmentation; the image is the original RGB uint8 array."""
-    if params.mask_prompt_mode not in MASK_PROMPT_MODES:
-        raise ValueError(f"mask_prompt_mode must be one of {MASK_PROMPT_MODES}")
     require_size(image, seg.image_size, "segmentation")
     enc = encoding or seg.sam_encoding
     if enc is None:

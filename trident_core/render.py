@@ -49,6 +49,21 @@ def legend(names: list[str], width: int, row: int = 22) -> np.ndarray:
     return img
 
 
+def preview(labels: torch.Tensor | np.ndarray, names: list[str], image: np.ndarray, alpha: float = 0.5,
+            show_legend: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The colour label map and its overlay on the image (uint8 HxWx3), each with the class legend below it when
+    `show_legend`; refuses an image of another size than the labels."""
+    if image.shape[:2] != tuple(labels.shape):
+        raise ValueError(f"the image is {image.shape[1]}x{image.shape[0]}, the segmentation "
+                         f"{labels.shape[1]}x{labels.shape[0]}: connect the segmented image")
+    colors = color_labels(labels, len(names))
+    blended = overlay(image, colors, alpha)
+    if not show_legend:
+        return colors, blended
+    strip = legend(names, colors.shape[1])
+    return np.concatenate([colors, strip]), np.concatenate([blended, strip])
+
+
 def masks_for(labels: torch.Tensor, indices: list[int]) -> torch.Tensor:
     """Float mask [H, W] of the union of the given classes."""
     if not indices:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .config import CORRELATIONS, check_mode
 from .models import SamEncoding, SamModel
-
-CORRELATIONS = ("affinity", "attention", "cosine", "none")
 
 
 def unit_values(enc: SamEncoding) -> torch.Tensor:
@@ -35,8 +34,7 @@ def affinity_rows(enc: SamEncoding, sam: SamModel, start: int, stop: int, mode: 
 
     Heads come one at a time, so a block of rows holds the heads' cosines and a few [rows, N] matrices; the
     reference's order of operations is kept (bit-identical thresholds)."""
-    if mode not in CORRELATIONS:
-        raise ValueError(f"correlation mode must be one of {CORRELATIONS}, not {mode!r}")
+    check_mode("correlation", mode, CORRELATIONS)
     valid = _valid_index(enc)
     everything = len(valid) == enc.q.shape[1]
     n, heads = len(valid), enc.q.shape[0]

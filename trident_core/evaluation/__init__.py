@@ -2,7 +2,7 @@
 
 from .arguments import add_eval_arguments
 from .datasets import (
-    PRESETS,
+    DATASETS,
     DatasetPreset,
     Sample,
     SegDataset,
@@ -17,7 +17,7 @@ from .runner import evaluate
 
 __all__ = [
     "IGNORE_INDEX",
-    "PRESETS",
+    "DATASETS",
     "DatasetPreset",
     "Sample",
     "SegDataset",

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from . import classes
+from . import dataset_classes
 from .metrics import IGNORE_INDEX
 
 SIXTEEN_BIT_VOID = 65535
@@ -50,33 +50,35 @@ class DatasetPreset:
 _VOC2012 = ("VOCdevkit/VOC2012",)
 _VOC2010 = ("VOCdevkit/VOC2010",)
 
-PRESETS: dict[str, DatasetPreset] = {
+DATASETS: dict[str, DatasetPreset] = {
     p.name: p
     for p in (
         DatasetPreset("voc21", _VOC2012, "JPEGImages", "SegmentationClass", ".jpg", ".png",
-                      "ImageSets/Segmentation/val.txt", False, classes.VOC21, 1449),
+                      "ImageSets/Segmentation/val.txt", False, dataset_classes.VOC21, 1449),
         DatasetPreset("voc20", _VOC2012, "JPEGImages", "SegmentationClass", ".jpg", ".png",
-                      "ImageSets/Segmentation/val.txt", True, classes.VOC20, 1449),
+                      "ImageSets/Segmentation/val.txt", True, dataset_classes.VOC20, 1449),
         DatasetPreset("context60", _VOC2010, "JPEGImages", "SegmentationClassContext", ".jpg", ".png",
-                      "ImageSets/SegmentationContext/val.txt", False, classes.CONTEXT60, 5104),
+                      "ImageSets/SegmentationContext/val.txt", False, dataset_classes.CONTEXT60, 5104),
         DatasetPreset("context59", _VOC2010, "JPEGImages", "SegmentationClassContext", ".jpg", ".png",
-                      "ImageSets/SegmentationContext/val.txt", True, classes.CONTEXT59, 5104),
+                      "ImageSets/SegmentationContext/val.txt", True, dataset_classes.CONTEXT59, 5104),
         # cvt_coco_object.py writes *_instanceTrainIds.png next to COCO-Stuff's labels unless given -o.
         DatasetPreset("coco_object", ("coco_object", "COCOObject", "coco_stuff164k"), "images/val2017",
-                      "annotations/val2017", ".jpg", "_instanceTrainIds.png", None, False, classes.COCO_OBJECT, 5000),
+                      "annotations/val2017", ".jpg", "_instanceTrainIds.png", None, False,
+                      dataset_classes.COCO_OBJECT, 5000),
         DatasetPreset("coco_stuff", ("coco_stuff164k", "COCOStuff"), "images/val2017", "annotations/val2017",
-                      ".jpg", "_labelTrainIds.png", None, False, classes.COCO_STUFF, 5000),
+                      ".jpg", "_labelTrainIds.png", None, False, dataset_classes.COCO_STUFF, 5000),
         DatasetPreset("city_scapes", ("cityscapes", "CityScapes"), "leftImg8bit/val", "gtFine/val",
-                      "_leftImg8bit.png", "_gtFine_labelTrainIds.png", None, False, classes.CITYSCAPES, 500),
+                      "_leftImg8bit.png", "_gtFine_labelTrainIds.png", None, False, dataset_classes.CITYSCAPES, 500),
         DatasetPreset("ade20k", ("ade/ADEChallengeData2016", "ADEChallengeData2016"), "images/validation",
-                      "annotations/validation", ".jpg", ".png", None, True, classes.ADE20K, 2000),
+                      "annotations/validation", ".jpg", ".png", None, True, dataset_classes.ADE20K, 2000),
         # detectron2's prepare_ade20k_full_sem_seg.py / prepare_pascal_context.py: 16-bit TIFFs, 65535 = void.
         DatasetPreset("ade847", ("ADE20K_2021_17_01", "ade20k_full"), "images_detectron2/validation",
                       "annotations_detectron2/validation", ".jpg", ".tif", "validation.txt", False,
-                      classes.from_class_file("cls_ade20k847.txt"), 2000, SIXTEEN_BIT_VOID, split_optional=True),
+                      dataset_classes.from_class_file("cls_ade20k847.txt"), 2000, SIXTEEN_BIT_VOID,
+                      split_optional=True),
         DatasetPreset("context459", _VOC2010, "JPEGImages", "annotations_detectron2/pc459_val", ".jpg", ".tif",
-                      "ImageSets/SegmentationContext/val.txt", False, classes.from_class_file("cls_context459.txt"),
-                      5104, SIXTEEN_BIT_VOID),
+                      "ImageSets/SegmentationContext/val.txt", False,
+                      dataset_classes.from_class_file("cls_context459.txt"), 5104, SIXTEEN_BIT_VOID),
     )
 }
 
@@ -185,10 +187,10 @@ class SegDataset(Sequence[Sample]):
 
 
 def build_dataset(preset: str, data_root: str | os.PathLike[str]) -> SegDataset:
-    """The validation set of ``preset`` (a key of ``PRESETS``) found under ``data_root``."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return SegDataset(PRESETS[preset], data_root)
+    """The validation set of ``preset`` (a key of ``DATASETS``) found under ``data_root``."""
+    if preset not in DATASETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(DATASETS)}")
+    return SegDataset(DATASETS[preset], data_root)
 
 
 def _resolve_root(preset: DatasetPreset, data_root: Path) -> Path:

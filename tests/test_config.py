@@ -1,0 +1,179 @@
+"""One config per stage: modes refused with the allowed values named, flat names routed to their stage, the settings
+key unchanged, and the command line's choices and the nodes' dropdowns built from the same constants."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_nodes import core, import_pack
+
+from trident_core.aggregation import FeatureMap
+from trident_core.batch import settings_key
+from trident_core.classes import parse_classes
+from trident_core.classify import classify
+from trident_core.cli import add_model_arguments
+from trident_core.config import (
+    CORRELATIONS,
+    MASK_PROMPT_MODES,
+    PARADIGMS,
+    AggregateConfig,
+    ClassifyConfig,
+    Params,
+    RefineConfig,
+    WindowConfig,
+)
+from trident_core.download import DEFAULT_FILES, MODELS
+from trident_core.inspect import feature_map_encodings
+from trident_core.presets import get_preset
+from trident_core.render import preview
+
+
+@pytest.mark.parametrize(("config", "name", "allowed"), [
+    (AggregateConfig, "paradigm", PARADIGMS), (AggregateConfig, "correlation", CORRELATIONS),
+    (RefineConfig, "mask_prompt_mode", MASK_PROMPT_MODES),
+])
+def test_a_bad_mode_is_refused_naming_the_allowed_ones(config, name, allowed):
+    for value in allowed:
+        assert getattr(config(**{name: value}), name) == value
+    with pytest.raises(ValueError) as e:
+        config(**{name: "Affinity"})
+    assert str(e.value) == f"{name} must be one of {', '.join(allowed)}, not 'Affinity'"
+
+
+def test_update_routes_flat_names_to_their_stage():
+    base = Params()
+    p = base.update(short_side=336, paradigm="segment_then_splice", prob_thd=0.3, pamr_steps=2, iou_thresh=0.5,
+                    refine=True, stride=None)
+    assert p.windows == WindowConfig(short_side=336)
+    assert p.aggregation == AggregateConfig(paradigm="segment_then_splice")
+    assert p.classification == ClassifyConfig(prob_thd=0.3, pamr_steps=2)
+    assert p.refinement == RefineConfig(iou_thresh=0.5)
+    assert p.refine and not base.refine and base.windows.short_side == 448  # a copy; None changes nothing
+    assert base.update(logit_scale=30.0).windows is base.windows  # untouched stages are kept as they are
+    with pytest.raises(TypeError, match="unknown parameter 'shortside'"):
+        base.update(shortside=336)
+    with pytest.raises(ValueError, match="stride=400 is out of range"):
+        base.update(stride=400)
+    assert base.update(window=448, stride=400).windows.stride == 400  # one stage's names are checked together
+    with pytest.raises(ValueError, match="pamr_steps must be an integer"):
+        base.update(pamr_steps=-1)
+
+
+def test_settings_key_is_the_one_of_the_flat_parameters():
+    """The outputs' completion markers and the eval's resume state hash the parameters by their flat names: the
+    digests made before the parameters were split per stage still match."""
+    assert set(Params().flat()) == {
+        "short_side", "long_cap", "window", "stride", "gamma", "beta", "paradigm", "correlation", "sam_tiles",
+        "cos_fac", "refine_neg_cos", "logit_scale", "prob_thd", "pamr_steps", "pamr_dilations", "coarse_thresh",
+        "minimal_area", "mask_alpha", "iou_thresh", "mask_prompt_mode", "refine"}
+    assert settings_key({"params": Params().flat()}) == (
+        "48d843c77efb2b789a04e9be1491e25ca2425b9885185852bca90de63a0249db")
+    assert settings_key({"params": get_preset("city_scapes").params.flat()}) == (
+        "42ab7db218f535ae38a65d5a47f4fad441e065f57e6de51c1f0a307b8aef9458")
+
+
+def test_cli_choices_are_the_constants():
+    ap = argparse.ArgumentParser()
+    add_model_arguments(ap)
+    choices = {a.dest: a.choices for a in ap._actions}
+    assert tuple(choices["correlation"]) == CORRELATIONS and tuple(choices["paradigm"]) == PARADIGMS
+    assert tuple(choices["mask_prompt_mode"]) == MASK_PROMPT_MODES
+
+
+def test_node_dropdowns_are_the_constants():
+    nodes = import_pack().NODE_CLASS_MAPPINGS
+    config = core("config")
+    aggregate = nodes["TridentSpliceAggregate"].INPUT_TYPES()["required"]
+    assert tuple(aggregate["correlation"][0]) == config.CORRELATIONS == CORRELATIONS
+    assert tuple(aggregate["paradigm"][0]) == config.PARADIGMS
+    assert tuple(aggregate["sam_tiles"][0]) == config.SAM_TILE_CHOICES
+    refine = nodes["TridentSamRefine"].INPUT_TYPES()["required"]
+    assert tuple(refine["mask_prompt_mode"][0]) == config.MASK_PROMPT_MODES
+    point = nodes["TridentInspectPointAffinity"].INPUT_TYPES()["required"]
+    assert tuple(point["correlation"][0]) == tuple(c for c in config.CORRELATIONS if c != "none")
+    assert nodes["TridentWindowFeatures"].__name__ == "WindowFeaturesNode"  # saved workflows keep their node type
+
+
+def test_loaders_preselect_the_default_files():
+    nodes = import_pack().NODE_CLASS_MAPPINGS
+    for node, role in (("TridentLoadCLIP", "clip"), ("TridentLoadDINO", "dino"), ("TridentLoadSAM", "sam")):
+        assert nodes[node].INPUT_TYPES()["required"]["model_name"][1]["default"] == DEFAULT_FILES[role]
+        assert any(m.filename == DEFAULT_FILES[role] and m.role == role for m in MODELS.values())
+
+
+def test_each_image_checks_for_cancel_between_images_and_advances_the_bar(monkeypatch):
+    bridge = sys.modules[import_pack().__name__ + ".nodes.comfy_bridge"]
+    events = []
+
+    class Bar:
+        def __init__(self, total):
+            events.append(("bar", total))
+
+        def update(self, value):
+            events.append(("advance", value))
+
+    monkeypatch.setattr(bridge, "progress_bar", Bar)
+    monkeypatch.setattr(bridge, "check_interrupt", lambda: events.append("check"))
+
+    def one(a, b, progress):
+        events.append(("image", a, b))
+        progress("stage")  # the core's stage callback checks too
+        return a * b
+
+    assert bridge.each_image(one, [1, 2, 3], [10, 20, 30]) == [10, 40, 90]
+    per_image = [("image", 1, 10), "check", "check", ("advance", 1)]
+    assert events[0] == ("bar", 3) and events[1:5] == per_image and len(events) == 13
+    assert [e for e in events if isinstance(e, tuple) and e[0] == "image"] == [
+        ("image", 1, 10), ("image", 2, 20), ("image", 3, 30)]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel():
+        raise Cancelled
+
+    monkeypatch.setattr(bridge, "check_interrupt", cancel)
+    seen = []
+    with pytest.raises(Cancelled):
+        bridge.each_image(lambda a, _progress: seen.append(a), [1, 2, 3])
+    assert seen == [1]  # stopped before the second image
+
+
+def _feature_map(dim: int = 8) -> FeatureMap:
+    return FeatureMap(torch.randn(dim, 4, 6), (8, 12), "segment_then_splice", "none", (1, 1))
+
+
+def test_classify_refuses_embeddings_of_another_clip():
+    cl = parse_classes("sky, grass")
+    with pytest.raises(ValueError, match="16-d embeddings, the feature map has 8: use the same CLIP"):
+        classify(_feature_map(), torch.randn(2, 16), cl, ClassifyConfig())
+    assert classify(_feature_map(), torch.randn(2, 8), cl, ClassifyConfig()).labels.shape == (8, 12)
+
+
+def test_a_feature_map_without_sam_encoding_needs_the_image():
+    with pytest.raises(ValueError, match="no SAM encoding .* connect the image"):
+        feature_map_encodings(_feature_map(), sam=None, image=None)
+
+
+def test_preview_with_and_without_legend():
+    labels = torch.tensor([[0, 1, 1], [1, 0, -1]])
+    image = np.full((2, 3, 3), 200, np.uint8)
+    colors, blended = preview(labels, ["sky", "grass"], image, alpha=0.5, show_legend=False)
+    assert colors.shape == blended.shape == (2, 3, 3) and (colors[1, 2] == 0).all()  # unlabeled: black
+    assert (blended[1, 2] == 100).all()
+    tall, tall_blend = preview(labels, ["sky", "grass"], image)
+    assert tall.shape[0] > 2 and tall.shape == tall_blend.shape and (tall[:2] == colors).all()
+    with pytest.raises(ValueError, match="the image is 4x2, the segmentation 3x2"):
+        preview(labels, ["sky", "grass"], np.zeros((2, 4, 3), np.uint8))
+
+
+def test_presets_are_bundles_of_stage_configs():
+    p = get_preset("city_scapes").params
+    assert p.aggregation == AggregateConfig(sam_tiles="1x2", cos_fac=3.0, refine_neg_cos=False)
+    assert p.windows == WindowConfig(short_side=688) and p.refinement == RefineConfig(coarse_thresh=0.10)
+    assert all(dataclasses.is_dataclass(getattr(p, f.name)) for f in dataclasses.fields(p) if f.name != "refine")

@@ -1,0 +1,119 @@
+"""How SAM covers an image: rows x cols tiles of the image with its sides rounded up to 16, each encoded on its
+own (1x2 is the reference's Cityscapes mode). One object owns the cuts, the rounding and which tile a pixel falls
+in, for the encoder, the aggregation's feature canvas and the affinity inspector alike."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .image import round_up_to
+from .models import SamEncoding, SamModel
+from .models.sam import PATCH
+
+Box = tuple[int, int, int, int]  # y1, y2, x1, x2 (end exclusive)
+MAX_TILES = 8
+AUTO_TILE_SIDE = 1024
+
+
+def parse_tiles(spec: str | tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int]:
+    """"1x1", "1x2", "RxC" or "auto": tiles about as wide as high and about AUTO_TILE_SIDE pixels (SAM's input
+    size), so wide and very large images keep a fine SAM grid."""
+    if isinstance(spec, tuple):
+        rows, cols = spec
+    elif spec.strip().lower() == "auto":
+        h, w = image_size
+        rows, cols = max(1, round(h / w)), max(1, round(w / h))
+        scale = max(1, round(max(h / rows, w / cols) / AUTO_TILE_SIDE))
+        rows, cols = min(MAX_TILES, rows * scale), min(MAX_TILES, cols * scale)
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", spec)
+        if not m:
+            raise ValueError(f"SAM tiles must be 'auto' or ROWSxCOLS like '1x2', not {spec!r}")
+        rows, cols = int(m.group(1)), int(m.group(2))
+    if not (1 <= rows <= MAX_TILES and 1 <= cols <= MAX_TILES):
+        raise ValueError(f"SAM tiles {rows}x{cols}: each of rows and cols must be 1..{MAX_TILES}")
+    return rows, cols
+
+
+def cuts(length: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` consecutive spans covering 0..length, as even as whole numbers allow."""
+    return [(i * length // parts, (i + 1) * length // parts) for i in range(parts)]
+
+
+@dataclass(frozen=True)
+class SamTiling:
+    """rows x cols tiles over an image of `image_size` (H, W), row-major."""
+
+    rows: int
+    cols: int
+    image_size: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        h, w = self.padded_size
+        if h // self.rows < PATCH or w // self.cols < PATCH:
+            raise ValueError(f"SAM tiles {self.rows}x{self.cols} are too many for a {self.image_size[0]}x"
+                             f"{self.image_size[1]} image")
+
+    @classmethod
+    def of(cls, spec: str | tuple[int, int], image_size: tuple[int, int]) -> SamTiling:
+        """The tiling a spec ("1x2", "auto", (rows, cols)) gives an image of `image_size`."""
+        return cls(*parse_tiles(spec, image_size), tuple(image_size))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        """The SAM branch's image size: each side rounded up to a multiple of 16."""
+        return tuple(math.ceil(s / PATCH) * PATCH for s in self.image_size)
+
+    def boxes(self, size: tuple[int, int] | None = None) -> list[Box]:
+        """Each tile's box on a canvas of `size` (default: the padded image), row-major."""
+        h, w = size or self.padded_size
+        return [(y1, y2, x1, x2) for y1, y2 in cuts(h, self.rows) for x1, x2 in cuts(w, self.cols)]
+
+    def locate(self, x: int, y: int) -> tuple[int, float, float]:
+        """The tile under pixel (x, y) of the image (its centre), and where in that tile as fractions (fy, fx)."""
+        h, w = self.image_size
+        h16, w16 = self.padded_size
+        px, py = (x + 0.5) * w16 / w, (y + 0.5) * h16 / h
+        ycuts, xcuts = cuts(h16, self.rows), cuts(w16, self.cols)
+        r = next(i for i, (a, b) in enumerate(ycuts) if a <= py < b or i == self.rows - 1)
+        c = next(i for i, (a, b) in enumerate(xcuts) if a <= px < b or i == self.cols - 1)
+        (y1, y2), (x1, x2) = ycuts[r], xcuts[c]
+        return r * self.cols + c, (py - y1) / (y2 - y1), (px - x1) / (x2 - x1)
+
+
+@dataclass(frozen=True, eq=False)
+class SamTileEncodings:
+    """SAM's encoding of every tile of an image (row-major): made once, passed explicitly to the aggregation,
+    the refinement and the affinity inspector, never changed."""
+
+    tiling: SamTiling
+    encodings: tuple[SamEncoding, ...] = field(repr=False)
+
+    @property
+    def whole(self) -> SamEncoding | None:
+        """The encoding of the whole image when it is one tile (the refinement's mask decoder needs that)."""
+        return self.encodings[0] if self.tiling.shape == (1, 1) else None
+
+    def check(self, sam: SamModel, image_size: tuple[int, int], what: str) -> None:
+        """Refuse encodings of another image size or made by another SAM."""
+        if tuple(self.tiling.image_size) != tuple(image_size):
+            h, w = self.tiling.image_size
+            raise ValueError(f"the {what} is of a {w}x{h} image, not of the {image_size[1]}x{image_size[0]} image "
+                             "given here: connect the image that was segmented")
+        for enc in self.encodings:
+            sam.check_encoding(enc, what)
+
+
+def encode_tiles(sam: SamModel, image: np.ndarray, tiling: SamTiling) -> SamTileEncodings:
+    """SAM encodings of the image's sides rounded up to 16, split into the tiling's tiles."""
+    img16 = round_up_to(image, PATCH)
+    return SamTileEncodings(tiling, tuple(sam.encode(np.ascontiguousarray(img16[y1:y2, x1:x2]))
+                                          for y1, y2, x1, x2 in tiling.boxes()))
