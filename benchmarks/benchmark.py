@@ -28,10 +28,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trident_core import Trident, get_preset, parse_classes  # noqa: E402
-from trident_core.aggregation import encode_tiles, parse_tiles, splice_and_aggregate  # noqa: E402
+from trident_core import (  # noqa: E402
+    Trident,
+    get_preset,
+    kernels,  # noqa: E402
+    parse_classes,
+)
+from trident_core.aggregation import splice_and_aggregate  # noqa: E402
 from trident_core.classify import classify  # noqa: E402
-from trident_core.pipeline import compute_window_features  # noqa: E402
+from trident_core.pipeline import compute_window_features, encode_image  # noqa: E402
 from trident_core.refine import refine  # noqa: E402
 
 CLASSES = "person, flag, rocket, sky"
@@ -129,14 +134,14 @@ def run_case(tr: Trident, name: str, device: torch.device) -> dict:
         with m.stage("windows (S0-S4)"):
             wf = compute_window_features(tr.clip, tr.dino, img, params.windows)
         with m.stage("sam_encoder (S6)"):
-            encs = encode_tiles(tr.sam, img, parse_tiles(params.aggregation.sam_tiles, img.shape[:2]))
+            encs = encode_image(tr.sam, img, params.aggregation)
         with m.stage("aggregate (S5-S7)"):
-            fm = splice_and_aggregate(wf, tr.clip, tr.sam, img, params.aggregation, encodings=encs)
+            fm = splice_and_aggregate(wf, tr.clip, tr.sam, encs, params.aggregation)
         with m.stage("classify (S8)"):
             seg = classify(fm, text, classes, params.classification)
         if refine_on:
             with m.stage("refine (S9)"):
-                seg = refine(seg, tr.sam, img, params.refinement)
+                seg = refine(seg, tr.sam, img, params.refinement, encs.whole)
     image_s = sum(r["seconds"] for k, r in m.rows.items() if not k.startswith("text"))
     return {"case": name, "preset": preset, "image_hw": list(size), "refine": refine_on, "stages": m.rows,
             "image_seconds": round(image_s, 2), "peak_mb": round(m.peak, 1), "refine_info": seg.info}
@@ -185,6 +190,18 @@ def throughput(paths: dict[str, Path], device: torch.device, n: int) -> dict:
     return out
 
 
+def print_kernels(rows: list[dict]) -> None:
+    """Which tricks of trident_core.kernels ran for which shapes here, their probe timings and what each saved."""
+    if not kernels.enabled():
+        print(f"kernels: off ({kernels.ENV}=0)")
+        return
+    print(f"{'kernel decision':52s}{'ours ms':>9s}{'torch ms':>9s}  {'runs':>5s}  {'saved s':>8s}")
+    for r in rows:
+        print(f"{r['key']:52s}{r['ours_ms']:9.2f}{r['torch_ms']:9.2f}  {'ours' if r['use_ours'] else 'torch':>5s}"
+              f"  {r['saved_s']:8.2f}")
+    print(f"{'total saved':52s}{'':25s}{sum(r['saved_s'] for r in rows):8.2f}")
+
+
 def print_table(results: list[dict]) -> None:
     stages = list(dict.fromkeys(s for r in results for s in r["stages"]))
     head = f"{'stage':22s}" + "".join(f"{r['case']:>24s}" for r in results)
@@ -225,6 +242,8 @@ def main() -> int:
                           "dtype": str(tr.sam.dtype)},
               "load": meter.rows["load"], "cases": results}
     print_table(results)
+    report["kernels"] = kernels.report()
+    print_kernels(report["kernels"])
     if args.repeat:
         report["repeat"] = repeat_check(tr, args.repeat)
         print("repeat:", report["repeat"])

@@ -7,11 +7,11 @@ import torch
 
 from ..trident_core.config import CORRELATIONS, AggregateConfig
 from ..trident_core.image import to_rgb_uint8
-from ..trident_core.inspect import (
+from ..trident_core.inspection import (
     POINT_UNITS,
     class_probability,
-    feature_map_encodings,
     heat_rgb,
+    inspection_encodings,
     mark_point,
     pca_rgb,
     point_affinity,
@@ -86,8 +86,7 @@ class InspectPointAffinity:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "feature_map": (T.FEATURE_MAP, {"tooltip": "From Trident Splice & Aggregate: its SAM encodings are "
-                                                       "reused (the image is encoded again when it has none)."}),
+            "feature_map": (T.FEATURE_MAP, {"tooltip": "From Trident Splice & Aggregate (the image's size)."}),
             "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM."}),
             "x": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 16384.0, "step": 0.01,
                             "tooltip": "Horizontal position: a fraction of the width (0..1) or pixels (see units)."}),
@@ -102,27 +101,34 @@ class InspectPointAffinity:
             "refine_neg_cos": ("BOOLEAN", {"default": A.refine_neg_cos,
                                            "tooltip": "As in Splice & Aggregate."}),
         }, "optional": {
-            "image": ("IMAGE", {"tooltip": "The segmented image; needed only when the feature map has no SAM "
-                                           "encoding (segment_then_splice)."}),
+            "image": ("IMAGE", {"tooltip": "The segmented image; SAM encodes it (one tile) when no sam_encoding "
+                                           "is connected."}),
+            "sam_encoding": (T.SAM_ENCODING, {"tooltip": "Splice & Aggregate's sam_encoding: its SAM tiles are "
+                                                         "shown as they were used, without encoding again."}),
         }}
 
     def inspect(self, feature_map: list, sam: T.ModelHandle, x: float, y: float, units: str, correlation: str,
                 cos_fac: float, refine_neg_cos: bool,
-                image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                image: torch.Tensor | None = None,
+                sam_encoding: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         T.items(feature_map, "feature map")
         if image is not None:
             T.images(image)
+        encodings = sam_encoding if sam_encoding is not None else [None] * len(feature_map)
+        if len(encodings) != len(feature_map):
+            raise ValueError(f"the sam_encoding holds {len(encodings)} image(s) but the feature map "
+                             f"{len(feature_map)}: connect both outputs of the same Splice & Aggregate")
         T.ready(sam)
         same_batch = image is not None and image.shape[0] == len(feature_map)
 
-        def one(b: int, fm: object, _progress: object) -> tuple[torch.Tensor, torch.Tensor]:
-            encodings, tiles = feature_map_encodings(fm, sam.model, to_rgb_uint8(image[b]) if same_batch else None)
+        def one(b: int, fm: object, enc: object, _progress: object) -> tuple[torch.Tensor, torch.Tensor]:
+            tiles = inspection_encodings(enc, sam.model, to_rgb_uint8(image[b]) if same_batch else None,
+                                         fm.image_size)
             point = point_to_pixels(x, y, units, fm.image_size)
-            amap = point_affinity(encodings, tiles, sam.model, fm.image_size, point, correlation, cos_fac,
-                                  refine_neg_cos)
+            amap = point_affinity(tiles, sam.model, fm.image_size, point, correlation, cos_fac, refine_neg_cos)
             return mark_point(heat_rgb(amap), point), amap
 
-        heat, values = zip(*each_image(one, range(len(feature_map)), feature_map))
+        heat, values = zip(*each_image(one, range(len(feature_map)), feature_map, encodings))
         return _out(list(heat), list(values))
 
 

@@ -19,6 +19,7 @@ SAM = "TRIDENT_SAM"
 CLASSES = "TRIDENT_CLASSES"
 WINDOW_FEATURES = "TRIDENT_WINDOW_FEATURES"
 FEATURE_MAP = "TRIDENT_FEATURE_MAP"  # list[FeatureMap], one per batch image
+SAM_ENCODING = "TRIDENT_SAM_ENCODING"  # list[SamTileEncodings | None], one per batch image
 SEGMENTATION = "TRIDENT_SEGMENTATION"  # list[Segmentation], one per batch image
 
 

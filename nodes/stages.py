@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..trident_core.aggregation import FeatureMap
 from ..trident_core.classes import parse_classes
 from ..trident_core.classify import classify
 from ..trident_core.compact import CompactSegmentation, compact
@@ -21,10 +22,18 @@ from ..trident_core.config import (
 from ..trident_core.image import to_rgb_uint8
 from ..trident_core.pamr import MAX_STEPS as MAX_PAMR_STEPS
 from ..trident_core.pamr import parse_dilations
-from ..trident_core.pipeline import Trident, compute_feature_map, compute_window_features, pamr_for, require_sam
+from ..trident_core.pipeline import (
+    Trident,
+    compute_feature_map,
+    compute_window_features,
+    encode_image,
+    pamr_for,
+    require_sam,
+)
 from ..trident_core.presets import PRESETS
 from ..trident_core.refine import refine
 from ..trident_core.text import encode_classes
+from ..trident_core.window_features import WindowFeatures
 from . import sockets as T
 from .comfy_bridge import count_progress, each_image, to_intermediate
 
@@ -121,9 +130,11 @@ class SpliceAggregate:
 
     CATEGORY = T.CATEGORY
     FUNCTION = "aggregate"
-    RETURN_TYPES = (T.FEATURE_MAP,)
-    RETURN_NAMES = ("feature_map",)
-    OUTPUT_TOOLTIPS = ("Per-token features in CLIP's embedding space, one map per batch image.",)
+    RETURN_TYPES = (T.FEATURE_MAP, T.SAM_ENCODING)
+    RETURN_NAMES = ("feature_map", "sam_encoding")
+    OUTPUT_TOOLTIPS = ("Per-token features in CLIP's embedding space, one map per batch image.",
+                       "SAM's encoding of each batch image's tiles (none with segment_then_splice): connect it to "
+                       "Trident SAM Refine (1x1 tiles) or Inspect Point Affinity so SAM does not encode again.")
     DESCRIPTION = ("Splices the window features into one map, spreads them over the whole image with SAM's "
                    "affinity (splice-then-segment) and projects them into CLIP's text space. "
                    "segment_then_splice is the ProxyCLIP baseline: windows projected on their own, no SAM.")
@@ -162,8 +173,14 @@ class SpliceAggregate:
         require_sam(sam, Params(aggregation=config))
         T.ready(window_features.clip, *([sam] if config.uses_sam else []))
         clip, sam_model = window_features.clip.model, sam.model if config.uses_sam else None
-        return (each_image(lambda wf, img, progress: to_intermediate(
-            compute_feature_map(wf, clip, sam_model, img, config, progress)), window_features.items, image),)
+
+        def one(wf: WindowFeatures, img: torch.Tensor, progress: object) -> tuple[FeatureMap, object]:
+            encodings = encode_image(sam_model, img, config, progress)
+            fm = compute_feature_map(wf, clip, sam_model, encodings, config, progress)
+            return to_intermediate(fm), to_intermediate(encodings)
+
+        maps, encodings = zip(*each_image(one, window_features.items, image))
+        return list(maps), list(encodings)
 
 
 class Classify:
@@ -212,7 +229,7 @@ class Classify:
         def one(i: int, fm: object, _progress: object) -> CompactSegmentation:
             pamr = pamr_for(image[i], params) if pamr_steps else None
             seg = classify(fm, classes.text, classes.classes, config, pamr)
-            return to_intermediate(compact(seg, logit_scale, prob_thd, keep_encoding=True))
+            return to_intermediate(compact(seg, logit_scale, prob_thd))
 
         return (each_image(one, range(len(feature_map)), T.items(feature_map, "feature map")),)
 
@@ -234,10 +251,8 @@ class SamRefine:
         return {"required": {
             "segmentation": (T.SEGMENTATION, {"tooltip": "The coarse segmentation from Trident Classify."}),
             "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM."}),
-            "image": ("IMAGE", {"tooltip": "The segmented image. SAM's encoding from Splice & Aggregate is reused "
-                                           "when its SAM tiles were 1x1; otherwise, and after Trident Segment (which "
-                                           "keeps no SAM encoding per frame, to keep frame batches small), SAM "
-                                           "encodes the image again here."}),
+            "image": ("IMAGE", {"tooltip": "The segmented image. SAM encodes it here unless Splice & Aggregate's "
+                                           "sam_encoding (1x1 tiles) is connected."}),
             "coarse_thresh": ("FLOAT", {"default": R.coarse_thresh, "min": 0.0, "max": 1.0, "step": 0.01,
                                         "tooltip": "Classes and pixels below this probability are not prompted."}),
             "minimal_area": ("INT", {"default": R.minimal_area, "min": 0, "max": 1 << 20,
@@ -250,21 +265,30 @@ class SamRefine:
                 "default": R.mask_prompt_mode,
                 "tooltip": "reference: the mask prompt as the authors pass it (3-D; their numbers); batched: the "
                            "corrected 4-D call."}),
+        }, "optional": {
+            "sam_encoding": (T.SAM_ENCODING, {"tooltip": "Splice & Aggregate's sam_encoding of the same images: "
+                                                         "reused when its SAM tiles were 1x1 (saves encoding the "
+                                                         "image again)."}),
         }}
 
     def refine(self, segmentation: list, sam: T.ModelHandle, image: torch.Tensor, coarse_thresh: float,
-               minimal_area: int, mask_alpha: float, iou_thresh: float, mask_prompt_mode: str) -> tuple[list]:
+               minimal_area: int, mask_alpha: float, iou_thresh: float, mask_prompt_mode: str,
+               sam_encoding: list | None = None) -> tuple[list]:
         T.images(image)
         _batch(image, len(T.items(segmentation, "segmentation")), "segmentation")
         config = RefineConfig(coarse_thresh=coarse_thresh, minimal_area=minimal_area, mask_alpha=mask_alpha,
                               iou_thresh=iou_thresh, mask_prompt_mode=mask_prompt_mode)
         T.ready(sam)
 
-        def one(seg: CompactSegmentation, img: torch.Tensor, progress: object) -> CompactSegmentation:
-            refined = refine(seg, sam.model, to_rgb_uint8(img), config, on_class=progress)
+        encodings = sam_encoding if sam_encoding is not None else [None] * len(segmentation)
+        _batch(image, len(encodings), "SAM encoding")
+
+        def one(seg: CompactSegmentation, img: torch.Tensor, enc: object, progress: object) -> CompactSegmentation:
+            whole = enc.whole if enc is not None else None
+            refined = refine(seg, sam.model, to_rgb_uint8(img), config, whole, on_class=progress)
             return to_intermediate(compact(refined, seg.logit_scale, seg.prob_thd))
 
-        return (each_image(one, segmentation, image),)
+        return (each_image(one, segmentation, image, encodings),)
 
 
 class TridentSegment:

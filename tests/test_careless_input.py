@@ -89,11 +89,10 @@ def test_window_features_node_refuses_a_stride_over_the_window(loaded, images):
 
 @pytest.fixture(scope="module")
 def tiled(loaded, images):
-    """A coarse segmentation made with SAM tiles 1x2 (so it carries no whole-image SAM encoding)."""
+    """A coarse segmentation made with SAM tiles 1x2."""
     clip, dino, sam = loaded
     (segs,) = run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes="sky, person",
                   preset="default", refine=False, sam_tiles="1x2")
-    assert segs[0].sam_encoding is None
     return segs
 
 
@@ -122,34 +121,33 @@ def other_sam(tmp_path_factory, models):
     (models / "sams" / "sam_other.pth").unlink()
 
 
-def _feature_map(loaded, image, paradigm: str) -> list:
-    """Window Features then Splice & Aggregate with the default parameters."""
+def _feature_map(loaded, image, paradigm: str) -> tuple[list, list]:
+    """Window Features then Splice & Aggregate with the default parameters: feature maps and SAM encodings."""
     clip, dino, sam = loaded
     (wf,) = run("TridentWindowFeatures", image=image, clip=clip, dino=dino, short_side=448, window=336, stride=224)
-    (fm,) = run("TridentSpliceAggregate", window_features=wf, sam=sam, image=image, correlation="affinity",
-                paradigm=paradigm, sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
-    return fm
+    return run("TridentSpliceAggregate", window_features=wf, sam=sam, image=image, correlation="affinity",
+               paradigm=paradigm, sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
 
 
 def test_a_sam_of_another_size_is_refused_by_refine_and_inspect(loaded, images, other_sam):
-    """A segmentation that carries SAM's encoding (Classify after Splice & Aggregate) is refined and inspected only
-    with the SAM that made it (Trident Segment's output keeps no encoding: SAM Refine encodes the frame again)."""
+    """Splice & Aggregate's SAM encoding is reused by SAM Refine and Inspect Point Affinity only with the SAM that
+    made it."""
     clip = loaded[0]
-    fm = _feature_map(loaded, images[:1], "splice_then_segment")
+    fm, encodings = _feature_map(loaded, images[:1], "splice_then_segment")
     (classes,) = run("TridentEncodeClasses", clip=clip, classes="sky, person")
     (segs,) = run("TridentClassify", feature_map=fm, classes=classes, logit_scale=40.0, prob_thd=0.0)
     with pytest.raises(ValueError) as e:
         run("TridentSamRefine", segmentation=segs, sam=other_sam, image=images[:1], coarse_thresh=0.2,
-            minimal_area=225, mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="reference")
+            minimal_area=225, mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="reference", sam_encoding=encodings)
     assert "vit_64x2" in str(e.value) and "vit_32x2" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match="made with SAM vit_64x2.*vit_32x2.*connect the SAM that made it"):
         run("TridentInspectPointAffinity", feature_map=fm, sam=other_sam, x=0.5, y=0.5, units="fraction",
-            correlation="affinity", cos_fac=1.2, refine_neg_cos=True)
+            correlation="affinity", cos_fac=1.2, refine_neg_cos=True, sam_encoding=encodings)
 
 
 def test_inspect_point_affinity_refuses_an_image_of_another_size_and_a_nan_point(loaded, images):
     sam = loaded[2]
-    fm = _feature_map(loaded, images[:1], "segment_then_splice")
+    fm, _ = _feature_map(loaded, images[:1], "segment_then_splice")
     with pytest.raises(ValueError, match="190x64 pixels but the feature map was made from a 192x64 image"):
         run("TridentInspectPointAffinity", feature_map=fm, sam=sam, x=0.5, y=0.5, units="fraction",
             correlation="affinity", cos_fac=1.2, refine_neg_cos=True, image=images[:1, :, :190])

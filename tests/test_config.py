@@ -28,7 +28,7 @@ from trident_core.config import (
     WindowConfig,
 )
 from trident_core.download import DEFAULT_FILES, MODELS
-from trident_core.inspect import feature_map_encodings
+from trident_core.inspection import inspection_encodings
 from trident_core.presets import get_preset
 from trident_core.render import preview
 
@@ -155,9 +155,9 @@ def test_classify_refuses_embeddings_of_another_clip():
     assert classify(_feature_map(), torch.randn(2, 8), cl, ClassifyConfig()).labels.shape == (8, 12)
 
 
-def test_a_feature_map_without_sam_encoding_needs_the_image():
+def test_no_sam_encoding_and_no_image_is_one_line():
     with pytest.raises(ValueError, match="no SAM encoding .* connect the image"):
-        feature_map_encodings(_feature_map(), sam=None, image=None)
+        inspection_encodings(None, sam=None, image=None, image_size=(8, 12))
 
 
 def test_preview_with_and_without_legend():

@@ -63,7 +63,7 @@ def test_batch_equals_one_frame_at_a_time(loaded, frames, refine):
     for seg, frame in zip(segs, frames[:3]):
         alone = trident.segment(frame, CLASSES, params)
         assert seg.labels.dtype == torch.int8 and torch.equal(seg.labels.long(), alone.labels)
-        assert seg.sam_encoding is None and seg.refined == refine
+        assert seg.refined == refine
         assert torch.equal(seg.logits(), alone.logits())
         if refine:
             assert torch.equal(seg.probs_coarse, alone.probs_coarse)
@@ -118,25 +118,25 @@ def test_text_encoded_once_per_batch(loaded, frames, monkeypatch):
 
 
 def test_stage_nodes_and_refine_after_segment(loaded, frames):
-    """Classify keeps the feature map's SAM encoding by reference (no copy); SAM Refine on Trident Segment's
-    unrefined output encodes the frames again and gives Trident Segment's refined labels; a refinement that keeps
+    """SAM Refine reuses Splice & Aggregate's SAM encoding when connected, and on Trident Segment's unrefined output
+    encodes the frames again: both give Trident Segment's refined labels; a refinement that keeps
     masks gives trident_core's labels bit for bit and holds per frame only the labels, the grid logits and the
     float16 scores."""
     clip, dino, sam = loaded
     (classes,) = run("TridentEncodeClasses", clip=clip, classes=CLASSES)
     (wf,) = run("TridentWindowFeatures", image=frames[:2], clip=clip, dino=dino, short_side=448, window=336,
                 stride=224)
-    (fm,) = run("TridentSpliceAggregate", window_features=wf, sam=sam, image=frames[:2], correlation="affinity",
-                paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
+    fm, encodings = run("TridentSpliceAggregate", window_features=wf, sam=sam, image=frames[:2],
+                        correlation="affinity", paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2,
+                        refine_neg_cos=True)
     (coarse,) = run("TridentClassify", feature_map=fm, classes=classes, logit_scale=40.0, prob_thd=0.0)
-    assert all(c.sam_encoding is f.sam_encoding for c, f in zip(coarse, fm))
+    assert all(e.whole is not None for e in encodings)
     refine_args = dict(sam=sam, image=frames[:2], coarse_thresh=0.2, minimal_area=225, mask_alpha=0.005,
                        iou_thresh=0.8, mask_prompt_mode="reference")
-    (staged,) = run("TridentSamRefine", segmentation=coarse, **refine_args)
+    (staged,) = run("TridentSamRefine", segmentation=coarse, sam_encoding=encodings, **refine_args)
     (refined_after,) = run("TridentSamRefine", segmentation=segment(loaded, frames[:2], False), **refine_args)
     for a, b, c in zip(staged, refined_after, segment(loaded, frames[:2], True)):
         assert torch.equal(a.labels, c.labels) and torch.equal(b.labels, c.labels)
-        assert a.sam_encoding is None and b.sam_encoding is None
     (kept,) = run("TridentSamRefine", segmentation=coarse, **{**refine_args, "iou_thresh": 0.0, "minimal_area": 10})
     rp = core("config").RefineConfig(0.2, 10, 0.005, 0.0, "reference")
     to_rgb = core("image").to_rgb_uint8

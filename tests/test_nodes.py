@@ -135,7 +135,8 @@ def test_custom_types_connect(models):
     consumed = {e[0] for c in mappings for s in c.INPUT_TYPES().values() for e in s.values()
                 if isinstance(e[0], str) and e[0].startswith("TRIDENT_")}
     assert produced == consumed == {"TRIDENT_CLIP", "TRIDENT_DINO", "TRIDENT_SAM", "TRIDENT_CLASSES",
-                                    "TRIDENT_WINDOW_FEATURES", "TRIDENT_FEATURE_MAP", "TRIDENT_SEGMENTATION"}
+                                    "TRIDENT_WINDOW_FEATURES", "TRIDENT_FEATURE_MAP", "TRIDENT_SAM_ENCODING",
+                                    "TRIDENT_SEGMENTATION"}
 
 
 # ------------------------------------------------------------------------------------------------- loaders
@@ -250,24 +251,25 @@ def chain(loaded, images):
     clip, dino, sam = loaded
     (classes,) = run("TridentEncodeClasses", clip=clip, classes=CLASSES)
     (wf,) = run("TridentWindowFeatures", image=images, clip=clip, dino=dino, short_side=448, window=336, stride=224)
-    (fm,) = run("TridentSpliceAggregate", window_features=wf, sam=sam, image=images, correlation="affinity",
-                paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
+    fm, encodings = run("TridentSpliceAggregate", window_features=wf, sam=sam, image=images, correlation="affinity",
+                        paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
     (coarse,) = run("TridentClassify", feature_map=fm, classes=classes, logit_scale=40.0, prob_thd=0.0)
     (refined,) = run("TridentSamRefine", segmentation=coarse, sam=sam, image=images, coarse_thresh=0.2,
-                     minimal_area=225, mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="reference")
-    return {"classes": classes, "wf": wf, "fm": fm, "coarse": coarse, "refined": refined}
+                     minimal_area=225, mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="reference",
+                     sam_encoding=encodings)
+    return {"classes": classes, "wf": wf, "fm": fm, "encodings": encodings, "coarse": coarse, "refined": refined}
 
 
 def test_stage_outputs_per_image(chain, images):
     assert chain["classes"].text.shape == (4, 32) and chain["classes"].classes.names == ["sky", "person", "flag"]
     assert len(chain["wf"].items) == len(chain["fm"]) == len(chain["coarse"]) == len(chain["refined"]) == 2
-    for fm, coarse, refined in zip(chain["fm"], chain["coarse"], chain["refined"]):
-        assert fm.image_size == (64, 192) and fm.sam_encoding is fm.sam_tile_encodings[0]
+    for fm, enc, coarse, refined in zip(chain["fm"], chain["encodings"], chain["coarse"], chain["refined"]):
+        assert fm.image_size == (64, 192) and enc.tiling.image_size == (64, 192) and enc.whole is enc.encodings[0]
         assert fm.features.shape == (32, 21, 64)  # SAM's valid grid of a 64x192 image
         assert coarse.labels.shape == (64, 192) and coarse.probs.shape == (3, 64, 192)
         assert torch.equal(coarse.labels, coarse.probs.argmax(0)) and 0 <= coarse.probs.min() <= coarse.probs.max() <= 1
         assert refined.refined and torch.equal(refined.labels_coarse, coarse.labels)
-        assert coarse.labels.device.type == "cpu" and fm.sam_encoding.q.device.type == "cpu"
+        assert coarse.labels.device.type == "cpu" and enc.whole.q.device.type == "cpu"
     assert not torch.equal(chain["coarse"][0].labels, chain["coarse"][1].labels[:, :192])
 
 
@@ -311,7 +313,7 @@ def test_trident_segment_presets_background_and_tiles(loaded, images):
     clip, dino, sam = loaded
     (voc,) = run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes="", preset="voc20",
                  refine=False, sam_tiles="1x2")
-    assert len(voc[0].classes) == 20 and not voc[0].refined and voc[0].sam_encoding is None  # 1x2 tiles
+    assert len(voc[0].classes) == 20 and not voc[0].refined
     (bg,) = run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes="person", preset="default",
                 refine=False, sam_tiles="preset", background="sky; space")
     assert bg[0].classes.has_background and bg[0].classes.names == ["sky", "person"]
@@ -346,10 +348,10 @@ def test_typed_multiline_classes_and_preset_background(loaded, images):
 
 def test_segment_then_splice_needs_no_sam_and_mismatches_are_refused(chain, loaded, images):
     clip, dino, sam = loaded
-    (fm,) = run("TridentSpliceAggregate", window_features=chain["wf"], image=images, correlation="affinity",
-                paradigm="segment_then_splice", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
-    assert fm[0].sam_tile_encodings == () and fm[0].features.shape == (32, 28, 84)  # the 448x1344 CLIP grid
-    (with_sam,) = run("TridentSpliceAggregate", window_features=chain["wf"], sam=sam, image=images,
+    fm, encodings = run("TridentSpliceAggregate", window_features=chain["wf"], image=images, correlation="affinity",
+                        paradigm="segment_then_splice", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
+    assert encodings == [None, None] and fm[0].features.shape == (32, 28, 84)  # the 448x1344 CLIP grid
+    with_sam, _ = run("TridentSpliceAggregate", window_features=chain["wf"], sam=sam, image=images,
                       correlation="affinity", paradigm="segment_then_splice", sam_tiles="1x1", cos_fac=1.2,
                       refine_neg_cos=True)
     assert all(torch.equal(a.features, b.features) for a, b in zip(fm, with_sam))
@@ -405,7 +407,7 @@ def test_preview_colours_overlay_and_legend(chain, images):
 
 
 def test_inspect_nodes(chain, loaded, images):
-    pca_rgb = core("inspect").pca_rgb
+    pca_rgb = core("inspection").pca_rgb
     _, _, sam = loaded
     (pca,) = run("TridentInspectFeatures", feature_map=chain["fm"])
     assert pca.shape == (2, 64, 192, 3) and torch.equal(pca[1], pca_rgb(chain["fm"][1].features, (64, 192)))
@@ -413,10 +415,11 @@ def test_inspect_nodes(chain, loaded, images):
                      coarse=True)
     assert heat.shape == (2, 64, 192, 3) and torch.equal(prob[0], chain["refined"][0].probs_coarse[1])
     heat, aff = run("TridentInspectPointAffinity", feature_map=chain["fm"], sam=sam, x=0.25, y=0.5,
-                    units="fraction", correlation="affinity", cos_fac=1.2, refine_neg_cos=True)
+                    units="fraction", correlation="affinity", cos_fac=1.2, refine_neg_cos=True,
+                    sam_encoding=chain["encodings"])
     assert heat.shape == (2, 64, 192, 3) and aff.shape == (2, 64, 192)
     assert torch.allclose(aff.amax(dim=(1, 2)), torch.ones(2)) and aff.min() >= 0
-    (stts,) = run("TridentSpliceAggregate", window_features=chain["wf"], sam=sam, image=images,
+    stts, _ = run("TridentSpliceAggregate", window_features=chain["wf"], sam=sam, image=images,
                   correlation="affinity", paradigm="segment_then_splice", sam_tiles="1x1", cos_fac=1.2,
                   refine_neg_cos=True)
     _, again = run("TridentInspectPointAffinity", feature_map=stts, sam=sam, x=48, y=32, units="pixels",
@@ -503,11 +506,13 @@ def test_graph_run_twice_leaves_every_upstream_output_as_it_was(loaded, images):
         (classes,) = node("TridentEncodeClasses", clip=clip, classes=CLASSES)
         (wf,) = node("TridentWindowFeatures", image=images, clip=clip, dino=dino, short_side=448, window=336,
                      stride=224)
-        (fm,) = node("TridentSpliceAggregate", window_features=wf, sam=sam, image=images, correlation="affinity",
-                     paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
+        fm, encodings = node("TridentSpliceAggregate", window_features=wf, sam=sam, image=images,
+                             correlation="affinity", paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2,
+                             refine_neg_cos=True)
         (coarse,) = node("TridentClassify", feature_map=fm, classes=classes, logit_scale=40.0, prob_thd=0.0)
         (refined,) = node("TridentSamRefine", segmentation=coarse, sam=sam, image=images, coarse_thresh=0.2,
-                          minimal_area=225, mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="reference")
+                          minimal_area=225, mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="reference",
+                          sam_encoding=encodings)
         node("TridentSamRefine#2", segmentation=refined, sam=sam, image=images, coarse_thresh=0.2, minimal_area=225,
              mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="batched")
         node("TridentSegmentationToMasks", segmentation=refined, classes="person", invert=False)
@@ -515,7 +520,7 @@ def test_graph_run_twice_leaves_every_upstream_output_as_it_was(loaded, images):
         node("TridentInspectFeatures", feature_map=fm)
         node("TridentInspectClassProbability", segmentation=refined, class_name="sky", coarse=True)
         node("TridentInspectPointAffinity", feature_map=fm, sam=sam, x=0.25, y=0.5, units="fraction",
-             correlation="affinity", cos_fac=1.2, refine_neg_cos=True)
+             correlation="affinity", cos_fac=1.2, refine_neg_cos=True, sam_encoding=encodings)
         node("TridentSegment", image=images, clip=clip, dino=dino, sam=sam, classes=CLASSES, preset="voc21",
              refine=True, sam_tiles="preset")
 
@@ -653,8 +658,8 @@ def test_inside_comfyui_folders_patchers_progress_and_cancel(models, tmp_path, m
     checks = log["checks"]
     (wf,) = run("TridentWindowFeatures", image=images, clip=clip, dino=dino, short_side=448, window=336, stride=224)
     assert log["loaded"][-1] == ([clip.patcher, dino.patcher], True) and log["checks"] > checks
-    (fm,) = run("TridentSpliceAggregate", window_features=wf, sam=sam, image=images, correlation="affinity",
-                paradigm="segment_then_splice", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
+    run("TridentSpliceAggregate", window_features=wf, sam=sam, image=images, correlation="affinity",
+        paradigm="segment_then_splice", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
     assert log["loaded"][-1] == ([clip.patcher], True)  # the baseline does not need SAM on the GPU
 
     cancel = fake_comfy({"sams": [str(extra)]}, models, interrupt_after=3)
@@ -687,7 +692,7 @@ def test_to_device_moves_every_tensor_and_keeps_sharing(chain):
     bridge = sys.modules[import_pack().__name__ + ".nodes.comfy_bridge"]
     fm = chain["fm"][0]
     assert bridge.to_device(fm, torch.device("cpu")) is fm  # nothing to move: the same object
-    moved = bridge.to_device(chain["fm"], torch.device("meta"))
-    assert moved[0].features.is_meta and moved[0].sam_encoding.q.is_meta and moved[1].sam_tile_encodings[0].v.is_meta
-    assert moved[0].sam_encoding is moved[0].sam_tile_encodings[0] and moved[0].image_size == (64, 192)
+    moved = bridge.to_device((chain["fm"], chain["encodings"]), torch.device("meta"))
+    assert moved[0][0].features.is_meta and moved[1][0].encodings[0].q.is_meta and moved[1][1].whole.v.is_meta
+    assert moved[1][0].whole is moved[1][0].encodings[0] and moved[0][0].image_size == (64, 192)
     assert fm.features.device.type == "cpu"  # the original is untouched

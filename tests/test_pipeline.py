@@ -13,7 +13,7 @@ from trident_core import Params, parse_classes
 from trident_core.aggregation import splice_and_aggregate
 from trident_core.classify import classify
 from trident_core.config import AggregateConfig, ClassifyConfig, RefineConfig
-from trident_core.pipeline import compute_feature_map, compute_window_features
+from trident_core.pipeline import compute_feature_map, compute_window_features, encode_image
 from trident_core.refine import refine
 
 
@@ -28,7 +28,7 @@ def test_paradigms_differ_and_stts_averages_window_logits(small_trident, photo):
     img = photo[:336, :512]
     p = Params().update(short_side=336)  # the processed image is the image itself: a 1x2 window grid, 21x32 tokens
     wf = compute_window_features(small_trident.clip, small_trident.dino, img, p.windows)
-    fm = compute_feature_map(wf, small_trident.clip, None, img, AggregateConfig(paradigm="segment_then_splice"))
+    fm = compute_feature_map(wf, small_trident.clip, None, None, AggregateConfig(paradigm="segment_then_splice"))
     # independent formulation: classify each window's tokens on their own, then average the logits per token
     text = small_trident.text(parse_classes("sky, person"))
     v = small_trident.clip.model.visual
@@ -40,20 +40,28 @@ def test_paradigms_differ_and_stts_averages_window_logits(small_trident, photo):
         count[y1 // 16:y1 // 16 + 21, x1 // 16:x1 // 16 + 21] += 1
     got = torch.einsum("qe,ehw->qhw", text, fm.features)
     assert torch.allclose(got, total / count, atol=1e-5)
-    sts = compute_feature_map(wf, small_trident.clip, small_trident.sam, img, p.aggregation)
+    encodings = encode_image(small_trident.sam, img, p.aggregation)
+    sts = compute_feature_map(wf, small_trident.clip, small_trident.sam, encodings, p.aggregation)
     assert sts.features.shape[1:] != fm.features.shape[1:] or not torch.allclose(sts.features, fm.features)
 
 
 def test_tiles_block_diagonal_equals_per_tile(small_trident, photo):
     wide = np.concatenate([photo, photo[:, ::-1]], axis=1)
     wf = compute_window_features(small_trident.clip, small_trident.dino, wide, Params().windows)
-    fm = splice_and_aggregate(wf, small_trident.clip, small_trident.sam, wide, AggregateConfig(sam_tiles="1x2"))
-    assert fm.tiles == (1, 2) and tuple(fm.features.shape[1:]) == (64, 128) and fm.sam_encoding is None
-    auto = splice_and_aggregate(wf, small_trident.clip, small_trident.sam, wide, AggregateConfig(sam_tiles="auto"),
-                                encodings=fm.sam_tile_encodings)
-    assert torch.equal(auto.features, fm.features)
-    whole = splice_and_aggregate(wf, small_trident.clip, small_trident.sam, wide, AggregateConfig(sam_tiles="1x1"))
+    sam = small_trident.sam
+    halves = encode_image(sam, wide, AggregateConfig(sam_tiles="1x2"))
+    assert halves.tiling.shape == (1, 2) and halves.whole is None
+    fm = splice_and_aggregate(wf, small_trident.clip, sam, halves, AggregateConfig(sam_tiles="1x2"))
+    assert fm.tiles == (1, 2) and tuple(fm.features.shape[1:]) == (64, 128)
+    auto = AggregateConfig(sam_tiles="auto")  # 1x2 for this 512x1024 image
+    assert torch.equal(splice_and_aggregate(wf, small_trident.clip, sam, encode_image(sam, wide, auto), auto).features,
+                       fm.features)
+    whole = splice_and_aggregate(wf, small_trident.clip, sam, encode_image(sam, wide, AggregateConfig()),
+                                 AggregateConfig(sam_tiles="1x1"))
     assert tuple(whole.features.shape[1:]) == (32, 64)
+    with pytest.raises(ValueError, match="connect the image that was segmented"):
+        splice_and_aggregate(wf, small_trident.clip, sam, encode_image(sam, photo, AggregateConfig()),
+                             AggregateConfig())
 
 
 def test_refinement_modes_and_rejection(small_trident, photo):
@@ -109,7 +117,8 @@ def test_full_size_every_class_can_win(full_trident, image448):
     img = image448
     p = Params()
     wf = compute_window_features(full_trident.clip, full_trident.dino, img, p.windows)
-    fm = compute_feature_map(wf, full_trident.clip, full_trident.sam, img, p.aggregation)
+    encodings = encode_image(full_trident.sam, img, p.aggregation)
+    fm = compute_feature_map(wf, full_trident.clip, full_trident.sam, encodings, p.aggregation)
     picks = [(5, 5), (5, 58), (58, 5), (58, 58)]
     text = torch.stack([fm.features[:, y, x] for y, x in picks])
     seg = classify(fm, text, parse_classes("a, b, c, d"), ClassifyConfig(logit_scale=40.0, prob_thd=0.0))

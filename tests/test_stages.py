@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trident_core.aggregation import _cuts, aggregate, encode_tiles, parse_tiles
+from trident_core.aggregation import aggregate
 from trident_core.classes import UNLABELED, ClassList, parse_classes
 from trident_core.classify import class_probs, labels_from_probs
 from trident_core.image import clip_input, fit_to_patches, rescale_short_side, round_up_to
 from trident_core.sam_affinity import affinity_rows
+from trident_core.sam_tiles import SamTiling, encode_tiles, parse_tiles
 from trident_core.window_features import WindowFeatures, proxy_attention, similarity_mean, splice
 from trident_core.windows import plan_windows
 
@@ -149,7 +150,7 @@ def test_sam_encoding_equals_segment_anythings_own_forward(small_trident, photo)
 
 def test_tiles_split_the_rounded_image(small_trident, photo):
     wide = np.concatenate([photo, photo[:, ::-1]], axis=1)
-    encs = encode_tiles(small_trident.sam, wide, (1, 2))
+    encs = encode_tiles(small_trident.sam, wide, SamTiling.of((1, 2), wide.shape[:2])).encodings
     assert [e.original_size for e in encs] == [(512, 512), (512, 512)]
     whole = small_trident.sam.encode(photo)
     assert torch.equal(encs[0].q, whole.q) and torch.equal(encs[0].v, whole.v)
@@ -159,7 +160,6 @@ def test_tiles_split_the_rounded_image(small_trident, photo):
     assert parse_tiles("2x3", (10, 10)) == (2, 3)
     with pytest.raises(ValueError, match="ROWSxCOLS"):
         parse_tiles("two", (10, 10))
-    assert _cuts(1024, 2) == [(0, 512), (512, 1024)]
 
 
 def test_trimmed_text_encoding_equals_full_length(small_trident):

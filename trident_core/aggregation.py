@@ -1,76 +1,33 @@
-"""S5 + S7: splice the windows, aggregate with SAM's affinity per SAM tile, project to CLIP's embedding space.
+"""S7 (after S5's splice): aggregate with SAM's affinity per SAM tile, project to CLIP's embedding space.
 
-A tiling of rows x cols SAM tiles (1x2 is the reference's Cityscapes mode) encodes each tile on its own; the
-affinity is then block-diagonal and only its diagonal blocks are ever computed. `segment_then_splice` is the
+Each SAM tile (sam_tiles.py; 1x2 is the reference's Cityscapes mode) is encoded on its own, so the affinity is
+block-diagonal and only its diagonal blocks are ever computed. `segment_then_splice` is the
 ProxyCLIP baseline: each window is projected and normalised on its own and the windows are averaged, no SAM."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .config import AggregateConfig
-from .image import round_up_to
 from .models import ClipModel, SamEncoding, SamModel
 from .sam_affinity import affinity_rows, unit_values
+from .sam_tiles import SamTileEncodings
 from .window_features import WindowFeatures, splice
-
-MAX_TILES = 8
-AUTO_TILE_SIDE = 1024
 
 
 @dataclass(frozen=True, eq=False)
 class FeatureMap:
-    """Per-token image features in CLIP's embedding space, [E, h, w], for an image of `image_size` (H, W).
-
-    `sam_encoding` is SAM's encoding of the whole image when one was made (refinement reuses it)."""
+    """Per-token image features in CLIP's embedding space, [E, h, w], for an image of `image_size` (H, W), and how
+    they were aggregated (`tiles`: the SAM tiling's rows x cols)."""
 
     features: torch.Tensor
     image_size: tuple[int, int]
     paradigm: str
     correlation: str
     tiles: tuple[int, int]
-    sam_encoding: SamEncoding | None = field(default=None, repr=False)
-    sam_tile_encodings: tuple[SamEncoding, ...] = field(default=(), repr=False)
-
-
-def parse_tiles(spec: str | tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int]:
-    """"1x1", "1x2", "RxC" or "auto": tiles about as wide as high and about AUTO_TILE_SIDE pixels (SAM's input
-    size), so wide and very large images keep a fine SAM grid."""
-    if isinstance(spec, tuple):
-        rows, cols = spec
-    elif spec.strip().lower() == "auto":
-        h, w = image_size
-        rows, cols = max(1, round(h / w)), max(1, round(w / h))
-        scale = max(1, round(max(h / rows, w / cols) / AUTO_TILE_SIDE))
-        rows, cols = min(MAX_TILES, rows * scale), min(MAX_TILES, cols * scale)
-    else:
-        m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", spec)
-        if not m:
-            raise ValueError(f"SAM tiles must be 'auto' or ROWSxCOLS like '1x2', not {spec!r}")
-        rows, cols = int(m.group(1)), int(m.group(2))
-    if not (1 <= rows <= MAX_TILES and 1 <= cols <= MAX_TILES):
-        raise ValueError(f"SAM tiles {rows}x{cols}: each of rows and cols must be 1..{MAX_TILES}")
-    return rows, cols
-
-
-def _cuts(length: int, parts: int) -> list[tuple[int, int]]:
-    return [(i * length // parts, (i + 1) * length // parts) for i in range(parts)]
-
-
-def encode_tiles(sam: SamModel, image: np.ndarray, tiles: tuple[int, int]) -> list[SamEncoding]:
-    """SAM encodings of the image's sides rounded up to 16, split into tiles, row-major."""
-    img16 = round_up_to(image, 16)
-    h, w = img16.shape[:2]
-    rows, cols = tiles
-    if h // rows < 16 or w // cols < 16:
-        raise ValueError(f"SAM tiles {rows}x{cols} are too many for a {image.shape[0]}x{image.shape[1]} image")
-    return [sam.encode(np.ascontiguousarray(img16[y1:y2, x1:x2]))
-            for y1, y2 in _cuts(h, rows) for x1, x2 in _cuts(w, cols)]
 
 
 @torch.no_grad()
@@ -91,38 +48,31 @@ def aggregate(enc: SamEncoding, sam: SamModel, feats: torch.Tensor, mode: str = 
 
 
 @torch.no_grad()
-def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None, image: np.ndarray | None,
-                         config: AggregateConfig, encodings: list[SamEncoding] | None = None,
-                         on_step=None) -> FeatureMap:
-    """S5 + S6 + S7: the feature map that classification compares with the text embeddings."""
+def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None,
+                         encodings: SamTileEncodings | None, config: AggregateConfig, on_step=None) -> FeatureMap:
+    """S5 + S7: the feature map that classification compares with the text embeddings, aggregated with SAM's
+    affinity over the image's SAM tile `encodings` (splice_then_segment; segment_then_splice needs none)."""
     paradigm, correlation = config.paradigm, config.correlation
     if not config.uses_sam:
         projected = F.normalize(clip.project(wf.tokens), dim=-1)
         canvas = splice(WindowFeatures(projected, wf.token_grid, wf.plan, wf.patch_size, wf.image_size,
                                        wf.processed_size))
         return FeatureMap(canvas, wf.image_size, paradigm, "none", (1, 1))
-    if sam is None or image is None:
-        raise ValueError("splice_then_segment needs SAM and the image")
-    grid_tiles = parse_tiles(config.sam_tiles, wf.image_size)
-    if encodings is None:
-        encodings = encode_tiles(sam, image, grid_tiles)
-        if on_step:
-            on_step()
+    if sam is None or encodings is None:
+        raise ValueError("splice_then_segment needs SAM and its encoding of the image")
+    encodings.check(sam, wf.image_size, "SAM encoding")
     canvas = splice(wf)
-    rows, cols = grid_tiles
+    tiling = encodings.tiling
     tiles_out = []
-    for (y1, y2), (x1, x2), enc in zip([rc for rc in _cuts(canvas.shape[1], rows) for _ in range(cols)],
-                                       _cuts(canvas.shape[2], cols) * rows, encodings):
+    for (y1, y2, x1, x2), enc in zip(tiling.boxes(tuple(canvas.shape[1:])), encodings.encodings):
         hs, ws = enc.grid
         g = F.interpolate(canvas[None, :, y1:y2, x1:x2], size=(hs, ws), mode="bilinear", align_corners=False)[0]
         g = aggregate(enc, sam, g.flatten(1).T, correlation, config.cos_fac, config.refine_neg_cos)
         tiles_out.append(F.normalize(clip.project(g), dim=-1).T.reshape(-1, hs, ws))
         if on_step:
             on_step()
-    feats = _mosaic(tiles_out, rows, cols)
-    whole = encodings[0] if grid_tiles == (1, 1) else None
-    return FeatureMap(feats, wf.image_size, paradigm, correlation, grid_tiles, whole, tuple(encodings))
-
+    feats = _mosaic(tiles_out, *tiling.shape)
+    return FeatureMap(feats, wf.image_size, paradigm, correlation, tiling.shape)
 
 
 def _mosaic(tiles: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from .aggregation import FeatureMap
 from .classes import UNLABELED, ClassList
 from .config import ClassifyConfig
-from .models import SamEncoding
 from .pamr import Pamr
 
 
@@ -26,7 +25,6 @@ class Segmentation:
     image_size: tuple[int, int]
     labels_coarse: torch.Tensor | None = None
     probs_coarse: torch.Tensor | None = None
-    sam_encoding: SamEncoding | None = field(default=None, repr=False)
     info: dict = field(default_factory=dict)
 
     @property
@@ -89,4 +87,4 @@ def classify(fm: FeatureMap, text: torch.Tensor, classes: ClassList, config: Cla
         logits = pamr(logits)
     probs = class_probs(logits, classes, config.logit_scale)
     labels = labels_from_probs(probs, classes, config.prob_thd)
-    return Segmentation(labels, probs, g, classes, fm.image_size, sam_encoding=fm.sam_encoding)
+    return Segmentation(labels, probs, g, classes, fm.image_size)

@@ -3,17 +3,16 @@
 The labels are kept in the smallest integer type that holds them. The class probabilities of `classify` are
 softmax(logit_scale x bilinear-upsampled grid logits), so they are recomputed on demand from the low-resolution
 logits, bit for bit, whenever the stored map equals that recomputation (checked when compacting); other maps (the
-refined scores) are kept in float16. SAM's encoding (about 50 MB for a 1024-pixel SAM) is dropped unless asked."""
+refined scores) are kept in float16. No SAM encoding is part of a segmentation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from .classes import ClassList
 from .classify import class_probs, labels_from_probs, upsample
-from .models import SamEncoding
 
 
 def label_dtype(num_classes: int) -> torch.dtype:
@@ -26,7 +25,7 @@ def label_dtype(num_classes: int) -> torch.dtype:
 @dataclass(frozen=True, eq=False)
 class CompactSegmentation:
     """The attributes of a `Segmentation` (labels, probs, grid_logits, classes, image_size, labels_coarse,
-    probs_coarse, sam_encoding, info, refined, logits()), stored compactly; probabilities are rebuilt per access.
+    probs_coarse, info, refined, logits()), stored compactly; probabilities are rebuilt per access.
 
     `stored_probs` / `stored_probs_coarse` are None where the map is the logits' softmax (recomputed exactly),
     else float16; `stored_labels_coarse` is None where the coarse labels follow from the coarse probabilities."""
@@ -41,7 +40,6 @@ class CompactSegmentation:
     stored_probs: torch.Tensor | None = None
     stored_probs_coarse: torch.Tensor | None = None
     stored_labels_coarse: torch.Tensor | None = None
-    sam_encoding: SamEncoding | None = field(default=None, repr=False)
     info: dict = field(default_factory=dict)
 
     def logits(self) -> torch.Tensor:
@@ -75,13 +73,12 @@ class CompactSegmentation:
 
 
 @torch.no_grad()
-def compact(seg: object, logit_scale: float, prob_thd: float, keep_encoding: bool = False) -> CompactSegmentation:
+def compact(seg: object, logit_scale: float, prob_thd: float) -> CompactSegmentation:
     """`seg` (a Segmentation or CompactSegmentation, classified with `logit_scale` and `prob_thd`) made compact.
 
-    Maps equal to the recomputation from the logits are not stored; `keep_encoding` keeps a reference to SAM's
-    encoding (for a node whose input already holds it, so nothing is copied)."""
+    Maps equal to the recomputation from the logits are not stored."""
     if isinstance(seg, CompactSegmentation):
-        return seg if keep_encoding else replace(seg, sam_encoding=None)
+        return seg
     dtype = label_dtype(len(seg.classes))
     base = class_probs(upsample(seg.grid_logits, seg.image_size), seg.classes, logit_scale)
 
@@ -96,4 +93,4 @@ def compact(seg: object, logit_scale: float, prob_thd: float, keep_encoding: boo
     return CompactSegmentation(
         seg.labels.to(dtype), seg.grid_logits, seg.classes, tuple(seg.image_size), float(logit_scale),
         float(prob_thd), bool(seg.refined), stored(seg.probs), stored(seg.probs_coarse) if seg.refined else None,
-        coarse_labels, seg.sam_encoding if keep_encoding else None, dict(seg.info))
+        coarse_labels, dict(seg.info))

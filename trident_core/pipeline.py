@@ -13,11 +13,12 @@ from .classes import ClassList, parse_classes
 from .classify import Segmentation, classify
 from .config import AggregateConfig, Params, WindowConfig
 from .devices import resolve_device, resolve_dtype
-from .image import clip_input, require_size, to_rgb_uint8
+from .image import clip_input, to_rgb_uint8
 from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
 from .pamr import Pamr, pamr_guide
 from .refine import refine
 from .residency import release
+from .sam_tiles import SamTileEncodings, SamTiling, encode_tiles
 from .text import encode_classes
 from .window_features import WindowFeatures, window_features
 from .windows import plan_windows
@@ -43,13 +44,24 @@ def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, con
                            on_chunk=lambda: progress("windows"))
 
 
-def compute_feature_map(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None, image: object,
-                        config: AggregateConfig, progress: Progress = _noop) -> FeatureMap:
-    """S5 to S7: splice, SAM affinity, aggregation, projection (or the segment-then-splice baseline)."""
-    img = to_rgb_uint8(image) if image is not None else None
-    if img is not None:
-        require_size(img, wf.image_size, "window features")
-    return splice_and_aggregate(wf, clip, sam, img, config, on_step=lambda: progress("sam"))
+def encode_image(sam: SamModel | None, image: object, config: AggregateConfig,
+                 progress: Progress = _noop) -> SamTileEncodings | None:
+    """S6's SAM encoding of the image's tiles, or None where the aggregation needs none (segment_then_splice)."""
+    if not config.uses_sam:
+        return None
+    require_sam(sam, Params(aggregation=config))
+    img = to_rgb_uint8(image)
+    encodings = encode_tiles(sam, img, SamTiling.of(config.sam_tiles, img.shape[:2]))
+    progress("sam")
+    return encodings
+
+
+def compute_feature_map(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None,
+                        encodings: SamTileEncodings | None, config: AggregateConfig,
+                        progress: Progress = _noop) -> FeatureMap:
+    """S5 to S7: splice, SAM affinity over the image's tile encodings, aggregation, projection (or the
+    segment-then-splice baseline, which takes no encodings)."""
+    return splice_and_aggregate(wf, clip, sam, encodings, config, on_step=lambda: progress("sam"))
 
 
 def needs_sam(params: Params) -> bool:
@@ -115,11 +127,13 @@ class Trident:
         if self.release_weights:
             release(self.clip.model.visual)
             release(self.dino.model)
-        fm = compute_feature_map(wf, self.clip, self.sam, img, params.aggregation, progress)
+        encodings = encode_image(self.sam, img, params.aggregation, progress)
+        fm = compute_feature_map(wf, self.clip, self.sam, encodings, params.aggregation, progress)
         seg = classify(fm, text, cl, params.classification, pamr)
         progress("classify")
         if params.refine:
-            seg = refine(seg, self.sam, img, params.refinement, on_class=lambda: progress("refine"))
+            seg = refine(seg, self.sam, img, params.refinement, encodings.whole if encodings else None,
+                         on_class=lambda: progress("refine"))
         if self.release_weights and self.sam is not None:
             release(self.sam.model)
         return seg

@@ -94,13 +94,20 @@ def _class_score(sam: SamModel, enc: SamEncoding, low: torch.Tensor, prob: torch
 @torch.no_grad()
 def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefineConfig,
            encoding: SamEncoding | None = None, on_class=None) -> Segmentation:
-    """Refined labels (and score map) of a coarse segmentation; the image is the original RGB uint8 array."""
+    """Refined labels (and score map) of a coarse segmentation; the image is the original RGB uint8 array.
+    `encoding` is SAM's encoding of the whole image (its sides rounded up to 16) when one was made for the
+    aggregation (1x1 tiles); without it, SAM encodes the image here."""
     require_size(image, seg.image_size, "segmentation")
-    enc = encoding or seg.sam_encoding
-    if enc is None:
-        enc = sam.encode(round_up_to(image, 16))
+    img16 = round_up_to(image, 16)
+    if encoding is None:
+        encoding = sam.encode(img16)
     else:
-        sam.check_encoding(enc, "segmentation's SAM encoding")
+        sam.check_encoding(encoding, "SAM encoding")
+        if tuple(encoding.original_size) != img16.shape[:2]:
+            raise ValueError(f"the SAM encoding is of a {encoding.original_size[1]}x{encoding.original_size[0]} "
+                             f"image, not of this {image.shape[1]}x{image.shape[0]} one: connect the encoding of the "
+                             "image that was segmented")
+    enc = encoding
     h, w = seg.image_size
     c = len(seg.classes)
     half = (h // 2, w // 2)
@@ -141,12 +148,12 @@ def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefineCo
     info = {"regions_kept": kept_total, "regions_rejected": rejected_total}
     if kept_total == 0:
         return Segmentation(labels, probs, seg.grid_logits, seg.classes, seg.image_size, labels.clone(),
-                            probs.clone(), enc, {**seg.info, **info})
+                            probs.clone(), {**seg.info, **info})
     covered = refined.sum(dim=0) != 0
     new_labels = torch.where(covered, refined.argmax(dim=0), labels)
     if failed.any():
         area = F.interpolate(torch.from_numpy(failed)[None, None].float(), (h, w), mode="nearest")[0].to(probs.device)
         refined = torch.maximum(refined, area * probs)
     scores = torch.where(refined.sum(dim=0, keepdim=True) != 0, refined, probs)
-    return Segmentation(new_labels, scores, seg.grid_logits, seg.classes, seg.image_size, labels, probs, enc,
+    return Segmentation(new_labels, scores, seg.grid_logits, seg.classes, seg.image_size, labels, probs,
                         {**seg.info, **info})

@@ -1,4 +1,4 @@
-"""trident_core.inspect: PCA pictures, heat maps, class lookup, point affinity against direct formulations."""
+"""trident_core.inspection: PCA pictures, heat maps, class lookup, point affinity against direct formulations."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trident_core.aggregation import encode_tiles
 from trident_core.classes import ClassList, ClassListError, class_indices, parse_classes
 from trident_core.classify import Segmentation
-from trident_core.inspect import (
+from trident_core.inspection import (
     class_probability,
     heat_rgb,
     mark_point,
@@ -20,6 +19,7 @@ from trident_core.inspect import (
 )
 from trident_core.models import load_sam
 from trident_core.sam_affinity import affinity_rows
+from trident_core.sam_tiles import SamTiling, encode_tiles
 
 
 def test_pca_separates_clusters_and_upsamples_by_blocks():
@@ -103,11 +103,11 @@ def sam(small_ckpts):
 
 def test_point_affinity_is_the_affinity_row(sam):
     img = np.random.default_rng(0).integers(0, 255, (64, 256, 3), dtype=np.uint8)
-    enc = encode_tiles(sam, img, (1, 1))
-    hs, ws = enc[0].grid  # 16 x 64 tokens, each 4x4 pixels of this image
+    enc = encode_tiles(sam, img, SamTiling(1, 1, (64, 256)))
+    hs, ws = enc.whole.grid  # 16 x 64 tokens, each 4x4 pixels of this image
     ty, tx = 5, 37
-    amap = point_affinity(enc, (1, 1), sam, (64, 256), (tx * 4 + 1, ty * 4 + 2), "affinity", 1.2, True)
-    row = affinity_rows(enc[0], sam, ty * ws + tx, ty * ws + tx + 1, "affinity", 1.2, True)[0]
+    amap = point_affinity(enc, sam, (64, 256), (tx * 4 + 1, ty * 4 + 2), "affinity", 1.2, True)
+    row = affinity_rows(enc.whole, sam, ty * ws + tx, ty * ws + tx + 1, "affinity", 1.2, True)[0]
     want = F.interpolate(row.reshape(1, 1, hs, ws), size=(64, 256), mode="bilinear", align_corners=False)[0, 0]
     want = want.clamp_min(0) / want.max()
     assert amap.shape == (64, 256) and amap.max() == 1.0
@@ -116,17 +116,17 @@ def test_point_affinity_is_the_affinity_row(sam):
 
 def test_point_affinity_tiles_are_block_diagonal(sam):
     img = np.random.default_rng(1).integers(0, 255, (64, 256, 3), dtype=np.uint8)
-    enc = encode_tiles(sam, img, (1, 2))
-    amap = point_affinity(enc, (1, 2), sam, (64, 256), (200, 30), "attention", 1.2, True)
+    enc = encode_tiles(sam, img, SamTiling(1, 2, (64, 256)))
+    amap = point_affinity(enc, sam, (64, 256), (200, 30), "attention", 1.2, True)
     assert amap[:, :128].abs().max() == 0 and amap[:, 128:].max() == 1.0
-    right = enc[1]  # a 64x128 tile: 32x64 tokens, each 2x2 pixels
+    right = enc.encodings[1]  # a 64x128 tile: 32x64 tokens, each 2x2 pixels
     hs, ws = right.grid
     ty, tx = 30 // 2, (200 - 128) // 2
     row = affinity_rows(right, sam, ty * ws + tx, ty * ws + tx + 1, "attention")[0]
     want = F.interpolate(row.reshape(1, 1, hs, ws), size=(64, 128), mode="bilinear", align_corners=False)[0, 0]
     assert torch.allclose(amap[:, 128:], want / want.max(), atol=1e-6)
-    with pytest.raises(ValueError, match="2 SAM encodings for 1x1"):
-        point_affinity(enc, (1, 1), sam, (64, 256), (0, 0))
+    with pytest.raises(ValueError, match="of a 256x64 image, not of the 250x64 image"):
+        point_affinity(enc, sam, (64, 250), (0, 0))
 
 
 def test_mark_point_draws_only_near_the_point():

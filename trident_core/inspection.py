@@ -12,13 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .aggregation import FeatureMap, _cuts, encode_tiles
 from .classes import ClassListError, class_indices
 from .classify import Segmentation
 from .config import CORRELATIONS, check_mode
 from .image import require_size
-from .models import SamEncoding, SamModel
+from .models import SamModel
 from .sam_affinity import affinity_rows
+from .sam_tiles import SamTileEncodings, SamTiling, encode_tiles
 
 POINT_UNITS = ("fraction", "pixels")
 
@@ -76,54 +76,41 @@ def point_to_pixels(x: float, y: float, units: str, size: tuple[int, int]) -> tu
     return min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
 
 
-def feature_map_encodings(fm: FeatureMap, sam: SamModel,
-                          image: np.ndarray | None) -> tuple[list[SamEncoding], tuple[int, int]]:
-    """The feature map's SAM tile encodings and tiling; for a map that has none (segment_then_splice), SAM's
-    encoding (one tile) of the segmented image."""
-    if fm.sam_tile_encodings:
-        return list(fm.sam_tile_encodings), fm.tiles
+def inspection_encodings(encodings: SamTileEncodings | None, sam: SamModel, image: np.ndarray | None,
+                         image_size: tuple[int, int]) -> SamTileEncodings:
+    """The image's SAM tile encodings as Splice & Aggregate made them; without them (not connected, or a
+    segment_then_splice feature map), SAM's encoding (one tile) of the segmented image."""
+    if encodings is not None:
+        return encodings
     if image is None:
-        raise ValueError("this feature map has no SAM encoding (segment_then_splice): connect the image it was made "
-                         "from to 'image'")
-    require_size(image, fm.image_size, "feature map")
-    return encode_tiles(sam, image, (1, 1)), (1, 1)
+        raise ValueError("no SAM encoding to explain: connect the image that was segmented to 'image', or Splice & "
+                         "Aggregate's sam_encoding output to 'sam_encoding'")
+    require_size(image, image_size, "feature map")
+    return encode_tiles(sam, image, SamTiling(1, 1, tuple(image_size)))
 
 
 @torch.no_grad()
-def point_affinity(encodings: list[SamEncoding], tiles: tuple[int, int], sam: SamModel, image_size: tuple[int, int],
-                   point: tuple[int, int], mode: str = "affinity", cos_fac: float = 1.2,
-                   refine_neg_cos: bool = True) -> torch.Tensor:
-    """The correlation row (S6) of the SAM token under pixel `point` (x, y), as a map [H, W] scaled to max 1.
-
-    `encodings` are the SAM tile encodings of the image (row-major, as `aggregation.encode_tiles` makes them);
-    the affinity is block-diagonal over tiles, so pixels of other tiles are 0."""
+def point_affinity(encodings: SamTileEncodings, sam: SamModel, image_size: tuple[int, int], point: tuple[int, int],
+                   mode: str = "affinity", cos_fac: float = 1.2, refine_neg_cos: bool = True) -> torch.Tensor:
+    """The correlation row (S6) of the SAM token under pixel `point` (x, y) of an image of `image_size`, as a map
+    [H, W] scaled to max 1. The affinity is block-diagonal over SAM tiles, so pixels of other tiles are 0."""
     check_mode("correlation", mode, CORRELATIONS)
-    rows, cols = tiles
-    if len(encodings) != rows * cols:
-        raise ValueError(f"{len(encodings)} SAM encodings for {rows}x{cols} tiles")
-    h, w = image_size
-    h16, w16 = -(-h // 16) * 16, -(-w // 16) * 16  # the SAM branch's image, sides rounded up to 16
-    px, py = (point[0] + 0.5) * w16 / w, (point[1] + 0.5) * h16 / h
-    ycuts, xcuts = _cuts(h16, rows), _cuts(w16, cols)
-    r = next(i for i, (a, b) in enumerate(ycuts) if a <= py < b or i == rows - 1)
-    c = next(i for i, (a, b) in enumerate(xcuts) if a <= px < b or i == cols - 1)
-    (y1, y2), (x1, x2) = ycuts[r], xcuts[c]
-    chosen = encodings[r * cols + c]
-    sam.check_encoding(chosen, "feature map's SAM encoding")
-    if tuple(chosen.original_size) != (y2 - y1, x2 - x1):
-        raise ValueError(f"the SAM encoding is of a {chosen.original_size[1]}x{chosen.original_size[0]} image, not "
-                         f"of the {w}x{h} image the feature map was made from: connect the image that was segmented")
-    enc = chosen.to(sam.device)
+    encodings.check(sam, image_size, "SAM encoding")
+    tiling = encodings.tiling
+    i, fy, fx = tiling.locate(*point)
+    y1, y2, x1, x2 = tiling.boxes()[i]
+    enc = encodings.encodings[i].to(sam.device)
     hs, ws = enc.grid
-    ty = min(hs - 1, int((py - y1) / (y2 - y1) * enc.input_size[0] / 16))
-    tx = min(ws - 1, int((px - x1) / (x2 - x1) * enc.input_size[1] / 16))
+    ty = min(hs - 1, int(fy * enc.input_size[0] / 16))
+    tx = min(ws - 1, int(fx * enc.input_size[1] / 16))
     row = affinity_rows(enc, sam, ty * ws + tx, ty * ws + tx + 1, mode, cos_fac, refine_neg_cos)[0]
     tile = F.interpolate(row.float().reshape(1, 1, hs, ws).cpu(), size=(y2 - y1, x2 - x1), mode="bilinear",
                          align_corners=False)[0, 0]
-    canvas = torch.zeros(h16, w16)
+    canvas = torch.zeros(tiling.padded_size)
     canvas[y1:y2, x1:x2] = tile.clamp_min(0)
-    if (h16, w16) != (h, w):
-        canvas = F.interpolate(canvas[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    if tiling.padded_size != tuple(image_size):
+        canvas = F.interpolate(canvas[None, None], size=tuple(image_size), mode="bilinear",
+                               align_corners=False)[0, 0]
     return canvas / canvas.max().clamp_min(torch.finfo(canvas.dtype).tiny)
 
 
