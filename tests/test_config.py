@@ -177,3 +177,11 @@ def test_presets_are_bundles_of_stage_configs():
     assert p.aggregation == AggregateConfig(sam_tiles="1x2", cos_fac=3.0, refine_neg_cos=False)
     assert p.windows == WindowConfig(short_side=688) and p.refinement == RefineConfig(coarse_thresh=0.10)
     assert all(dataclasses.is_dataclass(getattr(p, f.name)) for f in dataclasses.fields(p) if f.name != "refine")
+
+
+def test_sam_tiles_are_checked_when_the_config_is_built():
+    assert AggregateConfig(sam_tiles="auto").sam_tiles == "auto" and AggregateConfig(sam_tiles=" 2x3 ")
+    with pytest.raises(ValueError, match="'auto' or ROWSxCOLS like '1x2', not 'two'"):
+        AggregateConfig(sam_tiles="two")
+    with pytest.raises(ValueError, match="9x1: each of rows and cols must be 1..8"):
+        AggregateConfig(sam_tiles="9x1")

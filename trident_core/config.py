@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Literal, get_args
 
 from .pamr import DEFAULT_DILATIONS, check_pamr
+from .sam_tiles import parse_tiles
 
 Paradigm = Literal["splice_then_segment", "segment_then_splice"]
 Correlation = Literal["affinity", "attention", "cosine", "none"]
@@ -77,6 +78,7 @@ class AggregateConfig:
     def __post_init__(self) -> None:
         check_mode("paradigm", self.paradigm, PARADIGMS)
         check_mode("correlation", self.correlation, CORRELATIONS)
+        parse_tiles(self.sam_tiles, (1024, 1024))  # its form; whether the image is large enough for it, when used
         _check_range(self, "cos_fac", -1e6, 1e6, False)
 
     @property
