@@ -112,7 +112,8 @@ def test_timing_probe_keeps_the_faster_path_and_remembers_it(tmp_path, monkeypat
 
     try:
         d = timing.decide("test key", lambda: (fast, slow))
-        assert d.use_ours and d.ours_ms < d.torch_ms and calls.count("fast") == timing.REPEATS + 1
+        assert d.use_ours and d.ours_ms < d.torch_ms
+        assert calls.count("fast") == calls.count("slow") == 2  # warm-up and one run: clearly slower, no more
         d.work += 10
         assert d.saved_s == pytest.approx(10 * (d.torch_ms - d.ours_ms) / 1000)
         other = timing.decide("other key", lambda: (slow, fast))

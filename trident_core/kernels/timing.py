@@ -85,14 +85,21 @@ def _save(decisions: dict[str, Decision]) -> None:
         pass
 
 
-def _best_ms(fn: Callable[[], object]) -> float:
-    fn()  # warm-up (first-call allocations, JIT kernels)
-    best = float("inf")
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1000
+def _ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
+def _time_both(ours: Callable[[], object], theirs: Callable[[], object]) -> tuple[float, float]:
+    """The best of up to REPEATS runs of each after a warm-up, alternating; stops early once one is clearly (1.5x)
+    slower, so a slow contender costs the probe little."""
+    ours(), theirs()  # warm-up (first-call allocations, JIT kernels)
+    t_ours, t_theirs = [_ms(ours)], [_ms(theirs)]
+    while len(t_ours) < REPEATS and 1 / 1.5 < min(t_ours) / max(min(t_theirs), 1e-9) < 1.5:
+        t_ours.append(_ms(ours))
+        t_theirs.append(_ms(theirs))
+    return min(t_ours), min(t_theirs)
 
 
 @torch.no_grad()
@@ -100,8 +107,7 @@ def decide(key: str, contenders: Callable[[], tuple[Callable[[], object], Callab
     """The decision for `key`; the first time on this host, `contenders()` gives (ours, PyTorch's) to time."""
     decisions = _load()
     if key not in decisions:
-        ours, theirs = contenders()
-        decisions[key] = Decision(_best_ms(ours), _best_ms(theirs))
+        decisions[key] = Decision(*_time_both(*contenders()))
         _save(decisions)
     return decisions[key]
 
