@@ -97,8 +97,9 @@ def test_one_setting_turns_every_kernel_off(monkeypatch, small_ckpts):
 
 def test_timing_probe_keeps_the_faster_path_and_remembers_it(tmp_path, monkeypatch):
     """The first decision for a key times both contenders; the faster wins; later processes read it from disk
-    without timing again; the report counts the work run through it."""
+    without timing again (unless it was timed on a busy machine); the report counts the work run through it."""
     monkeypatch.setenv("TRIDENT_CACHE", str(tmp_path))
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     timing.forget()
     calls = []
 
@@ -123,6 +124,10 @@ def test_timing_probe_keeps_the_faster_path_and_remembers_it(tmp_path, monkeypat
         again = timing.decide("test key", lambda: pytest.fail("timed again"))
         assert again.use_ours and calls == []
         assert {r["key"] for r in timing.report()} == {"test key", "other key"}
+        monkeypatch.setattr(timing.os, "getloadavg", lambda: (64.0, 64.0, 64.0))  # a busy machine
+        timing.decide("busy key", lambda: (fast, slow))
+        timing.forget()
+        assert "busy key" not in {r["key"] for r in timing.report()}  # kept for that process only
     finally:
         timing.forget()
 

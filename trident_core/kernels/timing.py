@@ -72,8 +72,20 @@ def _load() -> dict[str, Decision]:
     return _decisions
 
 
+def quiet() -> bool:
+    """Whether the machine runs little besides this process (1-minute load average at most this process's threads
+    plus half a core): timings taken on a busy machine mislead (oneDNN's threads suffer most from contention)."""
+    try:
+        return os.getloadavg()[0] <= torch.get_num_threads() + 0.5
+    except OSError:
+        return True
+
+
 def _save(decisions: dict[str, Decision]) -> None:
-    """Write the timings (best effort: a read-only cache folder only costs timing again next time)."""
+    """Write the timings taken on a quiet machine (best effort: a read-only cache folder, or a busy machine, only
+    costs timing again in the next process)."""
+    if not quiet():
+        return
     path = _cache_file()
     data = {k: {"ours_ms": d.ours_ms, "torch_ms": d.torch_ms} for k, d in decisions.items()}
     try:
