@@ -21,7 +21,7 @@ from .switch import enabled
 
 ROWS = 256  # rows per chunk: the chunk's output stays in cache while its blocks are added
 PROBE_ROWS = 64  # rows of the exactness probe, and the fewest rows `linear` sends to oneDNN
-TIME_ROWS = 512  # rows of the timing probe
+TIME_ROWS = 512  # the most rows the timing probe uses
 _BLOCK_SIZES = (64, 96, 128, 192, 256, 384, 512)
 
 
@@ -84,25 +84,27 @@ def _probe(n: int, k: int) -> tuple[tuple[int, int], ...] | None:
     return None
 
 
-def _timing_key(n: int, k: int) -> tuple[str, int]:
-    """The decision's key and the N it is timed with: N rounded up to 256 (SAM's valid-token counts vary)."""
+def _timing_key(m: int, n: int, k: int) -> tuple[str, int, int]:
+    """The decision's key and the M and N it is timed with: M rounded up to a power of two (at most TIME_ROWS:
+    longer inputs run in chunks of ROWS anyway), N up to a multiple of 256 (SAM's valid-token counts vary)."""
+    m_key = min(TIME_ROWS, 1 << (m - 1).bit_length())
     n_key = -(-n // 256) * 256
-    return f"onednn linear N={n_key} K={k}", n_key
+    return f"onednn linear M={m_key} N={n_key} K={k}", m_key, n_key
 
 
 def _faster(n: int, k: int, m: int) -> bool:
     """Whether the blocked oneDNN product beats `F.linear` for [m, k] x [n, k]ᵀ here (timed once per shape)."""
-    key, n_key = _timing_key(n, k)
+    key, m_key, n_key = _timing_key(m, n, k)
 
     def contenders():
         g = torch.Generator().manual_seed(n_key + k)
-        a, w = torch.randn(TIME_ROWS, k, generator=g), torch.randn(n_key, k, generator=g)
+        a, w = torch.randn(m_key, k, generator=g), torch.randn(n_key, k, generator=g)
         bias = torch.randn(n_key, generator=g)
         cuts = mkl_blocks(n_key, k) or ((0, k),)
         return (lambda: _blocked(a, w, bias, cuts)), (lambda: F.linear(a, w, bias))
 
     decision = timing.decide(key, contenders)
-    decision.work += m / TIME_ROWS * n / n_key
+    decision.work += m / m_key * n / n_key
     return decision.use_ours
 
 
