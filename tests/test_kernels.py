@@ -21,6 +21,7 @@ def force(monkeypatch):
     """Force every timing decision: force(True) runs our kernels, force(False) PyTorch's path."""
     def set_choice(ours: bool) -> None:
         monkeypatch.setattr(timing, "decide", lambda key, contenders: Decision(0.0 if ours else 2.0, 1.0))
+        monkeypatch.setattr(timing, "known", lambda key: Decision(0.0 if ours else 2.0, 1.0))
     return set_choice
 
 
@@ -128,6 +129,38 @@ def test_timing_probe_keeps_the_faster_path_and_remembers_it(tmp_path, monkeypat
         timing.decide("busy key", lambda: (fast, slow))
         timing.forget()
         assert "busy key" not in {r["key"] for r in timing.report()}  # kept for that process only
+    finally:
+        timing.forget()
+
+
+def test_an_undecided_shape_is_timed_on_its_real_calls(tmp_path, monkeypatch):
+    """Until decided, a call runs both ways and returns PyTorch's result; a warm-up and then timed calls decide,
+    sooner when one way is clearly slower."""
+    monkeypatch.setenv("TRIDENT_CACHE", str(tmp_path))
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    timing.forget()
+    ran = []
+
+    def slow():
+        ran.append("ours")
+        import time
+        time.sleep(0.003)
+        return "ours"
+
+    def fast():
+        ran.append("torch")
+        return "torch"
+
+    try:
+        assert timing.trial("k", slow, fast) == "torch" and timing.known("k") is None  # the warm-up
+        assert timing.trial("k", slow, fast) == "torch"  # timed: clearly slower, decided at once
+        d = timing.known("k")
+        assert d is not None and not d.use_ours and ran == ["ours", "torch"] * 2
+        for _ in range(1 + timing.REPEATS):  # close contenders: decided after REPEATS timed calls
+            timing.trial("close", fast, fast)
+        assert timing.known("close") is not None
+        timing.forget()
+        assert timing.known("k") is not None  # kept on disk
     finally:
         timing.forget()
 

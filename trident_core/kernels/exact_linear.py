@@ -3,8 +3,9 @@
 MKL sums the inner dimension K in blocks, each from zero, added in order onto the output (bias first); oneDNN sums
 a short block from zero in the same order. So oneDNN products over MKL's blocks, added in order, give MKL's result
 bit for bit. The blocks are found once per (N, K) by a probe that must reproduce `F.linear` exactly; where none
-does (another BLAS, another CPU), PyTorch's kernel runs. Where one does, oneDNN still runs only if a timing probe
-(`timing.decide`) measured it faster than `F.linear` for that shape on this host."""
+does (another BLAS, another CPU), PyTorch's kernel runs. Where one does, oneDNN still runs only where it was
+measured faster than `F.linear` for that shape on this host (`timing.trial`: a shape's first calls run both ways
+on their real inputs)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .switch import enabled
 
 ROWS = 256  # rows per chunk: the chunk's output stays in cache while its blocks are added
 PROBE_ROWS = 64  # rows of the exactness probe, and the fewest rows `linear` sends to oneDNN
-TIME_ROWS = 512  # the most rows the timing probe uses
+TIME_ROWS = 512  # row counts above this share one timing decision
 _BLOCK_SIZES = (64, 96, 128, 192, 256, 384, 512)
 
 
@@ -85,27 +86,11 @@ def _probe(n: int, k: int) -> tuple[tuple[int, int], ...] | None:
 
 
 def _timing_key(m: int, n: int, k: int) -> tuple[str, int, int]:
-    """The decision's key and the M and N it is timed with: M rounded up to a power of two (at most TIME_ROWS:
-    longer inputs run in chunks of ROWS anyway), N up to a multiple of 256 (SAM's valid-token counts vary)."""
+    """The decision's key, and the M and N of the calls it stands for: M rounded up to a power of two (at most
+    TIME_ROWS: longer inputs run in chunks of ROWS anyway), N up to a multiple of 256 (SAM's token counts vary)."""
     m_key = min(TIME_ROWS, 1 << (m - 1).bit_length())
     n_key = -(-n // 256) * 256
     return f"onednn linear M={m_key} N={n_key} K={k}", m_key, n_key
-
-
-def _faster(n: int, k: int, m: int) -> bool:
-    """Whether the blocked oneDNN product beats `F.linear` for [m, k] x [n, k]ᵀ here (timed once per shape)."""
-    key, m_key, n_key = _timing_key(m, n, k)
-
-    def contenders():
-        g = torch.Generator().manual_seed(n_key + k)
-        a, w = torch.randn(m_key, k, generator=g), torch.randn(n_key, k, generator=g)
-        bias = torch.randn(n_key, generator=g)
-        cuts = mkl_blocks(n_key, k) or ((0, k),)
-        return (lambda: _blocked(a, w, bias, cuts)), (lambda: F.linear(a, w, bias))
-
-    decision = timing.decide(key, contenders)
-    decision.work += m / m_key * n / n_key
-    return decision.use_ours
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,9 +107,18 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     if m < PROBE_ROWS or (x.dim() > 2 and not x.is_contiguous()):
         return F.linear(x, w, bias)
     cuts = mkl_blocks(n, k)
-    if cuts is None or not _faster(n, k, m):
+    if cuts is None:
         return F.linear(x, w, bias)
-    return _blocked(x.reshape(m, k), w, bias, cuts).view(*x.shape[:-1], n)
+
+    def ours() -> torch.Tensor:
+        return _blocked(x.reshape(m, k), w, bias, cuts).view(*x.shape[:-1], n)
+
+    key, m_key, n_key = _timing_key(m, n, k)
+    decision = timing.known(key)
+    if decision is None:
+        return timing.trial(key, ours, lambda: F.linear(x, w, bias))
+    decision.work += m / m_key * n / n_key
+    return ours() if decision.use_ours else F.linear(x, w, bias)
 
 
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -28,7 +29,7 @@ class Decision:
 
     ours_ms: float
     torch_ms: float
-    work: float = 0.0  # probe-sized units of work run through this decision in this process
+    work: float = 0.0  # calls (of the timed size) run through this decision in this process
 
     @property
     def use_ours(self) -> bool:
@@ -124,6 +125,38 @@ def decide(key: str, contenders: Callable[[], tuple[Callable[[], object], Callab
     return decisions[key]
 
 
+_trials: dict[str, tuple[list[float], list[float]]] = {}
+R = TypeVar("R")
+
+
+def known(key: str) -> Decision | None:
+    """The decision for `key` if one was made (in this process or kept on disk)."""
+    return _load().get(key)
+
+
+@torch.no_grad()
+def trial(key: str, ours: Callable[[], R], theirs: Callable[[], R]) -> R:
+    """A call of an undecided `key` on its real inputs: both ways run and are timed (the first call of each is a
+    warm-up), PyTorch's result is returned (the two must be equal). After REPEATS timed calls, or sooner once one is
+    clearly (1.5x) slower, the decision is made and kept: timed on real calls, with their cache effects."""
+    first = key not in _trials  # the warm-up call
+    t_ours, t_theirs = _trials.setdefault(key, ([], []))
+    ms_ours = _ms(ours)
+    start = time.perf_counter()
+    out = theirs()
+    ms_theirs = (time.perf_counter() - start) * 1000
+    if not first:
+        t_ours.append(ms_ours)
+        t_theirs.append(ms_theirs)
+        clear = not 1 / 1.5 < min(t_ours) / max(min(t_theirs), 1e-9) < 1.5
+        if len(t_ours) >= REPEATS or clear:
+            decisions = _load()
+            decisions[key] = Decision(min(t_ours), min(t_theirs))
+            del _trials[key]
+            _save(decisions)
+    return out
+
+
 def report() -> list[dict]:
     """Every decision known to this process: trick and shape, both timings, whether ours runs, seconds saved."""
     return [{"key": k, **asdict(d), "use_ours": d.use_ours, "saved_s": d.saved_s}
@@ -134,3 +167,4 @@ def forget() -> None:
     """Drop the in-memory decisions (tests; the next `decide` reads the disk cache again)."""
     global _decisions
     _decisions = None
+    _trials.clear()
