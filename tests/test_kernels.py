@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -96,22 +97,33 @@ def test_one_setting_turns_every_kernel_off(monkeypatch, small_ckpts):
     assert sum("forward" in vars(m) for m in sam.model.modules()) > 0
 
 
+def _private_timings(folder, monkeypatch) -> list[str]:
+    """Timings kept in `folder` on a quiet machine, none in memory; returns a log for `_slow_and_fast`."""
+    monkeypatch.setenv("TRIDENT_CACHE", str(folder))
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    timing.forget()
+    return []
+
+
+def _slow_and_fast(log: list[str]):
+    """Two contenders that log their calls and return their names; the slow one sleeps 3 ms."""
+    def slow() -> str:
+        log.append("slow")
+        time.sleep(0.003)
+        return "slow"
+
+    def fast() -> str:
+        log.append("fast")
+        return "fast"
+
+    return slow, fast
+
+
 def test_timing_probe_keeps_the_faster_path_and_remembers_it(tmp_path, monkeypatch):
     """The first decision for a key times both contenders; the faster wins; later processes read it from disk
     without timing again (unless it was timed on a busy machine); the report counts the work run through it."""
-    monkeypatch.setenv("TRIDENT_CACHE", str(tmp_path))
-    monkeypatch.setattr(timing.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    timing.forget()
-    calls = []
-
-    def slow():
-        calls.append("slow")
-        import time
-        time.sleep(0.003)
-
-    def fast():
-        calls.append("fast")
-
+    calls = _private_timings(tmp_path, monkeypatch)
+    slow, fast = _slow_and_fast(calls)
     try:
         d = timing.decide("test key", lambda: (fast, slow))
         assert d.use_ours and d.ours_ms < d.torch_ms
@@ -136,26 +148,13 @@ def test_timing_probe_keeps_the_faster_path_and_remembers_it(tmp_path, monkeypat
 def test_an_undecided_shape_is_timed_on_its_real_calls(tmp_path, monkeypatch):
     """Until decided, a call runs both ways and returns PyTorch's result; a warm-up and then timed calls decide,
     sooner when one way is clearly slower."""
-    monkeypatch.setenv("TRIDENT_CACHE", str(tmp_path))
-    monkeypatch.setattr(timing.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    timing.forget()
-    ran = []
-
-    def slow():
-        ran.append("ours")
-        import time
-        time.sleep(0.003)
-        return "ours"
-
-    def fast():
-        ran.append("torch")
-        return "torch"
-
+    ran = _private_timings(tmp_path, monkeypatch)
+    slow, fast = _slow_and_fast(ran)
     try:
-        assert timing.trial("k", slow, fast) == "torch" and timing.known("k") is None  # the warm-up
-        assert timing.trial("k", slow, fast) == "torch"  # timed: clearly slower, decided at once
+        assert timing.trial("k", slow, fast) == "fast" and timing.known("k") is None  # the warm-up
+        assert timing.trial("k", slow, fast) == "fast"  # timed: clearly slower, decided at once
         d = timing.known("k")
-        assert d is not None and not d.use_ours and ran == ["ours", "torch"] * 2
+        assert d is not None and not d.use_ours and ran == ["slow", "fast"] * 2
         for _ in range(1 + timing.REPEATS):  # close contenders: decided after REPEATS timed calls
             timing.trial("close", fast, fast)
         assert timing.known("close") is not None
