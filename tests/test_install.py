@@ -39,3 +39,27 @@ def test_install_py_keeps_an_existing_cv2(monkeypatch):
     monkeypatch.setattr(install.importlib.util, "find_spec", lambda name: None)
     assert install.main() == 0
     assert calls == [[sys.executable, "-m", "pip", "install", "opencv-python>=4.8"]]
+
+
+def test_wheel_holds_every_module_and_class_file(tmp_path):
+    """A plain (non-editable) install gets every module of trident_core and its class lists: the wheel is built
+    from this tree and its file list compared with the files of the tree."""
+    pytest.importorskip("setuptools")
+    import shutil
+    import subprocess
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: a stale build/ folder in the checkout would hide a missing package
+    shutil.copytree(ROOT / "trident_core", src / "trident_core", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0 and "No module named" in out.stderr:
+        pytest.skip(f"cannot build a wheel here: {out.stderr.strip().splitlines()[-1]}")
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "trident_core").rglob("*")
+                if p.suffix in (".py", ".txt") and "__pycache__" not in p.parts}
+    assert expected - names == set()
