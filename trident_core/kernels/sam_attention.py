@@ -2,9 +2,10 @@
 
 SAM ViT-B's global blocks would otherwise hold [heads, 4096, 4096] matrices (0.8 GB each in float32). Softmax is
 per row, so the banded result is the full one. On the CPU each band repeats segment_anything's operations in its
-order, one head at a time (bit-identical results; q kᵀ through `exact_linear.linear`); on a GPU the band goes
-through `scaled_dot_product_attention` with the decomposed relative-position term as an additive bias (a fused
-kernel; equal up to rounding)."""
+order on all heads at once (the same batched products: BLAS runs a batch's products the same way for any band of
+rows, while a single head's product may be split across threads differently, so it is bit-identical); on a GPU
+the band goes through `scaled_dot_product_attention` with the decomposed relative-position term as an additive
+bias (a fused kernel; equal up to rounding)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from .exact_linear import linear
 from .patching import patch_forward
 
 
-def query_band(device: torch.device) -> int:
-    """Query tokens per band: few on the CPU (memory, cache), many on GPUs (each band costs kernel launches)."""
-    return 256 if device.type == "cpu" else 1024
+def query_band(device: torch.device, heads: int, keys: int) -> int:
+    """Query tokens per band: on the CPU as many as keep a band's [heads, rows, keys] scores near 16 MB (memory,
+    cache); on GPUs 1024 (each band costs kernel launches)."""
+    if device.type != "cpu":
+        return 1024
+    return max(1, (16 << 20) // (4 * heads * keys))
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, grid: tuple[int, int],
@@ -44,26 +48,23 @@ def banded_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         rq = q.reshape(b * self.num_heads, h, w, -1)
         rel_h = torch.einsum("bhwc,hkc->bhwk", rq, get_rel_pos(h, h, self.rel_pos_h))  # [B*heads, H, W, H]
         rel_w = torch.einsum("bhwc,wkc->bhwk", rq, get_rel_pos(w, w, self.rel_pos_w))  # [B*heads, H, W, W]
-    rows = max(1, query_band(q.device) // w)
+    rows = max(1, query_band(q.device, q.shape[0], h * w) // w)  # whole grid rows per band
     out = torch.empty_like(q)
-    if q.device.type != "cpu":
-        for r0 in range(0, h, rows):
-            r1 = min(h, r0 + rows)
+    kt = k.transpose(-2, -1)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        band = slice(r0 * w, r1 * w)
+        if q.device.type != "cpu":
             bias = None
             if rel_h is not None:
                 bias = (rel_h[:, r0:r1, :, :, None] + rel_w[:, r0:r1, :, None, :]).reshape(-1, (r1 - r0) * w, h * w)
-            out[:, r0 * w:r1 * w] = F.scaled_dot_product_attention(q[None, :, r0 * w:r1 * w], k[None], v[None],
-                                                                   attn_mask=None if bias is None else bias[None])[0]
-    else:
-        q, k = q.contiguous(), k.contiguous()  # views into qkv; dense copies once, not per band
-        for i in range(q.shape[0]):
-            for r0 in range(0, h, rows):
-                r1 = min(h, r0 + rows)
-                rh = rw = None
-                if rel_h is not None:
-                    rh, rw = rel_h[i, r0:r1].reshape(-1, h), rel_w[i, r0:r1].reshape(-1, w)
-                p = attention_probs(q[i, r0 * w:r1 * w], k[i], self.scale, (h, w), rh, rw)
-                out[i, r0 * w:r1 * w] = p @ v[i]
+            out[:, band] = F.scaled_dot_product_attention(q[None, :, band], k[None], v[None],
+                                                          attn_mask=None if bias is None else bias[None])[0]
+            continue
+        attn = (q[:, band] * self.scale) @ kt  # segment_anything's operations, in its order
+        if rel_h is not None:
+            attn.view(-1, r1 - r0, w, h, w).add_(rel_h[:, r0:r1, :, :, None]).add_(rel_w[:, r0:r1, :, None, :])
+        out[:, band] = torch.softmax(attn, dim=-1, out=attn) @ v
     out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
     return self.proj(out)
 
