@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
 from trident_core.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_segment_command(small_ckpts, photo, tmp_path):
@@ -89,3 +94,15 @@ def test_eval_command_on_a_tiny_cityscapes(small_ckpts, photo, tmp_path):
     assert res["num_images"] == 2
     assert abs(res["mIoU"] - round(100 * np.nanmean(iou), 2)) < 0.011
     assert abs(res["aAcc"] - round(100 * np.diag(conf).sum() / conf.sum(), 2)) < 0.011
+
+
+def test_the_command_flushes_its_lines_and_keeps_its_exit_status(tmp_path):
+    """`python -m trident_core` ends without the interpreter's teardown: what it printed still arrives, and its
+    status is main()'s (here 2: an error, one line)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "trident_core", "segment", str(tmp_path / "missing.png"), "--out",
+                           str(tmp_path / "out"), "--no-download"], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "missing.png" in done.stderr

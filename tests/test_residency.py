@@ -60,3 +60,44 @@ def test_segmentation_is_bit_identical_after_releasing_every_model(small_ckpts, 
     third = tr.segment(img, "sky, person, flag", params)
     assert torch.equal(first.labels, third.labels) and torch.equal(first.grid_logits, third.grid_logits)
     assert torch.equal(first.labels_coarse, third.labels_coarse)
+
+
+def _rss_anon_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def test_trim_heap_returns_freed_holes_of_the_heap():
+    """Freed blocks between live ones stay resident until the heap is trimmed."""
+    from trident_core.residency import trim_heap
+
+    blocks = [bytearray(64 << 10) for _ in range(3000)]  # 192 MB of 64 KB blocks, below malloc's mmap threshold
+    for b in blocks:
+        b[::4096] = b"\x01" * len(b[::4096])  # touch every page
+    del blocks[::2]  # holes: 96 MB freed, each hole between two live blocks
+    before = _rss_anon_mb()
+    if not trim_heap():
+        pytest.skip("not glibc")
+    assert before - _rss_anon_mb() > 50
+    assert all(b[0] == 1 for b in blocks)  # the live blocks are untouched
+
+
+def test_each_model_is_released_as_soon_as_its_stage_is_done(small_ckpts, photo, monkeypatch):
+    """With release_weights: DINO's weights go before CLIP runs, CLIP's before SAM encodes, SAM's encoder before
+    the aggregation, the rest of SAM and the freed heap after the image."""
+    from trident_core import Trident, get_preset, pipeline
+
+    tr = Trident.from_files(small_ckpts["clip"], small_ckpts["dino"], small_ckpts["sam"], device="cpu")
+    tr.release_weights = True
+    events = []
+    names = {id(tr.dino.model): "dino", id(tr.clip.model.visual): "clip", id(tr.sam.model.image_encoder): "sam encoder",
+             id(tr.sam.model): "sam"}
+    monkeypatch.setattr(pipeline, "release", lambda m: events.append("release " + names[id(m)]))
+    monkeypatch.setattr(pipeline, "trim_heap", lambda: events.append("trim"))
+    for obj, method in ((tr.clip, "window_values"), (tr.sam, "encode"), (pipeline, "splice_and_aggregate")):
+        real = getattr(obj, method)
+        monkeypatch.setattr(obj, method, lambda *a, _real=real, _m=method, **k: events.append(_m) or _real(*a, **k))
+    tr.segment(photo[:160, :200], "sky, person", get_preset("voc21").params.update(refine=False))
+    firsts = list(dict.fromkeys(events))
+    assert firsts == ["release dino", "window_values", "release clip", "encode", "release sam encoder",
+                      "splice_and_aggregate", "release sam", "trim"]

@@ -1,7 +1,5 @@
 """`python -m trident_core ...`"""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

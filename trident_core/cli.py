@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -276,3 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"error: {e}")
         _finish_distributed()
         return 2
+
+
+def run() -> NoReturn:
+    """The command's entry point (`trident`, `python -m trident_core`): main(), then the process ends at once with
+    its streams flushed. Nothing of ours is left open by then (outputs are written and renamed, the process group
+    is gone), while tearing down the imported libraries' modules would take most of a second."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+

@@ -17,7 +17,7 @@ from .image import clip_input, to_rgb_uint8
 from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
 from .pamr import Pamr, pamr_guide
 from .refine import refine
-from .residency import release
+from .residency import release, trim_heap
 from .sam_tiles import SamTileEncodings, SamTiling, encode_tiles
 from .text import encode_classes
 from .window_features import WindowFeatures, window_features
@@ -32,8 +32,10 @@ def _noop(_stage: str) -> None:
 
 
 def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, config: WindowConfig,
-                            progress: Progress = _noop) -> WindowFeatures:
-    """S0, S2, S3, S4: the image rescaled, windowed, and CLIP's DINO-guided window features."""
+                            progress: Progress = _noop, after_dino: Callable[[], None] | None = None
+                            ) -> WindowFeatures:
+    """S0, S2, S3, S4: the image rescaled, windowed, and CLIP's DINO-guided window features (`after_dino()` runs
+    once DINO is done with every window, before CLIP starts)."""
     if config.window % clip.patch_size or config.window % dino.patch_size:
         raise ValueError(f"window {config.window} must be a multiple of CLIP's patch ({clip.patch_size}) and "
                          f"DINO's ({dino.patch_size})")
@@ -41,7 +43,7 @@ def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, con
     x = clip_input(img, config.short_side, clip.patch_size, config.window, config.long_cap)
     plan = plan_windows(tuple(x.shape[-2:]), config.window, config.stride)
     return window_features(clip, dino, x, plan, config.gamma, config.beta, image_size=img.shape[:2],
-                           on_chunk=lambda: progress("windows"))
+                           on_chunk=lambda: progress("windows"), after_dino=after_dino)
 
 
 def encode_image(sam: SamModel | None, image: object, config: AggregateConfig,
@@ -96,8 +98,9 @@ class Trident:
     clip: ClipModel
     dino: DinoModel
     sam: SamModel | None = None
-    # Unmap each model's memory-mapped weight pages when its stage is done (residency.py): the peak then holds the
-    # running stage's weights only, at the price of mapping them again per image (minor faults, same values).
+    # Unmap each model's memory-mapped weight pages as soon as its stage is done (DINO's before CLIP runs) and give
+    # the freed heap back after each image (residency.py): the peak then holds one model's weights, and memory does
+    # not creep from image to image, at the price of mapping the weights again per image (minor faults, same values).
     release_weights: bool = False
 
     @classmethod
@@ -123,18 +126,22 @@ class Trident:
         pamr = pamr_for(img, params)
         text = self.text(cl, progress)
         progress("text")
-        wf = compute_window_features(self.clip, self.dino, img, params.windows, progress)
+        wf = compute_window_features(self.clip, self.dino, img, params.windows, progress,
+                                     (lambda: release(self.dino.model)) if self.release_weights else None)
         if self.release_weights:
             release(self.clip.model.visual)
-            release(self.dino.model)
         encodings = encode_image(self.sam, img, params.aggregation, progress)
+        if self.release_weights and encodings is not None:
+            release(self.sam.model.image_encoder)  # what follows uses its encodings, not its weights
         fm = compute_feature_map(wf, self.clip, self.sam, encodings, params.aggregation, progress)
         seg = classify(fm, text, cl, params.classification, pamr)
         progress("classify")
         if params.refine:
             seg = refine(seg, self.sam, img, params.refinement, encodings.whole if encodings else None,
                          on_class=lambda: progress("refine"))
-        if self.release_weights and self.sam is not None:
-            release(self.sam.model)
+        if self.release_weights:
+            if self.sam is not None:
+                release(self.sam.model)
+            trim_heap()  # once per image: trimming after each stage costs more page faults than it saves
         return seg
 

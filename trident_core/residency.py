@@ -66,3 +66,18 @@ def release(tensors: Iterable[torch.Tensor] | nn.Module) -> int:
             done += b - a
     return done
 
+
+
+def trim_heap() -> bool:
+    """Give the allocator's free heap pages back to the system (glibc's malloc_trim): a stage's freed activations
+    are otherwise kept by the process and the next stage, whose blocks have other sizes, adds to them. Returns
+    whether it ran (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except AttributeError:  # another C library (musl)
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim(0)
+    return True

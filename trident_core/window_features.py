@@ -73,11 +73,12 @@ def _resize_tokens(t: torch.Tensor, grid: tuple[int, int], new: tuple[int, int])
 @torch.no_grad()
 def window_features(clip: ClipModel, dino: DinoModel, x: torch.Tensor, plan: WindowPlan, gamma: float = 3.0,
                     beta: float = 1.2, image_size: tuple[int, int] | None = None,
-                    chunk: int = WINDOW_CHUNK, on_chunk=None) -> WindowFeatures:
+                    chunk: int = WINDOW_CHUNK, on_chunk=None, after_dino=None) -> WindowFeatures:
     """Y = out_proj(P V) per window of the processed, CLIP-normalised image x [1, 3, H, W].
 
     V is resized bilinearly to DINO's grid where the grids differ (ViT-H/14), then Y back to CLIP's grid times
-    round(dino/clip) as the reference splices it."""
+    round(dino/clip) as the reference splices it. DINO runs on every window before CLIP does: `after_dino()` is
+    called in between (to release DINO's weights, so the two models' weights are never needed at once)."""
     n = len(plan)
     dino_feats = []
     for s in range(0, n, chunk):
@@ -85,6 +86,8 @@ def window_features(clip: ClipModel, dino: DinoModel, x: torch.Tensor, plan: Win
         if on_chunk:
             on_chunk()
     dino_feats = torch.cat(dino_feats)
+    if after_dino:
+        after_dino()
     mean = similarity_mean(dino_feats)
     dg = plan.window // dino.patch_size
     out = []
