@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -159,6 +160,8 @@ def ours(images: list[Path], classes: Path, ckpt: dict, cache: Path, work: Path,
     text_cache = cache / "text-embeddings"
     warm = text_cache.is_dir() and any(text_cache.iterdir())
     out = work / f"out_{tag}"
+    if out.exists():  # an earlier run's complete outputs would be skipped, not segmented again
+        shutil.rmtree(out)
     argv = [sys.executable, "-m", "trident_core", "segment", *map(str, images), "--preset", "voc21", "--no-refine",
             "--classes", str(classes), "--clip", str(ckpt["clip"]), "--dino", str(ckpt["dino"]), "--sam",
             str(ckpt["sam"]), "--no-download", "--precision", "fp32", "--device", "cpu", "--out", str(out)]
@@ -174,8 +177,9 @@ def ours(images: list[Path], classes: Path, ckpt: dict, cache: Path, work: Path,
     res = {"images": len(images), "text_cache": "warm" if warm else "cold", "wall_s": r["wall_s"],
            "peak_mb": r["peak_mb"], "outputs_written": written, **timings}
     print("   ", json.dumps(res), flush=True)
-    if written != len(images):
-        raise SystemExit(f"ours {tag}: {written} of {len(images)} images' outputs written (log: {work}/log_{tag}.txt)")
+    if written != len(images) or timings.get("segmented") != len(images):
+        raise SystemExit(f"ours {tag}: {timings.get('segmented')} of {len(images)} images segmented, {written} "
+                         f"outputs written (log: {work}/log_{tag}.txt)")
     return res
 
 

@@ -18,6 +18,7 @@ from typing import TypeVar
 import torch
 
 from ..trident_core.download import MODELS, cache_dir
+from ..trident_core.residency import trim_heap
 
 # role -> folder_paths name, which is also the sub-folder of ComfyUI's models/ folder
 FOLDERS = {"clip": "open_clip", "dino": "dino", "sam": "sams"}
@@ -230,11 +231,13 @@ class Progress:
 def each_image(fn: Callable[..., R], *batches: Sequence) -> list[R]:
     """`fn(*items, progress)` for each image of the batch (the batches zipped, in order), with one progress bar:
     it advances after each image, and Cancel is honoured between images and, through `progress`, between stages.
-    Whatever `fn` holds for an image is freed before the next image starts."""
+    Whatever `fn` holds for an image is freed, and the freed heap given back, before the next image starts (so the
+    server's memory does not creep with the frames)."""
     progress = Progress(len(batches[0]))
     out = []
     for items in zip(*batches):
         out.append(fn(*items, progress))
+        trim_heap()
         progress.step()
     return out
 

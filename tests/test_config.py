@@ -119,6 +119,7 @@ def test_each_image_checks_for_cancel_between_images_and_advances_the_bar(monkey
 
     monkeypatch.setattr(bridge, "progress_bar", Bar)
     monkeypatch.setattr(bridge, "check_interrupt", lambda: events.append("check"))
+    monkeypatch.setattr(bridge, "trim_heap", lambda: events.append("trim"))
 
     def one(a, b, progress):
         events.append(("image", a, b))
@@ -126,8 +127,8 @@ def test_each_image_checks_for_cancel_between_images_and_advances_the_bar(monkey
         return a * b
 
     assert bridge.each_image(one, [1, 2, 3], [10, 20, 30]) == [10, 40, 90]
-    per_image = [("image", 1, 10), "check", "check", ("advance", 1)]
-    assert events[0] == ("bar", 3) and events[1:5] == per_image and len(events) == 13
+    per_image = [("image", 1, 10), "check", "trim", "check", ("advance", 1)]
+    assert events[0] == ("bar", 3) and events[1:6] == per_image and len(events) == 16
     assert [e for e in events if isinstance(e, tuple) and e[0] == "image"] == [
         ("image", 1, 10), ("image", 2, 20), ("image", 3, 30)]
 
