@@ -193,3 +193,92 @@ def test_torchrun_two_processes_write_the_same_files_as_one(small_ckpts, photo, 
     assert len(names) == 4
     for rel in names:
         _assert_same_npz(tmp_path / "npz1" / rel, tmp_path / "npz2" / rel)
+
+
+# ------------------------------------------------------------------------------------------- hostile inputs
+
+def test_hostile_image_files_are_skipped_one_line_each(tmp_path, photo):
+    """A name that is not valid UTF-8 (OpenCV would crash), a header claiming 400 megapixels (PIL's decompression
+    bomb): each is one ImageError, never a crash; a good file with an undecodable name is read (through PIL)."""
+    from trident_core.image import ImageError, read_image
+
+    Image.fromarray(photo[:40, :60]).save(tmp_path / "good.png")
+    odd = os.path.join(os.fsencode(tmp_path), b"caf\xe9.png")
+    os.link(os.fsencode(tmp_path / "good.png"), odd)
+    assert np.array_equal(read_image(os.fsdecode(odd)), photo[:40, :60])
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (20000, 20000)).save(bomb)  # zeros compress to a small file
+    bomb.write_bytes(bomb.read_bytes()[:2000])  # truncated: OpenCV gives up, PIL refuses the size
+    with pytest.raises(ImageError, match="bomb.png"):
+        read_image(bomb)
+
+
+def test_lists_with_a_byte_order_mark_and_files_reached_twice(tmp_path, photo):
+    """A Notepad list (BOM) keeps its first entry; a file reached through a symbolic link or a loop under ** is
+    one job; a list that is not UTF-8 is one clear error."""
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    for rel in ("x.png", "sub/t.png"):
+        Image.fromarray(photo[:32, :32]).save(d / rel)
+    (d / "loop").symlink_to(".")
+    lst = tmp_path / "list.txt"
+    lst.write_text("d/x.png\nd/sub/t.png\n", encoding="utf-8-sig")
+    jobs, _ = gather([f"@{lst}"])
+    assert [j.path for j in jobs] == [d / "x.png", d / "sub" / "t.png"]
+    jobs, _ = gather([str(d / "**" / "*.png")])
+    assert sorted(os.path.realpath(j.path) for j in jobs) == sorted(
+        os.path.realpath(p) for p in (d / "x.png", d / "sub" / "t.png"))
+    lst.write_bytes(b"caf\xe9.png\n")
+    with pytest.raises(InputError, match="not UTF-8"):
+        gather([f"@{lst}"])
+
+
+def test_outputs_are_not_inputs_but_the_users_images_beside_them_are(small_ckpts, photo, tmp_path, capsys):
+    """With --out the images' own folder, the photos beside the outputs are still images; the outputs, masks and
+    instances of earlier runs are not."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, crop in (("one.png", photo[:64, :96]), ("two.png", photo[100:180, :80])):
+        Image.fromarray(crop).save(photos / name)
+    assert main(["segment", str(photos / "one.png"), *_models(small_ckpts), "--out", str(photos),
+                 "--instances", "--min-area", "1"]) == 0
+    assert (photos / "trident.json").is_file() and list((photos / "instances").glob("*.png"))
+    jobs, _ = gather([str(photos)])
+    assert sorted(j.name for j in jobs) == ["one.png", "two.png"]
+
+
+def test_long_image_names_get_short_temporary_names(small_ckpts, photo, tmp_path, capsys):
+    """An image whose name fits the file system but not with the temporary suffix is still written."""
+    root = tmp_path / "in"
+    root.mkdir()
+    long = "L" * 245 + ".png"
+    Image.fromarray(photo[:48, :64]).save(root / long)
+    Image.fromarray(photo[:48, :64]).save(root / "short.png")
+    assert main(["segment", str(root), *_models(small_ckpts), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / long / "trident.json").is_file()
+    assert not list((tmp_path / "out").rglob(".*"))
+
+
+def test_other_weights_under_the_same_name_and_size_are_segmented_again(small_ckpts, photo, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    root = tmp_path / "in"
+    root.mkdir()
+    for name in ("p.png", "q.png"):
+        Image.fromarray(photo[:48, :64]).save(root / name)
+    name = Path(small_ckpts["dino"]).name
+    sd = torch.load(small_ckpts["dino"], weights_only=True)
+    (tmp_path / "first").mkdir()
+    (tmp_path / "other").mkdir()
+    torch.save({k: v.clone() for k, v in sd.items()}, tmp_path / "first" / name)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v.clone() for k, v in sd.items()}, tmp_path / "other" / name)
+    assert os.path.getsize(tmp_path / "first" / name) == os.path.getsize(tmp_path / "other" / name)
+    out = tmp_path / "out"
+    args = _models(small_ckpts)
+    for folder, segmented in (("first", 2), ("first", 0), ("other", 2)):
+        args[args.index("--dino") + 1] = str(tmp_path / folder / name)
+        assert main(["segment", str(root), *args, "--out", str(out)]) == 0
+        assert f"{segmented} segmented" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "other")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -10,15 +11,26 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+NAME_MAX = 255  # bytes in a file name on common file systems
+
+
+def _stem(path: Path) -> str:
+    """`path`'s name in its temporary names; a name too long to take the suffix is shortened, with a hash of it."""
+    name = path.name
+    if len(f".{name}.partial-4294967295-old".encode()) <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{name[:80]}~{digest}"
+
 
 def partial_name(path: Path) -> Path:
     """This process's temporary name beside `path` (hidden, never taken for a finished output)."""
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+    return path.with_name(f".{_stem(path)}.partial-{os.getpid()}")
 
 
 def remove_partials(path: Path) -> None:
     """Delete what interrupted runs left beside `path` under temporary names."""
-    for leftover in glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "partial-*"):
+    for leftover in glob.glob(glob.escape(str(path.parent / f".{_stem(path)}.")) + "partial-*"):
         if os.path.isdir(leftover):
             shutil.rmtree(leftover, ignore_errors=True)
         else:

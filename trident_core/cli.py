@@ -112,8 +112,12 @@ def classes_from_args(args: argparse.Namespace) -> ClassList:
 
 
 def _settings(tr, classes: ClassList, params) -> dict:
-    """What decides an image's outputs besides the image (stored in each output's completion marker)."""
-    models = {role: [Path(m.path).name, os.path.getsize(m.path)] for role, m in
+    """What decides an image's outputs besides the image (stored in each output's completion marker): the models
+    by content (size and SHA-256, hashed once per file and remembered), so other weights under the same name and
+    size are never taken for the ones that made an output."""
+    from .text_cache import file_digest
+
+    models = {role: [Path(m.path).name, file_digest(m.path, text_cache_dir())] for role, m in
               (("clip", tr.clip), ("dino", tr.dino), ("sam", tr.sam)) if m is not None}
     return {"format": 1, "classes": classes.names, "queries": list(classes.queries),
             "params": params.flat(), "models": models, "dtype": str(tr.clip.dtype),

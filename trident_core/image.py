@@ -81,7 +81,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a broken file gets our one line only
     try:
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR) if os.path.isfile(path) else None
+        # OpenCV crashes on a file name that is not valid UTF-8 (undecodable bytes): PIL reads those
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR) if os.path.isfile(path) and _utf8(str(path)) else None
     finally:
         cv2.utils.logging.setLogLevel(level)
     if bgr is not None:
@@ -91,8 +92,16 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise ImageError(f"cannot read image {path}: {e}") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot read image {path!r}: {e}") from e
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def rescale_short_side(img: np.ndarray, short_side: int, long_cap: int = 2048) -> np.ndarray:

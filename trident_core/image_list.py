@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .outputs import MARKER
+from .outputs import MARKER, OUTPUT_FOLDERS, OUTPUT_IMAGES
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                     ".pbm", ".pnm", ".gif")
@@ -41,8 +41,11 @@ def _hidden(path: Path, root: Path) -> bool:
 
 
 def _is_output(path: Path) -> bool:
-    """A file `segment` wrote (beside its completion marker, or in the masks/ folder of one)."""
-    return (path.parent / MARKER).is_file() or (path.parent.name == "masks" and (path.parent.parent / MARKER).is_file())
+    """A file `segment` wrote: one of its image files beside its completion marker, or in the masks/ or
+    instances/ folder of one (other images beside a marker are the user's, e.g. with `--out` the image's folder)."""
+    if path.name in OUTPUT_IMAGES and (path.parent / MARKER).is_file():
+        return True
+    return path.parent.name in OUTPUT_FOLDERS and (path.parent.parent / MARKER).is_file()
 
 
 def _folder_images(folder: Path) -> list[Path]:
@@ -68,7 +71,11 @@ def _list_file(arg: str) -> list[Path]:
     if not path.is_file():
         raise InputError(f"image list {path} not found (an argument starting with @ names a text file listing "
                          "one image path per line)")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad) is not part of the first path
+    except UnicodeDecodeError as e:
+        raise InputError(f"image list {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+    lines = [ln.strip() for ln in text.splitlines()]
     entries = [_absolute(path.parent / ln) for ln in lines if ln and not ln.startswith("#")]
     if not entries:
         raise InputError(f"image list {path} lists no images (one path per line expected)")
@@ -100,7 +107,10 @@ def gather(inputs: list[str]) -> tuple[list[ImageJob], bool]:
         else:
             raise InputError(f"{arg}: no such image file or folder (give image paths, folders, glob patterns or "
                              "@list.txt)")
-    unique = dict.fromkeys(p for p, _ in found)
+    unique = {}  # the first name of each file: one reached twice (a symbolic link, a loop under **) runs once
+    for p, _ in found:
+        unique.setdefault(os.path.realpath(p), p)
+    unique = unique.values()
     try:
         common = Path(os.path.commonpath([str(r) for _, r in found]))
     except ValueError:  # different drives (Windows): names are the paths without their anchor

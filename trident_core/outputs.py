@@ -17,6 +17,8 @@ import numpy as np
 from .atomic import atomic_file, partial_name, remove_partials, replace_folder, write_atomic
 
 MARKER = "trident.json"
+OUTPUT_IMAGES = ("labels_color.png", "overlay.png", "labels.png")  # beside the marker
+OUTPUT_FOLDERS = ("masks", "instances")  # of image files, beside the marker
 
 
 def write_images(seg, image: np.ndarray, folder: Path) -> None:
