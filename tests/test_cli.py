@@ -106,3 +106,16 @@ def test_the_command_flushes_its_lines_and_keeps_its_exit_status(tmp_path):
                           cwd=REPO)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "missing.png" in done.stderr
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    from trident_core import cli
+
+    def interrupted(_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_segment", interrupted)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    assert main(["segment", str(tmp_path / "x.png"), "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted") and "again" in err[0]

@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"error: {e}")
         _finish_distributed()
         return 2
+    except KeyboardInterrupt:
+        _log("interrupted: the outputs already complete are kept; run the same command again to go on")
+        return 130
 
 
 def run() -> NoReturn:
