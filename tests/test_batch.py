@@ -282,3 +282,14 @@ def test_other_weights_under_the_same_name_and_size_are_segmented_again(small_ck
         assert main(["segment", str(root), *args, "--out", str(out)]) == 0
         assert f"{segmented} segmented" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "other")
+
+
+def test_single_image_rerun_without_instances_removes_the_old_objects(small_ckpts, photo, tmp_path, capsys):
+    image, out = tmp_path / "p.png", tmp_path / "out"
+    Image.fromarray(photo[:64, :96]).save(image)
+    assert main(["segment", str(image), *_models(small_ckpts), "--out", str(out), "--instances", "--min-area",
+                 "1"]) == 0
+    assert (out / "instances.json").is_file() and (out / "instances").is_dir()
+    assert main(["segment", str(image), *_models(small_ckpts), "--out", str(out)]) == 0
+    assert not (out / "instances.json").exists() and not (out / "instances").exists()
+    assert (out / "labels.png").is_file() and (out / "trident.json").is_file()

@@ -19,6 +19,7 @@ from .atomic import atomic_file, partial_name, remove_partials, replace_folder, 
 MARKER = "trident.json"
 OUTPUT_IMAGES = ("labels_color.png", "overlay.png", "labels.png")  # beside the marker
 OUTPUT_FOLDERS = ("masks", "instances")  # of image files, beside the marker
+OPTIONAL_OUTPUTS = ("instances", "instances.json")  # written with --instances only
 
 
 def write_images(seg, image: np.ndarray, folder: Path) -> None:
@@ -118,11 +119,17 @@ def save_flat(seg, image: np.ndarray, out: Path, key: str, settings: dict, extra
         if extra is not None:
             extra(seg, image, tmp)
         (out / MARKER).unlink(missing_ok=True)
+        written = {entry.name for entry in tmp.iterdir()}
         for entry in sorted(tmp.iterdir()):
             if entry.is_dir():
                 replace_folder(entry, out / entry.name)
             else:
                 os.replace(entry, out / entry.name)
+        for stale in (out / name for name in OPTIONAL_OUTPUTS if name not in written):  # an earlier run's extras
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
         write_atomic(out / MARKER, _marker(key, settings))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
