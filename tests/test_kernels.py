@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import subprocess
+import sys
 import time
 
 import pytest
@@ -100,7 +102,8 @@ def test_one_setting_turns_every_kernel_off(monkeypatch, small_ckpts):
 def _private_timings(folder, monkeypatch) -> list[str]:
     """Timings kept in `folder` on a quiet machine, none in memory; returns a log for `_slow_and_fast`."""
     monkeypatch.setenv("TRIDENT_CACHE", str(folder))
-    monkeypatch.setattr(timing.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(timing, "quiet", lambda since: True)
+    monkeypatch.setattr(timing, "JUDGE_AFTER_S", 0.0)
     timing.forget()
     return []
 
@@ -137,12 +140,50 @@ def test_timing_probe_keeps_the_faster_path_and_remembers_it(tmp_path, monkeypat
         again = timing.decide("test key", lambda: pytest.fail("timed again"))
         assert again.use_ours and calls == []
         assert {r["key"] for r in timing.report()} == {"test key", "other key"}
-        monkeypatch.setattr(timing.os, "getloadavg", lambda: (64.0, 64.0, 64.0))  # a busy machine
+        monkeypatch.setattr(timing, "quiet", lambda since: False)  # a busy machine
         timing.decide("busy key", lambda: (fast, slow))
+        monkeypatch.setattr(timing, "quiet", lambda since: True)
+        timing.decide("quiet key", lambda: (fast, slow))  # a later quiet stretch does not keep the busy one
         timing.forget()
-        assert "busy key" not in {r["key"] for r in timing.report()}  # kept for that process only
+        assert {r["key"] for r in timing.report()} == {"test key", "other key", "quiet key"}
     finally:
         timing.forget()
+
+
+def test_timings_are_kept_once_their_stretch_is_judged(tmp_path, monkeypatch):
+    """A timing is judged over at least JUDGE_AFTER_S (the CPU clocks tick every 10 ms): until then nothing is
+    written; a later product's lookup writes it."""
+    calls = _private_timings(tmp_path, monkeypatch)
+    monkeypatch.setattr(timing, "JUDGE_AFTER_S", 0.3)
+    slow, fast = _slow_and_fast(calls)
+    files = lambda: list((tmp_path / "kernels").glob("timings-*.json"))  # noqa: E731
+    try:
+        timing.decide("key", lambda: (fast, slow))
+        assert files() == [] and timing.known("key") is not None  # too short a stretch to judge yet
+        time.sleep(0.35)
+        timing.known("anything")
+        assert len(files()) == 1 and "key" in files()[0].read_text()
+    finally:
+        timing.forget()
+
+
+def test_another_busy_process_makes_timings_untrusted():
+    """The CPU clocks see another process keeping a core busy; this process's own work is not counted."""
+    if timing.usage().all_cpu is None:
+        pytest.skip("no /proc/stat here")
+    mine = timing.Usage(wall=10.0, all_cpu=100.0, own_cpu=50.0)
+    assert timing.others_cores(mine, timing.Usage(12.0, 104.0, 54.0)) == 0.0  # two cores, all of them ours
+    assert timing.others_cores(mine, timing.Usage(12.0, 105.0, 53.0)) == 1.0  # 2 s of others' CPU in 2 s
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        start = timing.usage()
+        time.sleep(1.2)
+        assert timing.others_cores(start, timing.usage()) > 0.7
+        assert not timing.quiet(start)
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_an_undecided_shape_is_timed_on_its_real_calls(tmp_path, monkeypatch):

@@ -21,6 +21,8 @@ import torch
 from ..download import cache_dir
 
 REPEATS = 3
+BUSY_CORES = 0.5  # other processes' average load above which timings are not kept
+JUDGE_AFTER_S = 1.0  # the shortest stretch whose CPU clocks tell that load apart (10 ms ticks)
 
 
 @dataclass
@@ -73,22 +75,84 @@ def _load() -> dict[str, Decision]:
     return _decisions
 
 
-def quiet() -> bool:
-    """Whether the machine runs little besides this process (1-minute load average at most this process's threads
-    plus half a core): timings taken on a busy machine mislead (oneDNN's threads suffer most from contention)."""
+@dataclass(frozen=True)
+class Usage:
+    """A reading of the clocks that tell whether other processes ran: wall time, the CPU seconds every process spent
+    on this process's CPUs (None where /proc/stat is missing) and this process's own CPU seconds."""
+
+    wall: float
+    all_cpu: float | None
+    own_cpu: float
+
+
+def usage() -> Usage:
+    """The clocks now (Linux's /proc/stat for every process, summed over the CPUs this process may run on)."""
+    wall, own = time.monotonic(), time.process_time()
     try:
-        return os.getloadavg()[0] <= torch.get_num_threads() + 0.5
+        cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        busy = 0
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *ticks = line.split()
+                if name in cpus:  # user nice system idle iowait irq softirq steal (guest is within user)
+                    busy += sum(int(t) for t in ticks[:8]) - int(ticks[3]) - int(ticks[4])
+        return Usage(wall, busy / os.sysconf("SC_CLK_TCK"), own)
+    except (OSError, AttributeError, ValueError, IndexError):
+        return Usage(wall, None, own)
+
+
+def others_cores(start: Usage, end: Usage) -> float | None:
+    """How many cores other processes (and the hypervisor, as steal) kept busy on average between two readings."""
+    if start.all_cpu is None or end.all_cpu is None or end.wall <= start.wall:
+        return None
+    return max(0.0, (end.all_cpu - start.all_cpu) - (end.own_cpu - start.own_cpu)) / (end.wall - start.wall)
+
+
+def quiet(since: Usage) -> bool:
+    """Whether timings taken since `since` can be trusted: other processes kept at most half a core busy meanwhile
+    (oneDNN's threads suffer most from contention). Without /proc/stat, the 1-minute load average stands in: at most
+    this process's threads plus half a core."""
+    cores = others_cores(since, usage())
+    if cores is not None:
+        return cores <= BUSY_CORES
+    try:
+        return os.getloadavg()[0] <= torch.get_num_threads() + BUSY_CORES
     except OSError:
         return True
 
 
-def _save(decisions: dict[str, Decision]) -> None:
-    """Write the timings taken on a quiet machine (best effort: a read-only cache folder, or a busy machine, only
-    costs timing again in the next process)."""
-    if not quiet():
+_since: Usage | None = None  # when the first timing not yet judged began
+_unjudged: set[str] = set()  # keys timed since then
+_noisy: set[str] = set()  # keys timed while other processes were busy: used by this process, never kept
+
+
+def _timing_starts() -> None:
+    global _since
+    if _since is None:
+        _since = usage()
+
+
+def _timed(key: str) -> None:
+    """`key` was just timed: it is kept on disk once the stretch of time it was timed in is judged quiet."""
+    _unjudged.add(key)
+    _settle()
+
+
+def _settle() -> None:
+    """Judge the timings taken since `_since` once the stretch is long enough (JUDGE_AFTER_S) for the CPU clocks'
+    10 ms ticks, and write the quiet ones (best effort: a read-only cache folder only costs timing again later)."""
+    global _since
+    if _since is None or time.monotonic() - _since.wall < JUDGE_AFTER_S:
+        return
+    keep = quiet(_since)
+    if not keep:
+        _noisy.update(_unjudged)
+    _since = None
+    _unjudged.clear()
+    if not keep:
         return
     path = _cache_file()
-    data = {k: {"ours_ms": d.ours_ms, "torch_ms": d.torch_ms} for k, d in decisions.items()}
+    data = {k: {"ours_ms": d.ours_ms, "torch_ms": d.torch_ms} for k, d in _load().items() if k not in _noisy}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
@@ -120,8 +184,9 @@ def decide(key: str, contenders: Callable[[], tuple[Callable[[], object], Callab
     """The decision for `key`; the first time on this host, `contenders()` gives (ours, PyTorch's) to time."""
     decisions = _load()
     if key not in decisions:
+        _timing_starts()
         decisions[key] = Decision(*_time_both(*contenders()))
-        _save(decisions)
+        _timed(key)
     return decisions[key]
 
 
@@ -130,7 +195,10 @@ R = TypeVar("R")
 
 
 def known(key: str) -> Decision | None:
-    """The decision for `key` if one was made (in this process or kept on disk)."""
+    """The decision for `key` if one was made (in this process or kept on disk). Called for every product, it also
+    keeps the timings once the stretch they were taken in can be judged."""
+    if _unjudged:
+        _settle()
     return _load().get(key)
 
 
@@ -140,6 +208,7 @@ def trial(key: str, ours: Callable[[], R], theirs: Callable[[], R]) -> R:
     warm-up), PyTorch's result is returned (the two must be equal). After REPEATS timed calls, or sooner once one is
     clearly (1.5x) slower, the decision is made and kept: timed on real calls, with their cache effects."""
     first = key not in _trials  # the warm-up call
+    _timing_starts()
     t_ours, t_theirs = _trials.setdefault(key, ([], []))
     ms_ours = _ms(ours)
     start = time.perf_counter()
@@ -153,7 +222,7 @@ def trial(key: str, ours: Callable[[], R], theirs: Callable[[], R]) -> R:
             decisions = _load()
             decisions[key] = Decision(min(t_ours), min(t_theirs))
             del _trials[key]
-            _save(decisions)
+            _timed(key)
     return out
 
 
@@ -165,6 +234,8 @@ def report() -> list[dict]:
 
 def forget() -> None:
     """Drop the in-memory decisions (tests; the next `decide` reads the disk cache again)."""
-    global _decisions
-    _decisions = None
+    global _decisions, _since
+    _decisions = _since = None
     _trials.clear()
+    _unjudged.clear()
+    _noisy.clear()
