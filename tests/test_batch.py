@@ -233,6 +233,30 @@ def test_lists_with_a_byte_order_mark_and_files_reached_twice(tmp_path, photo):
         gather([f"@{lst}"])
 
 
+def test_linked_folders_and_lists_of_folders_and_patterns(tmp_path, photo):
+    """A folder's sub-folder that is a symbolic link (a dataset linked in) is searched, a link back up is no loop;
+    a list's lines may be folders and patterns as on the command line; '@' alone says what it needs."""
+    elsewhere, d = tmp_path / "elsewhere", tmp_path / "d"
+    elsewhere.mkdir()
+    d.mkdir()
+    Image.fromarray(photo[:32, :32]).save(elsewhere / "e.png")
+    Image.fromarray(photo[:32, :32]).save(d / "x.png")
+    (d / "linked").symlink_to(elsewhere)
+    (elsewhere / "up").symlink_to(d)
+    jobs, _ = gather([str(d)])
+    assert [j.name for j in jobs] == ["linked/e.png", "x.png"]
+    (elsewhere / "up").unlink()
+    lst = tmp_path / "list.txt"
+    lst.write_text("elsewhere\nd/*.png\n")
+    jobs, _ = gather([f"@{lst}"])
+    assert [j.path for j in jobs] == [elsewhere / "e.png", d / "x.png"]
+    lst.write_text("d/*.jpg\n")
+    with pytest.raises(InputError, match="no file matches"):
+        gather([f"@{lst}"])
+    with pytest.raises(InputError, match="'@' needs a file name"):
+        gather(["@"])
+
+
 def test_outputs_are_not_inputs_but_the_users_images_beside_them_are(small_ckpts, photo, tmp_path, capsys):
     """With --out the images' own folder, the photos beside the outputs are still images; the outputs, masks and
     instances of earlier runs are not."""

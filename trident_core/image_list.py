@@ -48,9 +48,23 @@ def _is_output(path: Path) -> bool:
     return path.parent.name in OUTPUT_FOLDERS and (path.parent.parent / MARKER).is_file()
 
 
+def _walk(folder: Path) -> list[Path]:
+    """Every file under `folder`, following symbolic links to folders (a dataset linked in) but entering each real
+    folder once (a link back up is no loop)."""
+    files, seen = [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        files += [Path(top) / n for n in names]
+    return files
+
+
 def _folder_images(folder: Path) -> list[Path]:
     """Image files under `folder` (recursively, sorted), without hidden files and earlier runs' outputs."""
-    found = sorted(p for p in folder.rglob("*") if _is_image(p) and p.is_file() and not _hidden(p, folder)
+    found = sorted(p for p in _walk(folder) if _is_image(p) and p.is_file() and not _hidden(p, folder)
                    and not _is_output(p))
     if not found:
         raise InputError(f"no images in folder {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} files, also in "
@@ -65,8 +79,20 @@ def _glob_root(pattern: str) -> Path:
     return _absolute(Path(*fixed)) if fixed else Path.cwd()
 
 
-def _list_file(arg: str) -> list[Path]:
-    """The paths listed in `@FILE`: one per line, relative to the list's folder; blank and '#' lines skipped."""
+def _glob_images(pattern: str) -> list[tuple[Path, Path]]:
+    """The files a glob pattern matches (earlier runs' outputs left out), each with the pattern's fixed folder."""
+    matches = sorted(_absolute(m) for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+    matches = [m for m in matches if not _is_output(m)]
+    if not matches:
+        raise InputError(f"no file matches the pattern {pattern!r}")
+    return [(m, _glob_root(pattern)) for m in matches]
+
+
+def _list_file(arg: str) -> list[tuple[Path, Path]]:
+    """The images listed in `@FILE`, one per line, relative to the list's folder (blank and '#' lines skipped):
+    image paths, folders and glob patterns, each as on the command line."""
+    if arg == "@":
+        raise InputError("'@' needs a file name after it: @list.txt names a text file listing one image per line")
     path = Path(arg[1:])
     if not path.is_file():
         raise InputError(f"image list {path} not found (an argument starting with @ names a text file listing "
@@ -76,34 +102,39 @@ def _list_file(arg: str) -> list[Path]:
     except UnicodeDecodeError as e:
         raise InputError(f"image list {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     lines = [ln.strip() for ln in text.splitlines()]
-    entries = [_absolute(path.parent / ln) for ln in lines if ln and not ln.startswith("#")]
-    if not entries:
+    found = []
+    for entry in (ln for ln in lines if ln and not ln.startswith("#")):
+        full = _absolute(path.parent / entry)
+        if full.is_dir():
+            found += [(p, full) for p in _folder_images(full)]
+        elif not full.exists() and _GLOB_CHARS & set(entry):
+            found += _glob_images(str(full))
+        else:  # a file, or a missing one: reported when read
+            found.append((full, full.parent))
+    if not found:
         raise InputError(f"image list {path} lists no images (one path per line expected)")
-    return entries
+    return found
 
 
 def gather(inputs: list[str]) -> tuple[list[ImageJob], bool]:
     """The images named by the arguments, in order, without duplicates; and whether it is the single-image form
     (one argument that is an image file), which keeps the flat output layout.
 
-    An argument is `@FILE` (a list of paths, one per line), an existing folder (its images, recursively), an
-    existing file, or a glob pattern (`*`, `?`, `[`; `**` spans folders). A folder's images exclude the outputs of
-    earlier runs written into it. Listed files that do not exist are kept: they are reported when read."""
+    An argument is `@FILE` (a list of images, folders or patterns, one per line), an existing folder (its images,
+    recursively, symbolic links followed), an existing file, or a glob pattern (`*`, `?`, `[`; `**` spans folders).
+    A folder's images exclude the outputs of earlier runs written into it. Listed files that do not exist are kept:
+    they are reported when read."""
     found: list[tuple[Path, Path]] = []  # (image, the folder its name is relative to)
     for arg in inputs:
         if arg.startswith("@"):
-            found += [(p, p.parent) for p in _list_file(arg)]
+            found += _list_file(arg)
         elif os.path.isdir(arg):
             folder = _absolute(arg)
             found += [(p, folder) for p in _folder_images(folder)]
         elif os.path.isfile(arg):
             found.append((_absolute(arg), _absolute(arg).parent))
         elif _GLOB_CHARS & set(arg):
-            matches = sorted(_absolute(m) for m in glob.glob(arg, recursive=True) if os.path.isfile(m))
-            matches = [m for m in matches if not _is_output(m)]
-            if not matches:
-                raise InputError(f"no file matches the pattern {arg!r}")
-            found += [(m, _glob_root(arg)) for m in matches]
+            found += _glob_images(arg)
         else:
             raise InputError(f"{arg}: no such image file or folder (give image paths, folders, glob patterns or "
                              "@list.txt)")
