@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .classes import ClassList, class_indices
+from .outputs import INSTANCES, INSTANCES_JSON, file_part
 
 Box = tuple[int, int, int, int]
 
@@ -114,14 +115,13 @@ def write_instances(objects: list[Instance], size: tuple[int, int], folder: Path
     `folder`/instances.json listing each object (frame, class, box, area, confidence) with its mask's file name."""
     from PIL import Image
 
-    masks = folder / "instances"
+    masks = folder / INSTANCES
     masks.mkdir(parents=True, exist_ok=True)
     records = []
     for i, obj in enumerate(objects):
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in obj.class_name)[:60]
-        name = f"{i:03d}_{safe}.png"
+        name = f"{i:03d}_{file_part(obj.class_name)}.png"
         Image.fromarray(obj.full_mask(size).astype(np.uint8) * 255).save(masks / name)
-        records.append({**obj.as_dict(), "mask": f"instances/{name}"})
-    path = folder / "instances.json"
+        records.append({**obj.as_dict(), "mask": f"{INSTANCES}/{name}"})
+    path = folder / INSTANCES_JSON
     path.write_text(json.dumps(records, indent=1), encoding="utf-8")
     return path

@@ -17,9 +17,17 @@ import numpy as np
 from .atomic import atomic_file, partial_name, remove_partials, replace_folder, write_atomic
 
 MARKER = "trident.json"
-OUTPUT_IMAGES = ("labels_color.png", "overlay.png", "labels.png")  # beside the marker
-OUTPUT_FOLDERS = ("masks", "instances")  # of image files, beside the marker
-OPTIONAL_OUTPUTS = ("instances", "instances.json")  # written with --instances only
+LABELS_COLOR, OVERLAY, LABELS, MASKS = "labels_color.png", "overlay.png", "labels.png", "masks"
+INSTANCES, INSTANCES_JSON = "instances", "instances.json"  # written with --instances only (instances.py)
+OUTPUT_IMAGES = (LABELS_COLOR, OVERLAY, LABELS)  # beside the marker
+OUTPUT_FOLDERS = (MASKS, INSTANCES)  # of image files, beside the marker
+OPTIONAL_OUTPUTS = (INSTANCES, INSTANCES_JSON)
+OVERLAY_PNG_LEVEL = 1  # zlib level of the photo-like overlay: 2.6x faster to write than PIL's 6, 15 % larger
+
+
+def file_part(name: str) -> str:
+    """A class name as part of a file name: letters, digits, '-' and '_' kept, others '_', at most 60 characters."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60]
 
 
 def write_images(seg, image: np.ndarray, folder: Path) -> None:
@@ -31,16 +39,15 @@ def write_images(seg, image: np.ndarray, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     names = seg.classes.names
     colors = color_labels(seg.labels, len(names))
-    Image.fromarray(np.concatenate([colors, legend(names, colors.shape[1])])).save(folder / "labels_color.png")
-    Image.fromarray(overlay(image, colors)).save(folder / "overlay.png")
+    Image.fromarray(np.concatenate([colors, legend(names, colors.shape[1])])).save(folder / LABELS_COLOR)
+    Image.fromarray(overlay(image, colors)).save(folder / OVERLAY, compress_level=OVERLAY_PNG_LEVEL)
     Image.fromarray(seg.labels.clamp(min=0).cpu().numpy().astype(np.uint16 if len(names) > 255 else np.uint8)).save(
-        folder / "labels.png")
-    masks = folder / "masks"
+        folder / LABELS)
+    masks = folder / MASKS
     masks.mkdir(exist_ok=True)
     lab = seg.labels.cpu().numpy()
     for i, name in enumerate(names):
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60]
-        Image.fromarray(((lab == i) * 255).astype(np.uint8)).save(masks / f"{i:03d}_{safe}.png")
+        Image.fromarray(((lab == i) * 255).astype(np.uint8)).save(masks / f"{i:03d}_{file_part(name)}.png")
 
 
 def npz_arrays(seg) -> dict[str, np.ndarray]:
