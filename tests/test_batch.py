@@ -79,7 +79,7 @@ def test_inputs_that_name_nothing_are_one_clear_error(tmp_path, capsys):
     (tmp_path / "empty" / "readme.txt").write_text("x")
     with pytest.raises(InputError, match="no images in folder .*empty"):
         gather([str(tmp_path / "empty")])
-    with pytest.raises(InputError, match="no file matches"):
+    with pytest.raises(InputError, match="no image file matches"):
         gather([str(tmp_path / "*.png")])
     with pytest.raises(InputError, match="no such image file or folder"):
         gather([str(tmp_path / "nope.png")])
@@ -100,7 +100,7 @@ def test_folder_run_equals_single_image_runs_then_resumes(small_ckpts, photo, tm
     err = capsys.readouterr().err
     skipped = [ln for ln in err.splitlines() if "broken.png" in ln and not ln.startswith("[segment]")]
     assert len(skipped) == 1 and skipped[0].startswith("skipped") and "cannot read image" in skipped[0]
-    assert "3 segmented" in err and "1 unreadable" in err
+    assert "3 segmented" in err and "1 skipped" in err
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("**/trident.json")) == [
         "a/x.png/trident.json", "b/x.png/trident.json", "y.jpg/trident.json"]
     assert not list(out.rglob(".*")) and not list(npz.rglob(".*"))  # no temporary leftovers
@@ -186,7 +186,7 @@ def test_torchrun_two_processes_write_the_same_files_as_one(small_ckpts, photo, 
         # each process exits with 3 (a file was skipped); torchrun turns that into its own failure status
         assert run.returncode != 0 and "exitcode  : 3" in run.stderr, run.stderr[-3000:]
         results[n] = run.stderr
-    assert "rank 1/2" in results[2] and "4 segmented" in results[2] and "1 unreadable" in results[2]
+    assert "rank 1/2" in results[2] and "4 segmented" in results[2] and "1 skipped" in results[2]
     assert _files(tmp_path / "out1") == _files(tmp_path / "out2")
     names = sorted(p.relative_to(tmp_path / "npz1") for p in (tmp_path / "npz1").rglob("*.npz"))
     assert names == sorted(p.relative_to(tmp_path / "npz2") for p in (tmp_path / "npz2").rglob("*.npz"))
@@ -251,7 +251,7 @@ def test_linked_folders_and_lists_of_folders_and_patterns(tmp_path, photo):
     jobs, _ = gather([f"@{lst}"])
     assert [j.path for j in jobs] == [elsewhere / "e.png", d / "x.png"]
     lst.write_text("d/*.jpg\n")
-    with pytest.raises(InputError, match="no file matches"):
+    with pytest.raises(InputError, match="no image file matches"):
         gather([f"@{lst}"])
     with pytest.raises(InputError, match="'@' needs a file name"):
         gather(["@"])

@@ -185,7 +185,7 @@ def test_an_image_batch_of_zero_images_is_one_line(loaded, images):
 def test_segment_out_that_cannot_be_written_fails_before_computing(small_ckpts, png, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_bytes(b"keep me")
-    for args in (["--out", str(blocker)], ["--out", str(blocker / "sub")], ["--save-npz", str(tmp_path)],
+    for args in (["--out", str(blocker)], ["--out", str(blocker / "sub")], ["--save-npz", str(blocker / "r.npz")],
                  ["--out", "/proc/trident_out"]):
         rc, err = _cli(capsys, "segment", str(png), "--classes", "sky", *args, *_model_args(small_ckpts))
         assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {args[0]} ") and args[1] in err[0], err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,9 +29,26 @@ def partial_name(path: Path) -> Path:
     return path.with_name(f".{_stem(path)}.partial-{os.getpid()}")
 
 
+def _running(pid: int) -> bool:
+    """Whether another process `pid` runs on this machine (its temporary files are in use, not left over)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True  # another user's process, or a pid this system cannot check: leave its files alone
+    return True
+
+
 def remove_partials(path: Path) -> None:
-    """Delete what interrupted runs left beside `path` under temporary names."""
+    """Delete what interrupted runs left beside `path` under temporary names (those of a process still running,
+    e.g. another run writing into the same folder, are left to it)."""
     for leftover in glob.glob(glob.escape(str(path.parent / f".{_stem(path)}.")) + "partial-*"):
+        pid = re.match(r"(\d+)", leftover.rsplit(".partial-", 1)[1])
+        if pid and _running(int(pid.group(1))):
+            continue
         if os.path.isdir(leftover):
             shutil.rmtree(leftover, ignore_errors=True)
         else:
@@ -61,7 +79,10 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def replace_folder(tmp: Path, final: Path) -> None:
     """Put the finished folder `tmp` at `final`; a folder already there is moved aside first and then deleted,
-    so `final` is at every moment either the old complete folder or the new one (or briefly absent)."""
+    so `final` is at every moment either the old complete folder or the new one (or briefly absent). Anything
+    but a folder at `final` (an input image, say) is never replaced."""
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"{final} is a file, not an output folder: choose another --out")
     if final.exists():
         old = partial_name(final).with_name(partial_name(final).name + "-old")
         os.replace(final, old)

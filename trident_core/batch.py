@@ -4,6 +4,7 @@ written atomically and skipped when a previous run completed them, the images sh
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import sys
@@ -13,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from .atomic import remove_partials
 from .image import ImageError, to_rgb_uint8
 from .image_list import ImageJob
 from .outputs import Extra, marker_matches, npz_complete, save_flat, save_folder, save_npz
 
-EXIT_SKIPPED = 3  # some images could not be read (the others were segmented)
+EXIT_SKIPPED = 3  # some images could not be read or segmented (the others were)
+_FATAL_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # every later image would fail the same way
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,18 @@ def settings_key(settings: dict) -> str:
 def image_key(settings_digest: str, path: Path) -> str:
     """The key an image's outputs are stored under: the settings' digest and the image file's content."""
     return hashlib.sha256(f"{settings_digest}:{hashlib.sha256(path.read_bytes()).hexdigest()}".encode()).hexdigest()
+
+
+def check_destinations(jobs: list[ImageJob], dest: Destinations) -> None:
+    """Refuse a run whose image folders would land on files that are not output folders (the images themselves,
+    when --out is the images' folder): those files would be replaced."""
+    if dest.flat or dest.out is None:
+        return
+    for job in jobs:
+        folder = dest.folder(job)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--out {dest.out}: the outputs of {job.name} go into the folder {folder}, where a file "
+                             "is (the image itself?); choose an --out that is not the images' folder")
 
 
 def is_complete(dest: Destinations, job: ImageJob, key: str) -> bool:
@@ -101,21 +116,28 @@ def run(segment: Callable, jobs: list[ImageJob], dest: Destinations, settings: d
         else None
     for done, job in enumerate(mine, 1):
         try:
+            if job.error:
+                raise ImageError(job.error)
+            if not job.path.is_file():  # a pipe or a device would block or never end
+                raise ImageError(f"{job.path} is not a regular file" if job.path.exists() else
+                                 f"{job.path} does not exist")
             key = image_key(digest, job.path)
             image = None if resume and is_complete(dest, job, key) else to_rgb_uint8(job.path)
-        except (ImageError, OSError) as e:
+            if image is not None:
+                _write(segment(image), image, job, dest, key, settings)
+                counts.segmented += 1
+            else:
+                _remove_leftovers(dest, job)
+                counts.complete += 1
+        except (ImageError, OSError, RuntimeError) as e:  # this image only: the others go on
             counts.unreadable += 1
             if bar and bar.tty:
                 bar.stream.write("\n")
             reason = _reason(e)
             log(f"skipped: {reason}" if str(job.path) in reason else f"skipped {job.path}: {reason}")
-            image = key = None
-        if image is not None:
-            _write(segment(image), image, job, dest, key, settings)
-            counts.segmented += 1
-        elif key is not None:
-            counts.complete += 1
-        del image
+            if isinstance(e, OSError) and e.errno in _FATAL_WRITE_ERRORS:
+                raise
+        image = None
         if bar:
             bar.update(done, counts.segmented, job.name)
     if bar:
@@ -132,6 +154,17 @@ def _write(seg, image, job: ImageJob, dest: Destinations, key: str, settings: di
         (save_flat if dest.flat else save_folder)(seg, image, folder, key, settings, dest.extra)
 
 
+def _remove_leftovers(dest: Destinations, job: ImageJob) -> None:
+    """What a run killed while replacing this image's complete outputs left under temporary names."""
+    for final in (dest.folder(job), dest.npz_file(job)):
+        if final is not None and not dest.flat:
+            remove_partials(final)
+
+
 def _reason(e: Exception) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text if isinstance(e, ImageError) else f"cannot read the file ({type(e).__name__}: {text})"
+    if isinstance(e, ImageError):
+        return text
+    if isinstance(e, OSError):
+        return f"cannot read or write its files ({type(e).__name__}: {text})"
+    return f"failed ({type(e).__name__}: {text})"

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -126,7 +127,7 @@ def _settings(tr, classes: ClassList, params) -> dict:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     """Segment the images (a path, folder, glob or @list) and write each one's outputs (see the README)."""
-    from .batch import EXIT_SKIPPED, Destinations, run
+    from .batch import EXIT_SKIPPED, Destinations, check_destinations, run
     from .evaluation.distributed import all_reduce, init_distributed
     from .image import to_rgb_uint8
     from .image_list import gather
@@ -141,8 +142,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise ValueError(f"--save-npz {npz}: with several images, give a folder (each image's npz goes there)")
     if out is not None:
         require_output_folder(args.out, "--out")
-    if npz is not None:
-        (require_output_file if single else require_output_folder)(args.save_npz, "--save-npz")
+    if npz is not None and (not single or args.save_npz.endswith(("/", os.sep)) or npz.is_dir()):
+        require_output_folder(args.save_npz, "--save-npz")  # (one image into a folder: FOLDER/<image name>.npz)
+    elif npz is not None:
+        require_output_file(args.save_npz, "--save-npz", "result.npz")
+    dest = Destinations(out, npz, single, None)
+    check_destinations(jobs, dest)
     rank, world, device = init_distributed()
     if args.device == "auto":
         args.device = str(device)
@@ -164,7 +169,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     def segment(image: np.ndarray):
         return tr.segment(image, classes, params, progress if single else lambda _stage: None)
 
-    counts = run(segment, jobs, Destinations(out, npz, single, extra),
+    counts = run(segment, jobs, replace(dest, extra=extra),
                  _settings(tr, classes, params) | _instances_settings(args), rank=rank,
                  world=world, resume=not args.overwrite, log=_log, show_progress=not single)
     done, complete, unreadable = (int(v) for v in all_reduce(
@@ -172,7 +177,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if rank == 0:
         where = ", ".join(str(p) for p in (out, npz) if p is not None)
         _log(f"{done} segmented in {time.perf_counter() - t0:.1f}s, {complete} already complete, "
-             f"{unreadable} unreadable (skipped) -> {where}")
+             f"{unreadable} skipped (unreadable or failed) -> {where}")
     _finish_distributed()
     return EXIT_SKIPPED if unreadable else 0
 
@@ -271,13 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(ev, preset_and_refine=False)
     ev.set_defaults(func=cmd_eval)
     args = ap.parse_args(argv)
+    for option in ("out", "save_npz"):
+        if getattr(args, option, None) == "":
+            ap.error(f"--{option.replace('_', '-')} needs a path")
     if args.command == "segment" and not (args.out or args.save_npz):
         ap.error("give --out DIR and/or --save-npz FILE")
     if args.command == "segment" and args.min_area < 1:
         ap.error(f"--min-area must be a whole number of pixels >= 1, not {args.min_area}")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # a write error too (a full disk): one line, not a traceback
         _log(f"error: {e}")
         _finish_distributed()
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import cv2
 import numpy as np
@@ -78,6 +79,7 @@ def require_size(image: np.ndarray, size: tuple[int, int], what: str) -> None:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as RGB uint8, decoded as the reference does (OpenCV, EXIF orientation applied); PIL (with the
     same orientation handling) for what OpenCV cannot read."""
+    _check_header(path)
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a broken file gets our one line only
     try:
@@ -93,7 +95,26 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"cannot read image {path!r}: {e}") from e
+        raise ImageError(f"cannot read image {os.fspath(path)!r}: {e}") from e
+
+
+def _check_header(path: str | os.PathLike) -> None:
+    """Refuse an image whose header declares more than MAX_PIXELS before decoding it (a small file can declare a
+    huge image, which OpenCV would decode whole first). Files PIL cannot identify are left to the decoders."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+    except Image.DecompressionBombError:
+        w = h = MAX_PIXELS
+    except (OSError, ValueError, SyntaxError):  # not PIL's kind of file (or broken): the decoders will say
+        return
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{os.fspath(path)} declares {w}x{h} pixels, more than {MAX_PIXELS // 10**6} megapixels; "
+                         "downscale it first")
 
 
 def _utf8(text: str) -> bool:

@@ -15,6 +15,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".tif", ".t
 _GLOB_CHARS = set("*?[")
 
 
+Found = tuple[Path, Path, "str | None"]  # an image, the folder its name is relative to, why it cannot be read
+
+
 class InputError(ValueError):
     """An input argument that names no image: a missing path, an empty folder, a pattern matching nothing."""
 
@@ -25,6 +28,7 @@ class ImageJob:
 
     path: Path
     name: str
+    error: str | None = None  # why it cannot be read, known when listing (an unreadable sub-folder)
 
 
 def _absolute(path: str | os.PathLike) -> Path:
@@ -48,11 +52,11 @@ def _is_output(path: Path) -> bool:
     return path.parent.name in OUTPUT_FOLDERS and (path.parent.parent / MARKER).is_file()
 
 
-def _walk(folder: Path) -> list[Path]:
+def _walk(folder: Path, unreadable: list[OSError]) -> list[Path]:
     """Every file under `folder`, following symbolic links to folders (a dataset linked in) but entering each real
-    folder once (a link back up is no loop)."""
+    folder once (a link back up is no loop); sub-folders that cannot be listed go to `unreadable`."""
     files, seen = [], set()
-    for top, dirs, names in os.walk(folder, followlinks=True):
+    for top, dirs, names in os.walk(folder, followlinks=True, onerror=unreadable.append):
         real = os.path.realpath(top)
         if real in seen:
             dirs.clear()
@@ -62,14 +66,18 @@ def _walk(folder: Path) -> list[Path]:
     return files
 
 
-def _folder_images(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursively, sorted), without hidden files and earlier runs' outputs."""
-    found = sorted(p for p in _walk(folder) if _is_image(p) and p.is_file() and not _hidden(p, folder)
+def _folder_images(folder: Path) -> list[tuple[Path, str | None]]:
+    """Image files under `folder` (recursively, sorted), without hidden files and earlier runs' outputs; a
+    sub-folder that cannot be listed comes as itself with the reason (reported and counted as skipped)."""
+    unreadable: list[OSError] = []
+    found = sorted(p for p in _walk(folder, unreadable) if _is_image(p) and p.is_file() and not _hidden(p, folder)
                    and not _is_output(p))
-    if not found:
+    if not found and not unreadable:
         raise InputError(f"no images in folder {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} files, also in "
                          "sub-folders); give a folder that holds images")
-    return found
+    return [(p, None) for p in found] + [
+        (_absolute(e.filename), f"cannot list the folder {e.filename} ({e.strerror}): its images are left out")
+        for e in unreadable if e.filename and not _hidden(_absolute(e.filename), folder)]
 
 
 def _glob_root(pattern: str) -> Path:
@@ -79,16 +87,16 @@ def _glob_root(pattern: str) -> Path:
     return _absolute(Path(*fixed)) if fixed else Path.cwd()
 
 
-def _glob_images(pattern: str) -> list[tuple[Path, Path]]:
+def _glob_images(pattern: str) -> list[Found]:
     """The files a glob pattern matches (earlier runs' outputs left out), each with the pattern's fixed folder."""
     matches = sorted(_absolute(m) for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
-    matches = [m for m in matches if not _is_output(m)]
+    matches = [m for m in matches if _is_image(m) and not _is_output(m)]
     if not matches:
-        raise InputError(f"no file matches the pattern {pattern!r}")
-    return [(m, _glob_root(pattern)) for m in matches]
+        raise InputError(f"no image file matches the pattern {pattern!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return [(m, _glob_root(pattern), None) for m in matches]
 
 
-def _list_file(arg: str) -> list[tuple[Path, Path]]:
+def _list_file(arg: str) -> list[Found]:
     """The images listed in `@FILE`, one per line, relative to the list's folder (blank and '#' lines skipped):
     image paths, folders and glob patterns, each as on the command line."""
     if arg == "@":
@@ -106,11 +114,11 @@ def _list_file(arg: str) -> list[tuple[Path, Path]]:
     for entry in (ln for ln in lines if ln and not ln.startswith("#")):
         full = _absolute(path.parent / entry)
         if full.is_dir():
-            found += [(p, full) for p in _folder_images(full)]
+            found += [(p, full, error) for p, error in _folder_images(full)]
         elif not full.exists() and _GLOB_CHARS & set(entry):
             found += _glob_images(str(full))
         else:  # a file, or a missing one: reported when read
-            found.append((full, full.parent))
+            found.append((full, full.parent, None))
     if not found:
         raise InputError(f"image list {path} lists no images (one path per line expected)")
     return found
@@ -124,28 +132,31 @@ def gather(inputs: list[str]) -> tuple[list[ImageJob], bool]:
     recursively, symbolic links followed), an existing file, or a glob pattern (`*`, `?`, `[`; `**` spans folders).
     A folder's images exclude the outputs of earlier runs written into it. Listed files that do not exist are kept:
     they are reported when read."""
-    found: list[tuple[Path, Path]] = []  # (image, the folder its name is relative to)
+    found: list[Found] = []
     for arg in inputs:
         if arg.startswith("@"):
             found += _list_file(arg)
         elif os.path.isdir(arg):
             folder = _absolute(arg)
-            found += [(p, folder) for p in _folder_images(folder)]
+            found += [(p, folder, error) for p, error in _folder_images(folder)]
         elif os.path.isfile(arg):
-            found.append((_absolute(arg), _absolute(arg).parent))
+            found.append((_absolute(arg), _absolute(arg).parent, None))
         elif _GLOB_CHARS & set(arg):
             found += _glob_images(arg)
+        elif os.path.exists(arg):
+            raise InputError(f"{arg} is not a regular file (a pipe or a device?): give image files, folders, glob "
+                             "patterns or @list.txt")
         else:
             raise InputError(f"{arg}: no such image file or folder (give image paths, folders, glob patterns or "
                              "@list.txt)")
     unique = {}  # the first name of each file: one reached twice (a symbolic link, a loop under **) runs once
-    for p, _ in found:
-        unique.setdefault(os.path.realpath(p), p)
-    unique = unique.values()
+    for p, _, error in found:
+        unique.setdefault(os.path.realpath(p), (p, error))
     try:
-        common = Path(os.path.commonpath([str(r) for _, r in found]))
+        common = Path(os.path.commonpath([str(r) for _, r, _ in found]))
     except ValueError:  # different drives (Windows): names are the paths without their anchor
         common = None
-    jobs = [ImageJob(p, (p.relative_to(common) if common else p.relative_to(p.anchor)).as_posix()) for p in unique]
+    jobs = [ImageJob(p, (p.relative_to(common) if common else p.relative_to(p.anchor)).as_posix(), error)
+            for p, error in unique.values()]
     single = len(inputs) == 1 and not inputs[0].startswith("@") and os.path.isfile(inputs[0])
     return jobs, single

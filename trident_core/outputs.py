@@ -125,7 +125,7 @@ def save_flat(seg, image: np.ndarray, out: Path, key: str, settings: dict, extra
         write_images(seg, image, tmp)
         if extra is not None:
             extra(seg, image, tmp)
-        (out / MARKER).unlink(missing_ok=True)
+        write_atomic(out / MARKER, _marker("", settings))  # incomplete from here on, yet still our folder
         written = {entry.name for entry in tmp.iterdir()}
         for entry in sorted(tmp.iterdir()):
             if entry.is_dir():

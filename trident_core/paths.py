@@ -26,9 +26,9 @@ def require_output_folder(folder: str | os.PathLike, what: str = "--out") -> Non
     _require_writable_folder(Path(folder), what, Path(folder))
 
 
-def require_output_file(file: str | os.PathLike, what: str = "--out") -> None:
+def require_output_file(file: str | os.PathLike, what: str = "--out", example: str = "result.json") -> None:
     """Refuse an output file that names an existing folder or whose folder cannot be created or written."""
     path = Path(file)
     if path.is_dir():
-        raise ValueError(f"{what} {path} is a folder; give a file name, e.g. {path / 'result.json'}")
+        raise ValueError(f"{what} {path} is a folder; give a file name, e.g. {path / example}")
     _require_writable_folder(path.parent, what, path)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import SAM_HQ_EXTRAS, CheckpointError, expect_family, read_state_dict
+from ..image import ImageError
 from ..kernels import attention_probs, linear
 from .loading import check_materialised, count_blocks, load_strict, on_meta, place
 
@@ -94,6 +95,10 @@ class SamModel:
 
         model = self.model
         enc = model.image_encoder
+        h, w = image.shape[:2]
+        if min(ResizeLongestSide.get_preprocess_shape(h, w, enc.img_size)) < PATCH:
+            raise ImageError(f"the image is too elongated for SAM: its {w}x{h} input is under {PATCH} pixels wide "
+                             f"once scaled to {enc.img_size} long; crop it to at most about 1:{enc.img_size // PATCH}")
         resized = ResizeLongestSide(enc.img_size).apply_image(image)
         x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
         input_size = tuple(x.shape[-2:])
