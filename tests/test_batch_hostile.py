@@ -206,3 +206,11 @@ def test_save_npz_folder_for_one_image(small_ckpts, photo, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["segment", str(img), *_models(small_ckpts), "--out", str(tmp_path / "o"), "--save-npz", ""])
     assert "--save-npz needs a path" in capsys.readouterr().err
+
+
+def test_instances_before_the_images_says_so(small_ckpts, photo, tmp_path, capsys):
+    root = _images(tmp_path / "in", photo)
+    rc = main(["segment", "--instances", str(root / "a.png"), str(root / "b.png"), *_models(small_ckpts), "--out",
+               str(tmp_path / "o")])
+    err = _err_lines(capsys)
+    assert rc == 2 and len(err) == 1 and "put --instances after the images" in err[0]

@@ -190,6 +190,9 @@ def _instances_writer(args: argparse.Namespace, classes: ClassList):
 
     if not args.out:
         raise ValueError("--instances writes its masks under --out: give --out DIR")
+    if args.instances and os.path.exists(args.instances):  # `--instances IMAGE ...`: argparse took an image
+        raise ValueError(f"--instances took {args.instances!r} as class names, but it is a file or folder: put "
+                         "--instances after the images, or write --instances=CLASSES")
     wanted = object_classes(classes, args.instances)
     min_area = check_min_area(args.min_area)
 
