@@ -135,7 +135,8 @@ def test_write_errors(small_ckpts, photo, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(outputs, "write_images", full)
     assert main(["segment", str(root), *_models(small_ckpts), "--out", str(tmp_path / "o2")]) == 2
     err = _err_lines(capsys)
-    assert err[-1].startswith("error:") and "No space left on device" in err[-1]
+    assert err[-1].startswith("error:") and "No space left on device while writing the outputs of a.png" in err[-1]
+    assert "run the same command again" in err[-1]
     assert not any("Traceback" in ln for ln in err)
 
 

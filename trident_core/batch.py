@@ -136,7 +136,9 @@ def run(segment: Callable, jobs: list[ImageJob], dest: Destinations, settings: d
             reason = _reason(e)
             log(f"skipped: {reason}" if str(job.path) in reason else f"skipped {job.path}: {reason}")
             if isinstance(e, OSError) and e.errno in _FATAL_WRITE_ERRORS:
-                raise
+                raise OSError(e.errno, f"{e.strerror} while writing the outputs of {job.name}: make room or "
+                              "choose another --out, then run the same command again (complete images are "
+                              "kept)") from e
         image = None
         if bar:
             bar.update(done, counts.segmented, job.name)
