@@ -250,9 +250,15 @@ def test_linked_folders_and_lists_of_folders_and_patterns(tmp_path, photo):
     lst.write_text("elsewhere\nd/*.png\n")
     jobs, _ = gather([f"@{lst}"])
     assert [j.path for j in jobs] == [elsewhere / "e.png", d / "x.png"]
-    lst.write_text("d/*.jpg\n")
-    with pytest.raises(InputError, match="no image file matches"):
-        gather([f"@{lst}"])
+    lst.write_text("d/*.jpg\n")  # a listed pattern matching nothing is one missing entry, reported when read
+    jobs, _ = gather([f"@{lst}"])
+    assert [j.path for j in jobs] == [d / "*.jpg"]
+    odd = tmp_path / "set[1]"  # a list in a folder whose name has glob characters
+    odd.mkdir()
+    Image.fromarray(photo[:32, :32]).save(odd / "o.png")
+    (odd / "list.txt").write_text("*.png\nmissing[2].png\n")
+    jobs, _ = gather([f"@{odd / 'list.txt'}"])
+    assert [j.path for j in jobs] == [odd / "o.png", odd / "missing[2].png"]
     with pytest.raises(InputError, match="'@' needs a file name"):
         gather(["@"])
 

@@ -80,6 +80,7 @@ def test_an_image_that_fails_is_skipped_by_name_and_the_rest_go_on(small_ckpts, 
     assert (out / "a.png" / "trident.json").is_file() and (out / "b.png" / "trident.json").is_file()
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
 def test_a_pipe_in_a_list_is_skipped_not_waited_for(small_ckpts, photo, tmp_path, capsys):
     root = _images(tmp_path / "in", photo, ("a.png",))
     os.mkfifo(root / "pipe.png")
@@ -209,9 +210,34 @@ def test_save_npz_folder_for_one_image(small_ckpts, photo, tmp_path, capsys):
     assert "--save-npz needs a path" in capsys.readouterr().err
 
 
-def test_instances_before_the_images_says_so(small_ckpts, photo, tmp_path, capsys):
+def test_instances_before_the_images_says_so(small_ckpts, photo, tmp_path, capsys, monkeypatch):
     root = _images(tmp_path / "in", photo)
     rc = main(["segment", "--instances", str(root / "a.png"), str(root / "b.png"), *_models(small_ckpts), "--out",
                str(tmp_path / "o")])
     err = _err_lines(capsys)
     assert rc == 2 and len(err) == 1 and "put --instances after the images" in err[0]
+    (tmp_path / "person").mkdir()  # a folder named like a class does not stop that class
+    monkeypatch.chdir(tmp_path)
+    assert main(["segment", str(root / "a.png"), "--instances", "person", *_models(small_ckpts), "--out",
+                 str(tmp_path / "o")]) == 0
+
+
+def test_replacing_a_folder_another_run_just_replaced(tmp_path, monkeypatch):
+    """The other run moved its folder in between: this run's move fails once, is tried again, and wins."""
+    import trident_core.atomic as atomic
+
+    final, tmp = tmp_path / "x.png", tmp_path / ".x.png.partial-new"
+    for folder, text in ((final, "old"), (tmp, "new")):
+        folder.mkdir()
+        (folder / "f").write_text(text)
+    real, failed = os.replace, []
+
+    def overtaken(src, dst):
+        if not failed and str(src) == str(tmp):
+            failed.append(1)
+            raise OSError(errno.ENOTEMPTY, "Directory not empty")
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", overtaken)
+    atomic.replace_folder(tmp, final)
+    assert failed and (final / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]

@@ -154,15 +154,19 @@ def test_timings_are_kept_once_their_stretch_is_judged(tmp_path, monkeypatch):
     """A timing is judged over at least JUDGE_AFTER_S (the CPU clocks tick every 10 ms): until then nothing is
     written; a later product's lookup writes it."""
     calls = _private_timings(tmp_path, monkeypatch)
-    monkeypatch.setattr(timing, "JUDGE_AFTER_S", 0.3)
+    monkeypatch.setattr(timing, "JUDGE_AFTER_S", 1.0)
     slow, fast = _slow_and_fast(calls)
     files = lambda: list((tmp_path / "kernels").glob("timings-*.json"))  # noqa: E731
     try:
         timing.decide("key", lambda: (fast, slow))
         assert files() == [] and timing.known("key") is not None  # too short a stretch to judge yet
-        time.sleep(0.35)
+        time.sleep(1.05)
         timing.known("anything")
         assert len(files()) == 1 and "key" in files()[0].read_text()
+        timing.decide("last key", lambda: (fast, slow))  # timed last in a process: kept when the command ends
+        assert "last key" not in files()[0].read_text()
+        timing.flush()
+        assert "last key" in files()[0].read_text()
     finally:
         timing.forget()
 

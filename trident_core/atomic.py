@@ -33,6 +33,8 @@ def _running(pid: int) -> bool:
     """Whether another process `pid` runs on this machine (its temporary files are in use, not left over)."""
     if pid == os.getpid():
         return False
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl+C there
+        return _running_windows(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -40,6 +42,20 @@ def _running(pid: int) -> bool:
     except (PermissionError, OSError, OverflowError):
         return True  # another user's process, or a pid this system cannot check: leave its files alone
     return True
+
+
+def _running_windows(pid: int) -> bool:
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() == 5  # access denied: it exists
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def remove_partials(path: Path) -> None:
@@ -83,10 +99,15 @@ def replace_folder(tmp: Path, final: Path) -> None:
     but a folder at `final` (an input image, say) is never replaced."""
     if final.exists() and not final.is_dir():
         raise FileExistsError(f"{final} is a file, not an output folder: choose another --out")
-    if final.exists():
-        old = partial_name(final).with_name(partial_name(final).name + "-old")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    old = partial_name(final).with_name(partial_name(final).name + "-old")
+    for attempt in range(3):  # another run may be replacing the same folder at this moment
+        try:
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)  # (this run's own, from a try the other run overtook)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            break
+        except OSError:
+            if attempt == 2:
+                raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+import torch
+
 from .atomic import remove_partials
 from .image import ImageError, to_rgb_uint8
 from .image_list import ImageJob
@@ -129,16 +131,16 @@ def run(segment: Callable, jobs: list[ImageJob], dest: Destinations, settings: d
             else:
                 _remove_leftovers(dest, job)
                 counts.complete += 1
-        except (ImageError, OSError, RuntimeError) as e:  # this image only: the others go on
+        except (ImageError, OSError, MemoryError, torch.OutOfMemoryError) as e:  # this image only: others go on
+            if isinstance(e, OSError) and e.errno in _FATAL_WRITE_ERRORS:
+                raise OSError(e.errno, f"{e.strerror} while writing the outputs of {job.name}: make room or "
+                              "choose another --out, then run the same command again (complete images are "
+                              "kept)") from e
             counts.unreadable += 1
             if bar and bar.tty:
                 bar.stream.write("\n")
             reason = _reason(e)
             log(f"skipped: {reason}" if str(job.path) in reason else f"skipped {job.path}: {reason}")
-            if isinstance(e, OSError) and e.errno in _FATAL_WRITE_ERRORS:
-                raise OSError(e.errno, f"{e.strerror} while writing the outputs of {job.name}: make room or "
-                              "choose another --out, then run the same command again (complete images are "
-                              "kept)") from e
         image = None
         if bar:
             bar.update(done, counts.segmented, job.name)
@@ -169,4 +171,4 @@ def _reason(e: Exception) -> str:
         return text
     if isinstance(e, OSError):
         return f"cannot read or write its files ({type(e).__name__}: {text})"
-    return f"failed ({type(e).__name__}: {text})"
+    return f"out of memory ({type(e).__name__}: {text}); downscale it or free memory"

@@ -190,10 +190,13 @@ def _instances_writer(args: argparse.Namespace, classes: ClassList):
 
     if not args.out:
         raise ValueError("--instances writes its masks under --out: give --out DIR")
-    if args.instances and os.path.exists(args.instances):  # `--instances IMAGE ...`: argparse took an image
-        raise ValueError(f"--instances took {args.instances!r} as class names, but it is a file or folder: put "
-                         "--instances after the images, or write --instances=CLASSES")
-    wanted = object_classes(classes, args.instances)
+    try:
+        wanted = object_classes(classes, args.instances)
+    except ValueError as e:
+        if os.path.exists(args.instances):  # `--instances IMAGE ...`: argparse took an image for the classes
+            raise ValueError(f"--instances took {args.instances!r} for class names, but it is a file or folder: "
+                             "put --instances after the images") from e
+        raise
     min_area = check_min_area(args.min_area)
 
     def write(seg, image: np.ndarray, folder: Path) -> None:
@@ -302,6 +305,9 @@ def run() -> NoReturn:
     its streams flushed. Nothing of ours is left open by then (outputs are written and renamed, the process group
     is gone), while tearing down the imported libraries' modules would take most of a second."""
     code = main()
+    timing = sys.modules.get(f"{__package__}.kernels.timing")  # loaded with the models, if they were
+    if timing is not None:
+        timing.flush()  # what was timed last (os._exit runs no exit handlers)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

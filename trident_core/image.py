@@ -105,16 +105,17 @@ def _check_header(path: str | os.PathLike) -> None:
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore")  # (size warnings, odd EXIF: the decoders' turn comes next)
             with Image.open(path) as im:
                 w, h = im.size
     except Image.DecompressionBombError:
-        w = h = MAX_PIXELS
+        w = h = None
     except (OSError, ValueError, SyntaxError):  # not PIL's kind of file (or broken): the decoders will say
         return
-    if w * h > MAX_PIXELS:
-        raise ImageError(f"{os.fspath(path)} declares {w}x{h} pixels, more than {MAX_PIXELS // 10**6} megapixels; "
-                         "downscale it first")
+    if w is None or w * h > MAX_PIXELS:
+        size = "far more" if w is None else f"{w}x{h} pixels, more"
+        raise ImageError(f"{os.fspath(path)} declares {size} than {MAX_PIXELS // 10**6} megapixels; downscale it "
+                         "first")
 
 
 def _utf8(text: str) -> bool:

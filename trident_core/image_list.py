@@ -87,13 +87,15 @@ def _glob_root(pattern: str) -> Path:
     return _absolute(Path(*fixed)) if fixed else Path.cwd()
 
 
-def _glob_images(pattern: str) -> list[Found]:
-    """The files a glob pattern matches (earlier runs' outputs left out), each with the pattern's fixed folder."""
+def _glob_images(pattern: str, base: Path | None = None) -> list[Found]:
+    """The files a glob pattern matches (earlier runs' outputs left out), each with the pattern's fixed folder
+    (`base` when the pattern's own folder part was escaped)."""
     matches = sorted(_absolute(m) for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
     matches = [m for m in matches if _is_image(m) and not _is_output(m)]
     if not matches:
         raise InputError(f"no image file matches the pattern {pattern!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return [(m, _glob_root(pattern), None) for m in matches]
+    root = base if base is not None else _glob_root(pattern)
+    return [(m, root, None) for m in matches]
 
 
 def _list_file(arg: str) -> list[Found]:
@@ -113,11 +115,12 @@ def _list_file(arg: str) -> list[Found]:
     found = []
     for entry in (ln for ln in lines if ln and not ln.startswith("#")):
         full = _absolute(path.parent / entry)
+        pattern = entry if os.path.isabs(entry) else os.path.join(glob.escape(str(_absolute(path.parent))), entry)
         if full.is_dir():
             found += [(p, full, error) for p, error in _folder_images(full)]
-        elif not full.exists() and _GLOB_CHARS & set(entry):
-            found += _glob_images(str(full))
-        else:  # a file, or a missing one: reported when read
+        elif not full.exists() and _GLOB_CHARS & set(entry) and glob.glob(pattern, recursive=True):
+            found += _glob_images(pattern, _absolute(path.parent))
+        else:  # a file, or a missing one (a pattern matching nothing too): reported when read
             found.append((full, full.parent, None))
     if not found:
         raise InputError(f"image list {path} lists no images (one path per line expected)")

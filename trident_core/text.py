@@ -32,8 +32,8 @@ def check_length(clip: ClipModel, names: list[str]) -> None:
 
 
 def _tokens(clip: ClipModel, prompts: list[str]) -> torch.Tensor:
-    """Token ids [P, L] of the prompts, L the longest prompt's length (tokenized a batch at a time, so the 77-token
-    padding of thousands of prompts never exists at once)."""
+    """Token ids [P, L] of the prompts, L the longest prompt's length (CLIP pads every prompt to 77 tokens; the
+    result keeps only the columns some prompt uses)."""
     chunks = [clip.tokenize(prompts[i:i + PROMPT_BATCH]) for i in range(0, len(prompts), PROMPT_BATCH)]
     length = max(int(c.argmax(dim=-1).max()) + 1 for c in chunks)  # the end-of-text token has the largest id
     return torch.cat([c[:, :length] for c in chunks])

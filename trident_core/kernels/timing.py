@@ -90,12 +90,15 @@ def usage() -> Usage:
     wall, own = time.monotonic(), time.process_time()
     try:
         cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
-        busy = 0
+        busy, seen = 0, 0
         with open("/proc/stat") as f:
             for line in f:
                 name, *ticks = line.split()
                 if name in cpus:  # user nice system idle iowait irq softirq steal (guest is within user)
                     busy += sum(int(t) for t in ticks[:8]) - int(ticks[3]) - int(ticks[4])
+                    seen += 1
+        if seen != len(cpus):  # CPUs numbered otherwise than the affinity (a container's view): no reading
+            return Usage(wall, None, own)
         return Usage(wall, busy / os.sysconf("SC_CLK_TCK"), own)
     except (OSError, AttributeError, ValueError, IndexError):
         return Usage(wall, None, own)
@@ -112,12 +115,13 @@ def quiet(since: Usage) -> bool:
     """Whether timings taken since `since` can be trusted: other processes kept at most half a core busy meanwhile
     (oneDNN's threads suffer most from contention). Without /proc/stat, the 1-minute load average stands in: at most
     this process's threads plus half a core."""
-    cores = others_cores(since, usage())
-    if cores is not None:
+    now = usage()
+    cores = others_cores(since, now)
+    if cores is not None and now.wall - since.wall >= JUDGE_AFTER_S:
         return cores <= BUSY_CORES
     try:
         return os.getloadavg()[0] <= torch.get_num_threads() + BUSY_CORES
-    except OSError:
+    except (OSError, AttributeError):  # (Windows has no load average)
         return True
 
 
@@ -138,11 +142,18 @@ def _timed(key: str) -> None:
     _settle()
 
 
-def _settle() -> None:
+def flush() -> None:
+    """Judge and keep what was timed last, however short the stretch since (the load average judges a stretch too
+    short for the CPU clocks); the command line calls it before it ends."""
+    if _unjudged:
+        _settle(final=True)
+
+
+def _settle(final: bool = False) -> None:
     """Judge the timings taken since `_since` once the stretch is long enough (JUDGE_AFTER_S) for the CPU clocks'
     10 ms ticks, and write the quiet ones (best effort: a read-only cache folder only costs timing again later)."""
     global _since
-    if _since is None or time.monotonic() - _since.wall < JUDGE_AFTER_S:
+    if _since is None or (not final and time.monotonic() - _since.wall < JUDGE_AFTER_S):
         return
     keep = quiet(_since)
     if not keep:
