@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import namedtuple
 
 import torch
@@ -25,12 +26,13 @@ SEG = namedtuple("SEG", ["cropped_image", "cropped_mask", "confidence", "crop_re
 
 
 def _seg(obj: Instance, image: torch.Tensor, size: tuple[int, int], crop_factor: float) -> SEG:
-    """An object as a SEG: the frame and the object's mask (float32 numpy, as Impact-Pack keeps it) cut to the
-    crop region."""
+    """An object as a SEG: the frame (as ComfyUI's IMAGE: 3 channels, float32) and the object's mask (float32
+    numpy, as Impact-Pack keeps it) cut to the crop region."""
     x1, y1, x2, y2 = region = crop_region(obj.box, size, crop_factor)
     mask = obj.full_mask(size)[y1:y2, x1:x2].astype("float32")
-    return SEG(image[obj.frame:obj.frame + 1, y1:y2, x1:x2, :], mask, obj.confidence, list(region), obj.box,
-               obj.class_name, None)
+    crop = image[obj.frame:obj.frame + 1, y1:y2, x1:x2, :]
+    crop = crop[..., :3] if crop.shape[-1] >= 3 else crop[..., :1].expand(*crop.shape[:-1], 3)  # alpha, gray
+    return SEG(crop.float().contiguous(), mask, obj.confidence, list(region), obj.box, obj.class_name, None)
 
 
 class TridentInstances:
@@ -44,7 +46,8 @@ class TridentInstances:
         "One mask per object [objects, H, W] (one empty mask when there is none).",
         "Impact-Pack's SEGS of the objects (crop of the image and of the mask, box, class name as label, mean class "
         "probability as confidence), for its Detailer nodes. With a batch of frames they hold the objects of every "
-        "frame: give Impact's Detailer one frame at a time.",
+        "frame on one canvas (Impact's nodes would apply them to every frame): for each frame's own SEGS, feed the "
+        "frames one at a time (Image Batch to Image List).",
         "The objects as JSON: frame, class, class_index, box [x1, y1, x2, y2) (ends exclusive), area in pixels, "
         "confidence; in the masks' order.",
         "The number of objects.")
@@ -68,7 +71,10 @@ class TridentInstances:
 
     def split(self, segmentation: list, image: torch.Tensor, classes: str, min_area: int,
               crop_factor: float) -> tuple[torch.Tensor, tuple, str, int]:
-        if image.shape[0] != len(segmentation):
+        T.images(image)
+        if not torch.isfinite(image).all():
+            raise ValueError("the image contains NaN or infinite values: connect the image that was segmented")
+        if image.shape[0] != len(T.items(segmentation, "segmentation")):
             raise ValueError(f"{image.shape[0]} image(s) for {len(segmentation)} segmentation(s): connect the "
                              "segmented image")
         size = tuple(image.shape[1:3])
@@ -87,6 +93,10 @@ class TridentInstances:
         masks = (torch.stack([torch.from_numpy(o.full_mask(size)) for o in objects]).float() if objects
                  else torch.zeros((1, *size)))
         segs = (size, [_seg(o, image, size, crop_factor) for o in objects])
+        if len({o.frame for o in objects}) > 1:
+            logging.warning("Trident Instances: the SEGS hold the objects of %d frames on one canvas; for each "
+                            "frame's own SEGS, feed the frames one at a time (e.g. through Image Batch to Image "
+                            "List)", image.shape[0])
         return masks.to(dev), segs, json.dumps([o.as_dict() for o in objects]), len(objects)
 
 

@@ -32,7 +32,11 @@ class ModelHandle:
 
 
 def images(image: torch.Tensor, name: str = "image") -> torch.Tensor:
-    """The IMAGE batch, refused when it holds no image (every output would be empty)."""
+    """The IMAGE batch, refused when it holds no image (every output would be empty) or is not laid out as ComfyUI's
+    [batch, height, width, channels] (a lone frame or a channels-first tensor would run as rows of gray images)."""
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"the '{name}' input has shape {list(image.shape)}, not an IMAGE batch [batch, height, width, "
+                         "channels] with 1, 3 or 4 channels: connect an IMAGE output (e.g. Load Image)")
     if image.shape[0] == 0:
         raise ValueError(f"the '{name}' input is an IMAGE batch of 0 images: connect a node that gives at least one "
                          "image (e.g. Load Image)")

@@ -175,6 +175,10 @@ class SpliceAggregate:
         clip, sam_model = window_features.clip.model, sam.model if config.uses_sam else None
 
         def one(wf: WindowFeatures, img: torch.Tensor, progress: object) -> tuple[FeatureMap, object]:
+            if tuple(img.shape[:2]) != tuple(wf.image_size):
+                raise ValueError(f"the image is {img.shape[1]}x{img.shape[0]} but the window features were made "
+                                 f"from a {wf.image_size[1]}x{wf.image_size[0]} image: connect the same image to "
+                                 "Window Features and Splice & Aggregate")
             encodings = encode_image(sam_model, img, config, progress)
             fm = compute_feature_map(wf, clip, sam_model, encodings, config, progress)
             return to_intermediate(fm), to_intermediate(encodings)

@@ -251,3 +251,24 @@ def test_class_files_skip_the_byte_order_mark_and_comment_lines(tmp_path):
     path.write_bytes(b"\xff\xfes\x00k\x00y\x00")  # UTF-16
     with pytest.raises(ValueError, match=f"class file {path} is not UTF-8 text"):
         read_class_file(str(path))
+
+
+def test_a_lone_frame_or_channels_first_tensor_is_no_image_batch(loaded, images):
+    """[H, W, C] (the batch dimension lost) or [B, C, H, W] would run as rows of gray images: refused."""
+    clip, dino, sam = loaded
+    for wrong in (images[0], images[:1].permute(0, 3, 1, 2)):
+        with pytest.raises(ValueError, match="not an IMAGE batch"):
+            run("TridentSegment", image=wrong, clip=clip, dino=dino, sam=sam, classes="sky", preset="default",
+                refine=False, sam_tiles="preset")
+
+
+def test_splice_names_the_image_that_differs_from_the_window_features(loaded, images):
+    clip, dino, sam = loaded
+    (wf,) = run("TridentWindowFeatures", image=images[:1], clip=clip, dino=dino, short_side=448, window=336,
+                stride=224)
+    h, w = images.shape[1:3]
+    with pytest.raises(ValueError, match=f"the image is {w - 2}x{h} but the window features were made from a "
+                                         f"{w}x{h} image"):
+        run("TridentSpliceAggregate", window_features=wf, sam=sam, image=images[:1, :, :w - 2],
+            correlation="affinity", paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2,
+            refine_neg_cos=True)

@@ -130,6 +130,30 @@ def test_instances_node_masks_json_and_segs():
         run("TridentInstances", segmentation=segs, image=image, classes="horse", min_area=6, crop_factor=2.0)
 
 
+def test_instances_node_crops_are_rgb_float_and_bad_images_are_refused():
+    """SEGS crops are ComfyUI IMAGEs whatever the input's channels and dtype; NaN, empty and wrongly laid out
+    IMAGEs are one clear error."""
+    classify, classes_mod = core("classify"), core("classes")
+    cl = classes_mod.parse_classes("person, sky", background="floor")
+    frame = random_labels(3, (32, 40), 3)
+    segs = [classify.Segmentation(torch.from_numpy(frame), torch.full((3, 32, 40), 0.5), torch.zeros(4, 3, 4), cl,
+                                  (32, 40))]
+    rgb = torch.rand(1, 32, 40, 3)
+    for image, expect in ((torch.cat([rgb, torch.ones(1, 32, 40, 1)], -1), rgb), (rgb[..., :1], rgb[..., :1]),
+                          (rgb.half(), rgb.half().float())):
+        seg_list = run("TridentInstances", segmentation=segs, image=image, classes="", min_area=6,
+                       crop_factor=2.0)[1][1]
+        assert seg_list
+        for seg in seg_list:
+            x1, y1, x2, y2 = seg.crop_region
+            assert seg.cropped_image.dtype == torch.float32 and seg.cropped_image.shape[-1] == 3
+            assert torch.equal(seg.cropped_image, expect[:, y1:y2, x1:x2].float().expand(-1, -1, -1, 3))
+    for image, message in ((torch.full((1, 32, 40, 3), float("nan")), "NaN"), (rgb[0], "not an IMAGE batch"),
+                           (rgb.permute(0, 3, 1, 2), "not an IMAGE batch"), (rgb[:0], "IMAGE batch of 0")):
+        with pytest.raises(ValueError, match=message):
+            run("TridentInstances", segmentation=segs, image=image, classes="", min_area=6, crop_factor=2.0)
+
+
 def test_cli_writes_one_mask_per_object_and_a_json(small_ckpts, photo, tmp_path, capsys):
     from PIL import Image
 
