@@ -44,7 +44,8 @@ class InspectFeatures:
         return {"required": {"feature_map": (T.FEATURE_MAP, {"tooltip": "From Trident Splice & Aggregate."})}}
 
     def inspect(self, feature_map: list) -> tuple[torch.Tensor]:
-        return _out([pca_rgb(fm.features, fm.image_size) for fm in T.items(feature_map, "feature map")])
+        return _out(each_image(lambda fm, _progress: pca_rgb(fm.features, fm.image_size),
+                               T.items(feature_map, "feature map")))
 
 
 class InspectClassProbability:
@@ -67,7 +68,8 @@ class InspectClassProbability:
         }}
 
     def inspect(self, segmentation: list, class_name: str, coarse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = [class_probability(seg, class_name, coarse) for seg in T.items(segmentation, "segmentation")]
+        probs = each_image(lambda seg, _progress: class_probability(seg, class_name, coarse),
+                           T.items(segmentation, "segmentation"))
         return _out([heat_rgb(p) for p in probs], [p.cpu() for p in probs])
 
 

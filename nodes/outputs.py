@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import numpy as np
 import torch
 
@@ -46,14 +48,16 @@ class SegmentationToMasks:
         dev = intermediate_device()
         # filled frame by frame: a batch of frames never holds its masks twice (a list and the stacked copy)
         unions = torch.empty((len(segmentation), *size), device=dev)
-        per_class = torch.empty((sum(len(seg.classes) for seg in segmentation), *size), device=dev)
-        row = 0
-        for b, seg in enumerate(segmentation):
+        first_rows = list(accumulate((len(seg.classes) for seg in segmentation), initial=0))
+        per_class = torch.empty((first_rows[-1], *size), device=dev)
+
+        def one(b: int, seg: object, row: int, _progress: object) -> None:
             union = masks_for(seg.labels, class_indices(seg.classes, classes))
             unions[b] = 1.0 - union if invert else union
             for k in range(len(seg.classes)):
-                per_class[row] = masks_for(seg.labels, [k])
-                row += 1
+                per_class[row + k] = masks_for(seg.labels, [k])
+
+        each_image(one, range(len(segmentation)), segmentation, first_rows[:-1])
         return unions, per_class
 
 

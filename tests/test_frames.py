@@ -162,3 +162,34 @@ def test_compact_labels_dtype_and_exact_probabilities(loaded, frames):
     assert (full.labels == -1).any() and torch.equal(small.labels.long(), full.labels)
     other = compact.compact(full, 30.0, 0.4)  # not the scale it was classified with: the map is stored
     assert other.stored_probs is not None and torch.allclose(other.probs, full.probs, rtol=1e-3, atol=1e-7)
+
+
+def test_light_batch_nodes_show_progress_and_honour_cancel_per_frame(monkeypatch):
+    """Segmentation to Masks, Inspect Class Probability and Inspect Features also go frame by frame through the
+    progress bar and the Cancel check (a long video's PCA can be stopped)."""
+    import sys
+
+    bridge = sys.modules[test_nodes.import_pack().__name__ + ".nodes.comfy_bridge"]
+    classify, classes_mod = core("classify"), core("classes")
+    fm_cls = core("aggregation").FeatureMap
+    cl = classes_mod.parse_classes("person, sky")
+    segs = [classify.Segmentation(torch.randint(0, 2, (12, 16)), torch.rand(2, 12, 16), torch.zeros(2, 3, 4), cl,
+                                  (12, 16)) for _ in range(3)]
+    maps = [fm_cls(torch.rand(8, 3, 4), (12, 16), "splice_then_segment", "affinity", (1, 1)) for _ in range(3)]
+    calls = {"TridentSegmentationToMasks": dict(segmentation=segs, classes="person", invert=False),
+             "TridentInspectClassProbability": dict(segmentation=segs, class_name="sky", coarse=False),
+             "TridentInspectFeatures": dict(feature_map=maps)}
+    for node, inputs in calls.items():
+        checks = []
+        monkeypatch.setattr(bridge, "check_interrupt", lambda checks=checks: checks.append(1))
+        out = run(node, **inputs)
+        assert len(checks) == 3 and out[0].shape[0] == 3, node
+
+        def cancel_second(count=[]):  # noqa: B006 (a counter across calls)
+            count.append(1)
+            if len(count) == 2:
+                raise InterruptedError
+
+        monkeypatch.setattr(bridge, "check_interrupt", cancel_second)
+        with pytest.raises(InterruptedError):
+            run(node, **inputs)
