@@ -120,6 +120,9 @@ class InspectPointAffinity:
         if len(encodings) != len(feature_map):
             raise ValueError(f"the sam_encoding holds {len(encodings)} image(s) but the feature map "
                              f"{len(feature_map)}: connect both outputs of the same Splice & Aggregate")
+        if sam_encoding is None and image is not None and image.shape[0] != len(feature_map):
+            raise ValueError(f"{image.shape[0]} image(s) for a feature map of {len(feature_map)}: connect the image "
+                             "that was segmented (the whole batch)")
         T.ready(sam)
         same_batch = image is not None and image.shape[0] == len(feature_map)
 

@@ -272,3 +272,10 @@ def test_splice_names_the_image_that_differs_from_the_window_features(loaded, im
         run("TridentSpliceAggregate", window_features=wf, sam=sam, image=images[:1, :, :w - 2],
             correlation="affinity", paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2,
             refine_neg_cos=True)
+
+
+def test_point_affinity_names_a_batch_mismatch(loaded, images):
+    fm, _ = _feature_map(loaded, images[:1], "segment_then_splice")
+    with pytest.raises(ValueError, match="2 image\\(s\\) for a feature map of 1"):
+        run("TridentInspectPointAffinity", feature_map=fm, sam=loaded[2], x=0.5, y=0.5, units="fraction",
+            correlation="affinity", cos_fac=1.2, refine_neg_cos=True, image=torch.cat([images[:1]] * 2))
