@@ -72,8 +72,6 @@ class TridentInstances:
     def split(self, segmentation: list, image: torch.Tensor, classes: str, min_area: int,
               crop_factor: float) -> tuple[torch.Tensor, tuple, str, int]:
         T.images(image)
-        if not torch.isfinite(image).all():
-            raise ValueError("the image contains NaN or infinite values: connect the image that was segmented")
         if image.shape[0] != len(T.items(segmentation, "segmentation")):
             raise ValueError(f"{image.shape[0]} image(s) for {len(segmentation)} segmentation(s): connect the "
                              "segmented image")

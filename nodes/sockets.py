@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..trident_core.classes import ClassList
+from ..trident_core.image import check_float_range
 from ..trident_core.models import ClipModel, DinoModel, SamModel
 from ..trident_core.window_features import WindowFeatures
 from .comfy_bridge import load_models
@@ -37,6 +38,10 @@ def images(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"the '{name}' input has shape {list(image.shape)}, not an IMAGE batch [batch, height, width, "
                          "channels] with 1, 3 or 4 channels: connect an IMAGE output (e.g. Load Image)")
+    if image.is_floating_point() and image.numel():  # the whole batch at once: frame k's fault is not met late
+        if not torch.isfinite(image).all():
+            raise ValueError(f"the '{name}' input contains NaN or infinite values: fix the node that made it")
+        check_float_range(float(image.max()))
     if image.shape[0] == 0:
         raise ValueError(f"the '{name}' input is an IMAGE batch of 0 images: connect a node that gives at least one "
                          "image (e.g. Load Image)")

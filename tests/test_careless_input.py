@@ -15,7 +15,7 @@ import test_nodes
 import torch
 from factory import small_sam_state
 from PIL import Image
-from test_nodes import run
+from test_nodes import core, run
 
 from trident_core import Params
 from trident_core.classes import read_class_file
@@ -279,3 +279,21 @@ def test_point_affinity_names_a_batch_mismatch(loaded, images):
     with pytest.raises(ValueError, match="2 image\\(s\\) for a feature map of 1"):
         run("TridentInspectPointAffinity", feature_map=fm, sam=loaded[2], x=0.5, y=0.5, units="fraction",
             correlation="affinity", cos_fac=1.2, refine_neg_cos=True, image=torch.cat([images[:1]] * 2))
+
+
+def test_image_batches_with_nan_or_0_to_255_values_are_refused_before_any_frame(loaded, images, monkeypatch):
+    """A NaN in the last frame, or floats in 0..255 (nearly white once clipped), are refused before the first
+    frame is segmented; a little overshoot above 1 is fine."""
+    clip, dino, sam = loaded
+    nan_last = images.clone()
+    nan_last[-1, 0, 0, 0] = float("nan")
+    pipeline = core("pipeline")
+    monkeypatch.setattr(pipeline.Trident, "segment", lambda *a, **k: pytest.fail("a frame was segmented"))
+    for bad, message in ((nan_last, "NaN"), (images[:2] * 255, "divide by 255")):
+        with pytest.raises(ValueError, match=message):
+            run("TridentSegment", image=bad, clip=clip, dino=dino, sam=sam, classes="sky", preset="default",
+                refine=False, sam_tiles="preset")
+    to_rgb = core("image").to_rgb_uint8
+    assert to_rgb(np.full((4, 4, 3), 1.2, np.float32)).max() == 255
+    with pytest.raises(ValueError, match="divide by 255"):
+        to_rgb(np.full((4, 4, 3), 200.0, np.float32))

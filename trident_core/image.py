@@ -19,6 +19,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 64_000_000
+FLOAT_PEAK = 2.0  # float images above this are taken for 0..255 ones (a little overshoot, e.g. from upscaling, is fine)
 
 
 class ImageError(ValueError):
@@ -59,6 +60,7 @@ def to_rgb_uint8(image: object) -> np.ndarray:
         if not np.isfinite(f).all():
             raise ImageError("the image contains NaN or infinite values")
         if np.issubdtype(arr.dtype, np.floating):
+            check_float_range(float(f.max(initial=0.0)))
             f = f * 255.0  # float images are 0..1 (ComfyUI's IMAGE)
         arr = np.clip(np.rint(f), 0, 255).astype(np.uint8)
     c = arr.shape[2]
@@ -67,6 +69,13 @@ def to_rgb_uint8(image: object) -> np.ndarray:
     elif c == 4:
         arr = arr[:, :, :3]
     return np.ascontiguousarray(arr)
+
+
+def check_float_range(peak: float) -> None:
+    """Refuse float pixel values far above 1: such an image is 0..255 (clipped to 0..1 it would be nearly white)."""
+    if peak > FLOAT_PEAK:
+        raise ImageError(f"float pixel values go up to {peak:.4g}, but float images are 0..1 (ComfyUI's IMAGE): "
+                         "divide by 255 first")
 
 
 def require_size(image: np.ndarray, size: tuple[int, int], what: str) -> None:
