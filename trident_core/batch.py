@@ -160,8 +160,10 @@ def _write(seg, image, job: ImageJob, dest: Destinations, key: str, settings: di
 
 def _remove_leftovers(dest: Destinations, job: ImageJob) -> None:
     """What a run killed while replacing this image's complete outputs left under temporary names."""
+    if dest.flat:  # (the single-image form removes its leftovers when it next writes)
+        return
     for final in (dest.folder(job), dest.npz_file(job)):
-        if final is not None and not dest.flat:
+        if final is not None:
             remove_partials(final)
 
 

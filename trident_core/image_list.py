@@ -66,17 +66,18 @@ def _walk(folder: Path, unreadable: list[OSError]) -> list[Path]:
     return files
 
 
-def _folder_images(folder: Path) -> list[tuple[Path, str | None]]:
-    """Image files under `folder` (recursively, sorted), without hidden files and earlier runs' outputs; a
-    sub-folder that cannot be listed comes as itself with the reason (reported and counted as skipped)."""
+def _folder_images(folder: Path) -> list[Found]:
+    """Image files under `folder` (recursively, sorted, named relative to it), without hidden files and earlier
+    runs' outputs; a sub-folder that cannot be listed comes as itself with the reason (reported and counted as
+    skipped)."""
     unreadable: list[OSError] = []
     found = sorted(p for p in _walk(folder, unreadable) if _is_image(p) and p.is_file() and not _hidden(p, folder)
                    and not _is_output(p))
     if not found and not unreadable:
         raise InputError(f"no images in folder {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} files, also in "
                          "sub-folders); give a folder that holds images")
-    return [(p, None) for p in found] + [
-        (_absolute(e.filename), f"cannot list the folder {e.filename} ({e.strerror}): its images are left out")
+    return [(p, folder, None) for p in found] + [
+        (_absolute(e.filename), folder, f"cannot list the folder {e.filename} ({e.strerror}): its images are left out")
         for e in unreadable if e.filename and not _hidden(_absolute(e.filename), folder)]
 
 
@@ -112,14 +113,15 @@ def _list_file(arg: str) -> list[Found]:
     except UnicodeDecodeError as e:
         raise InputError(f"image list {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
     lines = [ln.strip() for ln in text.splitlines()]
+    base = _absolute(path.parent)
     found = []
     for entry in (ln for ln in lines if ln and not ln.startswith("#")):
-        full = _absolute(path.parent / entry)
-        pattern = entry if os.path.isabs(entry) else os.path.join(glob.escape(str(_absolute(path.parent))), entry)
+        full = _absolute(base / entry)
+        pattern = entry if os.path.isabs(entry) else os.path.join(glob.escape(str(base)), entry)
         if full.is_dir():
-            found += [(p, full, error) for p, error in _folder_images(full)]
+            found += _folder_images(full)
         elif not full.exists() and _GLOB_CHARS & set(entry) and glob.glob(pattern, recursive=True):
-            found += _glob_images(pattern, _absolute(path.parent))
+            found += _glob_images(pattern, base)
         else:  # a file, or a missing one (a pattern matching nothing too): reported when read
             found.append((full, full.parent, None))
     if not found:
@@ -140,8 +142,7 @@ def gather(inputs: list[str]) -> tuple[list[ImageJob], bool]:
         if arg.startswith("@"):
             found += _list_file(arg)
         elif os.path.isdir(arg):
-            folder = _absolute(arg)
-            found += [(p, folder, error) for p, error in _folder_images(folder)]
+            found += _folder_images(_absolute(arg))
         elif os.path.isfile(arg):
             found.append((_absolute(arg), _absolute(arg).parent, None))
         elif _GLOB_CHARS & set(arg):

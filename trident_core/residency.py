@@ -67,7 +67,6 @@ def release(tensors: Iterable[torch.Tensor] | nn.Module) -> int:
     return done
 
 
-
 def trim_heap() -> bool:
     """Give the allocator's free heap pages back to the system (glibc's malloc_trim): a stage's freed activations
     are otherwise kept by the process and the next stage, whose blocks have other sizes, adds to them. Returns
