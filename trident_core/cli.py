@@ -16,6 +16,7 @@ from .classes import ClassList
 from .config import CORRELATIONS, MASK_PROMPT_MODES, PARADIGMS
 from .devices import PRECISIONS
 from .presets import PRESETS, get_preset
+from .video_run import add_video_arguments
 
 
 def _log(msg: str) -> None:
@@ -132,7 +133,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .image import to_rgb_uint8
     from .image_list import gather
     from .paths import require_output_file, require_output_folder
+    from .video_run import is_video_run, segment_video
 
+    if is_video_run(args):
+        return segment_video(args)
     out = Path(args.out) if args.out else None
     npz = Path(args.save_npz) if args.save_npz else None
     jobs, single = gather(args.images)
@@ -274,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                           "class but the background) under --out: instances/NNN_<class>.png and instances.json")
     seg.add_argument("--min-area", type=int, default=64, help="smallest object in pixels (default: %(default)s)")
     add_model_arguments(seg)
+    add_video_arguments(seg)
     seg.set_defaults(func=cmd_segment)
     ev = sub.add_parser("eval", help="mIoU on a benchmark's validation set (torchrun for several processes)")
     from .evaluation import add_eval_arguments

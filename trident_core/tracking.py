@@ -24,6 +24,7 @@ packed: memory grows with the objects' areas, never with full frames."""
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass, field
 
@@ -112,14 +113,19 @@ class Track:
     def masks(self, num_frames: int, size: tuple[int, int], region: Box | None = None) -> np.ndarray:
         """Its mask in every frame, bool [num_frames, H, W] (empty where it was not seen), or cut to `region`
         (x1, y1, x2, y2): [num_frames, y2 - y1, x2 - x1]."""
-        rx1, ry1, rx2, ry2 = region if region is not None else (0, 0, size[1], size[0])
-        out = np.zeros((num_frames, ry2 - ry1, rx2 - rx1), dtype=bool)
+        region = region or (0, 0, size[1], size[0])
+        out = np.zeros((num_frames, region[3] - region[1], region[2] - region[0]), dtype=bool)
         for o in self.observations:
-            x1, y1, x2, y2 = o.box
-            cx1, cy1, cx2, cy2 = max(x1, rx1), max(y1, ry1), min(x2, rx2), min(y2, ry2)
-            if cx1 < cx2 and cy1 < cy2:
-                out[o.frame, cy1 - ry1:cy2 - ry1, cx1 - rx1:cx2 - rx1] = o.mask()[cy1 - y1:cy2 - y1, cx1 - x1:cx2 - x1]
+            out[o.frame] = _paste(region, o.box, o.mask())
         return out
+
+    def mask(self, frame: int, size: tuple[int, int], region: Box | None = None) -> np.ndarray:
+        """Its mask in one frame, bool [H, W] (or cut to `region`), empty where it was not seen."""
+        region = region or (0, 0, size[1], size[0])
+        i = bisect.bisect_left([o.frame for o in self.observations], frame)
+        if i < len(self.observations) and self.observations[i].frame == frame:
+            return _paste(region, self.observations[i].box, self.observations[i].mask())
+        return np.zeros((region[3] - region[1], region[2] - region[0]), dtype=bool)
 
     def as_dict(self) -> dict:
         """JSON-ready: id, class, class_index, first and last frame, confidence and each frame's box, area and

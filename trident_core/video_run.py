@@ -1,0 +1,234 @@
+"""`segment` on a video clip: `python -m trident_core segment clip.mp4 --classes "horse, grass" --out DIR`.
+
+The frames are read, segmented and written one at a time (memory stays flat in the clip's length): the optical
+flow between consecutive frames serves the temporal smoothing (`--smooth`) and the object tracker
+(`--instances`). Written into --out, each under a temporary name until complete:
+- `overlay.mp4`: the colour label map over the frames; `masks/NNN_<class>.mp4`: one mask video per class;
+- with --instances: `instances/NNN_<class>.mp4` (NNN the object's id) one mask video per tracked object,
+  `tracks.json` (tracking.Track.as_dict per object) and `tracks.mp4` (each object in its colour with its id);
+- with --png-frames: each mask video's frames as PNGs too, in a folder beside it (`masks/NNN_<class>/000000.png`);
+- `trident.json` last: the settings and the names this run wrote. A name already in --out is replaced only
+  when the marker there lists it (an earlier run's output); anything else there is left alone or refused."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import partial_name, remove_partials, replace_folder, write_atomic
+from .outputs import MARKER, file_part
+from .video_io import FOLDER_FPS, FrameFolder, VideoWriter, is_clip, open_clip
+
+OVERLAY_VIDEO, MASKS, INSTANCES, TRACKS_JSON, TRACKS_VIDEO = ("overlay.mp4", "masks", "instances", "tracks.json",
+                                                              "tracks.mp4")
+
+
+def add_video_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of a clip run (`segment` takes a video file, or a folder of frames with --video)."""
+    from .temporal import MAX_STRENGTH
+    from .tracking import DEFAULT_MAX_GAP
+
+    ap.add_argument("--video", action="store_true",
+                    help="take the folder given as IMAGE as one clip (its frames in natural order), not as images")
+    ap.add_argument("--smooth", type=float, default=0.0,
+                    help=f"clips: temporal smoothing of the class probabilities, 0 (off) to {MAX_STRENGTH}; steadier "
+                         "labels, a few frames' lag on fast changes (default: %(default)s)")
+    ap.add_argument("--max-gap", type=int, default=DEFAULT_MAX_GAP,
+                    help="clips with --instances: frames an object may be missing and keep its id (default: "
+                         "%(default)s)")
+    ap.add_argument("--png-frames", action="store_true", help="clips: the mask videos' frames as PNG files too")
+    ap.add_argument("--fps", type=float, help=f"frame rate of a folder clip's videos (default {FOLDER_FPS:g})")
+
+
+def is_video_run(args: argparse.Namespace) -> bool:
+    """Whether the arguments name a clip: --video, or one video file / animated GIF or WebP."""
+    return bool(args.video) or (len(args.images) == 1 and is_clip(args.images[0]))
+
+
+def _check_args(args: argparse.Namespace) -> Path:
+    """The clip's path, once the options that do not fit a clip are refused (before anything loads)."""
+    from .temporal import check_strength
+    from .tracking import check_max_gap
+
+    if len(args.images) != 1:
+        raise ValueError(f"a clip run takes one video file or folder of frames, got {len(args.images)} inputs: "
+                         "segment each clip with its own command")
+    path = Path(args.images[0])
+    if args.video and not path.is_dir():
+        raise ValueError(f"--video takes a folder of frames; {path} is not a folder (give a video file without "
+                         "--video)")
+    if args.save_npz:
+        raise ValueError("--save-npz is for images; a clip's outputs go to --out")
+    if not args.out:
+        raise ValueError("a clip's outputs go to a folder: give --out DIR")
+    check_strength(args.smooth)
+    check_max_gap(args.max_gap)
+    if args.fps is not None and not (0 < args.fps <= 1000):
+        raise ValueError(f"--fps must be a frame rate above 0 and at most 1000, not {args.fps}")
+    return path
+
+
+def _marker(out: Path) -> dict:
+    """The marker an earlier run left in `out` ({} when there is none or it cannot be read)."""
+    try:
+        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _check_names(out: Path, names: list[str]) -> list[str]:
+    """Refuse when a name this run writes is in `out` but is not an earlier run's output (its marker lists it);
+    return the earlier run's names this run does not write again (to remove at the end)."""
+    marker = _marker(out)
+    if (out / MARKER).exists() and not isinstance(marker.get("files"), list):
+        raise ValueError(f"--out {out} holds the outputs of an image run (its {MARKER}): give a clip its own --out")
+    ours = [n for n in marker.get("files", []) if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")]
+    for name in names:
+        if (out / name).exists() and name not in ours:
+            raise ValueError(f"--out {out} already holds {name}, which no earlier clip run wrote there: choose a new "
+                             "or empty --out (nothing of yours is replaced)")
+    return [n for n in ours if n not in names and n != MARKER]
+
+
+class _ClipWriters:
+    """The streamed outputs of a clip: overlay video, a mask video per class (and PNG frames), tracked preview."""
+
+    def __init__(self, out: Path, names: list[str], fps: float, size: tuple[int, int], png: bool,
+                 tracks: bool) -> None:
+        self.out, self.fps, self.size, self.png = out, fps, size, png
+        self.instances_tmp: Path | None = None
+        remove_partials(out / MASKS)
+        self.masks_tmp = partial_name(out / MASKS)
+        self.masks_tmp.mkdir(parents=True)
+        self.items: list = [VideoWriter(out / OVERLAY_VIDEO, fps, size)]
+        self.tracks = VideoWriter(out / TRACKS_VIDEO, fps, size) if tracks else None
+        if self.tracks:
+            self.items.append(self.tracks)
+        self.masks = [self._mask_outputs(self.masks_tmp, f"{i:03d}_{file_part(n)}") for i, n in enumerate(names)]
+
+    def _mask_outputs(self, folder: Path, stem: str) -> list:
+        outs = [VideoWriter(folder / f"{stem}.mp4", self.fps, self.size, color=False)]
+        if self.png:
+            outs.append(FrameFolder(folder / stem))
+        self.items += outs
+        return outs
+
+    def write(self, image: np.ndarray, labels: np.ndarray, names: list[str], objects: list | None) -> None:
+        from .render import color_labels, overlay, render_tracks
+
+        self.items[0].write(overlay(image, color_labels(labels, len(names))))
+        for k, outs in enumerate(self.masks):
+            mask = ((labels == k) * 255).astype(np.uint8)
+            for o in outs:
+                o.write(mask)
+        if self.tracks is not None:
+            self.tracks.write(render_tracks(image, objects))
+
+    def write_objects(self, result) -> None:
+        """One mask video (and PNG frames) per tracked object, a track at a time, a frame at a time."""
+        remove_partials(self.out / INSTANCES)
+        tmp = partial_name(self.out / INSTANCES)
+        tmp.mkdir(parents=True)
+        self.instances_tmp = tmp
+        for t in result.tracks:
+            outs = self._mask_outputs(tmp, f"{t.id:03d}_{file_part(t.class_name)}")
+            for k in range(result.num_frames):
+                mask = t.mask(k, result.size).astype(np.uint8) * 255
+                for o in outs:
+                    o.write(mask)
+            for o in outs:
+                o.close()
+                self.items.remove(o)
+
+    def close(self) -> None:
+        for o in self.items:
+            o.close()
+        self.items = []
+        replace_folder(self.masks_tmp, self.out / MASKS)
+        if self.instances_tmp is not None:
+            replace_folder(self.instances_tmp, self.out / INSTANCES)
+
+    def abort(self) -> None:
+        for o in self.items:
+            o.abort()
+        shutil.rmtree(self.masks_tmp, ignore_errors=True)
+        if self.instances_tmp is not None:
+            shutil.rmtree(self.instances_tmp, ignore_errors=True)
+
+
+def segment_video(args: argparse.Namespace) -> int:
+    """Segment a clip frame by frame and write its outputs (see the module's docstring)."""
+    from .batch import ProgressBar, settings_key
+    from .cli import _settings, build_trident, classes_from_args, params_from_args, release_text_tower
+    from .flow import FlowStream
+    from .instances import check_min_area, object_classes
+    from .paths import require_output_folder
+    from .temporal import TemporalSmoother
+    from .tracking import ObjectTracker
+
+    path = _check_args(args)
+    clip = open_clip(path, args.fps or FOLDER_FPS)  # an unreadable clip is an error before the models load
+    out = Path(args.out)
+    require_output_folder(out, "--out")
+    classes = classes_from_args(args)
+    params = params_from_args(args)
+    wanted = object_classes(classes, args.instances) if args.instances is not None else None
+    min_area = check_min_area(args.min_area)
+    names = [OVERLAY_VIDEO, MASKS] + ([INSTANCES, TRACKS_JSON, TRACKS_VIDEO] if wanted is not None else [])
+    stale = _check_names(out, names)
+    tr = build_trident(args, params)
+    tr.text(classes)
+    release_text_tower(tr.clip)
+    tr.release_weights = True  # the peak holds one stage's weights (residency.py)
+    settings = _settings(tr, classes, params) | {
+        "clip": os.fspath(path), "smooth": args.smooth, "png_frames": bool(args.png_frames),
+        **({"instances": args.instances, "min_area": min_area, "max_gap": args.max_gap} if wanted is not None
+           else {})}
+    write_atomic(out / MARKER, _marker_bytes("", settings, names))  # incomplete until rewritten at the end
+    smoother = TemporalSmoother(args.smooth, params.classification.prob_thd)
+    tracker = ObjectTracker(wanted, classes.names, min_area, args.max_gap) if wanted is not None else None
+    flows = FlowStream() if tracker is not None or args.smooth else None
+    writers = _ClipWriters(out, classes.names, clip.fps, clip.size, args.png_frames, tracker is not None)
+    bar = ProgressBar(max(clip.frames, 1), "video")
+    t0 = time.perf_counter()
+    frames = 0
+    try:
+        for frames, frame in enumerate(clip, 1):
+            flow = flows.push(frame) if flows is not None else None
+            seg = tr.segment(frame, classes, params, after_classify=lambda s, f=flow: smoother(s, f))
+            labels = seg.labels.cpu().numpy()
+            objects = tracker.push(labels, seg.probs, flow) if tracker is not None else None
+            writers.write(frame, labels, classes.names, objects)
+            del seg
+            bar.total = max(bar.total, frames)
+            bar.update(frames, frames, f"frame {frames - 1}")
+        bar.close()
+        if tracker is not None:
+            result = tracker.result()
+            writers.write_objects(result)
+            write_atomic(out / TRACKS_JSON, result.to_json().encode())
+        writers.close()
+    except BaseException:
+        writers.abort()
+        raise
+    for name in stale:  # an earlier run's outputs that this run does not make (e.g. instances without it)
+        shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    write_atomic(out / MARKER, _marker_bytes(settings_key(settings), settings | {"frames": frames}, names))
+    print(f"{frames} frames segmented in {time.perf_counter() - t0:.1f}s"
+          + (f", {len(result.tracks)} objects tracked" if tracker is not None else "") + f" -> {out}",
+          file=sys.stderr, flush=True)
+    return 0
+
+
+def _marker_bytes(key: str, settings: dict, names: list[str]) -> bytes:
+    """The clip folder's marker: the outputs' key (empty while incomplete), settings and the names written."""
+    return json.dumps({"key": key, "settings": settings, "files": [*names, MARKER]}, indent=1,
+                      sort_keys=True).encode()
