@@ -27,7 +27,7 @@ def track(scene: Scene, max_gap: int = DEFAULT_MAX_GAP, probs: bool = False):
     per_frame = []
     for image, labels, _ in frames:
         p = torch.from_numpy(np.stack([labels == k for k in range(4)]).astype(np.float32) * 0.9) if probs else None
-        objects = tracker.push(labels, p, stream.push(image))
+        objects = tracker.push(labels, p, stream.push(image), image)
         masks = {}
         for tid, obs in objects:
             m = np.zeros(labels.shape, bool)
@@ -158,7 +158,8 @@ def test_the_result_is_a_snapshot():
 def test_preview_colours_each_object_by_its_id():
     frames, result, per_frame = track(scenes()["crossing"])
     image = frames[5][0]
-    objects = [(t.id, o) for t in result.tracks for o in t.observations if o.frame == 5]
+    objects = result.frame_objects(5)
+    assert [tid for tid, _ in objects] == sorted(per_frame[5])
     out = render_tracks(image, objects)
     assert out.shape == image.shape and out.dtype == np.uint8
     for tid, obs in objects:
@@ -180,6 +181,8 @@ def test_bad_settings_and_frames_are_refused():
     tracker.push(np.zeros((8, 10), np.int64))
     with pytest.raises(ValueError, match="one size"):
         tracker.push(np.zeros((8, 12), np.int64))
+    with pytest.raises(ValueError, match="give the segmented frame"):
+        tracker.push(np.zeros((8, 10), np.int64), None, None, np.zeros((8, 11, 3), np.uint8))
     stream = FlowStream()
     stream.push(np.zeros((6, 6, 3), np.uint8))
     with pytest.raises(ValueError, match="flow"):

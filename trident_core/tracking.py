@@ -122,10 +122,15 @@ class Track:
     def mask(self, frame: int, size: tuple[int, int], region: Box | None = None) -> np.ndarray:
         """Its mask in one frame, bool [H, W] (or cut to `region`), empty where it was not seen."""
         region = region or (0, 0, size[1], size[0])
+        obs = self.at(frame)
+        if obs is None:
+            return np.zeros((region[3] - region[1], region[2] - region[0]), dtype=bool)
+        return _paste(region, obs.box, obs.mask())
+
+    def at(self, frame: int) -> Observation | None:
+        """Its observation in `frame`, or None when it was not seen there."""
         i = bisect.bisect_left([o.frame for o in self.observations], frame)
-        if i < len(self.observations) and self.observations[i].frame == frame:
-            return _paste(region, self.observations[i].box, self.observations[i].mask())
-        return np.zeros((region[3] - region[1], region[2] - region[0]), dtype=bool)
+        return self.observations[i] if i < len(self.observations) and self.observations[i].frame == frame else None
 
     def as_dict(self) -> dict:
         """JSON-ready: id, class, class_index, first and last frame, confidence and each frame's box, area and
@@ -146,6 +151,10 @@ class TrackedObjects:
     def to_json(self) -> str:
         return json.dumps([t.as_dict() for t in self.tracks], indent=1)
 
+    def frame_objects(self, frame: int) -> list[tuple[int, Observation]]:
+        """The objects seen in one frame as (id, observation), by id (what render.render_tracks draws)."""
+        return [(t.id, t.at(frame)) for t in self.tracks if t.at(frame) is not None]
+
 
 @dataclass(eq=False)
 class _Live:
@@ -158,6 +167,7 @@ class _Live:
     last: Observation | None = None
     last_whole: bool = True  # the last observation was whole objects, not a share of a merged region
     template: Observation | None = None  # its full shape: the last whole observation not cut down by an occluder
+    look: np.ndarray | None = None  # the frame's pixels (RGB) in the template's box
     areas: list[tuple[int, int]] = field(default_factory=list)  # (frame, area) of its recent whole observations
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(2))
     moved: bool = False  # velocity measured at least once
@@ -203,7 +213,7 @@ class _Prediction:
 def _paste(canvas_box: Box, box: Box, values: np.ndarray, fill: float = 0) -> np.ndarray:
     """`values` (placed at `box`) on a canvas covering `canvas_box`, `fill` elsewhere."""
     cx1, cy1, cx2, cy2 = canvas_box
-    out = np.full((cy2 - cy1, cx2 - cx1), fill, dtype=values.dtype)
+    out = np.full((cy2 - cy1, cx2 - cx1, *values.shape[2:]), fill, dtype=values.dtype)
     x1, y1, x2, y2 = max(box[0], cx1), max(box[1], cy1), min(box[2], cx2), min(box[3], cy2)
     if x1 < x2 and y1 < y2:
         out[y1 - cy1:y2 - cy1, x1 - cx1:x2 - cx1] = values[y1 - box[1]:y2 - box[1], x1 - box[0]:x2 - box[0]]
@@ -256,11 +266,13 @@ class ObjectTracker:
         self._live: list[_Live] = []
         self._done: list[_Live] = []
         self._next_id = 1
+        self._image: np.ndarray | None = None  # the frame being taken
 
     def push(self, labels: torch.Tensor | np.ndarray, probs: torch.Tensor | None = None,
-             flow: Flow | None = None) -> list[tuple[int, Observation]]:
-        """Take the next frame's label map [H, W] (its class probabilities [C, H, W] for the confidences, and the
-        flow from the previous frame, None on the first); return its objects as (track id, observation) by id."""
+             flow: Flow | None = None, image: np.ndarray | None = None) -> list[tuple[int, Observation]]:
+        """Take the next frame's label map [H, W] (its class probabilities [C, H, W] for the confidences, the flow
+        from the previous frame, None on the first, and the frame itself, RGB uint8, whose colours decide which of
+        two merged objects a pixel shows); return its objects as (track id, observation) by id."""
         lab = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
         if self.size is None:
             self.size = lab.shape
@@ -270,6 +282,10 @@ class ObjectTracker:
         if flow is not None and tuple(flow.size) != lab.shape:
             raise ValueError(f"the flow is {flow.size[1]}x{flow.size[0]}, frame {self.frames} {lab.shape[1]}x"
                              f"{lab.shape[0]}: give the flow between this clip's frames")
+        if image is not None and image.shape[:2] != lab.shape:
+            raise ValueError(f"frame {self.frames} is {image.shape[1]}x{image.shape[0]}, its labels {lab.shape[1]}x"
+                             f"{lab.shape[0]}: give the segmented frame")
+        self._image = image
         frame = self.frames
         dets = find_instances(lab, self.classes, self.class_names, self.min_area, probs, frame=frame)
         preds = {id(t): self._predict(t, flow) for t in self._live}
@@ -297,6 +313,7 @@ class ObjectTracker:
                 self._update(t, obs, True, False, flow)
                 out.append((t.id, obs))
         self.frames += 1
+        self._image = None
         return sorted(out, key=lambda pair: pair[0])
 
     def result(self) -> TrackedObjects:
@@ -392,7 +409,7 @@ class ObjectTracker:
             if len(tids) == 1:
                 pieces[tids[0]] = [(j, None)]
                 continue
-            parts = self._split(dets[j], [preds[tid] for tid in tids], tids)
+            parts = self._split(dets[j], [by_id[tid] for tid in tids], [preds[tid] for tid in tids])
             pieces.update({tid: [(j, part)] for tid, part in parts.items()})
             hidden.update(tid for tid in tids if tid not in parts)
         split_ok = {id(t) for t in live if t.split_run < self.max_gap}
@@ -404,7 +421,7 @@ class ObjectTracker:
                      pieces)
         return pieces, hidden
 
-    def _split(self, det: Instance, preds: list[_Prediction], tids: list[int]) -> dict[int, np.ndarray]:
+    def _split(self, det: Instance, tracks: list[_Live], preds: list[_Prediction]) -> dict[int, np.ndarray]:
         """A merged object's pixels shared out (see the module's docstring); parts under min_area go to the
         largest part. Tracks left with nothing are not in the result."""
         canvas = _union(det.box, *(p.box for p in preds))
@@ -415,13 +432,28 @@ class ObjectTracker:
             dist = np.stack([cv2.distanceTransform((~_paste(canvas, p.box, p.mask)).astype(np.uint8), cv2.DIST_L2, 3)
                              for p in preds])
             owner = np.where(unowned, dist.argmin(axis=0), owner)
+        if self._image is not None and all(t.look is not None for t in tracks):
+            cost = np.stack([self._look_cost(t, canvas) for t in tracks])
+            owner = np.where(np.isfinite(cost.min(axis=0)), cost.argmin(axis=0), owner)
         owner = _paste(det.box, canvas, owner.astype(np.int32), -1)
-        parts = {tid: det.mask & (owner == i) for i, tid in enumerate(tids)}
+        parts = {id(t): det.mask & (owner == i) for i, t in enumerate(tracks)}
         largest = max(parts, key=lambda tid: parts[tid].sum())
         for tid in list(parts):
             if tid != largest and parts[tid].sum() < self.min_area:
                 parts[largest] |= parts.pop(tid)
         return parts
+
+    def _look_cost(self, t: _Live, canvas: Box) -> np.ndarray:
+        """Per pixel of `canvas`, how far the frame's colours are from the track's looks where its coasting mask
+        lies (mean absolute difference over 5x5 pixels), infinite elsewhere."""
+        moved = self._coasted_box(t)
+        inside = _paste(canvas, moved, t.template.mask())
+        look = _paste(canvas, moved, t.look).astype(np.float32)
+        x1, y1, x2, y2 = canvas
+        diff = np.abs(self._image[y1:y2, x1:x2].astype(np.float32) - look).sum(axis=2) * inside
+        weight = cv2.blur(inside.astype(np.float32), (5, 5))
+        mean = cv2.blur(diff, (5, 5)) / np.maximum(weight, 1e-6)
+        return np.where(inside, mean, np.inf)
 
     def _refind(self, dets: list[Instance], lost: list[_Live], pieces: dict) -> None:
         """Objects left over taken by missed tracks of their class that should be near them."""
@@ -480,6 +512,8 @@ class ObjectTracker:
             if (t.template is None or obs.area >= CUT * max(a for _, a in t.areas)
                     or obs.frame - t.template.frame > 2 * self.max_gap + 1):
                 t.template = obs
+                x1, y1, x2, y2 = obs.box
+                t.look = self._image[y1:y2, x1:x2].copy() if self._image is not None else None
 
     @staticmethod
     def _motion(obs: Observation, flow: Flow) -> np.ndarray:

@@ -205,7 +205,7 @@ def segment_video(args: argparse.Namespace) -> int:
             flow = flows.push(frame) if flows is not None else None
             seg = tr.segment(frame, classes, params, after_classify=lambda s, f=flow: smoother(s, f))
             labels = seg.labels.cpu().numpy()
-            objects = tracker.push(labels, seg.probs, flow) if tracker is not None else None
+            objects = tracker.push(labels, seg.probs, flow, frame) if tracker is not None else None
             writers.write(frame, labels, classes.names, objects)
             del seg
             bar.total = max(bar.total, frames)
