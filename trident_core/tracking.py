@@ -2,21 +2,23 @@
 matched to the previous frames' objects of the same class by their overlap after motion compensation.
 
 Feed the frames in order (`ObjectTracker.push`), each with its label map, optionally its class probabilities (for
-the confidences) and the flow from the previous frame (flow.py). Per frame:
+the confidences), the flow from the previous frame (flow.py) and the frame itself (its colours). Per frame:
 1. each live track predicts where it is: its last mask carried along the dense flow (pixels the flow cannot
-   vouch for, occluded or disoccluded, left out); a track that was missed, or last seen only as a share of a
-   merged region, also coasts: its last whole mask moved by its own velocity (the median flow over it);
+   vouch for, occluded or disoccluded, left out), and its full shape coasting: its last whole mask not cut down
+   by an occluder, moved by its own velocity (the median flow over its inside while its area is steady);
 2. tracks and the frame's objects are paired one to one, best overlap (IoU) first;
 3. a track left without an object whose prediction lies mostly inside an object another track took (two objects
-   of one class crossing: their regions merge) shares it: each pixel goes to the track whose flow-carried mask
-   holds it, else to the one whose coasting mask does, else to the nearest prediction; so the hidden one of the
-   two coasts behind the other and is found again where it comes out. A share that lasts more than `max_gap`
-   frames between tracks that moved alike before it is given to the best-overlapping track alone (two parts of
-   one object, reunited);
-4. an object still left is taken by a track missed for at most `max_gap` frames when it lies near where that
+   of one class crossing: their regions merge) shares it: each pixel goes to the track whose colours it matches
+   (its template's, coasted along; without the frame, whose flow-carried mask holds it), so the hidden one of the
+   two, left with nothing, coasts behind the other and is found again where it comes out. A share that lasts
+   more than `max_gap` frames between tracks that moved alike before it is given to one track (two parts of one
+   object, reunited);
+4. an object left over lying mostly inside a paired track's prediction joins it (an occluder cut the object in
+   two), for at most `max_gap` frames in a row;
+5. an object still left is taken by a track missed for at most `max_gap` frames when it lies near where that
    track should be (its coasting box, held inside the frame, or where it was last seen: an object that left
    the frame and comes back);
-5. any other object starts a new track. Ids are 1, 2, ... in order of first appearance (within a frame, in
+6. any other object starts a new track. Ids are 1, 2, ... in order of first appearance (within a frame, in
    find_instances' order), so on a single frame the tracks are find_instances' objects in its order.
 
 Each track keeps, per frame where it was seen, its box, area, confidence and its mask cropped to the box, bit-
@@ -220,6 +222,10 @@ def _paste(canvas_box: Box, box: Box, values: np.ndarray, fill: float = 0) -> np
     return out
 
 
+def _meet(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def _union(*boxes: Box) -> Box:
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
@@ -380,13 +386,13 @@ class ObjectTracker:
         overlap, fit = {}, {}
         for t in live:
             p = preds[id(t)]
-            pm = p.mask
+            pm, hyps = p.mask, p.hypotheses
             for j, d in enumerate(dets):
-                if d.class_index == t.class_index:
+                if d.class_index == t.class_index and _meet(d.box, p.box):
                     o = int((_paste(d.box, p.box, pm) & d.mask).sum())
                     if o:
                         overlap[id(t), j] = (o, int(pm.sum()), d.area)
-                        fit[id(t), j] = max(_fit(_paste(d.box, p.box, h) & d.mask, h, d.area) for h in p.hypotheses)
+                        fit[id(t), j] = max(_fit(_paste(d.box, p.box, h) & d.mask, h, d.area) for h in hyps)
         owner: dict[int, int] = {}  # object -> track
         for (tid, j), score in sorted(fit.items(), key=lambda kv: -kv[1]):
             if score > 0 and tid not in owner.values() and j not in owner:
