@@ -87,10 +87,12 @@ def render_tracks(image: np.ndarray, objects: list, alpha: float = 0.5) -> np.nd
         x1, y1, x2, y2 = obs.box
         crop, mask = out[y1:y2, x1:x2], obs.mask()
         crop[mask] = overlay(crop[mask], np.broadcast_to(track_color(track_id), crop[mask].shape), alpha)
+    scale = max(0.45, min(image.shape[:2]) / 700)  # readable on a small frame, in proportion on a large one
+    thick = max(1, round(scale * 2))
     for track_id, obs in objects:  # the numbers over every object's colour
         x1, y1 = obs.box[:2]
-        text, org = str(track_id), (x1 + 1, y1 + 13)
-        cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, 0.45, tuple(int(c) for c in track_color(track_id)), 1,
-                    cv2.LINE_AA)
+        text, org = str(track_id), (x1 + 1, y1 + round(13 * scale / 0.45))
+        cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
+        cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, tuple(int(c) for c in track_color(track_id)),
+                    thick, cv2.LINE_AA)
     return out
