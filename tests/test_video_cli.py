@@ -134,3 +134,9 @@ def test_a_frame_of_another_size_stops_the_run_without_outputs(small_ckpts, clip
     marker = json.loads((out / "trident.json").read_text())
     assert marker["key"] == ""  # incomplete
     assert [p.name for p in out.iterdir()] == ["trident.json"]
+    (out / "instances").mkdir()  # as if an earlier run had made it: a failed run keeps it listed as its own
+    marker["files"].append("instances")
+    (out / "trident.json").write_text(json.dumps(marker))
+    assert main(["segment", str(frames), "--video", "--classes", CLASSES, "--out", str(out),
+                 *models(small_ckpts)]) == 2
+    assert "instances" in json.loads((out / "trident.json").read_text())["files"]

@@ -192,7 +192,7 @@ def segment_video(args: argparse.Namespace) -> int:
         "clip": os.fspath(path), "smooth": args.smooth, "png_frames": bool(args.png_frames),
         **({"instances": args.instances, "min_area": min_area, "max_gap": args.max_gap} if wanted is not None
            else {})}
-    write_atomic(out / MARKER, _marker_bytes("", settings, names))  # incomplete until rewritten at the end
+    write_atomic(out / MARKER, _marker_bytes("", settings, names + stale))  # incomplete until the end
     smoother = TemporalSmoother(args.smooth, params.classification.prob_thd)
     tracker = ObjectTracker(wanted, classes.names, min_area, args.max_gap) if wanted is not None else None
     flows = FlowStream() if tracker is not None or args.smooth else None
