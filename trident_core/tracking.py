@@ -40,7 +40,7 @@ from .instances import Box, Instance, check_min_area, crop_region, find_instance
 DEFAULT_MAX_GAP = 8
 MAX_GAP_LIMIT = 10_000
 MIN_IOU = 0.1  # a pairing below it must still cover half of the smaller of the two
-SHARE_COVER = 0.5  # a track joins a merged region holding at least this share of its prediction
+SHARE_COVER = 0.5  # a track joins a merged region holding at least this share of one of its predictions
 MOTION_SAMPLES = 2048  # mask pixels whose flow gives a track's velocity
 STEADY = 0.1  # the velocity is measured while the area changes less than this from frame to frame (no occluder)
 SAME_MOTION = 1.0  # pixels per frame: tracks moving alike within this are parts of one object when they merge
@@ -383,7 +383,7 @@ class ObjectTracker:
         """Per track (by id()), its pieces: (object index, None) for a whole object, (object index, mask in the
         object's box) for its share of a merged one; and the tracks hidden inside a merged object (no share)."""
         live = [t for t in self._live if preds[id(t)] is not None]
-        overlap, fit = {}, {}
+        overlap, fit, cover = {}, {}, {}
         for t in live:
             p = preds[id(t)]
             pm, hyps = p.mask, p.hypotheses
@@ -391,8 +391,10 @@ class ObjectTracker:
                 if d.class_index == t.class_index and _meet(d.box, p.box):
                     o = int((_paste(d.box, p.box, pm) & d.mask).sum())
                     if o:
+                        inside = [_paste(d.box, p.box, h) & d.mask for h in hyps]
                         overlap[id(t), j] = (o, int(pm.sum()), d.area)
-                        fit[id(t), j] = max(_fit(_paste(d.box, p.box, h) & d.mask, h, d.area) for h in hyps)
+                        fit[id(t), j] = max(_fit(i, h, d.area) for i, h in zip(inside, hyps))
+                        cover[id(t), j] = max(int(i.sum()) / max(int(h.sum()), 1) for i, h in zip(inside, hyps))
         owner: dict[int, int] = {}  # object -> track
         for (tid, j), score in sorted(fit.items(), key=lambda kv: -kv[1]):
             if score > 0 and tid not in owner.values() and j not in owner:
@@ -402,7 +404,7 @@ class ObjectTracker:
         for t in live:
             if id(t) in owner.values() or not (t.missed == 0 or not t.last_whole):
                 continue
-            cands = [(o / pa, j) for (tid, j), (o, pa, _da) in overlap.items() if tid == id(t) and j in owner]
+            cands = [(c, j) for (tid, j), c in cover.items() if tid == id(t) and j in owner]
             if not cands or max(cands)[0] < SHARE_COVER:
                 continue
             j = max(cands)[1]
