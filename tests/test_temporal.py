@@ -213,3 +213,23 @@ def test_bad_settings_and_inputs_are_refused():
     refined = Segmentation(seg.labels, seg.probs, seg.grid_logits, classes, seg.image_size, seg.labels, seg.probs)
     with pytest.raises(ValueError, match="before SAM refinement"):
         sm(refined, translation_flow((72, 96), 0, 0))
+
+
+def test_segment_hands_the_classification_to_the_hook_before_refinement(small_trident):
+    """Trident.segment's after_classify sees the classification and what it returns is what SAM refines."""
+    from trident_core.config import Params
+
+    image = photo(48, 64)
+    seen = []
+
+    def hook(seg):
+        seen.append(seg)
+        probs = torch.zeros_like(seg.probs)
+        probs[1] = 1  # every pixel "b"
+        return Segmentation(torch.ones_like(seg.labels), probs, seg.grid_logits, seg.classes, seg.image_size)
+
+    fast = Params().update(paradigm="segment_then_splice", short_side=32)
+    out = small_trident.segment(image, "a, b", fast, after_classify=hook)
+    assert len(seen) == 1 and not seen[0].refined and (out.labels == 1).all()
+    refined = small_trident.segment(image, "a, b", fast.update(refine=True), after_classify=hook)
+    assert refined.refined and (refined.labels_coarse == 1).all()
