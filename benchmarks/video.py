@@ -47,7 +47,8 @@ FLICKER_RATIO, TIME_SHARE, MEMORY_MB = 1 / 3, 0.10, 150.0
 
 
 def clip_files(count: int) -> list[Path]:
-    """`count` of the package's 350x350 clips with at least 37 frames, spread evenly over their sorted names."""
+    """`count` of the package's 350x350 clips with at least 37 frames, spread evenly over their sorted names (all
+    of them for 0)."""
     from importlib import resources
 
     from PIL import Image
@@ -63,6 +64,8 @@ def clip_files(count: int) -> list[Path]:
                 found.append(path)
     if len(found) < count:
         raise SystemExit(f"only {len(found)} clips of 350x350 with 37 frames or more")
+    if not count:
+        return found
     step = len(found) / count
     return [found[int(i * step)] for i in range(count)]
 
@@ -91,7 +94,10 @@ def tracking_measure(max_gap: int) -> dict:
             per_frame.append({tid: _full(obs, labels.shape) for tid, obs in objects})
         truth = [t for *_, t in frames]
         m = identity_measure(truth, per_frame, 20)
-        rows[name] = {**m, "objects": len(scene.shapes), "tracks": len(tracker.result().tracks)}
+        seen = [[k for k, masks in enumerate(truth) if masks[g].sum() >= 20] for g in range(len(scene.shapes))]
+        longest = max((b - a - 1 for s in seen for a, b in zip(s, s[1:])), default=0)
+        rows[name] = {**m, "objects": len(scene.shapes), "tracks": len(tracker.result().tracks),
+                      "longest_absence": longest}
     total = {k: sum(r[k] for r in rows.values()) for k in ("switches", "returns", "refound", "paired", "visible")}
     return {"clips": rows, "total": total, "max_gap": max_gap}
 
@@ -103,9 +109,11 @@ def _full(obs, size: tuple[int, int]) -> np.ndarray:
     return m
 
 
-def flicker_measure(models: Path, clips: list[Path], frames: int, strength: float, classes: str) -> dict:
-    """Per clip: flicker of per-frame and smoothed labels, frame 0 unchanged, and the seconds per frame of
-    segmentation and of flow + smoothing + tracking."""
+def flicker_measure(models: Path, clips: list[Path], frames: int, strength: float, classes: str,
+                    more: list[float]) -> dict:
+    """Per clip: flicker of per-frame and smoothed labels (at `strength`, and at each of `more` for the trade-off,
+    on the same segmentations), frame 0 unchanged, and the seconds per frame of segmentation and of flow +
+    smoothing + tracking (at `strength`)."""
     import torch
 
     from trident_core import Trident
@@ -124,6 +132,7 @@ def flicker_measure(models: Path, clips: list[Path], frames: int, strength: floa
     out = {}
     for path in clips:
         stream, smoother = FlowStream(), TemporalSmoother(strength, params.classification.prob_thd)
+        others = {s: (TemporalSmoother(s, params.classification.prob_thd), FlickerMeter()) for s in more}
         tracker = ObjectTracker(list(range(len(cl))), cl.names, 64)
         raw, smooth = FlickerMeter(), FlickerMeter()
         seg_s = extra_s = 0.0
@@ -142,10 +151,13 @@ def flicker_measure(models: Path, clips: list[Path], frames: int, strength: floa
                 seg_s, extra_s = seg_s + t1 - t0, extra_s + t2 - t1
             raw.push(seg.labels.numpy(), flow)
             smooth.push(smoothed.labels.numpy(), flow)
+            for other, meter in others.values():
+                meter.push(other(seg, flow).labels.numpy(), flow)
             if k == 0:
                 first_same = bool(torch.equal(smoothed.labels, seg.labels))
         n = min(frames, k + 1) - 1
         out[path.name] = {"frames": n + 1, "flicker": raw.flicker, "flicker_smoothed": smooth.flicker,
+                          "flicker_at": {str(s): meter.flicker for s, (_, meter) in others.items()},
                           "first_frame_unchanged": first_same, "segment_s": seg_s / n, "extra_s": extra_s / n,
                           "objects": len(tracker.result().tracks)}
         print(f"  {path.name}: flicker {raw.flicker:.4f} -> {smooth.flicker:.4f}, {seg_s / n:.2f} s + "
@@ -154,7 +166,8 @@ def flicker_measure(models: Path, clips: list[Path], frames: int, strength: floa
 
 
 def memory_measure(models: Path, clip: Path, counts: list[int], extra: str, strength: float) -> dict:
-    """The command line's peak resident memory (MiB) on the first N frames of `clip`, for each N."""
+    """The command line's peak resident memory (MiB) on the first N frames of `clip`, for each N (a clip shorter
+    than N is played forwards, backwards, ...)."""
     from trident_core.video_io import VideoWriter, open_clip
 
     out = {}
@@ -162,13 +175,11 @@ def memory_measure(models: Path, clip: Path, counts: list[int], extra: str, stre
         for n in counts:
             video = Path(tmp) / f"clip{n}.mp4"
             source = open_clip(clip)
+            frames = list(source)  # (the benchmark's own copy; the command it measures streams them)
             with VideoWriter(video, source.fps, source.size) as w:
-                for k, frame in enumerate(source):
-                    if k == n:
-                        break
-                    w.write(frame)
-            if k < n - 1:
-                raise SystemExit(f"{clip} has fewer than {n} frames")
+                for k in range(n):  # forwards, then backwards, ... where the clip is shorter
+                    lap, i = divmod(k, len(frames))
+                    w.write(frames[i if lap % 2 == 0 else -1 - i])
             cmd = [sys.executable, "-m", "trident_core", "segment", str(video), "--classes", CLASSES, "--out",
                    str(Path(tmp) / f"out{n}"), "--instances", "--smooth", str(strength), "--no-download",
                    "--device", "cpu", "--precision", "fp32",
@@ -231,25 +242,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", default=CLASSES)
     ap.add_argument("--memory-frames", type=int, nargs="+", default=[8, 96])
     ap.add_argument("--memory-args", default=MEMORY_ARGS, help="more options of the memory runs' command")
+    ap.add_argument("--more-smooth", type=float, nargs="*", default=[0.5, 0.9],
+                    help="more strengths whose flicker is measured on the same segmentations (the trade-off)")
+    ap.add_argument("--skip-tracking", action="store_true")
     ap.add_argument("--skip-flicker", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="all measurements, written after each part")
+    ap.add_argument("--reuse", type=Path, help="an earlier --json whose parts stand in for those skipped")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    m: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    print("tracking (synthetic clips)...", file=sys.stderr, flush=True)
-    m["tracking"] = tracking_measure(args.max_gap)
+    m: dict = json.loads(args.reuse.read_text()) if args.reuse else {}
+    m["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(m, indent=1))
+
+    if not args.skip_tracking:
+        print("tracking (synthetic clips)...", file=sys.stderr, flush=True)
+        m["tracking"] = tracking_measure(args.max_gap)
+        save()
     if not args.skip_flicker:
         print("flicker and time per frame (real clips)...", file=sys.stderr, flush=True)
-        m["flicker"] = flicker_measure(args.models, clip_files(args.clips), args.frames, args.smooth, args.classes)
+        m["flicker"] = flicker_measure(args.models, clip_files(args.clips), args.frames, args.smooth, args.classes,
+                                       args.more_smooth)
+        save()
     if not args.skip_memory:
         print("command-line memory...", file=sys.stderr, flush=True)
-        longest = max(clip_files(args.clips), key=lambda p: _frames_of(p))
+        longest = max(clip_files(0), key=_frames_of)
         m["memory"] = memory_measure(args.models, longest, args.memory_frames, args.memory_args, args.smooth)
+        save()
     m["targets"] = targets(m)
+    save()
     print_table(m["targets"])
-    if args.json:
-        args.json.write_text(json.dumps(m, indent=1))
     print(json.dumps(m["targets"]))
     return 0
 
