@@ -44,6 +44,7 @@ SHARE_COVER = 0.5  # a track joins a merged region holding at least this share o
 MOTION_SAMPLES = 2048  # mask pixels whose flow bounds where a mask is carried
 STEADY = 0.1  # the velocity is measured while the area changes less than this from frame to frame (no occluder)
 SAME_MOTION = 1.0  # pixels per frame: tracks moving alike within this are parts of one object when they merge
+ALIGN = 4  # pixels: how far a track's looks are moved to match a merged object's colours
 CUT = 0.9  # a whole observation under this share of the largest recent one is taken as cut by an occluder
 
 
@@ -459,8 +460,9 @@ class ObjectTracker:
 
     def _look_cost(self, t: _Live, canvas: Box) -> np.ndarray:
         """Per pixel of `canvas`, how far the frame's colours are from the track's looks where its coasting mask
-        lies (mean absolute difference over 5x5 pixels), infinite elsewhere."""
-        moved = self._coasted_box(t)
+        lies, aligned where they match best near there (mean absolute difference over 5x5 pixels), infinite
+        elsewhere."""
+        moved = self._aligned(t, self._coasted_box(t))
         inside = _paste(canvas, moved, t.template.mask())
         look = _paste(canvas, moved, t.look).astype(np.float32)
         x1, y1, x2, y2 = canvas
@@ -468,6 +470,19 @@ class ObjectTracker:
         weight = cv2.blur(inside.astype(np.float32), (5, 5))
         mean = cv2.blur(diff, (5, 5)) / np.maximum(weight, 1e-6)
         return np.where(inside, mean, np.inf)
+
+    def _aligned(self, t: _Live, box: Box) -> Box:
+        """`box` (the track's looks placed there) moved by up to ALIGN pixels to where the looks match the frame
+        best (masked squared difference): coasting drifts a little over a few frames."""
+        h, w = self.size
+        x1, y1, x2, y2 = box
+        sx1, sy1, sx2, sy2 = x1 - ALIGN, y1 - ALIGN, x2 + ALIGN, y2 + ALIGN
+        if sx1 < 0 or sy1 < 0 or sx2 > w or sy2 > h:
+            return box  # (near the frame's edge: left as it is)
+        mask = t.template.mask().astype(np.uint8)
+        ssd = cv2.matchTemplate(self._image[sy1:sy2, sx1:sx2], t.look, cv2.TM_SQDIFF, mask=mask)
+        dy, dx = np.unravel_index(int(np.argmin(ssd)), ssd.shape)
+        return (x1 + int(dx) - ALIGN, y1 + int(dy) - ALIGN, x2 + int(dx) - ALIGN, y2 + int(dy) - ALIGN)
 
     def _refind(self, dets: list[Instance], lost: list[_Live], pieces: dict) -> None:
         """Objects left over taken by missed tracks of their class that should be near them."""
