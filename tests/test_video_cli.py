@@ -140,3 +140,23 @@ def test_a_frame_of_another_size_stops_the_run_without_outputs(small_ckpts, clip
     assert main(["segment", str(frames), "--video", "--classes", CLASSES, "--out", str(out),
                  *models(small_ckpts)]) == 2
     assert "instances" in json.loads((out / "trident.json").read_text())["files"]
+
+
+def test_class_videos_open_when_their_class_appears(tmp_path):
+    """A class first seen in frame 2 gets empty frames 0 and 1; one never seen gets an empty video at the end."""
+    from trident_core.video_run import _ClipWriters
+
+    writers = _ClipWriters(tmp_path, ["a", "b", "c"], 10.0, (16, 20), png=True, tracks=False)
+    labels = [np.zeros((16, 20), np.int64) for _ in range(4)]
+    labels[2][4:9, 5:12] = 1
+    image = np.zeros((16, 20, 3), np.uint8)
+    for lab in labels:
+        writers.write(image, lab, None)
+    assert sorted(writers.masks) == [0, 1]  # (c has no encoder open)
+    writers.close()
+    for k, name in enumerate(["000_a", "001_b", "002_c"]):
+        want = np.stack([lab == k for lab in labels])
+        assert np.array_equal(pngs(tmp_path / "masks" / name), want)
+        video = np.stack([f[..., 0] >= 128 for f in open_clip(tmp_path / "masks" / f"{name}.mp4")])
+        assert np.array_equal(video, want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks", "overlay.mp4"]

@@ -99,56 +99,85 @@ def _check_names(out: Path, names: list[str]) -> list[str]:
 
 
 class _ClipWriters:
-    """The streamed outputs of a clip: overlay video, a mask video per class (and PNG frames), tracked preview."""
+    """The streamed outputs of a clip: overlay video, a mask video per class (and PNG frames), tracked preview.
+
+    A class's mask video is opened when the class first appears (its earlier frames written empty then), and
+    those of classes that never appear are written at the end, one at a time: a long class list does not hold a
+    video encoder per class."""
 
     def __init__(self, out: Path, names: list[str], fps: float, size: tuple[int, int], png: bool,
                  tracks: bool) -> None:
-        self.out, self.fps, self.size, self.png = out, fps, size, png
+        self.out, self.names, self.fps, self.size, self.png = out, names, fps, size, png
+        self.frames = 0
         self.instances_tmp: Path | None = None
         remove_partials(out / MASKS)
         self.masks_tmp = partial_name(out / MASKS)
         self.masks_tmp.mkdir(parents=True)
-        self.items: list = [VideoWriter(out / OVERLAY_VIDEO, fps, size)]
-        self.tracks = VideoWriter(out / TRACKS_VIDEO, fps, size) if tracks else None
+        self.items: list = []
+        self.masks: dict[int, list] = {}
+        try:
+            self.items.append(VideoWriter(out / OVERLAY_VIDEO, fps, size))
+            self.tracks = VideoWriter(out / TRACKS_VIDEO, fps, size) if tracks else None
+        except BaseException:
+            self.abort()
+            raise
         if self.tracks:
             self.items.append(self.tracks)
-        self.masks = [self._mask_outputs(self.masks_tmp, f"{i:03d}_{file_part(n)}") for i, n in enumerate(names)]
 
-    def _mask_outputs(self, folder: Path, stem: str) -> list:
+    def _mask_outputs(self, folder: Path, stem: str, empty_frames: int) -> list:
+        """A mask video (and PNG folder) starting with `empty_frames` empty frames."""
         outs = [VideoWriter(folder / f"{stem}.mp4", self.fps, self.size, color=False)]
+        self.items.append(outs[0])
         if self.png:
             outs.append(FrameFolder(folder / stem))
-        self.items += outs
+            self.items.append(outs[1])
+        empty = np.zeros(self.size, np.uint8)
+        for _ in range(empty_frames):
+            for o in outs:
+                o.write(empty)
         return outs
 
-    def write(self, image: np.ndarray, labels: np.ndarray, names: list[str], objects: list | None) -> None:
+    def _class_outputs(self, k: int) -> list:
+        if k not in self.masks:
+            self.masks[k] = self._mask_outputs(self.masks_tmp, f"{k:03d}_{file_part(self.names[k])}", self.frames)
+        return self.masks[k]
+
+    def write(self, image: np.ndarray, labels: np.ndarray, objects: list | None) -> None:
         from .render import color_labels, overlay, render_tracks
 
-        self.items[0].write(overlay(image, color_labels(labels, len(names))))
-        for k, outs in enumerate(self.masks):
+        self.items[0].write(overlay(image, color_labels(labels, len(self.names))))
+        for k in (int(v) for v in np.unique(labels) if v >= 0):
+            self._class_outputs(k)
+        for k, outs in self.masks.items():
             mask = ((labels == k) * 255).astype(np.uint8)
             for o in outs:
                 o.write(mask)
         if self.tracks is not None:
             self.tracks.write(render_tracks(image, objects))
+        self.frames += 1
+
+    def _done(self, outs: list) -> None:
+        for o in outs:
+            o.close()
+            self.items.remove(o)
 
     def write_objects(self, result) -> None:
         """One mask video (and PNG frames) per tracked object, a track at a time, a frame at a time."""
         remove_partials(self.out / INSTANCES)
-        tmp = partial_name(self.out / INSTANCES)
-        tmp.mkdir(parents=True)
-        self.instances_tmp = tmp
+        self.instances_tmp = partial_name(self.out / INSTANCES)
+        self.instances_tmp.mkdir(parents=True)
         for t in result.tracks:
-            outs = self._mask_outputs(tmp, f"{t.id:03d}_{file_part(t.class_name)}")
+            outs = self._mask_outputs(self.instances_tmp, f"{t.id:03d}_{file_part(t.class_name)}", 0)
             for k in range(result.num_frames):
                 mask = t.mask(k, result.size).astype(np.uint8) * 255
                 for o in outs:
                     o.write(mask)
-            for o in outs:
-                o.close()
-                self.items.remove(o)
+            self._done(outs)
 
     def close(self) -> None:
+        for k in range(len(self.names)):  # the classes that never appeared: empty videos, one at a time
+            if k not in self.masks:
+                self._done(self._class_outputs(k))
         for o in self.items:
             o.close()
         self.items = []
@@ -206,7 +235,7 @@ def segment_video(args: argparse.Namespace) -> int:
             seg = tr.segment(frame, classes, params, after_classify=lambda s, f=flow: smoother(s, f))
             labels = seg.labels.cpu().numpy()
             objects = tracker.push(labels, seg.probs, flow, frame) if tracker is not None else None
-            writers.write(frame, labels, classes.names, objects)
+            writers.write(frame, labels, objects)
             del seg
             bar.total = max(bar.total, frames)
             bar.update(frames, frames, f"frame {frames - 1}")
