@@ -33,6 +33,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -187,15 +188,35 @@ def memory_measure(models: Path, clip: Path, counts: list[int], extra: str, stre
             env = dict(os.environ, TRIDENT_CACHE=str(Path(tmp) / "cache"), PYTHONPATH=str(ROOT))
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            trace: list[float] = []
+            sampler = threading.Thread(target=_sample_rss, args=(proc.pid, trace), daemon=True)
+            sampler.start()
             _, status, usage = os.wait4(proc.pid, 0)
+            sampler.join()
             err = proc.stderr.read()
             if status:
                 raise SystemExit(f"the command failed ({status}): {err[-2000:]}")
+            late = trace[len(trace) // 2:] or [0.0]
             out[str(n)] = {"frames": n, "peak_mb": usage.ru_maxrss / 1024, "wall_s": time.perf_counter() - t0,
+                           "rss_last_mb": late[-1], "rss_max_second_half_mb": max(late),
                            "command": " ".join(cmd[1:])}
-            print(f"  {n} frames: peak {usage.ru_maxrss / 1024:.0f} MiB in {out[str(n)]['wall_s']:.0f} s",
-                  file=sys.stderr, flush=True)
+            print(f"  {n} frames: peak {usage.ru_maxrss / 1024:.0f} MiB, resident at the end {late[-1]:.0f} MiB, "
+                  f"in {out[str(n)]['wall_s']:.0f} s", file=sys.stderr, flush=True)
     return out
+
+
+def _sample_rss(pid: int, trace: list[float]) -> None:
+    """The process's resident memory (MiB) every 0.2 s until it ends (what it holds late in the run)."""
+    while True:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return
+        rss = [ln for ln in status.splitlines() if ln.startswith("VmRSS:")]
+        if not rss:  # (a zombie: its memory is gone)
+            return
+        trace.append(int(rss[0].split()[1]) / 1024)
+        time.sleep(0.2)
 
 
 def targets(m: dict) -> list[dict]:
