@@ -21,13 +21,11 @@ the confidences), the flow from the previous frame (flow.py) and the frame itsel
 6. any other object starts a new track. Ids are 1, 2, ... in order of first appearance (within a frame, in
    find_instances' order), so on a single frame the tracks are find_instances' objects in its order.
 
-Each track keeps, per frame where it was seen, its box, area, confidence and its mask cropped to the box, bit-
-packed: memory grows with the objects' areas, never with full frames."""
+The result (tracks.py) keeps, per object and frame where it was seen, its box, area, confidence and its mask
+cropped to the box, bit-packed: memory grows with the objects' areas, never with full frames."""
 
 from __future__ import annotations
 
-import bisect
-import json
 from dataclasses import dataclass, field
 
 import cv2
@@ -35,7 +33,8 @@ import numpy as np
 import torch
 
 from .flow import Flow, warp_crop
-from .instances import Box, Instance, check_min_area, crop_region, find_instances
+from .instances import Box, Instance, check_min_area, find_instances
+from .tracks import Observation, Track, TrackedObjects, paste
 
 DEFAULT_MAX_GAP = 8
 MAX_GAP_LIMIT = 10_000
@@ -54,110 +53,6 @@ def check_max_gap(max_gap: int) -> int:
     if isinstance(max_gap, bool) or not isinstance(max_gap, (int, np.integer)) or not 0 <= max_gap <= MAX_GAP_LIMIT:
         raise ValueError(f"max_gap must be a whole number of frames from 0 to {MAX_GAP_LIMIT}, not {max_gap!r}")
     return int(max_gap)
-
-
-@dataclass(frozen=True, eq=False)
-class Observation:
-    """One frame of one track: its box (x1, y1, x2, y2, ends exclusive), pixel count, mean class probability and
-    its mask inside the box, bit-packed."""
-
-    frame: int
-    box: Box
-    area: int
-    confidence: float
-    bits: np.ndarray
-
-    @classmethod
-    def of(cls, frame: int, box: Box, mask: np.ndarray, confidence: float) -> Observation:
-        return cls(frame, box, int(mask.sum()), confidence, np.packbits(mask, axis=None))
-
-    def mask(self) -> np.ndarray:
-        """The mask inside the box (bool [y2 - y1, x2 - x1])."""
-        x1, y1, x2, y2 = self.box
-        return np.unpackbits(self.bits, count=(y2 - y1) * (x2 - x1)).reshape(y2 - y1, x2 - x1).view(bool)
-
-    def as_dict(self) -> dict:
-        return {"frame": self.frame, "box": list(self.box), "area": self.area,
-                "confidence": round(self.confidence, 6)}
-
-
-@dataclass(frozen=True, eq=False)
-class Track:
-    """One object over the clip: its id (1-based, in order of first appearance), class, and its observations in
-    frame order (frames where it was not seen have none)."""
-
-    id: int
-    class_index: int
-    class_name: str
-    observations: tuple[Observation, ...]
-
-    @property
-    def first_frame(self) -> int:
-        return self.observations[0].frame
-
-    @property
-    def last_frame(self) -> int:
-        return self.observations[-1].frame
-
-    @property
-    def confidence(self) -> float:
-        """The area-weighted mean of its frames' confidences."""
-        area = sum(o.area for o in self.observations)
-        return sum(o.confidence * o.area for o in self.observations) / area if area else 0.0
-
-    def box(self) -> Box:
-        """The union of its boxes over the clip."""
-        boxes = np.array([o.box for o in self.observations])
-        return (int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max()))
-
-    def crop_region(self, size: tuple[int, int], crop_factor: float) -> Box:
-        """One crop for the whole clip: the union of its boxes grown `crop_factor` times, inside the image."""
-        return crop_region(self.box(), size, crop_factor)
-
-    def masks(self, num_frames: int, size: tuple[int, int], region: Box | None = None) -> np.ndarray:
-        """Its mask in every frame, bool [num_frames, H, W] (empty where it was not seen), or cut to `region`
-        (x1, y1, x2, y2): [num_frames, y2 - y1, x2 - x1]."""
-        region = region or (0, 0, size[1], size[0])
-        out = np.zeros((num_frames, region[3] - region[1], region[2] - region[0]), dtype=bool)
-        for o in self.observations:
-            out[o.frame] = _paste(region, o.box, o.mask())
-        return out
-
-    def mask(self, frame: int, size: tuple[int, int], region: Box | None = None) -> np.ndarray:
-        """Its mask in one frame, bool [H, W] (or cut to `region`), empty where it was not seen."""
-        region = region or (0, 0, size[1], size[0])
-        obs = self.at(frame)
-        if obs is None:
-            return np.zeros((region[3] - region[1], region[2] - region[0]), dtype=bool)
-        return _paste(region, obs.box, obs.mask())
-
-    def at(self, frame: int) -> Observation | None:
-        """Its observation in `frame`, or None when it was not seen there."""
-        i = bisect.bisect_left([o.frame for o in self.observations], frame)
-        return self.observations[i] if i < len(self.observations) and self.observations[i].frame == frame else None
-
-    def as_dict(self) -> dict:
-        """JSON-ready: id, class, class_index, first and last frame, confidence and each frame's box, area and
-        confidence."""
-        return {"id": self.id, "class": self.class_name, "class_index": self.class_index,
-                "first_frame": self.first_frame, "last_frame": self.last_frame,
-                "confidence": round(self.confidence, 6), "frames": [o.as_dict() for o in self.observations]}
-
-
-@dataclass(frozen=True, eq=False)
-class TrackedObjects:
-    """A clip's tracks (in id order), its number of frames and frame size (H, W)."""
-
-    tracks: tuple[Track, ...]
-    num_frames: int
-    size: tuple[int, int]
-
-    def to_json(self) -> str:
-        return json.dumps([t.as_dict() for t in self.tracks], indent=1)
-
-    def frame_objects(self, frame: int) -> list[tuple[int, Observation]]:
-        """The objects seen in one frame as (id, observation), by id (what render.render_tracks draws)."""
-        return [(t.id, t.at(frame)) for t in self.tracks if t.at(frame) is not None]
 
 
 @dataclass(eq=False)
@@ -213,16 +108,6 @@ class _Prediction:
         if self.dense is not None:
             out = np.where(self.dense >= 0.5, 2 + self.dense, out)
         return out
-
-
-def _paste(canvas_box: Box, box: Box, values: np.ndarray, fill: float = 0) -> np.ndarray:
-    """`values` (placed at `box`) on a canvas covering `canvas_box`, `fill` elsewhere."""
-    cx1, cy1, cx2, cy2 = canvas_box
-    out = np.full((cy2 - cy1, cx2 - cx1, *values.shape[2:]), fill, dtype=values.dtype)
-    x1, y1, x2, y2 = max(box[0], cx1), max(box[1], cy1), min(box[2], cx2), min(box[3], cy2)
-    if x1 < x2 and y1 < y2:
-        out[y1 - cy1:y2 - cy1, x1 - cx1:x2 - cx1] = values[y1 - box[1]:y2 - box[1], x1 - box[0]:x2 - box[0]]
-    return out
 
 
 def _meet(a: Box, b: Box) -> bool:
@@ -349,8 +234,8 @@ class ObjectTracker:
         if not parts:
             return None
         box = _union(*(p[0] for p in parts))
-        return _Prediction(box, _paste(box, *dense) if dense is not None else None,
-                           _paste(box, *coast) if coast is not None else None)
+        return _Prediction(box, paste(box, *dense) if dense is not None else None,
+                           paste(box, *coast) if coast is not None else None)
 
     def _carry(self, last: Observation, flow: Flow) -> tuple[Box, np.ndarray] | None:
         """The last mask carried along the flow: its box moved by its pixels' motion (with a margin), then sampled
@@ -382,7 +267,7 @@ class ObjectTracker:
         box = (max(0, moved[0]), max(0, moved[1]), min(w, moved[2]), min(h, moved[3]))
         if box[0] >= box[2] or box[1] >= box[3]:
             return None
-        return box, _paste(box, moved, t.template.mask())
+        return box, paste(box, moved, t.template.mask())
 
     # -- assignment ------------------------------------------------------------------------------------------------
 
@@ -397,9 +282,9 @@ class ObjectTracker:
             pm, hyps = p.mask, p.hypotheses
             for j, d in enumerate(dets):
                 if d.class_index == t.class_index and _meet(d.box, p.box):
-                    o = int((_paste(d.box, p.box, pm) & d.mask).sum())
+                    o = int((paste(d.box, p.box, pm) & d.mask).sum())
                     if o:
-                        inside = [_paste(d.box, p.box, h) & d.mask for h in hyps]
+                        inside = [paste(d.box, p.box, h) & d.mask for h in hyps]
                         overlap[id(t), j] = (o, int(pm.sum()), d.area)
                         fit[id(t), j] = max(_fit(i, h, d.area) for i, h in zip(inside, hyps))
                         cover[id(t), j] = max(int(i.sum()) / max(int(h.sum()), 1) for i, h in zip(inside, hyps))
@@ -441,17 +326,17 @@ class ObjectTracker:
         """A merged object's pixels shared out (see the module's docstring); parts under min_area go to the
         largest part. Tracks left with nothing are not in the result."""
         canvas = _union(det.box, *(p.box for p in preds))
-        scores = np.stack([_paste(canvas, p.box, p.score()) for p in preds])
+        scores = np.stack([paste(canvas, p.box, p.score()) for p in preds])
         owner = scores.argmax(axis=0)
         unowned = scores.max(axis=0) == 0
         if unowned.any():
-            dist = np.stack([cv2.distanceTransform((~_paste(canvas, p.box, p.mask)).astype(np.uint8), cv2.DIST_L2, 3)
+            dist = np.stack([cv2.distanceTransform((~paste(canvas, p.box, p.mask)).astype(np.uint8), cv2.DIST_L2, 3)
                              for p in preds])
             owner = np.where(unowned, dist.argmin(axis=0), owner)
         if self._image is not None and all(t.look is not None for t in tracks):
             cost = np.stack([self._look_cost(t, canvas) for t in tracks])
             owner = np.where(np.isfinite(cost.min(axis=0)), cost.argmin(axis=0), owner)
-        owner = _paste(det.box, canvas, owner.astype(np.int32), -1)
+        owner = paste(det.box, canvas, owner.astype(np.int32), -1)
         parts = {id(t): det.mask & (owner == i) for i, t in enumerate(tracks)}
         largest = max(parts, key=lambda tid: parts[tid].sum())
         for tid in list(parts):
@@ -464,8 +349,8 @@ class ObjectTracker:
         lies, aligned where they match best near there (mean absolute difference over 5x5 pixels), infinite
         elsewhere."""
         moved = self._aligned(t, self._coasted_box(t))
-        inside = _paste(canvas, moved, t.template.mask())
-        look = _paste(canvas, moved, t.look).astype(np.float32)
+        inside = paste(canvas, moved, t.template.mask())
+        look = paste(canvas, moved, t.look).astype(np.float32)
         x1, y1, x2, y2 = canvas
         diff = np.abs(self._image[y1:y2, x1:x2].astype(np.float32) - look).sum(axis=2) * inside
         weight = cv2.blur(inside.astype(np.float32), (5, 5))
@@ -518,7 +403,7 @@ class ObjectTracker:
         box = _union(*(det.box for det, _ in got))
         mask = np.zeros((box[3] - box[1], box[2] - box[0]), dtype=bool)
         for det, part in got:
-            mask |= _paste(box, det.box, det.mask if part is None else part)
+            mask |= paste(box, det.box, det.mask if part is None else part)
         box, mask = _tight(mask, box[:2])
         conf = 1.0
         if probs is not None:
