@@ -5,7 +5,7 @@ Feed the frames in order (`ObjectTracker.push`), each with its label map, option
 the confidences), the flow from the previous frame (flow.py) and the frame itself (its colours). Per frame:
 1. each live track predicts where it is: its last mask carried along the dense flow (pixels the flow cannot
    vouch for, occluded or disoccluded, left out), and its full shape coasting: its last whole mask not cut down
-   by an occluder, moved by its own velocity (its centre's move per frame while its area holds, else the flow);
+   by an occluder, moved by its own velocity (its centre's move per frame while its area holds);
 2. tracks and the frame's objects are paired one to one, best overlap (IoU) first;
 3. a track left without an object whose prediction lies mostly inside an object another track took (two objects
    of one class crossing: their regions merge) shares it: each pixel goes to the track whose colours it matches
@@ -40,9 +40,8 @@ DEFAULT_MAX_GAP = 8
 MAX_GAP_LIMIT = 10_000
 MIN_IOU = 0.1  # a pairing below it must still cover half of the smaller of the two
 SHARE_COVER = 0.5  # a track joins a merged region holding at least this share of one of its predictions
-MOTION_SAMPLES = 2048  # mask pixels whose flow is looked at (where a mask is carried, how fast it moves)
-STILL = 0.02  # area change (share) from frame to frame under which a track's centre gives its velocity
-STEADY = 0.1  # ... and under which the flow over it does (DIS underestimates small fast objects, so centres first)
+MOTION_SAMPLES = 2048  # mask pixels whose flow bounds where a mask is carried
+STILL = 0.05  # area change (share) from frame to frame under which a track's centre gives its velocity
 SAME_MOTION = 1.0  # pixels per frame: tracks moving alike within this are parts of one object when they merge
 ALIGN = 4  # pixels: how far a track's looks are moved to match a merged object's colours
 CUT = 0.9  # a whole observation under this share of the largest recent one is taken as cut by an occluder
@@ -194,7 +193,7 @@ class ObjectTracker:
             if id(t) in pieces:
                 got = pieces[id(t)]
                 obs = self._observation(frame, [(dets[j], part) for j, part in got], probs)
-                self._update(t, obs, all(part is None for _, part in got), len(got) > 1, flow)
+                self._update(t, obs, all(part is None for _, part in got), len(got) > 1)
                 out.append((t.id, obs))
                 continue
             t.missed += 1
@@ -209,7 +208,7 @@ class ObjectTracker:
                 self._next_id += 1
                 self._live.append(t)
                 obs = Observation.of(frame, det.box, det.mask, det.confidence)
-                self._update(t, obs, True, False, flow)
+                self._update(t, obs, True, False)
                 out.append((t.id, obs))
         self.frames += 1
         self._image = None
@@ -411,20 +410,16 @@ class ObjectTracker:
             conf = float(probs[k, box[1]:box[3], box[0]:box[2]].float().cpu().numpy()[mask].mean())
         return Observation.of(frame, box, mask, conf)
 
-    def _update(self, t: _Live, obs: Observation, whole: bool, split: bool, flow: Flow | None) -> None:
-        """Record `obs` and update the track's velocity from the previous frame, where it was whole too: its
-        centre's move while its area holds (within STILL), else the median flow over its inside while the area
-        changes a little (within STEADY: an occluder or the frame's edge cutting into it moves the centre, not
-        the flow); no update beyond."""
+    def _update(self, t: _Live, obs: Observation, whole: bool, split: bool) -> None:
+        """Record `obs` and update the track's velocity: its centre's move from the previous frame, where it was
+        whole too, while its area holds (within STILL: an occluder or the frame's edge cutting into it would move
+        its centre; the flow, which occluders do not bend, underestimates small fast objects)."""
         centre = _centroid(obs)
-        if whole and t.last is not None and t.missed == 0 and t.last_whole:
-            change = abs(obs.area - t.last.area) / t.last.area
-            v = centre - t.centre if change <= STILL else None
-            if v is None and change <= STEADY and flow is not None:
-                v = np.median(self._motion(t.last, flow), axis=0)
-            if v is not None:
-                t.velocity = v if not t.moved else 0.5 * (t.velocity + v)
-                t.moved = True
+        if whole and t.last is not None and t.missed == 0 and t.last_whole \
+                and abs(obs.area - t.last.area) <= STILL * t.last.area:
+            v = centre - t.centre
+            t.velocity = v if not t.moved else 0.5 * (t.velocity + v)
+            t.moved = True
         t.centre = centre
         t.observations.append(obs)
         t.last, t.last_whole, t.missed = obs, whole, 0
@@ -437,13 +432,3 @@ class ObjectTracker:
                 t.template = obs
                 x1, y1, x2, y2 = obs.box
                 t.look = self._image[y1:y2, x1:x2].copy() if self._image is not None else None
-
-    @staticmethod
-    def _motion(obs: Observation, flow: Flow) -> np.ndarray:
-        """The forward flow [n, 2] at up to MOTION_SAMPLES pixels of a mask, away from its edge where it has an
-        inside (the flow there blends with the surroundings' motion)."""
-        mask = obs.mask()
-        inner = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-        ys, xs = np.nonzero(inner if inner.sum() >= 0.25 * obs.area else mask)
-        step = max(1, len(xs) // MOTION_SAMPLES)
-        return flow.motion_at(xs[::step] + obs.box[0], ys[::step] + obs.box[1])
