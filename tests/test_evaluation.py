@@ -397,6 +397,29 @@ def test_resume_refuses_another_config_and_no_resume_starts_over(tmp_path):
     assert not (tmp_path / "run.state-rank1of2.npz").exists()
 
 
+@pytest.mark.filterwarnings(NOT_OFFICIAL)
+@pytest.mark.parametrize("damage", ["truncated", "deep_meta"])
+def test_a_damaged_resume_state_starts_over(tmp_path, damage, capsys):
+    pairs = make_cityscapes(tmp_path, 3)
+    out = tmp_path / "run.json"
+    with pytest.raises(Interrupt):
+        evaluate(counting_predict(N_CITY, [], 2), city_dataset(tmp_path), result_json=out, save_every=100)
+    state = tmp_path / "run.state-rank0of1.npz"
+    if damage == "truncated":
+        state.write_bytes(state.read_bytes()[:200])
+    else:
+        with np.load(state) as data:
+            arrays = dict(data)
+        arrays["meta"] = np.array("[" * 100000 + "]" * 100000)
+        with open(state, "wb") as f:
+            np.savez(f, **arrays)
+    calls: list[int] = []
+    result = evaluate(counting_predict(N_CITY, calls), city_dataset(tmp_path), result_json=out, progress=False)
+    err = capsys.readouterr().err
+    assert len(calls) == 3 and "is damaged" in err and "starting over" in err
+    np.testing.assert_array_equal(np.array(result["confusion_matrix"]), hand_expected(pairs))
+
+
 HARD_KILL_SCRIPT = """
 import os, sys
 import numpy as np

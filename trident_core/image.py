@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -87,8 +89,9 @@ def require_size(image: np.ndarray, size: tuple[int, int], what: str) -> None:
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as RGB uint8, decoded as the reference does (OpenCV, EXIF orientation applied); PIL (with the
-    same orientation handling) for what OpenCV cannot read."""
-    _check_header(path)
+    same orientation handling) for what OpenCV cannot read. A file that does not decode completely (cut short by
+    an interrupted download or copy, which OpenCV's JPEG reader fills in with grey) is an ImageError."""
+    check_header(path)
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a broken file gets our one line only
     try:
@@ -97,19 +100,54 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     finally:
         cv2.utils.logging.setLogLevel(level)
     if bgr is not None:
+        _check_complete(path)
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
+        with _truncation_is_an_error(), Image.open(path) as im:
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot read image {os.fspath(path)!r}: {e}") from e
 
 
-def _check_header(path: str | os.PathLike) -> None:
-    """Refuse an image whose header declares more than MAX_PIXELS before decoding it (a small file can declare a
-    huge image, which OpenCV would decode whole first). Files PIL cannot identify are left to the decoders."""
+@contextmanager
+def _truncation_is_an_error() -> Iterator[None]:
+    """PIL's decoders raise on a file cut short, even where another package switched that off globally."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def _check_complete(path: str | os.PathLike) -> None:
+    """Refuse a file whose compressed data ends early: PIL decodes it (JPEGs at 1/8 scale, which reads every
+    coefficient yet costs a fraction of a full decode) and reports truncation, where OpenCV only logs it. Files PIL
+    does not know are left to OpenCV's judgement."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings(), _truncation_is_an_error():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                if im.format in ("JPEG", "MPO"):
+                    im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+                im.load()
+    except (Image.UnidentifiedImageError, Image.DecompressionBombError):
+        return
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"cannot read image {os.fspath(path)!r}: it does not decode completely (cut short by an "
+                         f"interrupted download or copy?): {e}") from e
+
+
+def check_header(path: str | os.PathLike) -> None:
+    """Refuse, from its first bytes, a file that is no image either decoder knows, and an image whose header
+    declares more than MAX_PIXELS (a small file can declare a huge image, which OpenCV would decode whole first),
+    before anything reads the whole file."""
     from PIL import Image
 
     try:
@@ -119,7 +157,12 @@ def _check_header(path: str | os.PathLike) -> None:
                 w, h = im.size
     except Image.DecompressionBombError:
         w = h = None
-    except (OSError, ValueError, SyntaxError):  # not PIL's kind of file (or broken): the decoders will say
+    except Image.UnidentifiedImageError as e:
+        if not (_utf8(os.fspath(path)) and cv2.haveImageReader(os.fspath(path))):  # (reads the signature only)
+            raise ImageError(f"cannot read image {os.fspath(path)!r}: not an image file either PIL or OpenCV "
+                             "knows") from e
+        return
+    except (OSError, ValueError, SyntaxError):  # broken: the decoders will say
         return
     if w is None or w * h > MAX_PIXELS:
         size = "far more" if w is None else f"{w}x{h} pixels, more"

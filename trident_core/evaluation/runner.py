@@ -12,12 +12,14 @@ import json
 import os
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import jsonfile
 from ..atomic import atomic_file, write_atomic
 from ..paths import require_output_file
 from .datasets import Sample, SegDataset, load_image_rgb
@@ -168,9 +170,16 @@ class _State:
             )
         if not self.path.is_file():
             return (empty, ()), 0.0
-        with np.load(self.path, allow_pickle=False) as data:
-            saved = json.loads(str(data["meta"]))
-            confusion, done, predict_s = data["confusion"], data["done"].tolist(), float(data["predict_s"])
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                saved = jsonfile.parse(str(data["meta"]))
+                confusion, done, predict_s = data["confusion"], data["done"].tolist(), float(data["predict_s"])
+            if not isinstance(saved, dict) or not isinstance(done, list):
+                raise ValueError("not a state of ours")
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # (JsonFileError is a ValueError)
+            print(f"resume state {self.path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                  "starting over", file=sys.stderr, flush=True)
+            return (empty, ()), 0.0
         diff = sorted(k for k in self.meta if saved.get(k) != self.meta[k])
         if "config" in diff:  # name the settings that changed (e.g. a model file's content)
             old, new = json.loads(saved.get("config") or "null") or {}, json.loads(self.meta["config"]) or {}
