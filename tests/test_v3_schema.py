@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_nodes import PACK, node_classes, node_info
+from test_nodes import PACK, import_pack, node_classes, node_info
 from test_workflows import _widget_error, is_widget, widgets_of
 
 DATA = Path(__file__).parent / "data"
@@ -225,3 +225,11 @@ def test_an_older_comfyui_gets_one_log_line_and_no_nodes(tmp_path):
     assert done.returncode == 0 and done.stdout.split() == ["{}", "False"]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs ComfyUI 0.3.48 or newer" in lines[0] and "update ComfyUI" in lines[0]
+
+
+def test_the_lowest_comfyui_is_stated_where_users_and_the_registry_read_it():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    lowest = sys.modules[import_pack().__name__ + ".nodes.comfy_bridge"].MIN_COMFYUI
+    pyproject = tomllib.loads((PACK / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["tool"]["comfy"]["requires-comfyui"] == ">=" + lowest == ">=0.3.48"
+    assert f"ComfyUI {lowest} or newer" in (PACK / "README.md").read_text(encoding="utf-8")
