@@ -195,6 +195,29 @@ def test_workflow_is_consistent(path):
     assert ours and all(n["mode"] == 0 for n in wf["nodes"])
 
 
+TITLE_HEIGHT = 30  # the frontends draw a node's title bar above its `pos`
+
+
+def overlaps(wf: dict) -> list[tuple[int, int]]:
+    """Pairs of nodes whose boxes (title bar included, at their saved sizes) intersect."""
+    boxes = {n["id"]: (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in wf["nodes"]}
+    ids = sorted(boxes)
+    return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]
+            if boxes[a][0] < boxes[b][2] and boxes[b][0] < boxes[a][2] and boxes[a][1] < boxes[b][3]
+            and boxes[b][1] < boxes[a][3]]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_nodes_do_not_overlap(path):
+    """Saved sizes are at least what both frontends (1.35.9, 1.58.1) draw the nodes at, and no two nodes share
+    room, so nothing covers anything when the workflow opens."""
+    assert overlaps(load(path)) == []
+    touching = copy.deepcopy(load(path))
+    touching["nodes"][1]["pos"] = list(touching["nodes"][0]["pos"])
+    assert overlaps(touching)
+
+
 def test_validator_catches_broken_workflows():
     wf = load(next(p for p in WORKFLOWS if p.stem == "full_graph"))
     seg = next(n for n in wf["nodes"] if n["type"] == "TridentSamRefine")
