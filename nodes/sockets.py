@@ -39,8 +39,9 @@ def schema(node_id: str, title: str, description: str, inputs: list, outputs: li
 
 
 def output(socket: object, name: str, tooltip: str) -> object:
-    """An output socket shown as `name` (ComfyUI 0.3.48 showed the type where no display name was given)."""
-    return socket.Output(name, display_name=name, tooltip=tooltip)
+    """An output socket shown as `name`. Its id is `name` + "_out": ComfyUI 0.3.48 wants output ids apart from
+    input ids (Encode Classes takes and gives `classes`), and shows the type where no display name is given."""
+    return socket.Output(f"{name}_out", display_name=name, tooltip=tooltip)
 
 
 def aggregation_inputs(cos_tip: str, neg_tip: str) -> list:

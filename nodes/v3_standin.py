@@ -98,8 +98,13 @@ class ComfyNode:
 
     @classmethod
     def GET_NODE_INFO_V1(cls) -> dict[str, Any]:  # noqa: N802 (ComfyUI's name)
-        """The node as /object_info serves it."""
+        """The node as /object_info serves it, after the checks the oldest supported ComfyUI makes: input ids and
+        output ids each unique, and no id both an input's and an output's."""
         schema = cls.define_schema()
+        in_ids, out_ids = [i.id for i in schema.inputs], [o.id for o in schema.outputs]
+        if len(set(in_ids)) != len(in_ids) or len(set(out_ids)) != len(out_ids) or set(in_ids) & set(out_ids):
+            raise ValueError(f"{schema.node_id}: input ids {in_ids} and output ids {out_ids} must be unique and "
+                             "apart")
         inputs: dict[str, dict] = {"required": {}}
         for i in schema.inputs:
             inputs.setdefault("optional" if i.optional else "required", {})[i.id] = i.served()

@@ -201,7 +201,9 @@ DUMP = IMPORT_PACK + """
                     reason="no ComfyUI checkout (COMFYUI_DIR) and its Python (COMFY_PY) here")
 def test_the_stand_in_renders_nodes_as_comfyuis_own_api(empty_model_folders):
     """The pack imported with ComfyUI's comfy_api.latest: its schemas pass ComfyUI's own checks (GET_SCHEMA), and
-    ComfyUI's /object_info rendering equals the stand-in's (the loaders' file lists aside: ComfyUI's folders)."""
+    ComfyUI's /object_info rendering equals the stand-in's (the loaders' file lists aside: ComfyUI's folders).
+    COMFYUI_DIR may name any release's tree from 0.3.48 on (comfy_api, comfy_execution, comfy and the top-level
+    modules they import)."""
     done = _in_python(COMFY_PY, DUMP.replace("COMFYUI", str(COMFYUI_DIR)).replace("PACK", str(PACK)))
     assert done.returncode == 0, done.stderr[-3000:]
     real = json.loads(done.stdout.strip().splitlines()[-1])
@@ -212,7 +214,22 @@ def test_the_stand_in_renders_nodes_as_comfyuis_own_api(empty_model_folders):
             entry.pop("python_module")
             if "model_name" in entry["input"]["required"]:
                 entry["input"]["required"]["model_name"][1].pop("options")
-        assert info == ours, node_type
+        assert {k: ours[k] for k in info} == info, node_type
+        assert set(ours) - set(info) <= {"output_matchtypes"}  # 0.3.48 had not that field yet
+
+
+def test_the_stand_in_refuses_ids_the_oldest_comfyui_refuses():
+    """ComfyUI 0.3.48 refuses a schema whose output id is also an input id (Encode Classes takes and gives
+    `classes`): the stand-in does too, so such a node fails here, not in a user's ComfyUI."""
+    io = sys.modules[import_pack().__name__ + ".nodes.comfy_bridge"].io
+
+    class Clash(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema("Clash", inputs=[io.String.Input("classes")], outputs=[io.String.Output("classes")])
+
+    with pytest.raises(ValueError, match="must be unique and apart"):
+        Clash.GET_NODE_INFO_V1()
 
 
 def test_an_older_comfyui_gets_one_log_line_and_no_nodes(tmp_path):
