@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..trident_core.classes import ClassList
-from ..trident_core.config import AggregateConfig
+from ..trident_core.config import AggregateConfig, WindowConfig
 from ..trident_core.image import check_float_range
 from ..trident_core.models import ClipModel, DinoModel, SamModel
 from ..trident_core.window_features import WindowFeatures
@@ -42,6 +42,12 @@ def output(socket: object, name: str, tooltip: str) -> object:
     """An output socket shown as `name`. Its id is `name` + "_out": ComfyUI 0.3.48 wants output ids apart from
     input ids (Encode Classes takes and gives `classes`), and shows the type where no display name is given."""
     return socket.Output(f"{name}_out", display_name=name, tooltip=tooltip)
+
+
+def short_side_input(tooltip: str, optional: bool = False) -> object:
+    """The short side the image is scaled to, with Window Features' default and range."""
+    return io.Int.Input("short_side", default=WindowConfig().short_side, min=112, max=2048, step=16, tooltip=tooltip,
+                        optional=optional)
 
 
 def aggregation_inputs(cos_tip: str, neg_tip: str) -> list:

@@ -30,12 +30,12 @@ from ..trident_core.pipeline import (
     pamr_for,
     require_sam,
 )
-from ..trident_core.presets import PRESETS
 from ..trident_core.refine import refine
 from ..trident_core.text import encode_classes
 from ..trident_core.window_features import WindowFeatures
 from . import sockets as T
 from .comfy_bridge import count_progress, each_image, io, to_intermediate
+from .preset_choice import PRESET_CHOICES, class_preset, preset_input, preset_name, preset_params
 
 P = Params()
 W, A, C, R = P.windows, P.aggregation, P.classification, P.refinement  # each stage's defaults
@@ -55,11 +55,6 @@ PAMR_STEPS_TIP = ("PAMR steps on the logits before the label map (edges follow t
                   "every benchmark configuration).")
 CLIP_TIP = "The CLIP model from Trident Load CLIP."
 DINO_TIP = "The DINO model from Trident Load DINO."
-
-
-def _short_side(tooltip: str, optional: bool = False) -> object:
-    return io.Int.Input("short_side", default=W.short_side, min=112, max=2048, step=16, tooltip=tooltip,
-                        optional=optional)
 
 
 def _batch(image: torch.Tensor, n: int, what: str) -> None:
@@ -109,8 +104,8 @@ class WindowFeaturesNode(io.ComfyNode):
                 io.Image.Input("image", tooltip=IMAGE_TIP),
                 T.CLIP.Input("clip", tooltip=CLIP_TIP),
                 T.DINO.Input("dino", tooltip=DINO_TIP),
-                _short_side("The image's short side is scaled to this many pixels first (448 default; 336-688 in "
-                            "the benchmark presets)."),
+                T.short_side_input("The image's short side is scaled to this many pixels first (448 default; "
+                                   "336-688 in the benchmark presets)."),
                 io.Int.Input("window", default=W.window, min=112, max=1024, step=16,
                              tooltip="Window size in pixels (a multiple of both models' patch sizes; 336)."),
                 io.Int.Input("stride", default=W.stride, min=16, max=1024, step=16,
@@ -215,8 +210,8 @@ class Classify(io.ComfyNode):
                              optional=True),
                 io.String.Input("pamr_dilations", default=",".join(map(str, C.pamr_dilations)),
                                 tooltip="PAMR's neighbour distances in pixels, comma-separated (8,16).", optional=True),
-                _short_side("The short side the window features used (PAMR's guide is the image at this scale, as "
-                            "the reference's).", optional=True),
+                T.short_side_input("The short side the window features used (PAMR's guide is the image at this "
+                                   "scale, as the reference's).", optional=True),
             ],
             outputs=[T.output(T.SEGMENTATION, "segmentation",
                               "Labels and class probabilities at the image's size, one per batch image.")])
@@ -318,9 +313,7 @@ class TridentSegment(io.ComfyNode):
                                 tooltip=CLASSES_TIP + " Empty with a benchmark preset: the dataset's classes. voc21, "
                                         "context60 and coco_object add their own background class (label 0) unless "
                                         "'background' is given."),
-                io.Combo.Input("preset", options=list(PRESETS), default=next(iter(PRESETS)),
-                               tooltip="Parameters: 'default' for everyday images, or a benchmark's configuration "
-                                       "(voc21, context60, coco_object, ... as in the paper)."),
+                preset_input(),
                 io.Boolean.Input("refine", default=True,
                                  tooltip="SAM refinement of the coarse labels (sharper edges; takes longer)."),
                 io.Combo.Input("sam_tiles", options=["preset", *SAM_TILE_CHOICES], default="preset",
@@ -337,24 +330,24 @@ class TridentSegment(io.ComfyNode):
                               "scores in float16; no SAM encoding).")])
 
     @classmethod
-    def validate_inputs(cls, classes: str | None = None, preset: str | None = None,
+    def validate_inputs(cls, classes: str | None = None, preset: str | dict | None = None,
                         background: str | None = None) -> bool | str:
-        """The class names against the preset (naming `preset` here leaves its choice to be checked here too)."""
-        if preset is not None and preset not in PRESETS:
-            return f"preset {preset!r} is not one of {', '.join(PRESETS)}: choose one of them"
-        if classes is None or preset is None:
+        """The preset's name (ComfyUI does not check a DynamicCombo's choice) and the class names against it."""
+        name = preset_name(preset)
+        if name is not None and name not in PRESET_CHOICES:
+            return f"preset {name!r} is not one of {', '.join(PRESET_CHOICES)}: choose one of them"
+        if classes is None or name is None:
             return True
-        return T.refusal(lambda: PRESETS[preset].class_list(classes, background or ""))
+        return T.refusal(lambda: class_preset(name).class_list(classes, background or ""))
 
     @classmethod
-    def execute(cls, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, classes: str, preset: str,
-                refine: bool, sam_tiles: str, sam: T.ModelHandle | None = None,
+    def execute(cls, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, classes: str,
+                preset: str | dict, refine: bool, sam_tiles: str, sam: T.ModelHandle | None = None,
                 background: str = "", pamr_steps: int = 0) -> io.NodeOutput:
         T.images(image)
-        chosen = PRESETS[preset]
-        cl = chosen.class_list(classes, background)
-        params = chosen.params.update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles,
-                                      pamr_steps=pamr_steps)
+        cl = class_preset(preset_name(preset)).class_list(classes, background)
+        params = preset_params(preset).update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles,
+                                              pamr_steps=pamr_steps)
         require_sam(sam, params)
         T.ready(clip, dino, *([sam] if sam else []))
         trident = Trident(clip.model, dino.model, sam.model if sam else None)

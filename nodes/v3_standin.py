@@ -42,6 +42,45 @@ class Output:
     is_output_list: bool = False
 
 
+def _input_dict(inputs: list[Input]) -> dict[str, dict]:
+    """Inputs as /object_info groups them: {"required": {id: (type, options)}, "optional": {...}}."""
+    grouped: dict[str, dict] = {"required": {}}
+    for i in inputs:
+        grouped.setdefault("optional" if i.optional else "required", {})[i.id] = i.served()
+    return grouped
+
+
+@dataclass
+class DynamicOption:
+    """One choice of a DynamicCombo and the inputs shown while it is chosen."""
+
+    key: str
+    inputs: list[Input] = field(default_factory=list)
+
+
+@dataclass
+class DynamicComboInput(Input):
+    """A dropdown whose choices each bring their own inputs (served as COMFY_DYNAMICCOMBO_V3)."""
+
+    choices: list[DynamicOption] = field(default_factory=list)
+
+    def served(self) -> tuple[str, dict[str, Any]]:
+        opts = {k: v for k, v in self.options.items() if v is not None}
+        return self.io_type, opts | {"options": [{"key": c.key, "inputs": _input_dict(c.inputs)}
+                                                for c in self.choices]}
+
+
+class _DynamicCombo:
+    """io.DynamicCombo: `Option(key, inputs)` and `Input(id, options=[...])`."""
+
+    Option = DynamicOption
+
+    @staticmethod
+    def Input(id: str, options: list[DynamicOption], *, optional: bool = False,  # noqa: N802 (ComfyUI's name)
+              **extra: Any) -> DynamicComboInput:
+        return DynamicComboInput(id, "COMFY_DYNAMICCOMBO_V3", optional, extra, options)
+
+
 class _Socket:
     """A socket type: `Input(...)` and `Output(...)` declare an input or output of that type, as `io.Int`,
     `io.Image` or `io.Custom("X")` do."""
@@ -105,9 +144,7 @@ class ComfyNode:
         if len(set(in_ids)) != len(in_ids) or len(set(out_ids)) != len(out_ids) or set(in_ids) & set(out_ids):
             raise ValueError(f"{schema.node_id}: input ids {in_ids} and output ids {out_ids} must be unique and "
                              "apart")
-        inputs: dict[str, dict] = {"required": {}}
-        for i in schema.inputs:
-            inputs.setdefault("optional" if i.optional else "required", {})[i.id] = i.served()
+        inputs = _input_dict(schema.inputs)
         outs = schema.outputs
         return {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items()},
                 "output": [o.io_type for o in outs], "output_is_list": [o.is_output_list for o in outs],
@@ -138,5 +175,5 @@ def Custom(io_type: str) -> _Socket:  # noqa: N802 (ComfyUI's name)
 io = SimpleNamespace(
     ComfyNode=ComfyNode, Schema=Schema, NodeOutput=NodeOutput, Custom=Custom,
     Boolean=_Socket("BOOLEAN"), Int=_Socket("INT"), Float=_Socket("FLOAT"), String=_Socket("STRING"),
-    Combo=_Socket("COMBO"), Image=_Socket("IMAGE"), Mask=_Socket("MASK"),
+    Combo=_Socket("COMBO"), Image=_Socket("IMAGE"), Mask=_Socket("MASK"), DynamicCombo=_DynamicCombo,
 )

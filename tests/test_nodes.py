@@ -341,6 +341,28 @@ def test_trident_segment_presets_background_and_tiles(loaded, images):
         run("TridentEncodeClasses", clip=clip, classes="")
 
 
+def test_custom_preset_is_the_default_with_the_values_shown_under_it(loaded, images):
+    """Inside ComfyUI the preset arrives as its DynamicCombo value: the choice and the inputs shown under it in one
+    dict. 'custom' at the default's values is the default preset; changed values give what trident_core gives
+    with those parameters; a named preset as a dict is that preset."""
+    clip, dino, sam = loaded
+    Params, Trident = core("config").Params, core("pipeline").Trident
+    common = dict(image=images[1:], clip=clip, dino=dino, sam=sam, classes=CLASSES, refine=True, sam_tiles="preset")
+    at_default = dict(short_side=448, stride=224, cos_fac=1.2, refine_neg_cos=True, prob_thd=0.0, coarse_thresh=0.2)
+    changed = dict(short_side=336, stride=112, cos_fac=0.0, refine_neg_cos=False, prob_thd=0.3, coarse_thresh=0.1)
+    (default,) = run("TridentSegment", preset="default", **common)
+    (same,) = run("TridentSegment", preset={"preset": "custom", **at_default}, **common)
+    (named,) = run("TridentSegment", preset={"preset": "default"}, **common)
+    assert torch.equal(same[0].labels, default[0].labels) and torch.equal(named[0].labels, default[0].labels)
+    (custom,) = run("TridentSegment", preset={"preset": "custom", **changed}, **common)
+    direct = Trident(clip.model, dino.model, sam.model).segment(images[1], CLASSES,
+                                                               Params().update(refine=True, **changed))
+    assert torch.equal(custom[0].labels, direct.labels) and not torch.equal(custom[0].labels, default[0].labels)
+    segment = node_classes()["TridentSegment"]
+    assert segment.validate_inputs(classes="sky", preset={"preset": "custom", "short_side": None}) is True
+    assert "no class names" in segment.validate_inputs(classes="", preset={"preset": "custom"}, background="")
+
+
 def test_preset_class_lists_load_inside_comfyui_without_a_global_trident_core(monkeypatch):
     """ComfyUI imports the pack under its path; no `trident_core` is importable by that name there."""
     monkeypatch.setitem(sys.modules, "trident_core", None)  # `import trident_core` now fails, as in ComfyUI

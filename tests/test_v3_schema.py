@@ -30,6 +30,8 @@ def as_classic(info: dict) -> dict:
     """A V3 node's /object_info with the differences V3 legitimately makes taken back out, and nothing else:
     - a dropdown is ["COMBO", {"options": [...], "multiselect": false, ...}] where a classic one is [[...], {...}];
     - a STRING widget states "multiline": false;
+    - Trident Segment's preset is a DynamicCombo: the classic choices in their order (the first is the default),
+      then "custom", the only one with inputs of its own (shown while it is chosen), which the tooltip explains;
     - output_matchtypes (null), deprecated, experimental and api_node (false) are always present;
     - python_module names the folder the pack was loaded from."""
     info = json.loads(json.dumps(info))  # tuples as lists, as served
@@ -40,6 +42,12 @@ def as_classic(info: dict) -> dict:
                 section[name] = [opts.pop("options"), opts]
             elif kind == "STRING" and opts.get("multiline") is False:
                 del opts["multiline"]
+            elif kind == "COMFY_DYNAMICCOMBO_V3":
+                *plain, custom = opts.pop("options")
+                assert custom["key"] == "custom" and custom["inputs"]["required"]
+                assert not any(any(o["inputs"].values()) for o in plain)
+                opts["tooltip"], _ = opts["tooltip"].split(" custom: ")
+                section[name] = [[o["key"] for o in plain], {"default": plain[0]["key"], **opts}]
     assert info.pop("output_matchtypes") is None
     for flag in ("deprecated", "experimental", "api_node"):
         assert info.pop(flag) is False, flag
@@ -193,7 +201,8 @@ IMPORT_PACK = """
 DUMP = IMPORT_PACK + """
     nodes = asyncio.run(asyncio.run(module.comfy_entrypoint()).get_node_list())
     bridge = sys.modules[pack + ".nodes.comfy_bridge"]
-    print(json.dumps({"v3": bridge.COMFY_V3, "info": {c.GET_SCHEMA().node_id: c.GET_NODE_INFO_V1() for c in nodes}}))
+    print(json.dumps({"v3": bridge.COMFY_V3, "dynamic": hasattr(bridge.io, "DynamicCombo"),
+                      "info": {c.GET_SCHEMA().node_id: c.GET_NODE_INFO_V1() for c in nodes}}))
 """
 
 
@@ -210,6 +219,11 @@ def test_the_stand_in_renders_nodes_as_comfyuis_own_api(empty_model_folders):
     assert real["v3"] is True and set(real["info"]) == set(node_classes())
     for node_type, info in real["info"].items():
         ours = json.loads(json.dumps(node_info(node_type)))
+        if not real["dynamic"] and node_type == "TridentSegment":  # before 0.4.0: the classic dropdown, no 'custom'
+            kind, opts = preset = info["input"]["required"]["preset"]
+            classic = [opts["options"], {k: v for k, v in opts.items() if k not in ("options", "multiselect")}]
+            assert kind == "COMBO" and classic == CLASSIC[node_type]["input"]["required"]["preset"]
+            ours["input"]["required"]["preset"] = preset
         for entry in (info, ours):
             entry.pop("python_module")
             if "model_name" in entry["input"]["required"]:

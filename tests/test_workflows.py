@@ -36,9 +36,12 @@ CORE_NODES = {
 RUNNABLE_CORE = {"LoadImage", "PreviewImage", "MaskPreview", "MaskToImage", "Note"}
 
 
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # a dropdown whose choices bring their own widgets (Trident Segment's preset)
+
+
 def is_widget(kind) -> bool:
     """Whether an /object_info input type is a widget (a classic combo is its list of choices, a V3 one COMBO)."""
-    return isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+    return isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO)
 
 
 def widgets_of(info: dict) -> list[tuple[str, list]]:
@@ -64,6 +67,8 @@ def node_spec(node_type: str) -> tuple[dict, dict, list, list]:
 def _widget_error(name: str, kind, opts: dict, value) -> str | None:
     if kind == "COMBO":
         kind = opts["options"]
+    elif kind == DYNAMIC_COMBO:  # a saved workflow holds the choice (none here takes one with widgets of its own)
+        kind = [o["key"] for o in opts["options"] if not any(o["inputs"].values())]
     if isinstance(kind, (list, tuple)):
         return None if value in kind else f"{name}: {value!r} is not one of {list(kind)[:6]}"
     if kind in ("INT", int):
