@@ -112,6 +112,27 @@ def test_pack_imports_like_comfyui_and_registers_through_the_entrypoint_only():
     assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
 
 
+def check_declared_input(name: str, entry: list) -> None:
+    """An /object_info input has a tooltip; a widget a default within its range or among its choices; a
+    DynamicCombo's choices declare their own inputs alike."""
+    kind, opts = entry
+    assert isinstance(opts.get("tooltip"), str) and len(opts["tooltip"]) > 10, f"{name}: no tooltip"
+    if kind == "COMBO":
+        assert opts["options"] and opts["default"] in opts["options"], f"{name}: default not a choice"
+    elif kind == "COMFY_DYNAMICCOMBO_V3":
+        assert len({o["key"] for o in opts["options"]}) == len(opts["options"]) > 1
+        for option in opts["options"]:
+            for sub, sub_entry in option["inputs"].get("required", {}).items():
+                assert sub_entry[0] in WIDGET_TYPES, f"{name}.{sub}"
+                check_declared_input(f"{name}.{sub}", sub_entry)
+    elif kind in WIDGET_TYPES:
+        assert "default" in opts, f"{name}: widget without default"
+        if kind in ("INT", "FLOAT"):
+            assert opts["min"] <= opts["default"] <= opts["max"]
+    else:
+        assert kind in ("IMAGE", "MASK") or kind.startswith("TRIDENT_"), kind
+
+
 @pytest.mark.parametrize("node_type", sorted(node_classes()))
 def test_node_declaration(node_type, models):
     info = node_info(node_type)
@@ -123,16 +144,7 @@ def test_node_declaration(node_type, models):
     for section in spec.values():
         for name, entry in section.items():
             names.append(name)
-            kind, opts = entry
-            assert isinstance(opts.get("tooltip"), str) and len(opts["tooltip"]) > 10, f"{name}: no tooltip"
-            if kind == "COMBO":
-                assert opts["options"] and opts["default"] in opts["options"], f"{name}: default not a choice"
-            elif kind in WIDGET_TYPES:
-                assert "default" in opts, f"{name}: widget without default"
-                if kind in ("INT", "FLOAT"):
-                    assert opts["min"] <= opts["default"] <= opts["max"]
-            else:
-                assert kind in ("IMAGE", "MASK") or kind.startswith("TRIDENT_"), kind
+            check_declared_input(name, entry)
     rt, rn, tips = info["output"], info["output_name"], info["output_tooltips"]
     assert rt and len(rn) == len(rt) == len(tips) and all(isinstance(t, str) and len(t) > 10 for t in tips)
     assert all(t in ("IMAGE", "MASK", "SEGS", "STRING", "INT") or t.startswith("TRIDENT_") for t in rt)
