@@ -11,9 +11,10 @@ import torch
 from ..trident_core.instances import (
     Instance,
     check_crop_factor,
+    check_max_objects,
     check_min_area,
     crop_region,
-    find_instances,
+    find_largest_instances,
     object_classes,
 )
 from . import sockets as T
@@ -56,6 +57,10 @@ class TridentInstances(io.ComfyNode):
                 io.Float.Input("crop_factor", default=3.0, min=1.0, max=100.0, step=0.1,
                                tooltip="Each SEG's crop region is its box grown this many times around its centre "
                                        "(context for a detailer), kept inside the image."),
+                io.Int.Input("max_objects", default=256, min=1, max=4096, optional=True,
+                             tooltip="At most this many objects per frame, the largest (a noisy map can hold "
+                                     "thousands of specks, each a full-size mask); the log says how many were "
+                                     "dropped."),
             ],
             outputs=[
                 T.output(io.Mask, "masks", "One mask per object [objects, H, W] (one empty mask when there is none)."),
@@ -73,7 +78,7 @@ class TridentInstances(io.ComfyNode):
 
     @classmethod
     def execute(cls, segmentation: list, image: torch.Tensor, classes: str, min_area: int,
-                crop_factor: float) -> io.NodeOutput:
+                crop_factor: float, max_objects: int = 256) -> io.NodeOutput:
         T.images(image)
         if image.shape[0] != len(T.items(segmentation, "segmentation")):
             raise ValueError(f"{image.shape[0]} image(s) for {len(segmentation)} segmentation(s): connect the "
@@ -81,13 +86,19 @@ class TridentInstances(io.ComfyNode):
         size = tuple(image.shape[1:3])
         check_min_area(min_area)
         check_crop_factor(crop_factor)
+        check_max_objects(max_objects)
 
         def one(b: int, seg: object, _progress: object) -> list[Instance]:
             if tuple(seg.image_size) != size:
                 raise ValueError(f"the image is {size[1]}x{size[0]}, the segmentation {seg.image_size[1]}x"
                                  f"{seg.image_size[0]}: connect the segmented image")
-            return find_instances(seg.labels, object_classes(seg.classes, classes), seg.classes.names, min_area,
-                                  seg.probs, frame=b)
+            objects, dropped = find_largest_instances(seg.labels, object_classes(seg.classes, classes),
+                                                      seg.classes.names, min_area, seg.probs, b, max_objects)
+            if dropped:
+                logging.warning("Trident Instances: frame %d: kept the %d largest of %d objects, dropped %d smaller "
+                                "ones (raise max_objects to keep more)", b, max_objects, max_objects + dropped,
+                                dropped)
+            return objects
 
         objects = [o for frame in each_image(one, range(len(segmentation)), segmentation) for o in frame]
         dev = intermediate_device()
