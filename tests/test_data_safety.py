@@ -120,6 +120,28 @@ def test_a_linked_output_folder_leaves_nothing_behind(small_ckpts, photo, tmp_pa
     assert not [p for p in [*out.iterdir(), *tmp_path.iterdir()] if ".partial-" in p.name]
 
 
+def test_runs_writing_into_one_folder_take_turns(tmp_path):
+    """The folder lock: while one run changes a folder's outputs, another waits for it."""
+    import threading
+    import time
+
+    from trident_core.atomic import folder_lock
+
+    events: list[str] = []
+
+    def second() -> None:
+        with folder_lock(tmp_path):
+            events.append("second")
+
+    with folder_lock(tmp_path):
+        worker = threading.Thread(target=second)
+        worker.start()
+        time.sleep(0.3)
+        events.append("first done")
+    worker.join(5)
+    assert events == ["first done", "second"]
+
+
 # ------------------------------------------------------------------------------------- caches fail into misses
 
 def test_damaged_and_misplaced_caches_do_not_stop_the_run(small_ckpts, photo, tmp_path, cache, capsys,
@@ -161,7 +183,8 @@ def test_a_damaged_marker_in_a_folder_run_is_redone_not_fatal(small_ckpts, photo
 
 # ------------------------------------------------------------------------------ resume re-checks what it skips
 
-@pytest.mark.parametrize("damage", ["deleted", "emptied", "garbled", "truncated_npz", "marker_lists_nothing"])
+@pytest.mark.parametrize("damage", ["deleted", "emptied", "garbled", "another_valid_png", "truncated_npz",
+                                    "marker_lists_nothing"])
 def test_resume_redoes_outputs_that_are_gone_or_damaged(small_ckpts, photo, tmp_path, cache, capsys, damage):
     root = tmp_path / "in"
     _image(root / "a.png", photo)
@@ -177,6 +200,8 @@ def test_resume_redoes_outputs_that_are_gone_or_damaged(small_ckpts, photo, tmp_
         target.write_bytes(b"")
     elif damage == "garbled":
         target.write_bytes(target.read_bytes()[:-20] + bytes(20))
+    elif damage == "another_valid_png":  # reads back fine, but is not what the run wrote
+        Image.fromarray(np.zeros((1, 1), np.uint8)).save(target)
     elif damage == "truncated_npz":
         path = npz / "a.png.npz"
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

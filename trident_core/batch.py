@@ -20,7 +20,7 @@ import torch
 from .atomic import remove_partials
 from .image import ImageError, check_header, to_rgb_uint8
 from .image_list import ImageJob
-from .marker import INSTANCES, complete
+from .marker import INSTANCES, INSTANCES_JSON, MARKER, OUTPUT_FOLDERS, complete
 from .outputs import (
     Extra,
     OutputConflict,
@@ -88,6 +88,8 @@ def check_destinations(jobs: list[ImageJob], dest: Destinations) -> None:
                 check_npz_replaceable(npz, dest.protected)
             except OutputConflict as e:
                 raise ValueError(str(e)) from e
+            if folder is not None and _writes(folder, os.path.realpath(npz), dest.planned):
+                raise ValueError(f"--save-npz {npz} is a file that --out {dest.out} also writes: choose another name")
     owners = {os.path.realpath(f): f for f in (dest.folder(job) for job in jobs) if f is not None}
     for real, path in inputs.items():
         parent = os.path.dirname(real)
@@ -105,10 +107,21 @@ def check_destinations(jobs: list[ImageJob], dest: Destinations) -> None:
             raise ValueError(f"{e} (the single-image form writes its files directly into --out)") from e
 
 
+def _writes(folder: Path, real: str, planned: tuple[str, ...]) -> bool:
+    """Whether the file at real path `real` is one an output folder holds: a planned file, the marker, the objects."""
+    rel = Path(os.path.relpath(real, os.path.realpath(folder))).as_posix()
+    return rel in planned or rel in (MARKER, INSTANCES_JSON) or rel.split("/")[0] in OUTPUT_FOLDERS
+
+
 def is_complete(dest: Destinations, job: ImageJob, key: str) -> bool:
     """Whether every output asked for is there, whole, from a run with the same settings and image."""
     folder, npz = dest.folder(job), dest.npz_file(job)
     return (folder is None or complete(folder, key, list(dest.planned))) and (npz is None or npz_complete(npz, key))
+
+
+def shown(text: str) -> str:
+    """`text` printable on any stream: bytes of a file name that are not UTF-8 shown as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ProgressBar:
@@ -127,7 +140,7 @@ class ProgressBar:
         eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left is not None else "--:--:--"
         width = 24
         bar = "#" * (width * done // max(self.total, 1))
-        line = f"[{self.tag}] [{bar:<{width}}] {done}/{self.total}  {rate:.2f} img/s  ETA {eta}  {name}"
+        line = f"[{self.tag}] [{bar:<{width}}] {done}/{self.total}  {rate:.2f} img/s  ETA {eta}  {shown(name)}"
         self.stream.write(("\r\x1b[K" + line) if self.tty else line + "\n")
         self.stream.flush()
 
@@ -179,7 +192,7 @@ def run(segment: Callable, jobs: list[ImageJob], dest: Destinations, settings: d
             if bar and bar.tty:
                 bar.stream.write("\n")
             reason = _reason(e)
-            log(f"skipped: {reason}" if str(job.path) in reason else f"skipped {job.path}: {reason}")
+            log(shown(f"skipped: {reason}" if str(job.path) in reason else f"skipped {job.path}: {reason}"))
         image = None
         if bar:
             bar.update(done, counts.segmented, job.name)

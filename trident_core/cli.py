@@ -18,7 +18,9 @@ from .presets import PRESETS, get_preset
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from .batch import shown
+
+    print(shown(msg), file=sys.stderr, flush=True)
 
 
 def _model_file(value: str | None, role: str, allow_download: bool) -> Path:

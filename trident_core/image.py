@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,8 +100,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR) if os.path.isfile(path) and _utf8(str(path)) else None
     finally:
         cv2.utils.logging.setLogLevel(level)
+    _check_complete(path)
     if bgr is not None:
-        _check_complete(path)
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     from PIL import Image, ImageOps
 
@@ -125,23 +126,24 @@ def _truncation_is_an_error() -> Iterator[None]:
 
 
 def _check_complete(path: str | os.PathLike) -> None:
-    """Refuse a file whose compressed data ends early: PIL decodes it (JPEGs at 1/8 scale, which reads every
-    coefficient yet costs a fraction of a full decode) and reports truncation, where OpenCV only logs it. Files PIL
-    does not know are left to OpenCV's judgement."""
+    """Refuse a file whose data ends early or fails its checksums, which OpenCV's JPEG reader fills in with grey and
+    PIL's PNG decoder does not check: every PNG chunk's CRC, and a JPEG decoded at 1/8 scale (which reads every
+    coefficient yet costs a fraction of a full decode) must reach its end. Other formats fail to decode when cut
+    short."""
     from PIL import Image
 
     try:
         with warnings.catch_warnings(), _truncation_is_an_error():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
-                if im.format in ("JPEG", "MPO"):
+                if im.format == "PNG":
+                    im.verify()
+                elif im.format in ("JPEG", "MPO"):
                     im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
-                im.load()
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError):
-        return
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"cannot read image {os.fspath(path)!r}: it does not decode completely (cut short by an "
-                         f"interrupted download or copy?): {e}") from e
+                    im.load()
+    except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot read image {os.fspath(path)!r}: it does not decode completely (cut short or "
+                         f"damaged, e.g. by an interrupted download or copy): {e}") from e
 
 
 def check_header(path: str | os.PathLike) -> None:
@@ -157,11 +159,10 @@ def check_header(path: str | os.PathLike) -> None:
                 w, h = im.size
     except Image.DecompressionBombError:
         w = h = None
-    except Image.UnidentifiedImageError as e:
-        if not (_utf8(os.fspath(path)) and cv2.haveImageReader(os.fspath(path))):  # (reads the signature only)
-            raise ImageError(f"cannot read image {os.fspath(path)!r}: not an image file either PIL or OpenCV "
-                             "knows") from e
-        return
+    except Image.UnidentifiedImageError as e:  # (formats only OpenCV knows, e.g. Radiance HDR, declare sizes
+        # nothing checks before OpenCV decodes them whole)
+        raise ImageError(f"cannot read image {os.fspath(path)!r}: not an image format Trident reads (PNG, JPEG, "
+                         "WebP, BMP, TIFF, GIF, PPM/PGM)") from e
     except (OSError, ValueError, SyntaxError):  # broken: the decoders will say
         return
     if w is None or w * h > MAX_PIXELS:

@@ -85,7 +85,7 @@ def _folder_images(folder: Path) -> list[Found]:
 def _not_a_file(path: Path) -> str:
     """Why an entry named like an image is not read: a link to nothing, a pipe, a device, a folder."""
     if path.is_symlink() and not path.exists():
-        return f"{path} is a broken symbolic link (its target {os.readlink(path)} does not exist)"
+        return f"{path} is a broken symbolic link (it leads to no file)"
     return f"{path} is not a regular file (a folder, pipe or device): not read"
 
 
@@ -165,7 +165,8 @@ def gather(inputs: list[str]) -> tuple[list[ImageJob], bool]:
     for p, _, error in found:
         unique.setdefault(os.path.realpath(p), (p, error))
     try:
-        common = Path(os.path.commonpath([str(r) for _, r, _ in found]))
+        common = Path(os.path.commonpath([str(r) for _, r, _ in found] + [str(p) for p, _, _ in found]))  # (a
+        # pattern in a list may reach outside the list's folder: ../shots/*.png)
     except ValueError:  # different drives (Windows): names are the paths without their anchor
         common = None
     jobs = [ImageJob(p, (p.relative_to(common) if common else p.relative_to(p.anchor)).as_posix(), error)

@@ -16,7 +16,7 @@ import torch
 
 from .classes import ClassList, class_indices
 from .marker import INSTANCES, INSTANCES_JSON
-from .outputs import numbered
+from .outputs import numbered, save_png
 
 Box = tuple[int, int, int, int]
 
@@ -137,14 +137,13 @@ def write_instances(objects: list[Instance], size: tuple[int, int], folder: Path
     """One white-on-black PNG per object in `folder`/instances/ (NNN_<class>.png, NNN in the objects' order, padded
     to sort) and `folder`/instances.json listing each object (frame, class, box, area, confidence) with its mask's
     file name."""
-    from PIL import Image
 
     masks = folder / INSTANCES
     masks.mkdir(parents=True, exist_ok=True)
     records = []
     for i, obj in enumerate(objects):
         name = numbered(i, len(objects), obj.class_name)
-        Image.fromarray(obj.full_mask(size).astype(np.uint8) * 255).save(masks / name)
+        save_png(obj.full_mask(size).astype(np.uint8) * 255, masks / name)
         records.append({**obj.as_dict(), "mask": f"{INSTANCES}/{name}"})
     path = folder / INSTANCES_JSON
     path.write_text(json.dumps(records, indent=1), encoding="utf-8")

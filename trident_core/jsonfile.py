@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 MAX_BYTES = 16 << 20  # the largest file we read back (markers of 847 classes are ~60 KB)
 MAX_DEPTH = 32  # ours nest at most 4 deep
@@ -72,8 +73,11 @@ def parse(text: str) -> object:
 def read(path: str | os.PathLike) -> object:
     """The JSON value of a file (UTF-8) within the limits, or JsonFileError (also for a file that cannot be read:
     missing, a folder, unreadable, too large)."""
-    try:
-        with open(path, "rb") as f:
+    try:  # a pipe or device where the file belongs would block or never end: regular files only
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise JsonFileError(f"{os.fspath(path)} is not a regular file")
             data = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise JsonFileError(f"cannot read {os.fspath(path)}: {e.strerror or e}") from e

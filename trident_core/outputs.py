@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_file, partial_name, remove_partials, replace_folder
+from .atomic import atomic_file, folder_lock, fresh_folder, partial_name, remove_partials, replace_folder
 from .marker import (
     INSTANCES_JSON,
     LABELS,
@@ -22,9 +22,13 @@ from .marker import (
     MARKER,
     MASKS,
     OVERLAY,
+    SIGNATURE,
     Marker,
+    file_part,
     is_regular,
     read_marker,
+    sha256_of,
+    signed_png,
     write_marker,
 )
 
@@ -35,9 +39,13 @@ class OutputConflict(ValueError):
     """An output would replace a file Trident cannot prove it wrote (a user's file, an input image)."""
 
 
-def file_part(name: str) -> str:
-    """A class name as part of a file name: letters, digits, '-' and '_' kept, others '_', at most 60 characters."""
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60]
+def save_png(pixels: np.ndarray, path: Path, compress_level: int = 6) -> None:
+    """A PNG of ours: it carries Trident's text chunk, which shows it is ours where a damaged marker cannot."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*SIGNATURE)
+    Image.fromarray(pixels).save(path, format="PNG", pnginfo=info, compress_level=compress_level)
 
 
 def numbered(i: int, count: int, name: str) -> str:
@@ -54,22 +62,20 @@ def planned_files(names: list[str], instances: bool = False) -> list[str]:
 
 def write_images(seg, image: np.ndarray, folder: Path) -> None:
     """labels_color.png (with a legend), overlay.png, labels.png and masks/NNN_<class>.png into `folder`."""
-    from PIL import Image
-
     from .render import color_labels, legend, overlay
 
     folder.mkdir(parents=True, exist_ok=True)
     names = seg.classes.names
     colors = color_labels(seg.labels, len(names))
-    Image.fromarray(np.concatenate([colors, legend(names, colors.shape[1])])).save(folder / LABELS_COLOR)
-    Image.fromarray(overlay(image, colors)).save(folder / OVERLAY, compress_level=OVERLAY_PNG_LEVEL)
-    Image.fromarray(seg.labels.clamp(min=0).cpu().numpy().astype(np.uint16 if len(names) > 255 else np.uint8)).save(
-        folder / LABELS)
+    save_png(np.concatenate([colors, legend(names, colors.shape[1])]), folder / LABELS_COLOR)
+    save_png(overlay(image, colors), folder / OVERLAY, OVERLAY_PNG_LEVEL)
+    save_png(seg.labels.clamp(min=0).cpu().numpy().astype(np.uint16 if len(names) > 255 else np.uint8),
+             folder / LABELS)
     masks = folder / MASKS
     masks.mkdir(exist_ok=True)
     lab = seg.labels.cpu().numpy()
     for i, name in enumerate(names):
-        Image.fromarray(((lab == i) * 255).astype(np.uint8)).save(masks / numbered(i, len(names), name))
+        save_png(((lab == i) * 255).astype(np.uint8), masks / numbered(i, len(names), name))
 
 
 def npz_arrays(seg) -> dict[str, np.ndarray]:
@@ -105,12 +111,18 @@ def save_npz(seg, path: str | os.PathLike, key: str | None = None, protected: fr
 
 
 def _npz_run_key(path: Path) -> str | None:
-    """The run_key of an npz written by a run (None for anything else: another npz, a damaged file)."""
+    """The run_key of an npz written by a run (None for anything else: another npz, a damaged file), read without
+    trusting the file: a run_key member larger than a key is not one (a small compressed file can unpack to GBs)."""
     import zipfile
 
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return str(z["run_key"]) if "run_key" in z.files else None
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("run_key.npy")
+            if info.file_size > 1024:
+                return None
+            with zf.open(info) as f:
+                key = np.lib.format.read_array(f, allow_pickle=False)
+        return str(key) if key.ndim == 0 and key.dtype.kind == "U" else None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
         return None
 
@@ -128,8 +140,8 @@ def _replaceable_npz(path: Path) -> bool:
         if f.read(4) != b"PK\x03\x04":
             return False
     try:
-        with np.load(path, allow_pickle=False) as z:
-            z.files  # noqa: B018 - opening is the test
+        with zipfile.ZipFile(path):
+            pass
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return True
     return False
@@ -145,8 +157,9 @@ def check_npz_replaceable(path: Path, protected: frozenset[str] = frozenset()) -
 
 
 def npz_complete(path: Path, key: str) -> bool:
-    """Whether `path` is a whole npz written by `save_npz` with this key: every member reads back with its
-    checksum (a truncated or damaged file counts as incomplete)."""
+    """Whether `path` is a whole npz written by `save_npz` with this key: stored uncompressed as np.savez writes
+    it (nothing to unpack), every member reading back with its checksum (a truncated or damaged file counts as
+    incomplete)."""
     import zipfile
 
     if not is_regular(path) or _npz_run_key(path) != key:
@@ -154,7 +167,8 @@ def npz_complete(path: Path, key: str) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             names = {n.removesuffix(".npy") for n in zf.namelist()}
-            return set(NPZ_ARRAYS) <= names and zf.testzip() is None
+            stored = all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())  # as np.savez writes
+            return set(NPZ_ARRAYS) <= names and stored and zf.testzip() is None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return False
 
@@ -164,12 +178,11 @@ Extra = Callable[[object, np.ndarray, Path], None]
 
 
 def _files(folder: Path) -> set[str]:
-    """The files under `folder`, relative and '/'-separated (our own temporary files left out)."""
+    """Every entry under `folder` that is not a folder (files, links, pipes), relative and '/'-separated."""
     found = set()
     for top, dirs, names in os.walk(folder):  # (links to folders are entries, not followed)
         rel = Path(top).relative_to(folder)
-        found |= {(rel / n).as_posix() for n in names + [d for d in dirs if os.path.islink(Path(top) / d)]
-                  if ".partial-" not in n}
+        found |= {(rel / n).as_posix() for n in names + [d for d in dirs if os.path.islink(Path(top) / d)]}
     return found
 
 
@@ -184,16 +197,21 @@ def _all_ours(folder: Path, marker: Marker | None, protected: frozenset[str]) ->
 
 
 def _check_free(final: Path, name: str, marker: Marker | None, protected: frozenset[str]) -> None:
-    """Refuse to put output `name` into `final` where it would replace an input or a file we cannot prove ours."""
+    """Refuse to put output `name` into `final` where it would replace an input or anything we cannot prove ours:
+    a file is ours when the folder's marker lists it, or (the marker being damaged) it is a PNG carrying our
+    signature; a linked sub-folder is never written through."""
     dest = final / name
     if os.path.realpath(dest) in protected:
         raise OutputConflict(f"the output {dest} would replace the input image {os.path.realpath(dest)}: choose "
                              "another --out")
-    if dest.parent != final and os.path.lexists(dest.parent) and not dest.parent.is_dir():
-        raise OutputConflict(f"{dest.parent} is not a folder Trident wrote: move it away or choose another --out")
+    if dest.parent != final and (dest.parent.is_symlink() or (os.path.lexists(dest.parent)
+                                                             and not dest.parent.is_dir())):
+        raise OutputConflict(f"{dest.parent} is not a folder Trident wrote (a file or a link): move it away or "
+                             "choose another --out")
     if not os.path.lexists(dest):
         return
-    ours = marker is not None and (marker.files is None or name in marker.files)  # (a damaged marker: ours)
+    listed = marker is not None and marker.files is not None and name in marker.files
+    ours = listed or (marker is not None and marker.files is None and signed_png(dest))
     if not (is_regular(dest) and ours):
         raise OutputConflict(f"{dest} is not a file Trident wrote (no {MARKER} there lists it): move it away or "
                              "choose another --out")
@@ -209,21 +227,24 @@ def _place(tmp: Path, final: Path, key: str, settings: dict, protected: frozense
     """Move the finished files of `tmp` into the existing folder `final` one by one, each complete under its
     name; remove the files the folder's previous marker listed that this run did not write; nothing else in
     `final` is touched. The marker lists every file that may be ours at each moment and gets the key last."""
-    marker = read_marker(final)
-    new = _files(tmp)
-    for name in sorted(new):
-        _check_free(final, name, marker, protected)
-    old = marker.files if marker is not None and marker.files is not None else frozenset()
-    write_marker(final, "", settings, old | new)  # incomplete from here on, yet every file listed is ours
-    for name in sorted(new):
-        _move_in(tmp, final, name)
-    for name in sorted(old - new):
-        if is_regular(final / name):
-            (final / name).unlink()
-    for sub in {name.split("/")[0] for name in old - new if "/" in name}:
-        if (final / sub).is_dir() and not any((final / sub).iterdir()):
-            (final / sub).rmdir()
-    write_marker(final, key, settings, new)
+    with folder_lock(final):  # (another run writing into the same folder waits)
+        remove_partials(final / MARKER)
+        marker = read_marker(final)
+        new = _files(tmp)
+        for name in sorted(new):
+            _check_free(final, name, marker, protected)
+        digests = {name: sha256_of(tmp / name) for name in new}
+        old = marker.files if marker is not None and marker.files is not None else frozenset()
+        write_marker(final, "", settings, old | new)  # incomplete from here on, yet every file listed is ours
+        for name in sorted(new):
+            _move_in(tmp, final, name)
+        for name in sorted(old - new):
+            if is_regular(final / name) and not (final / name).parent.is_symlink():
+                (final / name).unlink()
+        for sub in {name.split("/")[0] for name in old - new if "/" in name}:
+            if (final / sub).is_dir() and not (final / sub).is_symlink() and not any((final / sub).iterdir()):
+                (final / sub).rmdir()
+        write_marker(final, key, settings, new, digests)
 
 
 def _write_all(seg, image: np.ndarray, tmp: Path, extra: Extra | None) -> None:
@@ -239,16 +260,22 @@ def save_folder(seg, image: np.ndarray, final: Path, key: str, settings: dict, e
     the outputs are put into it one by one, the other files left as they are."""
     if final.is_symlink() and final.is_dir():
         final = Path(os.path.realpath(final))  # a linked output folder: its target is replaced, the link stays
+    final.parent.mkdir(parents=True, exist_ok=True)
     remove_partials(final)
-    tmp = partial_name(final)
+    tmp = fresh_folder(partial_name(final))
     try:
         _write_all(seg, image, tmp, extra)
-        marker = read_marker(final) if final.is_dir() else None
-        if not os.path.lexists(final) or (final.is_dir() and _all_ours(final, marker, protected)):
-            write_marker(tmp, key, settings, _files(tmp))
-            replace_folder(tmp, final)
-        else:
-            _place(tmp, final, key, settings, protected)
+        with folder_lock(final.parent):
+            if final.is_dir():
+                remove_partials(final / MARKER)
+            marker = read_marker(final) if final.is_dir() else None
+            whole = not os.path.lexists(final) or (final.is_dir() and _all_ours(final, marker, protected))
+            if whole:
+                files = _files(tmp)
+                write_marker(tmp, key, settings, files, {name: sha256_of(tmp / name) for name in files})
+                replace_folder(tmp, final)
+            else:
+                _place(tmp, final, key, settings, protected)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -257,8 +284,8 @@ def save_flat(seg, image: np.ndarray, out: Path, key: str, settings: dict, extra
               protected: frozenset[str] = frozenset()) -> None:
     """The single-image layout: the files directly in `out` (a folder that may hold other things of the user's,
     which stay as they are), each moved in complete, the marker written last."""
-    tmp = partial_name(out / "outputs")
     remove_partials(out / "outputs")
+    tmp = fresh_folder(partial_name(out / "outputs"))
     try:
         _write_all(seg, image, tmp, extra)
         _place(tmp, out, key, settings, protected)

@@ -30,9 +30,9 @@ def load(path: Path, names: list[str], dim: int) -> torch.Tensor | None:
     """The cached [len(names), dim] float32 embeddings, or None when absent, unreadable or not what is asked."""
     from safetensors.torch import load as load_bytes
 
-    if not path.is_file():
-        return None
     try:
+        if not path.is_file():  # (may itself fail: a folder that cannot be entered, a name too long)
+            return None
         if path.stat().st_size > len(names) * dim * 4 + 4 * len(json.dumps(names)) + (1 << 20):
             raise ValueError(f"{path.stat().st_size} bytes, far more than {len(names)} embeddings take")
         data = path.read_bytes()
