@@ -4,6 +4,7 @@ masks, and bad clips or an --out holding other files refused in one line, nothin
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -52,9 +53,12 @@ def test_a_folder_clip_with_objects(small_ckpts, small_trident, clip_frames, tmp
     assert rc == 0
     assert "4 frames segmented" in capsys.readouterr().err
     marker = json.loads((out / "trident.json").read_text())
-    assert marker["key"] and set(marker["files"]) == {"overlay.mp4", "masks", "instances", "tracks.json",
-                                                      "tracks.mp4", "trident.json"}
-    assert {p.name for p in out.iterdir()} == set(marker["files"])
+    assert {p.name for p in out.iterdir()} == {"overlay.mp4", "masks", "instances", "tracks.json", "tracks.mp4",
+                                               "trident.json"}
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"trident.json"}
+    assert marker["key"] and set(marker["files"]) == set(marker["sha256"]) == written  # every file listed
+    assert all(hashlib.sha256((out / f).read_bytes()).hexdigest() == d for f, d in marker["sha256"].items())
+    assert Image.open(out / "masks" / "000_disc" / "000000.png").info["Software"] == "ComfyUI-Trident"
     n = len(clip_frames)
     for video in ("overlay.mp4", "tracks.mp4"):
         clip = open_clip(out / video)
@@ -95,8 +99,10 @@ def test_a_video_file_with_smoothing_then_again_without_objects(small_ckpts, cli
     assert main([*common, "--smooth", "0.6", "--instances"]) == 0
     assert (out / "instances").is_dir() and open_clip(out / "masks" / "001_square.mp4").frames == len(clip_frames)
     (out / "mine.txt").write_text("a file of the user's")
+    (out / "instances" / "mine.png").write_bytes(b"the user's too")
     assert main(common) == 0  # the same --out again: the earlier run's files are replaced, its objects removed
-    assert {p.name for p in out.iterdir()} == {"overlay.mp4", "masks", "trident.json", "mine.txt"}
+    assert {p.name for p in out.iterdir()} == {"overlay.mp4", "masks", "trident.json", "mine.txt", "instances"}
+    assert [p.name for p in (out / "instances").iterdir()] == ["mine.png"]  # only what the marker listed went
     assert json.loads((out / "trident.json").read_text())["settings"]["smooth"] == 0.0
 
 
@@ -120,26 +126,29 @@ def test_bad_clips_and_options_are_one_line(small_ckpts, clip_frames, tmp_path, 
     taken.mkdir()
     (taken / "overlay.mp4").write_bytes(b"the user's own video")
     frames = frame_folder(clip_frames, tmp_path / "frames")
-    assert "already holds overlay.mp4" in run(str(frames), "--video", "--out", str(taken))
+    assert "overlay.mp4 is not a file Trident wrote" in run(str(frames), "--video", "--out", str(taken))
     assert (taken / "overlay.mp4").read_bytes() == b"the user's own video"
+    (taken / "trident.json").write_text("{damaged")  # a marker that cannot be read proves nothing
+    assert "overlay.mp4 is not a file Trident wrote" in run(str(frames), "--video", "--out", str(taken))
+    own = tmp_path / "own"
+    own.mkdir()
+    with VideoWriter(own / "overlay.mp4", 12.0, (48, 64)) as w:  # the clip itself where an output would go
+        for f in clip_frames:
+            w.write(f)
+    assert "would replace the input" in run(str(own / "overlay.mp4"), "--out", str(own))
+    assert open_clip(own / "overlay.mp4").frames == len(clip_frames)
 
 
-def test_a_frame_of_another_size_stops_the_run_without_outputs(small_ckpts, clip_frames, tmp_path, capsys):
+def test_a_frame_of_another_size_stops_the_run_leaving_out_as_it_was(small_ckpts, clip_frames, tmp_path, capsys):
     frames = frame_folder(clip_frames, tmp_path / "frames")
-    Image.fromarray(clip_frames[0][:40]).save(frames / "f9.png")
     out = tmp_path / "out"
-    assert main(["segment", str(frames), "--video", "--classes", CLASSES, "--out", str(out), "--instances",
-                 *models(small_ckpts)]) == 2
+    common = ["segment", str(frames), "--video", "--classes", CLASSES, "--out", str(out), *models(small_ckpts)]
+    assert main([*common, "--instances"]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    Image.fromarray(clip_frames[0][:40]).save(frames / "f9.png")
+    assert main(common) == 2
     assert "f9.png is 64x40 pixels" in capsys.readouterr().err
-    marker = json.loads((out / "trident.json").read_text())
-    assert marker["key"] == ""  # incomplete
-    assert [p.name for p in out.iterdir()] == ["trident.json"]
-    (out / "instances").mkdir()  # as if an earlier run had made it: a failed run keeps it listed as its own
-    marker["files"].append("instances")
-    (out / "trident.json").write_text(json.dumps(marker))
-    assert main(["segment", str(frames), "--video", "--classes", CLASSES, "--out", str(out),
-                 *models(small_ckpts)]) == 2
-    assert "instances" in json.loads((out / "trident.json").read_text())["files"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the earlier run's files intact
 
 
 def test_class_videos_open_when_their_class_appears(tmp_path):
@@ -160,3 +169,14 @@ def test_class_videos_open_when_their_class_appears(tmp_path):
         video = np.stack([f[..., 0] >= 128 for f in open_clip(tmp_path / "masks" / f"{name}.mp4")])
         assert np.array_equal(video, want)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["masks", "overlay.mp4"]
+
+
+@pytest.mark.parametrize("name, ours", [
+    ("overlay.mp4", True), ("tracks.json", True), ("masks/000_disc.mp4", True), ("instances/1234_disc.mp4", True),
+    ("masks/000_disc/000000.png", True), ("masks/000_disc/000000.jpg", False), ("masks/000_disc/x/000000.png", False),
+    ("masks/00_disc.mp4", False), ("masks/000_a b.mp4", False), ("holiday.mp4", False), ("masks/000_../000000.png",
+                                                                                          False)])
+def test_a_marker_is_believed_only_for_names_a_clip_run_writes(name, ours):
+    from trident_core.marker import is_output_name
+
+    assert is_output_name(name) is ours

@@ -48,9 +48,9 @@ def save_png(pixels: np.ndarray, path: Path, compress_level: int = 6) -> None:
     Image.fromarray(pixels).save(path, format="PNG", pnginfo=info, compress_level=compress_level)
 
 
-def numbered(i: int, count: int, name: str) -> str:
+def numbered(i: int, count: int, name: str, ext: str = ".png") -> str:
     """`NNN_<name>.png` for item i of `count`: numbers zero-padded to one width (at least 3) so names sort in order."""
-    return f"{i:0{max(3, len(str(count - 1)))}d}_{file_part(name)}.png"
+    return f"{i:0{max(3, len(str(count - 1)))}d}_{file_part(name)}{ext}"
 
 
 def planned_files(names: list[str], instances: bool = False) -> list[str]:
@@ -223,7 +223,7 @@ def _move_in(tmp: Path, final: Path, name: str) -> None:
     os.replace(tmp / name, final / name)
 
 
-def _place(tmp: Path, final: Path, key: str, settings: dict, protected: frozenset[str]) -> None:
+def place_outputs(tmp: Path, final: Path, key: str, settings: dict, protected: frozenset[str]) -> None:
     """Move the finished files of `tmp` into the existing folder `final` one by one, each complete under its
     name; remove the files the folder's previous marker listed that this run did not write; nothing else in
     `final` is touched. The marker lists every file that may be ours at each moment and gets the key last."""
@@ -241,7 +241,8 @@ def _place(tmp: Path, final: Path, key: str, settings: dict, protected: frozense
         for name in sorted(old - new):
             if is_regular(final / name) and not (final / name).parent.is_symlink():
                 (final / name).unlink()
-        for sub in {name.split("/")[0] for name in old - new if "/" in name}:
+        for sub in sorted({parent for name in old - new for parent in Path(name).parents if parent.parts},
+                          key=lambda p: -len(p.parts)):  # sub-folders left empty, the deepest first
             if (final / sub).is_dir() and not (final / sub).is_symlink() and not any((final / sub).iterdir()):
                 (final / sub).rmdir()
         write_marker(final, key, settings, new, digests)
@@ -275,7 +276,7 @@ def save_folder(seg, image: np.ndarray, final: Path, key: str, settings: dict, e
                 write_marker(tmp, key, settings, files, {name: sha256_of(tmp / name) for name in files})
                 replace_folder(tmp, final)
             else:
-                _place(tmp, final, key, settings, protected)
+                place_outputs(tmp, final, key, settings, protected)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -288,7 +289,7 @@ def save_flat(seg, image: np.ndarray, out: Path, key: str, settings: dict, extra
     tmp = fresh_folder(partial_name(out / "outputs"))
     try:
         _write_all(seg, image, tmp, extra)
-        _place(tmp, out, key, settings, protected)
+        place_outputs(tmp, out, key, settings, protected)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

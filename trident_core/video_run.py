@@ -2,18 +2,19 @@
 
 The frames are read, segmented and written one at a time (memory stays flat in the clip's length): the optical
 flow between consecutive frames serves the temporal smoothing (`--smooth`) and the object tracker
-(`--instances`). Written into --out, each under a temporary name until complete:
+(`--instances`). Written into --out:
 - `overlay.mp4`: the colour label map over the frames; `masks/NNN_<class>.mp4`: one mask video per class;
 - with --instances: `instances/NNN_<class>.mp4` (NNN the object's id) one mask video per tracked object,
   `tracks.json` (tracking.Track.as_dict per object) and `tracks.mp4` (each object in its colour with its id);
 - with --png-frames: each mask video's frames as PNGs too, in a folder beside it (`masks/NNN_<class>/000000.png`);
-- `trident.json` last: the settings and the names this run wrote. A name already in --out is replaced only
-  when the marker there lists it (an earlier run's output); anything else there is left alone or refused."""
+- `trident.json`, the marker (marker.py) listing the files written.
+They are written into a temporary folder and moved into --out when the clip is done, as the single-image form's
+outputs are (outputs.place_outputs): a file already in --out is replaced only where an earlier run's marker lists
+it, a run that fails leaves --out as it was."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -22,12 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import partial_name, remove_partials, replace_folder, write_atomic
-from .outputs import MARKER, file_part
-from .video_io import FOLDER_FPS, FrameFolder, VideoWriter, is_clip, open_clip
-
-OVERLAY_VIDEO, MASKS, INSTANCES, TRACKS_JSON, TRACKS_VIDEO = ("overlay.mp4", "masks", "instances", "tracks.json",
-                                                              "tracks.mp4")
+from .atomic import fresh_folder, partial_name, remove_partials, write_atomic
+from .marker import INSTANCES, MASKS, OVERLAY_VIDEO, TRACKS_JSON, TRACKS_VIDEO
+from .outputs import check_planned, numbered, place_outputs
+from .video_io import FOLDER_FPS, FrameFolder, VideoWriter, frame_files, is_clip, open_clip
 
 
 def add_video_arguments(ap: argparse.ArgumentParser) -> None:
@@ -75,61 +74,48 @@ def _check_args(args: argparse.Namespace) -> Path:
     return path
 
 
-def _marker(out: Path) -> dict:
-    """The marker an earlier run left in `out` ({} when there is none or it cannot be read)."""
-    try:
-        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return marker if isinstance(marker, dict) else {}
+def clip_planned(names: list[str], tracks: bool, png: bool) -> list[str]:
+    """The files a clip run always writes (its objects' are counted when found), checked before any work."""
+    stems = [numbered(k, len(names), n, "") for k, n in enumerate(names)]
+    return [OVERLAY_VIDEO, *(f"{MASKS}/{s}.mp4" for s in stems), *(f"{MASKS}/{s}/{0:06d}.png" for s in stems if png),
+            *([TRACKS_JSON, TRACKS_VIDEO] if tracks else [])]
 
 
-def _check_names(out: Path, names: list[str]) -> list[str]:
-    """Refuse when a name this run writes is in `out` but is not an earlier run's output (its marker lists it);
-    return the earlier run's names this run does not write again (to remove at the end)."""
-    marker = _marker(out)
-    if (out / MARKER).exists() and not isinstance(marker.get("files"), list):
-        raise ValueError(f"--out {out} holds the outputs of an image run (its {MARKER}): give a clip its own --out")
-    ours = [n for n in marker.get("files", []) if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")]
-    for name in names:
-        if (out / name).exists() and name not in ours:
-            raise ValueError(f"--out {out} already holds {name}, which no earlier clip run wrote there: choose a new "
-                             "or empty --out (nothing of yours is replaced)")
-    return [n for n in ours if n not in names and n != MARKER]
+def _inputs(path: Path) -> frozenset[str]:
+    """The clip's own files (its frames for a folder): never an output path."""
+    files = frame_files(path) if path.is_dir() else [path]
+    return frozenset(os.path.realpath(f) for f in files)
 
 
 class _ClipWriters:
-    """The streamed outputs of a clip: overlay video, a mask video per class (and PNG frames), tracked preview.
+    """The streamed outputs of a clip in the run's folder `tmp`: overlay video, a mask video per class (and PNG
+    frames), tracked preview.
 
     A class's mask video is opened when the class first appears (its earlier frames written empty then), and
     those of classes that never appear are written at the end, one at a time: a long class list does not hold a
     video encoder per class."""
 
-    def __init__(self, out: Path, names: list[str], fps: float, size: tuple[int, int], png: bool,
+    def __init__(self, tmp: Path, names: list[str], fps: float, size: tuple[int, int], png: bool,
                  tracks: bool) -> None:
-        self.out, self.names, self.fps, self.size, self.png = out, names, fps, size, png
+        self.tmp, self.names, self.fps, self.size, self.png = tmp, names, fps, size, png
         self.frames = 0
-        self.instances_tmp: Path | None = None
-        remove_partials(out / MASKS)
-        self.masks_tmp = partial_name(out / MASKS)
-        self.masks_tmp.mkdir(parents=True)
         self.items: list = []
         self.masks: dict[int, list] = {}
         try:
-            self.items.append(VideoWriter(out / OVERLAY_VIDEO, fps, size))
-            self.tracks = VideoWriter(out / TRACKS_VIDEO, fps, size) if tracks else None
+            self.items.append(VideoWriter(tmp / OVERLAY_VIDEO, fps, size))
+            self.tracks = VideoWriter(tmp / TRACKS_VIDEO, fps, size) if tracks else None
         except BaseException:
             self.abort()
             raise
         if self.tracks:
             self.items.append(self.tracks)
 
-    def _mask_outputs(self, folder: Path, stem: str, empty_frames: int) -> list:
-        """A mask video (and PNG folder) starting with `empty_frames` empty frames."""
-        outs = [VideoWriter(folder / f"{stem}.mp4", self.fps, self.size, color=False)]
+    def _mask_outputs(self, stem: str, empty_frames: int) -> list:
+        """A mask video (and PNG folder) named `stem` starting with `empty_frames` empty frames."""
+        outs = [VideoWriter(self.tmp / f"{stem}.mp4", self.fps, self.size, color=False)]
         self.items.append(outs[0])
         if self.png:
-            outs.append(FrameFolder(folder / stem))
+            outs.append(FrameFolder(self.tmp / stem))
             self.items.append(outs[1])
         empty = np.zeros(self.size, np.uint8)
         for _ in range(empty_frames):
@@ -139,7 +125,8 @@ class _ClipWriters:
 
     def _class_outputs(self, k: int) -> list:
         if k not in self.masks:
-            self.masks[k] = self._mask_outputs(self.masks_tmp, f"{k:03d}_{file_part(self.names[k])}", self.frames)
+            self.masks[k] = self._mask_outputs(f"{MASKS}/{numbered(k, len(self.names), self.names[k], '')}",
+                                               self.frames)
         return self.masks[k]
 
     def write(self, image: np.ndarray, labels: np.ndarray, objects: list | None) -> None:
@@ -163,11 +150,9 @@ class _ClipWriters:
 
     def write_objects(self, result) -> None:
         """One mask video (and PNG frames) per tracked object, a track at a time, a frame at a time."""
-        remove_partials(self.out / INSTANCES)
-        self.instances_tmp = partial_name(self.out / INSTANCES)
-        self.instances_tmp.mkdir(parents=True)
+        count = max((t.id for t in result.tracks), default=0) + 1
         for t in result.tracks:
-            outs = self._mask_outputs(self.instances_tmp, f"{t.id:03d}_{file_part(t.class_name)}", 0)
+            outs = self._mask_outputs(f"{INSTANCES}/{numbered(t.id, count, t.class_name, '')}", 0)
             for k in range(result.num_frames):
                 mask = t.mask(k, result.size).astype(np.uint8) * 255
                 for o in outs:
@@ -181,16 +166,11 @@ class _ClipWriters:
         for o in self.items:
             o.close()
         self.items = []
-        replace_folder(self.masks_tmp, self.out / MASKS)
-        if self.instances_tmp is not None:
-            replace_folder(self.instances_tmp, self.out / INSTANCES)
 
     def abort(self) -> None:
         for o in self.items:
             o.abort()
-        shutil.rmtree(self.masks_tmp, ignore_errors=True)
-        if self.instances_tmp is not None:
-            shutil.rmtree(self.instances_tmp, ignore_errors=True)
+        self.items = []
 
 
 def segment_video(args: argparse.Namespace) -> int:
@@ -211,8 +191,8 @@ def segment_video(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     wanted = object_classes(classes, args.instances) if args.instances is not None else None
     min_area = check_min_area(args.min_area)
-    names = [OVERLAY_VIDEO, MASKS] + ([INSTANCES, TRACKS_JSON, TRACKS_VIDEO] if wanted is not None else [])
-    stale = _check_names(out, names)
+    protected = _inputs(path)
+    check_planned(out, clip_planned(classes.names, wanted is not None, args.png_frames), protected)
     tr = build_trident(args, params)
     tr.text(classes)
     release_text_tower(tr.clip)
@@ -221,15 +201,17 @@ def segment_video(args: argparse.Namespace) -> int:
         "clip": os.fspath(path), "smooth": args.smooth, "png_frames": bool(args.png_frames),
         **({"instances": args.instances, "min_area": min_area, "max_gap": args.max_gap} if wanted is not None
            else {})}
-    write_atomic(out / MARKER, _marker_bytes("", settings, names + stale))  # incomplete until the end
     smoother = TemporalSmoother(args.smooth, params.classification.prob_thd)
     tracker = ObjectTracker(wanted, classes.names, min_area, args.max_gap) if wanted is not None else None
     flows = FlowStream() if tracker is not None or args.smooth else None
-    writers = _ClipWriters(out, classes.names, clip.fps, clip.size, args.png_frames, tracker is not None)
-    bar = ProgressBar(max(clip.frames, 1), "video")
-    t0 = time.perf_counter()
-    frames = 0
+    remove_partials(out / "outputs")
+    tmp = fresh_folder(partial_name(out / "outputs"))
+    writers = None
     try:
+        writers = _ClipWriters(tmp, classes.names, clip.fps, clip.size, args.png_frames, tracker is not None)
+        bar = ProgressBar(max(clip.frames, 1), "video")
+        t0 = time.perf_counter()
+        frames = 0
         for frames, frame in enumerate(clip, 1):
             flow = flows.push(frame) if flows is not None else None
             seg = tr.segment(frame, classes, params, after_classify=lambda s, f=flow: smoother(s, f))
@@ -243,21 +225,14 @@ def segment_video(args: argparse.Namespace) -> int:
         if tracker is not None:
             result = tracker.result()
             writers.write_objects(result)
-            write_atomic(out / TRACKS_JSON, result.to_json().encode())
+            write_atomic(tmp / TRACKS_JSON, result.to_json().encode())
         writers.close()
-    except BaseException:
-        writers.abort()
-        raise
-    for name in stale:  # an earlier run's outputs that this run does not make (e.g. instances without it)
-        shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
-    write_atomic(out / MARKER, _marker_bytes(settings_key(settings), settings | {"frames": frames}, names))
+        place_outputs(tmp, out, settings_key(settings), settings | {"frames": frames}, protected)
+    finally:
+        if writers is not None:
+            writers.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"{frames} frames segmented in {time.perf_counter() - t0:.1f}s"
           + (f", {len(result.tracks)} objects tracked" if tracker is not None else "") + f" -> {out}",
           file=sys.stderr, flush=True)
     return 0
-
-
-def _marker_bytes(key: str, settings: dict, names: list[str]) -> bytes:
-    """The clip folder's marker: the outputs' key (empty while incomplete), settings and the names written."""
-    return json.dumps({"key": key, "settings": settings, "files": [*names, MARKER]}, indent=1,
-                      sort_keys=True).encode()
