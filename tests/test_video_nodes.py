@@ -5,14 +5,20 @@ frame 0 as it was)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
+import cv2
 import numpy as np
 import pytest
+import test_nodes
 import torch
+from test_frames import reachable_tensor_bytes
 from test_nodes import Interrupted, core, fake_comfy, run
 from video_scenes import identity_measure, scenes
+
+models, loaded = test_nodes.models, test_nodes.loaded  # the node tests' fixtures
 
 IMPACT_SEG_FIELDS = ("cropped_image", "cropped_mask", "confidence", "crop_region", "bbox", "label",
                      "control_net_wrapper")
@@ -215,3 +221,100 @@ def test_frames_segmented_with_other_classes_are_refused():
                                                     (96, 128))]
     with pytest.raises(ValueError, match="other classes than frame 0"):
         instances(image[:3], bad)
+
+
+def test_tracked_mask_list_shares_the_batch_and_holds_no_tracker_state():
+    """The per-object masks are views of the mask batch (no second copy); every tensor the node returns is an
+    output the user asked for: the per-frame masks and crops, the mask batch, the video SEGS' masks, the preview."""
+    image, segs, _, _ = clip_segmentations("crossing")
+    out = instances(image, segs)
+    batch = out["mask_batch"]
+    assert all(m.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr() for m in out["object_masks"])
+    video_masks = sum(s.cropped_mask.numel() for s in out["video_segs"][1]) * 4
+    still = sum(s.cropped_image.numel() * 4 + s.cropped_mask.nbytes for s in out["segs"][1])
+    want = out["masks"].numel() * 4 + still + batch.numel() * 4 + video_masks + out["tracked_preview"].numel() * 4
+    assert reachable_tensor_bytes(out) == want
+
+
+# -- temporal smoothing ------------------------------------------------------------------------------------------
+
+def smooth_segment(loaded, image, strength=None, refine=False):
+    clip, dino, sam = loaded
+    extra = {} if strength is None else {"temporal_smoothing": strength}
+    return run("TridentSegment", image=image, clip=clip, dino=dino, sam=sam, classes="sky, person, grass",
+               preset="default", refine=refine, sam_tiles="preset", **extra)[0]
+
+
+def test_segment_smoothing_off_is_todays_output_and_on_blends_along_the_flow(loaded):
+    """Strength 0 gives the segmentations of a run without the input, bit for bit; strength s leaves frame 0 as it
+    is and gives frame 1 (1 - s) p1 + s p0 carried along the flow where the flow sees the pixel in both frames,
+    p1 elsewhere (the blend written out with OpenCV's remap); with refinement, SAM refines the smoothed map."""
+    image = clip_segmentations("pan", size=(64, 86))[0][:3]
+    plain, off = smooth_segment(loaded, image), smooth_segment(loaded, image, 0.0)
+    for a, b in zip(plain, off):
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.probs, b.probs)
+    on = smooth_segment(loaded, image, 0.8)
+    assert torch.equal(on[0].labels, plain[0].labels) and torch.equal(on[0].probs, plain[0].probs)
+    frames = (image * 255).round().byte().numpy()
+    flow = core("flow").estimate_flow(frames[0], frames[1])
+    p0, p1 = (plain[k].probs.permute(1, 2, 0).numpy() for k in (0, 1))
+    carried = np.dstack([cv2.remap(np.ascontiguousarray(p0[..., c]), flow.source[..., 0], flow.source[..., 1],
+                                   cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) for c in range(p0.shape[2])])
+    want = np.where(flow.visible[..., None], 0.2 * p1 + 0.8 * carried, p1)
+    assert flow.visible.mean() > 0.5
+    assert np.abs(on[1].probs.permute(1, 2, 0).numpy() - want).max() < 2e-3  # stored in float16
+    top2 = np.sort(want, axis=2)[..., -2:]
+    sure = torch.from_numpy(top2[..., 1] - top2[..., 0] > 1e-2)
+    assert torch.equal(on[1].labels[sure].long(), torch.from_numpy(want.argmax(2))[sure])
+    assert not torch.equal(on[1].probs, plain[1].probs)
+    refined = smooth_segment(loaded, image[:2], 0.8, refine=True)
+    assert torch.equal(refined[1].labels_coarse.long(), on[1].labels.long()) and refined[1].refined
+
+
+def noisy_feature_maps(truth: list[np.ndarray], size: tuple[int, int], seed: int = 0) -> list:
+    """Feature maps [E, h, w] (8-pixel tokens) whose tokens point at their true class (the label at the token's
+    centre) plus noise drawn anew for every frame: labels that flicker where the noise wins."""
+    rng = np.random.default_rng(seed)
+    aggregation = core("aggregation")
+    maps = []
+    for labels in truth:
+        grid = labels[4::8, 4::8]
+        feats = np.eye(6, dtype=np.float32)[grid].transpose(2, 0, 1) + rng.normal(0, 0.45, (6, *grid.shape))
+        maps.append(aggregation.FeatureMap(torch.from_numpy(feats.astype(np.float32)), size, "splice_then_segment",
+                                           "affinity", (1, 1)))
+    return maps
+
+
+def test_classify_smoothing_reduces_flicker_and_keeps_frame_0():
+    """A synthetic clip classified from noisy features: at strength 0 the node's output is the per-frame
+    classification; at 0.8 the share of pixels whose label changes along the flow falls below half, frame 0's
+    labels stay, and the labels agree better with the truth."""
+    image, segs, _, cl = clip_segmentations("pan")
+    truth = [s.labels.numpy() for s in segs]
+    maps = noisy_feature_maps(truth, (96, 128))
+    sockets = importlib.import_module(f"{test_nodes.import_pack().__name__}.nodes.sockets")
+    text = sockets.EncodedClasses(cl, torch.eye(6)[:4])  # class k's text points at feature axis k
+
+    def classify(strength, **extra):
+        return run("TridentClassify", feature_map=maps, classes=text, logit_scale=40.0, prob_thd=0.0, image=image,
+                   temporal_smoothing=strength, **extra)[0]
+
+    plain, smooth = classify(0.0), classify(0.8)
+    default = run("TridentClassify", feature_map=maps, classes=text, logit_scale=40.0, prob_thd=0.0)[0]
+    assert all(torch.equal(a.labels, b.labels) and torch.equal(a.probs, b.probs) for a, b in zip(plain, default))
+    assert torch.equal(smooth[0].labels, plain[0].labels)
+    frames = (image * 255).round().byte().numpy()
+
+    def flicker(segmentation) -> float:
+        meter, flows = core("temporal").FlickerMeter(), core("flow").FlowStream()
+        for frame, seg in zip(frames, segmentation):
+            meter.push(seg.labels.numpy(), flows.push(frame))
+        return meter.flicker
+
+    def error(segmentation) -> float:
+        return float(np.mean([(s.labels.numpy() != t).mean() for s, t in zip(segmentation, truth)]))
+
+    assert flicker(plain) > 0.05 and flicker(smooth) < 0.5 * flicker(plain)
+    assert error(smooth) < error(plain)
+    with pytest.raises(ValueError, match="temporal smoothing needs the image"):
+        run("TridentClassify", feature_map=maps, classes=text, logit_scale=40.0, prob_thd=0.0, temporal_smoothing=0.5)
