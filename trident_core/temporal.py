@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .classify import Segmentation, labels_from_probs
-from .flow import Flow, warp_labels, warp_maps
+from .flow import Flow, FlowStream, warp_labels, warp_maps
 
 MAX_STRENGTH = 0.95
 
@@ -66,6 +66,18 @@ class TemporalSmoother:
         labels = labels_from_probs(smoothed, seg.classes, self.prob_thd).to(seg.labels.dtype)
         return Segmentation(labels, smoothed.clone(), seg.grid_logits, seg.classes, tuple(seg.image_size),
                             info={**seg.info, "temporal_strength": self.strength})
+
+
+class FrameSmoother:
+    """A TemporalSmoother fed with the frames themselves (the nodes' image batches): `smoother(seg, frame)` computes
+    the flow from the previous frame (RGB uint8) and smooths; at strength 0 it returns `seg` and computes nothing."""
+
+    def __init__(self, strength: float, prob_thd: float) -> None:
+        self.smoother = TemporalSmoother(strength, prob_thd)
+        self.flows = FlowStream() if self.smoother.strength else None
+
+    def __call__(self, seg: object, frame: np.ndarray) -> object:
+        return seg if self.flows is None else self.smoother(seg, self.flows.push(frame))
 
 
 def label_flicker(prev: np.ndarray, cur: np.ndarray, flow: Flow) -> tuple[int, int]:

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .instances import Box, crop_region
 
@@ -75,9 +76,15 @@ class Track:
         """Its mask in every frame, bool [num_frames, H, W] (empty where it was not seen), or cut to `region`
         (x1, y1, x2, y2): [num_frames, y2 - y1, x2 - x1]."""
         region = region or (0, 0, size[1], size[0])
-        out = np.zeros((num_frames, region[3] - region[1], region[2] - region[0]), dtype=bool)
+        return self.write_masks(np.zeros((num_frames, region[3] - region[1], region[2] - region[0]), dtype=bool),
+                                region)
+
+    def write_masks(self, out: np.ndarray, region: Box) -> np.ndarray:
+        """Its mask in every frame written into `out` ([frames, y2 - y1, x2 - x1] of any dtype, zeros where it was
+        not seen: 1 inside the mask, 0 around it), cut to `region` (x1, y1, x2, y2); a frame at a time, so a float
+        output costs no full-size temporary."""
         for o in self.observations:
-            out[o.frame] = paste(region, o.box, o.mask())
+            place(out[o.frame], region, o.box, o.mask())
         return out
 
     def mask(self, frame: int, size: tuple[int, int], region: Box | None = None) -> np.ndarray:
@@ -112,6 +119,22 @@ class TrackedObjects:
     def to_json(self) -> str:
         return json.dumps([t.as_dict() for t in self.tracks], indent=1)
 
+    def largest(self, max_objects: int) -> tuple[TrackedObjects, int]:
+        """At most `max_objects` tracks: those covering the most pixels over the clip (ties: the lower id), in id
+        order, their ids kept; and how many were dropped."""
+        order = sorted(self.tracks, key=lambda t: (-sum(o.area for o in t.observations), t.id))
+        kept = tuple(sorted(order[:max_objects], key=lambda t: t.id))
+        return TrackedObjects(kept, self.num_frames, self.size), len(self.tracks) - len(kept)
+
+    def mask_batch(self) -> torch.Tensor:
+        """Every track's mask in every frame, float32 [tracks x frames, H, W], track by track (frame k of the i-th
+        track at i x frames + k): the order of Impact-Pack's SEGS to Mask Batch."""
+        n, (h, w) = self.num_frames, self.size
+        out = torch.zeros((len(self.tracks) * n, h, w), dtype=torch.float32)
+        for i, t in enumerate(self.tracks):
+            t.write_masks(out[i * n:(i + 1) * n].numpy(), (0, 0, w, h))
+        return out
+
     def frame_objects(self, frame: int) -> list[tuple[int, Observation]]:
         """The objects seen in one frame as (id, observation), by id (what render.render_tracks draws)."""
         return [(t.id, t.at(frame)) for t in self.tracks if t.at(frame) is not None]
@@ -120,8 +143,14 @@ class TrackedObjects:
 def paste(canvas_box: Box, box: Box, values: np.ndarray, fill: float = 0) -> np.ndarray:
     """`values` (placed at `box`) on a canvas covering `canvas_box`, `fill` elsewhere."""
     cx1, cy1, cx2, cy2 = canvas_box
-    out = np.full((cy2 - cy1, cx2 - cx1, *values.shape[2:]), fill, dtype=values.dtype)
-    x1, y1, x2, y2 = max(box[0], cx1), max(box[1], cy1), min(box[2], cx2), min(box[3], cy2)
+    return place(np.full((cy2 - cy1, cx2 - cx1, *values.shape[2:]), fill, dtype=values.dtype), canvas_box, box,
+                 values)
+
+
+def place(out: np.ndarray, canvas_box: Box, box: Box, values: np.ndarray) -> np.ndarray:
+    """`values` (placed at `box`) written into `out`, a canvas covering `canvas_box` (the part inside it)."""
+    cx1, cy1 = canvas_box[:2]
+    x1, y1, x2, y2 = max(box[0], cx1), max(box[1], cy1), min(box[2], canvas_box[2]), min(box[3], canvas_box[3])
     if x1 < x2 and y1 < y2:
         out[y1 - cy1:y2 - cy1, x1 - cx1:x2 - cx1] = values[y1 - box[1]:y2 - box[1], x1 - box[0]:x2 - box[0]]
     return out
