@@ -96,8 +96,9 @@ def test_a_video_file_with_smoothing_then_again_without_objects(small_ckpts, cli
             w.write(f)
     out = tmp_path / "out"
     common = ["segment", str(video), "--classes", CLASSES, "--out", str(out), *models(small_ckpts)]
-    assert main([*common, "--smooth", "0.6", "--instances"]) == 0
+    assert main([*common, "--smooth", "0.6", "--instances", "--fps", "6"]) == 0
     assert (out / "instances").is_dir() and open_clip(out / "masks" / "001_square.mp4").frames == len(clip_frames)
+    assert open_clip(out / "overlay.mp4").fps == 6.0  # (the clip's own 12 unless --fps)
     (out / "mine.txt").write_text("a file of the user's")
     (out / "instances" / "mine.png").write_bytes(b"the user's too")
     assert main(common) == 0  # the same --out again: the earlier run's files are replaced, its objects removed

@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         _finish_distributed()
         return 2
     except KeyboardInterrupt:
-        _log("interrupted: the outputs already complete are kept; run the same command again to go on")
+        _log("interrupted: the outputs already complete are kept; run the same command again to go on (a clip "
+             "starts again from its first frame)")
         return 130
 
 

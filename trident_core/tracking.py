@@ -15,9 +15,9 @@ the confidences), the flow from the previous frame (flow.py) and the frame itsel
    object, reunited);
 4. an object left over lying mostly inside a paired track's prediction joins it (an occluder cut the object in
    two), for at most `max_gap` frames in a row;
-5. an object still left is taken by a track missed for at most `max_gap` frames when it lies near where that
-   track should be (its coasting box, held inside the frame, or where it was last seen: an object that left
-   the frame and comes back);
+5. an object still left is taken by a track still unpaired (missed for at most `max_gap` frames, or seen in the
+   last frame but predicted elsewhere) when it lies near where that track should be (its coasting box, held
+   inside the frame, or where it was last seen: an object that left the frame and comes back);
 6. any other object starts a new track. Ids are 1, 2, ... in order of first appearance (within a frame, in
    find_instances' order), so on a single frame the tracks are find_instances' objects in its order.
 
@@ -317,8 +317,7 @@ class ObjectTracker:
             if j not in owner and tid in pieces and tid in split_ok and o >= 0.5 * da:
                 pieces[tid].append((j, None))  # a fragment (an occluder cuts the object in two)
                 owner[j] = tid
-        self._refind(dets, [t for t in self._live if id(t) not in pieces and id(t) not in hidden and t.missed > 0],
-                     pieces)
+        self._refind(dets, [t for t in self._live if id(t) not in pieces and id(t) not in hidden], pieces)
         return pieces, hidden
 
     def _split(self, det: Instance, tracks: list[_Live], preds: list[_Prediction]) -> dict[int, np.ndarray]:
@@ -370,7 +369,9 @@ class ObjectTracker:
         return (x1 + int(dx) - ALIGN, y1 + int(dy) - ALIGN, x2 + int(dx) - ALIGN, y2 + int(dy) - ALIGN)
 
     def _refind(self, dets: list[Instance], lost: list[_Live], pieces: dict) -> None:
-        """Objects left over taken by missed tracks of their class that should be near them."""
+        """Objects left over taken by unpaired tracks of their class that should be near them: tracks missed for a
+        while, or seen in the last frame but predicted nowhere near (an object coming back into view against its
+        old velocity, where the flow at the frame's edge vouches for none of its pixels)."""
         h, w = self.size
         taken = {j for got in pieces.values() for j, _ in got}
         pairs = []

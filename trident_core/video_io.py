@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,9 @@ def _natural_key(name: str) -> list:
 
 
 def frame_files(folder: Path) -> list[Path]:
-    """A folder's image files (not in sub-folders, hidden ones left out) in natural order."""
-    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    """A folder's entries named as image files (not sub-folders, hidden ones left out) in natural order; a
+    dangling link or a pipe among them is kept, to be reported by `open_clip`, not dropped (which shifts the clip)."""
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
              and not p.name.startswith(".")]
     return sorted(files, key=lambda p: _natural_key(p.name))
 
@@ -56,8 +58,12 @@ def is_clip(path: str | os.PathLike) -> bool:
     from PIL import Image
 
     try:
-        with Image.open(p) as im:
-            return getattr(im, "n_frames", 1) > 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                return getattr(im, "n_frames", 1) > 1
+    except Image.DecompressionBombError:
+        return True  # (open_clip refuses its size in one line)
     except (OSError, ValueError):
         return False
 
@@ -73,16 +79,28 @@ class Clip:
     frames: int
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        empty = True
+        decoded = 0
         for where, frame in _frames(self.path):
-            empty = False
             if frame.shape[:2] != self.size:
                 raise VideoError(f"{where} is {frame.shape[1]}x{frame.shape[0]} pixels, the clip's first frame "
                                  f"{self.size[1]}x{self.size[0]}: a clip's frames must have one size")
+            decoded += 1
             yield frame
-        if empty:
+        if not decoded:
             raise VideoError(f"{self.path}: no frame could be decoded (an empty clip, or a codec this OpenCV "
                              "cannot decode)")
+        if decoded < self.frames - _count_slack(self.path, self.frames):
+            raise VideoError(f"{self.path}: frame {decoded} cannot be decoded, {decoded} of the {self.frames} frames "
+                             "its header declares: the file is cut short or damaged")
+
+
+def _count_slack(path: Path, count: int) -> int:
+    """Frames a whole file may fall short of its declared count: none where the container counts its frames
+    (MP4, MOV, AVI; one for a last frame some encoders declare but leave empty), 5 % where FFmpeg estimates the
+    count from the duration (WebM, Matroska); folders and animated images are counted exactly."""
+    if path.is_dir() or path.suffix.lower() in ANIMATED_EXTENSIONS:
+        return 0
+    return 1 if path.suffix.lower() in (".mp4", ".mov", ".m4v", ".avi") else max(1, count // 20)
 
 
 def open_clip(path: str | os.PathLike, folder_fps: float = FOLDER_FPS) -> Clip:
@@ -92,6 +110,10 @@ def open_clip(path: str | os.PathLike, folder_fps: float = FOLDER_FPS) -> Clip:
         files = frame_files(p)
         if not files:
             raise VideoError(f"{p}: no frames (image files {', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        for f in files:
+            if not f.is_file():
+                raise VideoError(f"frame {f}: not a readable image file (a dangling link, a pipe or a device); "
+                                 "put the frame back or remove the entry")
         fps, count = folder_fps, len(files)
     elif not p.is_file():
         raise VideoError(f"{p}: no such video file or folder of frames")
@@ -125,10 +147,14 @@ def _animated_info(path: Path) -> tuple[float, int]:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im.load()  # (WebP tells a frame's duration once it is decoded)
-            duration = im.info.get("duration") or 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # (our own limit: _check_pixels)
+            im = Image.open(path)
+        with im:
             w, h = im.size
+            if w * h <= MAX_PIXELS:  # (refused below, before a frame is decoded)
+                im.load()  # (WebP tells a frame's duration once it is decoded)
+            duration = im.info.get("duration") or 0
             count = getattr(im, "n_frames", 1)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise VideoError(f"{path}: cannot read it as an animated image ({e})") from e
@@ -139,7 +165,10 @@ def _animated_info(path: Path) -> tuple[float, int]:
 def _animated_frames(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     from PIL import Image
 
-    with Image.open(path) as im:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # (its size was checked by open_clip)
+        im = Image.open(path)
+    with im:
         for k in range(getattr(im, "n_frames", 1)):
             try:
                 im.seek(k)
@@ -196,10 +225,11 @@ def _check_pixels(path: Path, w: int, h: int) -> None:
 
 class VideoWriter:
     """A video file written frame by frame (RGB or grey uint8 frames of one size), under a temporary name until
-    `close()`; `abort()` (or leaving a `with` block by an exception) removes it."""
+    `close()` has read it back whole (OpenCV's encoder reports no write error: a full disk would leave a video
+    cut short); `abort()` (or leaving a `with` block by an exception) removes it."""
 
     def __init__(self, path: Path, fps: float, size: tuple[int, int], color: bool = True) -> None:
-        self.path, self.size, self.color = Path(path), tuple(size), color
+        self.path, self.size, self.color, self.count = Path(path), tuple(size), color, 0
         remove_partials(self.path)
         self.tmp = partial_name(self.path).with_name(partial_name(self.path).name + self.path.suffix)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,9 +245,20 @@ class VideoWriter:
             raise ValueError(f"a {frame.shape[1]}x{frame.shape[0]} frame for the {self.size[1]}x{self.size[0]} "
                              f"video {self.path}")
         self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) if self.color else frame)
+        self.count += 1
 
     def close(self) -> None:
         self._writer.release()
+        try:
+            cap = _capture(self.tmp)
+            readable = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            cap.release()
+        except VideoError:
+            readable = 0
+        if readable != self.count:
+            self.tmp.unlink(missing_ok=True)
+            raise OSError(f"writing the video {self.path} failed: {readable} of its {self.count} frames can be read "
+                          "back (is the disk full?)")
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:

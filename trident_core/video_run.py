@@ -43,7 +43,8 @@ def add_video_arguments(ap: argparse.ArgumentParser) -> None:
                     help="clips with --instances: frames an object may be missing and keep its id (default: "
                          "%(default)s)")
     ap.add_argument("--png-frames", action="store_true", help="clips: the mask videos' frames as PNG files too")
-    ap.add_argument("--fps", type=float, help=f"frame rate of a folder clip's videos (default {FOLDER_FPS:g})")
+    ap.add_argument("--fps", type=float, help="clips: frame rate of the videos written (default: the clip's own; "
+                                              f"{FOLDER_FPS:g} for a folder of frames)")
 
 
 def is_video_run(args: argparse.Namespace) -> bool:
@@ -199,8 +200,8 @@ def segment_video(args: argparse.Namespace) -> int:
     tr.release_weights = True  # the peak holds one stage's weights (residency.py)
     settings = _settings(tr, classes, params) | {
         "clip": os.fspath(path), "smooth": args.smooth, "png_frames": bool(args.png_frames),
-        **({"instances": args.instances, "min_area": min_area, "max_gap": args.max_gap} if wanted is not None
-           else {})}
+        **({"instances": args.instances, "min_area": min_area, "max_gap": args.max_gap,
+            "max_objects": args.max_objects} if wanted is not None else {})}
     smoother = TemporalSmoother(args.smooth, params.classification.prob_thd)
     tracker = ObjectTracker(wanted, classes.names, min_area, args.max_gap) if wanted is not None else None
     flows = FlowStream() if tracker is not None or args.smooth else None
@@ -208,7 +209,8 @@ def segment_video(args: argparse.Namespace) -> int:
     tmp = fresh_folder(partial_name(out / "outputs"))
     writers = None
     try:
-        writers = _ClipWriters(tmp, classes.names, clip.fps, clip.size, args.png_frames, tracker is not None)
+        writers = _ClipWriters(tmp, classes.names, args.fps or clip.fps, clip.size, args.png_frames,
+                               tracker is not None)
         bar = ProgressBar(max(clip.frames, 1), "video")
         t0 = time.perf_counter()
         frames = 0
@@ -223,7 +225,10 @@ def segment_video(args: argparse.Namespace) -> int:
             bar.update(frames, frames, f"frame {frames - 1}")
         bar.close()
         if tracker is not None:
-            result = tracker.result()
+            result, dropped = tracker.result().largest(args.max_objects)
+            if dropped:
+                print(f"instances: kept the {args.max_objects} objects covering the most pixels over the clip, "
+                      f"dropped {dropped} smaller ones (raise --max-objects to keep more)", file=sys.stderr)
             writers.write_objects(result)
             write_atomic(tmp / TRACKS_JSON, result.to_json().encode())
         writers.close()
