@@ -38,10 +38,11 @@ def schema(node_id: str, title: str, description: str, inputs: list, outputs: li
                      outputs=outputs)
 
 
-def output(socket: object, name: str, tooltip: str) -> object:
-    """An output socket shown as `name`. Its id is `name` + "_out": ComfyUI 0.3.48 wants output ids apart from
-    input ids (Encode Classes takes and gives `classes`), and shows the type where no display name is given."""
-    return socket.Output(f"{name}_out", display_name=name, tooltip=tooltip)
+def output(socket: object, name: str, tooltip: str, is_list: bool = False) -> object:
+    """An output socket shown as `name` (with `is_list`, a list: the nodes it feeds run once per item). Its id is
+    `name` + "_out": ComfyUI 0.3.48 wants output ids apart from input ids (Encode Classes takes and gives
+    `classes`), and shows the type where no display name is given."""
+    return socket.Output(f"{name}_out", display_name=name, tooltip=tooltip, is_output_list=is_list)
 
 
 def short_side_input(tooltip: str, optional: bool = False) -> object:

@@ -31,6 +31,7 @@ from ..trident_core.pipeline import (
     require_sam,
 )
 from ..trident_core.refine import refine
+from ..trident_core.temporal import MAX_STRENGTH, FrameSmoother
 from ..trident_core.text import encode_classes
 from ..trident_core.window_features import WindowFeatures
 from . import sockets as T
@@ -54,6 +55,17 @@ SAM_TILES_TIP = ("SAM encodes the image in rows x cols tiles: 1x1 the whole imag
 PAMR_STEPS_TIP = ("PAMR steps on the logits before the label map (edges follow the image's colours; 0 = off, as in "
                   "every benchmark configuration).")
 CLIP_TIP = "The CLIP model from Trident Load CLIP."
+SMOOTHING_TIP = ("Video frames: each frame's class probabilities blended with the previous frames' (carried along "
+                 "the optical flow between the frames; hidden and newly visible pixels take the frame alone), so "
+                 "labels hold still instead of flickering. It trades lag on fast changes: a pixel whose class truly "
+                 "changes keeps its old label a few frames (1 at 0.5, 3 at 0.8, 6 at 0.9). 0 = off, every frame "
+                 "exactly as a single image; the first frame is never changed.")
+
+
+def smoothing_input() -> object:
+    """The temporal smoothing strength (Segment and Classify take it, after their other inputs)."""
+    return io.Float.Input("temporal_smoothing", default=0.0, min=0.0, max=MAX_STRENGTH, step=0.05,
+                          tooltip=SMOOTHING_TIP, optional=True)
 DINO_TIP = "The DINO model from Trident Load DINO."
 
 
@@ -212,6 +224,7 @@ class Classify(io.ComfyNode):
                                 tooltip="PAMR's neighbour distances in pixels, comma-separated (8,16).", optional=True),
                 T.short_side_input("The short side the window features used (PAMR's guide is the image at this "
                                    "scale, as the reference's).", optional=True),
+                smoothing_input(),
             ],
             outputs=[T.output(T.SEGMENTATION, "segmentation",
                               "Labels and class probabilities at the image's size, one per batch image.")])
@@ -223,12 +236,15 @@ class Classify(io.ComfyNode):
     @classmethod
     def execute(cls, feature_map: list, classes: T.EncodedClasses, logit_scale: float, prob_thd: float,
                 image: torch.Tensor | None = None, pamr_steps: int = 0, pamr_dilations: str = "8,16",
-                short_side: int = W.short_side) -> io.NodeOutput:
+                short_side: int = W.short_side, temporal_smoothing: float = 0.0) -> io.NodeOutput:
         params = P.update(logit_scale=logit_scale, prob_thd=prob_thd, pamr_steps=pamr_steps,
                           pamr_dilations=parse_dilations(pamr_dilations), short_side=short_side)
-        if pamr_steps and image is None:
-            raise ValueError("PAMR needs the image: connect the segmented image to Trident Classify, or set "
-                             "pamr_steps to 0")
+        smoother = FrameSmoother(temporal_smoothing, prob_thd)
+        for need, what, setting in ((pamr_steps, "PAMR", "pamr_steps"),
+                                    (temporal_smoothing, "temporal smoothing", "temporal_smoothing")):
+            if need and image is None:
+                raise ValueError(f"{what} needs the image: connect the segmented image to Trident Classify, or set "
+                                 f"{setting} to 0")
         if image is not None:
             _batch(image, len(feature_map), "feature map")
         config = params.classification
@@ -236,6 +252,8 @@ class Classify(io.ComfyNode):
         def one(i: int, fm: object, _progress: object) -> CompactSegmentation:
             pamr = pamr_for(image[i], params) if pamr_steps else None
             seg = classify(fm, classes.text, classes.classes, config, pamr)
+            if temporal_smoothing:
+                seg = smoother(seg, to_rgb_uint8(image[i]))
             return to_intermediate(compact(seg, logit_scale, prob_thd))
 
         return io.NodeOutput(each_image(one, range(len(feature_map)), T.items(feature_map, "feature map")))
@@ -323,6 +341,7 @@ class TridentSegment(io.ComfyNode):
                 io.String.Input("background", default="", tooltip=BACKGROUND_TIP, optional=True),
                 io.Int.Input("pamr_steps", default=0, min=0, max=MAX_PAMR_STEPS, tooltip=PAMR_STEPS_TIP,
                              optional=True),
+                smoothing_input(),
             ],
             outputs=[T.output(T.SEGMENTATION, "segmentation",
                               "Labels and class probabilities at the image's size, one per batch image (kept small: "
@@ -343,7 +362,7 @@ class TridentSegment(io.ComfyNode):
     @classmethod
     def execute(cls, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, classes: str,
                 preset: str | dict, refine: bool, sam_tiles: str, sam: T.ModelHandle | None = None,
-                background: str = "", pamr_steps: int = 0) -> io.NodeOutput:
+                background: str = "", pamr_steps: int = 0, temporal_smoothing: float = 0.0) -> io.NodeOutput:
         T.images(image)
         cl = class_preset(preset_name(preset)).class_list(classes, background)
         params = preset_params(preset).update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles,
@@ -352,10 +371,12 @@ class TridentSegment(io.ComfyNode):
         T.ready(clip, dino, *([sam] if sam else []))
         trident = Trident(clip.model, dino.model, sam.model if sam else None)
         config = params.classification
+        smoother = FrameSmoother(temporal_smoothing, config.prob_thd)
 
         def one(img: torch.Tensor, progress: object) -> CompactSegmentation:
-            # the text is encoded at the first frame, then taken from the CLIP's cache
-            full = trident.segment(img, cl, params, progress)
+            # the text is encoded at the first frame, then taken from the CLIP's cache; smoothing before refinement
+            hook = (lambda seg: smoother(seg, to_rgb_uint8(img))) if temporal_smoothing else None
+            full = trident.segment(img, cl, params, progress, after_classify=hook)
             return to_intermediate(compact(full, config.logit_scale, config.prob_thd))
 
         return io.NodeOutput(each_image(one, image))

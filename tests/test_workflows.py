@@ -14,7 +14,7 @@ import torch
 from test_nodes import as_image, make_models_dir, node_classes, node_info
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"))
-EXPECTED = {"text_to_mask", "inpaint_by_text", "full_graph", "paradigms"}
+EXPECTED = {"text_to_mask", "inpaint_by_text", "full_graph", "paradigms", "video_masks"}
 SEED_CONTROL = ("fixed", "increment", "decrement", "randomize")
 
 # Core ComfyUI nodes the workflows use: link inputs {name: type}, output types, widget values in order (a type, or
@@ -32,7 +32,12 @@ CORE_NODES = {
                  ["LATENT"], [int, SEED_CONTROL, int, float, str, str, float]),
     "VAEDecode": ({"samples": "LATENT", "vae": "VAE"}, ["IMAGE"], []),
     "Note": ({}, [], [str]),
+    "LoadVideo": ({}, ["VIDEO"], [str, ("image",)]),
+    "GetVideoComponents": ({"video": "VIDEO"}, ["IMAGE", "AUDIO", "FLOAT"], []),
+    "CreateVideo": ({"images": "IMAGE"}, ["VIDEO"], [float]),
+    "SaveVideo": ({"video": "VIDEO"}, [], [str, ("auto", "mp4"), ("auto", "h264")]),
 }
+CORE_OPTIONAL = {"CreateVideo": {"audio": "AUDIO", "fps": "FLOAT"}}  # optional links (fps: its widget, linked)
 RUNNABLE_CORE = {"LoadImage", "PreviewImage", "MaskPreview", "MaskToImage", "Note"}
 
 
@@ -60,7 +65,8 @@ def node_spec(node_type: str) -> tuple[dict, dict, list, list]:
         return links["required"], links["optional"], info["output"], widgets_of(info)
     if node_type in CORE_NODES:
         inputs, outputs, widgets = CORE_NODES[node_type]
-        return inputs, {}, outputs, [(f"widget {i}", (w, {})) for i, w in enumerate(widgets)]
+        checks = [(f"widget {i}", (w, {})) for i, w in enumerate(widgets)]
+        return inputs, CORE_OPTIONAL.get(node_type, {}), outputs, checks
     raise KeyError(node_type)
 
 
@@ -143,7 +149,7 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_the_four_workflows_and_their_thumbnails_exist():
+def test_the_workflows_and_their_thumbnails_exist():
     from PIL import Image
 
     assert {p.stem for p in WORKFLOWS} == EXPECTED
@@ -195,7 +201,8 @@ def test_workflow_is_consistent(path):
     wf = load(path)
     assert wf["version"] == 0.4 and validate(wf) == []
     images = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LoadImage"]
-    assert images == ["example.png"]  # ships in ComfyUI's input folder
+    videos = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LoadVideo"]
+    assert images == ["example.png"] or (not images and videos == ["clip.mp4"])  # example.png ships with ComfyUI
     ours = {n["type"] for n in wf["nodes"]} & set(node_classes())
     assert ours and all(n["mode"] == 0 for n in wf["nodes"])
 
@@ -297,8 +304,10 @@ RUNNABLE = [p for p in WORKFLOWS if {n["type"] for n in load(p)["nodes"]}
             <= set(node_classes()) | RUNNABLE_CORE]
 
 
-def test_runnable_workflows_are_all_but_inpainting():
-    assert {p.stem for p in RUNNABLE} == EXPECTED - {"inpaint_by_text"}
+def test_runnable_workflows_are_all_but_inpainting_and_video():
+    """video_masks needs core ComfyUI's video nodes: it runs in the real ComfyUI (docs/video.md), its Trident part
+    in test_video_nodes."""
+    assert {p.stem for p in RUNNABLE} == EXPECTED - {"inpaint_by_text", "video_masks"}
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)

@@ -15,6 +15,7 @@ from .classes import ClassList
 from .config import CORRELATIONS, MASK_PROMPT_MODES, PARADIGMS
 from .devices import PRECISIONS
 from .presets import PRESETS, get_preset
+from .video_run import add_video_arguments
 
 
 def _log(msg: str) -> None:
@@ -134,7 +135,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .image_list import gather
     from .outputs import planned_files
     from .paths import require_output_file, require_output_folder
+    from .video_run import is_video_run, segment_video
 
+    if is_video_run(args):
+        return segment_video(args)
     out = Path(args.out) if args.out else None
     npz = Path(args.save_npz) if args.save_npz else None
     jobs, single = gather(args.images)
@@ -286,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="most objects written per image, the largest (default: %(default)s); a line says how "
                           "many smaller ones were dropped")
     add_model_arguments(seg)
+    add_video_arguments(seg)
     seg.set_defaults(func=cmd_segment)
     ev = sub.add_parser("eval", help="mIoU on a benchmark's validation set (torchrun for several processes)")
     from .evaluation import add_eval_arguments
@@ -310,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         _finish_distributed()
         return 2
     except KeyboardInterrupt:
-        _log("interrupted: the outputs already complete are kept; run the same command again to go on")
+        _log("interrupted: the outputs already complete are kept; run the same command again to go on (a clip "
+             "starts again from its first frame)")
         return 130
 
 

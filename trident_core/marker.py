@@ -19,9 +19,11 @@ from .atomic import write_atomic
 MARKER = "trident.json"
 LABELS_COLOR, OVERLAY, LABELS, MASKS = "labels_color.png", "overlay.png", "labels.png", "masks"
 INSTANCES, INSTANCES_JSON = "instances", "instances.json"  # written with --instances only (instances.py)
+OVERLAY_VIDEO, TRACKS_JSON, TRACKS_VIDEO = "overlay.mp4", "tracks.json", "tracks.mp4"  # a clip's (video_run.py)
 OUTPUT_IMAGES = (LABELS_COLOR, OVERLAY, LABELS)  # beside the marker
-OUTPUT_FOLDERS = (MASKS, INSTANCES)  # of image files, beside the marker
-_NUMBERED_PNG = re.compile(r"(\d{3,})_(.*)\.png", re.DOTALL)  # masks/NNN_<class>.png, instances/NNN_<class>.png
+OUTPUT_FOLDERS = (MASKS, INSTANCES)  # of numbered files, beside the marker
+_NUMBERED = re.compile(r"(\d{3,})_(.*)\.(png|mp4)", re.DOTALL)  # masks/NNN_<class>.png or .mp4, instances/ alike
+_FRAME_PNG = re.compile(r"\d{6,}\.png")  # a clip's PNG frames: masks/NNN_<class>/000000.png
 SIGNATURE = ("Software", "ComfyUI-Trident")  # a text chunk in every PNG we write
 
 
@@ -35,9 +37,12 @@ def is_output_name(name: str) -> bool:
     folder, a user's photo beside the outputs) is not believed."""
     parts = name.split("/")
     if len(parts) == 1:
-        return name in (*OUTPUT_IMAGES, INSTANCES_JSON)
-    numbered = _NUMBERED_PNG.fullmatch(parts[1]) if len(parts) == 2 else None
-    return parts[0] in OUTPUT_FOLDERS and numbered is not None and file_part(numbered[2]) == numbered[2]
+        return name in (*OUTPUT_IMAGES, INSTANCES_JSON, OVERLAY_VIDEO, TRACKS_JSON, TRACKS_VIDEO)
+    if parts[0] not in OUTPUT_FOLDERS or len(parts) > 3:
+        return False
+    numbered = _NUMBERED.fullmatch(parts[1] if len(parts) == 2 else parts[1] + ".png")
+    frame = len(parts) == 2 or _FRAME_PNG.fullmatch(parts[2]) is not None
+    return numbered is not None and file_part(numbered[2]) == numbered[2] and frame
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import jsonfile
 from .atomic import atomic_file, folder_lock, fresh_folder, partial_name, remove_partials, replace_folder
 from .marker import (
     INSTANCES_JSON,
@@ -48,9 +49,9 @@ def save_png(pixels: np.ndarray, path: Path, compress_level: int = 6) -> None:
     Image.fromarray(pixels).save(path, format="PNG", pnginfo=info, compress_level=compress_level)
 
 
-def numbered(i: int, count: int, name: str) -> str:
+def numbered(i: int, count: int, name: str, ext: str = ".png") -> str:
     """`NNN_<name>.png` for item i of `count`: numbers zero-padded to one width (at least 3) so names sort in order."""
-    return f"{i:0{max(3, len(str(count - 1)))}d}_{file_part(name)}.png"
+    return f"{i:0{max(3, len(str(count - 1)))}d}_{file_part(name)}{ext}"
 
 
 def planned_files(names: list[str], instances: bool = False) -> list[str]:
@@ -204,10 +205,10 @@ def _check_free(final: Path, name: str, marker: Marker | None, protected: frozen
     if os.path.realpath(dest) in protected:
         raise OutputConflict(f"the output {dest} would replace the input image {os.path.realpath(dest)}: choose "
                              "another --out")
-    if dest.parent != final and (dest.parent.is_symlink() or (os.path.lexists(dest.parent)
-                                                             and not dest.parent.is_dir())):
-        raise OutputConflict(f"{dest.parent} is not a folder Trident wrote (a file or a link): move it away or "
-                             "choose another --out")
+    linked = _not_a_folder(final, name)
+    if linked is not None:
+        raise OutputConflict(f"{linked} is not a folder Trident wrote (a file or a link): move it away or choose "
+                             "another --out")
     if not os.path.lexists(dest):
         return
     listed = marker is not None and marker.files is not None and name in marker.files
@@ -217,18 +218,46 @@ def _check_free(final: Path, name: str, marker: Marker | None, protected: frozen
                              "choose another --out")
 
 
+def _not_a_folder(final: Path, name: str) -> Path | None:
+    """The first folder on the way from `final` to output `name` that is a link or not a folder (never written or
+    deleted through, whatever its depth), or None."""
+    for parent in reversed(Path(name).parents[:-1]):
+        if (final / parent).is_symlink() or (os.path.lexists(final / parent) and not (final / parent).is_dir()):
+            return final / parent
+    return None
+
+
+def check_marker_replaceable(folder: Path) -> None:
+    """Refuse a `trident.json` in `folder` that is not a marker of ours: a link, a folder, a pipe, or a JSON file
+    of the user's (one without a marker's "key" and "files"). A marker that no longer parses is ours, damaged."""
+    path = folder / MARKER
+    if not os.path.lexists(path):
+        return
+    if not is_regular(path):
+        raise OutputConflict(f"{path} is not a file Trident wrote (a link, folder or pipe): move it away or choose "
+                             "another --out")
+    try:
+        data = jsonfile.read(path)
+    except jsonfile.JsonFileError:
+        return
+    if not (isinstance(data, dict) and {"key", "files"} <= data.keys()):
+        raise OutputConflict(f"{path} is not a marker Trident wrote (a JSON file of yours?): move it away or choose "
+                             "another --out")
+
+
 def _move_in(tmp: Path, final: Path, name: str) -> None:
     """Move one finished file into place (its sub-folder made if needed)."""
     (final / name).parent.mkdir(exist_ok=True)
     os.replace(tmp / name, final / name)
 
 
-def _place(tmp: Path, final: Path, key: str, settings: dict, protected: frozenset[str]) -> None:
+def place_outputs(tmp: Path, final: Path, key: str, settings: dict, protected: frozenset[str]) -> None:
     """Move the finished files of `tmp` into the existing folder `final` one by one, each complete under its
     name; remove the files the folder's previous marker listed that this run did not write; nothing else in
     `final` is touched. The marker lists every file that may be ours at each moment and gets the key last."""
     with folder_lock(final):  # (another run writing into the same folder waits)
         remove_partials(final / MARKER)
+        check_marker_replaceable(final)
         marker = read_marker(final)
         new = _files(tmp)
         for name in sorted(new):
@@ -239,10 +268,11 @@ def _place(tmp: Path, final: Path, key: str, settings: dict, protected: frozense
         for name in sorted(new):
             _move_in(tmp, final, name)
         for name in sorted(old - new):
-            if is_regular(final / name) and not (final / name).parent.is_symlink():
+            if is_regular(final / name) and _not_a_folder(final, name) is None:
                 (final / name).unlink()
-        for sub in {name.split("/")[0] for name in old - new if "/" in name}:
-            if (final / sub).is_dir() and not (final / sub).is_symlink() and not any((final / sub).iterdir()):
+        for sub in sorted({parent for name in old - new for parent in Path(name).parents if parent.parts},
+                          key=lambda p: -len(p.parts)):  # sub-folders left empty, the deepest first
+            if (final / sub).is_dir() and _not_a_folder(final, f"{sub}/-") is None and not any((final / sub).iterdir()):
                 (final / sub).rmdir()
         write_marker(final, key, settings, new, digests)
 
@@ -275,7 +305,7 @@ def save_folder(seg, image: np.ndarray, final: Path, key: str, settings: dict, e
                 write_marker(tmp, key, settings, files, {name: sha256_of(tmp / name) for name in files})
                 replace_folder(tmp, final)
             else:
-                _place(tmp, final, key, settings, protected)
+                place_outputs(tmp, final, key, settings, protected)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -288,7 +318,7 @@ def save_flat(seg, image: np.ndarray, out: Path, key: str, settings: dict, extra
     tmp = fresh_folder(partial_name(out / "outputs"))
     try:
         _write_all(seg, image, tmp, extra)
-        _place(tmp, out, key, settings, protected)
+        place_outputs(tmp, out, key, settings, protected)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -297,6 +327,7 @@ def check_planned(final: Path, planned: list[str], protected: frozenset[str]) ->
     """Refuse, before any work, outputs that would land on an input image or on a file Trident did not write."""
     if not final.is_dir():
         return
+    check_marker_replaceable(final)
     marker = read_marker(final)
     for name in planned:
         _check_free(final, name, marker, protected)

@@ -118,8 +118,10 @@ class Trident:
 
     @torch.no_grad()
     def segment(self, image: object, classes: str | ClassList, params: Params = DEFAULT_PARAMS,
-                progress: Progress = _noop) -> Segmentation:
-        """Label map, probabilities and raw logits of one image (path, PIL, array or tensor, HxWxC)."""
+                progress: Progress = _noop,
+                after_classify: Callable[[Segmentation], Segmentation] | None = None) -> Segmentation:
+        """Label map, probabilities and raw logits of one image (path, PIL, array or tensor, HxWxC);
+        `after_classify` (e.g. a video's temporal smoothing) takes the classification before SAM refines it."""
         require_sam(self.sam, params)
         cl = parse_classes(classes) if isinstance(classes, str) else classes
         img = to_rgb_uint8(image)
@@ -135,6 +137,8 @@ class Trident:
             release(self.sam.model.image_encoder)  # what follows uses its encodings, not its weights
         fm = compute_feature_map(wf, self.clip, self.sam, encodings, params.aggregation, progress)
         seg = classify(fm, text, cl, params.classification, pamr)
+        if after_classify is not None:
+            seg = after_classify(seg)
         progress("classify")
         if params.refine:
             seg = refine(seg, self.sam, img, params.refinement, encodings.whole if encodings else None,

@@ -70,3 +70,29 @@ def masks_for(labels: torch.Tensor, indices: list[int]) -> torch.Tensor:
         return torch.zeros(labels.shape, dtype=torch.float32)
     idx = torch.tensor(indices, device=labels.device)
     return torch.isin(labels, idx).float()
+
+
+def track_color(track_id: int) -> np.ndarray:
+    """The colour of a tracked object (uint8 [3]): fixed by its id, the same in every frame."""
+    return palette(track_id + 1)[track_id]
+
+
+def render_tracks(image: np.ndarray, objects: list, alpha: float = 0.5) -> np.ndarray:
+    """A frame (RGB uint8) with each object, given as (id, observation with `box` and `mask()`), in its id's
+    colour and its id written at the top left of its box."""
+    import cv2
+
+    out = image.copy()
+    for track_id, obs in objects:
+        x1, y1, x2, y2 = obs.box
+        crop, mask = out[y1:y2, x1:x2], obs.mask()
+        crop[mask] = overlay(crop[mask], np.broadcast_to(track_color(track_id), crop[mask].shape), alpha)
+    scale = max(0.45, min(image.shape[:2]) / 700)  # readable on a small frame, in proportion on a large one
+    thick = max(1, round(scale * 2))
+    for track_id, obs in objects:  # the numbers over every object's colour
+        x1, y1 = obs.box[:2]
+        text, org = str(track_id), (x1 + 1, y1 + round(13 * scale / 0.45))
+        cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
+        cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, tuple(int(c) for c in track_color(track_id)),
+                    thick, cv2.LINE_AA)
+    return out

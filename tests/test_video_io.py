@@ -1,0 +1,127 @@
+"""Clips in and out (trident_core.video_io): round trips through the writers and each reader, natural frame order,
+and one clear error naming the file and the frame for every kind of bad clip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from video_scenes import scenes
+
+from trident_core import video_io
+from trident_core.video_io import FrameFolder, VideoError, VideoWriter, is_clip, open_clip
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[np.ndarray]:
+    return [img for img, _, _ in scenes((48, 64))["crossing"].render()[:6]]
+
+
+def test_video_round_trip(frames, tmp_path):
+    path = tmp_path / "clip.mp4"
+    with VideoWriter(path, 12.0, frames[0].shape[:2]) as w:
+        for f in frames:
+            w.write(f)
+    assert is_clip(path) and [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+    clip = open_clip(path)
+    assert (clip.size, clip.frames, clip.fps) == ((48, 64), 6, 12.0)
+    back = list(clip)
+    assert len(back) == 6 and all(b.dtype == np.uint8 and b.shape == (48, 64, 3) for b in back)
+    for a, b in zip(frames, back):  # MPEG-4 is lossy, the colours stay (RGB order kept)
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 12
+
+
+def test_binary_masks_survive_the_video_codec(tmp_path):
+    yy, xx = np.mgrid[0:60, 0:90]
+    masks = [(((xx - 20 - 5 * k) ** 2 + (yy - 30) ** 2) < 15 ** 2).astype(np.uint8) * 255 for k in range(8)]
+    with VideoWriter(tmp_path / "m.mp4", 24.0, (60, 90), color=False) as w:
+        for m in masks:
+            w.write(m)
+    back = list(open_clip(tmp_path / "m.mp4"))
+    assert all(np.array_equal(b[..., 0] >= 128, m > 0) for b, m in zip(back, masks))
+
+
+@pytest.mark.parametrize("ext", [".gif", ".webp"])
+def test_animated_images_are_clips(frames, tmp_path, ext):
+    path = tmp_path / f"a{ext}"
+    pil = [Image.fromarray(f) for f in frames]
+    extra = {"lossless": True} if ext == ".webp" else {}
+    pil[0].save(path, save_all=True, append_images=pil[1:], duration=50, loop=0, **extra)
+    clip = open_clip(path)
+    assert is_clip(path) and (clip.size, clip.frames, clip.fps) == ((48, 64), 6, 20.0)
+    back = list(clip)
+    if ext == ".webp":
+        assert all(np.array_equal(a, b) for a, b in zip(frames, back))
+    else:  # a GIF has a palette of 256 colours
+        assert len(back) == 6 and all(np.abs(a.astype(int) - b.astype(int)).mean() < 12 for a, b in zip(frames, back))
+    single = tmp_path / f"one{ext}"
+    pil[0].save(single)
+    assert not is_clip(single)
+
+
+def test_a_folder_is_read_in_natural_order(frames, tmp_path):
+    for k, f in enumerate(frames):
+        Image.fromarray(f).save(tmp_path / f"frame{k * 5}.png")  # frame0, frame5, frame10, ...
+    (tmp_path / ".hidden.png").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not a frame")
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(frames[0]).save(tmp_path / "sub" / "frame1.png")
+    clip = open_clip(tmp_path, folder_fps=30)
+    assert (clip.frames, clip.fps, clip.size) == (6, 30, (48, 64))
+    assert all(np.array_equal(a, b) for a, b in zip(frames, clip))
+
+
+def test_png_frames_appear_complete(tmp_path):
+    seq = FrameFolder(tmp_path / "masks" / "000_a")
+    for k in range(3):
+        seq.write(np.full((4, 5), 80 * k, np.uint8))
+    assert not (tmp_path / "masks" / "000_a").exists()
+    seq.close()
+    names = sorted(p.name for p in (tmp_path / "masks" / "000_a").iterdir())
+    assert names == ["000000.png", "000001.png", "000002.png"]
+    assert np.array(Image.open(tmp_path / "masks" / "000_a" / "000002.png")).max() == 160
+    aborted = FrameFolder(tmp_path / "x")
+    aborted.write(np.zeros((4, 5), np.uint8))
+    aborted.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks"]
+
+
+def test_an_interrupted_video_leaves_no_file(frames, tmp_path):
+    with pytest.raises(RuntimeError), VideoWriter(tmp_path / "v.mp4", 10, (48, 64)) as w:
+        w.write(frames[0])
+        raise RuntimeError("stop")
+    assert list(tmp_path.iterdir()) == []
+    with VideoWriter(tmp_path / "v.mp4", 10, (48, 64)) as w, pytest.raises(ValueError, match="a 48x32 frame"):
+        w.write(frames[0][:32, :48])
+
+
+def test_bad_clips_are_one_line_naming_file_and_frame(frames, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(VideoError, match="empty: no frames"):
+        open_clip(empty)
+    fake = tmp_path / "fake.mp4"
+    fake.write_text("this is not a video")
+    with pytest.raises(VideoError, match="fake.mp4: cannot open it as a video|fake.mp4: no frame"):
+        open_clip(fake)
+    with pytest.raises(VideoError, match="no such video"):
+        open_clip(tmp_path / "missing.mp4")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for k, f in enumerate(frames[:3]):
+        Image.fromarray(f if k != 2 else f[:40]).save(folder / f"{k}.png")
+    clip = open_clip(folder)
+    with pytest.raises(VideoError, match=r"2\.png is 64x40 pixels, the clip's first frame 64x48"):
+        list(clip)
+    (folder / "3.png").write_bytes(b"broken")
+    (folder / "2.png").unlink()
+    with pytest.raises(VideoError, match=r"frame .*3\.png"):
+        list(open_clip(folder))
+    monkeypatch.setattr(video_io, "MAX_PIXELS", 1000)
+    path = tmp_path / "big.mp4"
+    with VideoWriter(path, 10, (48, 64)) as w:
+        w.write(frames[0])
+    with pytest.raises(VideoError, match="megapixels"):
+        open_clip(path)
+    for err in (VideoError("x"),):
+        assert str(err).count("\n") == 0

@@ -1,0 +1,295 @@
+"""Video clips in and out, one frame at a time (never a whole clip in memory).
+
+Read: video files through OpenCV (FFmpeg), animated GIF/WebP through PIL, a folder of frames in natural order
+(`frame2.png` before `frame10.png`); every frame RGB uint8 of the first frame's size. A clip without frames, one
+that cannot be decoded or a frame of another size is a `VideoError`: one line naming the file and the frame.
+Write: MPEG-4 Part 2 video (`mp4v` in .mp4, the encoder every OpenCV wheel has; binary masks survive it: read back
+and thresholded at 128 they are exact) under a temporary name, renamed when complete; PNG sequences into a
+temporary folder, renamed when complete."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .atomic import partial_name, remove_partials, replace_folder
+from .image import MAX_PIXELS, ImageError, read_image
+from .image_list import IMAGE_EXTENSIONS
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
+ANIMATED_EXTENSIONS = (".gif", ".webp")
+FOLDER_FPS = 24.0  # a folder of frames has no frame rate of its own
+DEFAULT_FPS = 10.0  # an animated image without frame durations
+
+
+class VideoError(ImageError):
+    """A clip that cannot be read as one: no frames, an undecodable file, frames of different sizes."""
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """A folder's entries named as image files (not sub-folders, hidden ones left out) in natural order; a
+    dangling link or a pipe among them is kept, to be reported by `open_clip`, not dropped (which shifts the clip)."""
+    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()
+             and not p.name.startswith(".")]
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+def is_clip(path: str | os.PathLike) -> bool:
+    """Whether a file is a clip: a video file, or a GIF/WebP with more than one frame."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    if p.suffix.lower() in VIDEO_EXTENSIONS:
+        return True
+    if p.suffix.lower() not in ANIMATED_EXTENSIONS:
+        return False
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                return getattr(im, "n_frames", 1) > 1
+    except Image.DecompressionBombError:
+        return True  # (open_clip refuses its size in one line)
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A clip to read: its path (a file or a folder of frames), frame rate, frame size (H, W) and number of frames
+    (the container's count for video files, which may be an estimate). Iterating reads the frames one by one."""
+
+    path: Path
+    fps: float
+    size: tuple[int, int]
+    frames: int
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        decoded = 0
+        for where, frame in _frames(self.path):
+            if frame.shape[:2] != self.size:
+                raise VideoError(f"{where} is {frame.shape[1]}x{frame.shape[0]} pixels, the clip's first frame "
+                                 f"{self.size[1]}x{self.size[0]}: a clip's frames must have one size")
+            decoded += 1
+            yield frame
+        if not decoded:
+            raise VideoError(f"{self.path}: no frame could be decoded (an empty clip, or a codec this OpenCV "
+                             "cannot decode)")
+        if decoded < self.frames - _count_slack(self.path, self.frames):
+            raise VideoError(f"{self.path}: frame {decoded} cannot be decoded, {decoded} of the {self.frames} frames "
+                             "its header declares: the file is cut short or damaged")
+
+
+def _count_slack(path: Path, count: int) -> int:
+    """Frames a whole file may fall short of its declared count: none where the container counts its frames
+    (MP4, MOV, AVI; one for a last frame some encoders declare but leave empty), 5 % where FFmpeg estimates the
+    count from the duration (WebM, Matroska); folders and animated images are counted exactly."""
+    if path.is_dir() or path.suffix.lower() in ANIMATED_EXTENSIONS:
+        return 0
+    return 1 if path.suffix.lower() in (".mp4", ".mov", ".m4v", ".avi") else max(1, count // 20)
+
+
+def open_clip(path: str | os.PathLike, folder_fps: float = FOLDER_FPS) -> Clip:
+    """A clip's description, its first frame read to check that it decodes (a VideoError in one line if not)."""
+    p = Path(path)
+    if p.is_dir():
+        files = frame_files(p)
+        if not files:
+            raise VideoError(f"{p}: no frames (image files {', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        for f in files:
+            if not f.is_file():
+                raise VideoError(f"frame {f}: not a readable image file (a dangling link, a pipe or a device); "
+                                 "put the frame back or remove the entry")
+        fps, count = folder_fps, len(files)
+    elif not p.is_file():
+        raise VideoError(f"{p}: no such video file or folder of frames")
+    elif p.suffix.lower() in ANIMATED_EXTENSIONS:
+        fps, count = _animated_info(p)
+    else:
+        fps, count = _video_info(p)
+    for _where, first in _frames(p):
+        return Clip(p, fps, first.shape[:2], count)
+    raise VideoError(f"{p}: no frame could be decoded (an empty clip, or a codec this OpenCV cannot decode)")
+
+
+def _frames(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(where, frame) for each frame of a folder, an animated image or a video file."""
+    if path.is_dir():
+        return _folder_frames(path)
+    if path.suffix.lower() in ANIMATED_EXTENSIONS:
+        return _animated_frames(path)
+    return _video_frames(path)
+
+
+def _folder_frames(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    for f in frame_files(folder):
+        try:
+            yield str(f), read_image(f)
+        except ImageError as e:
+            raise VideoError(f"frame {f}: {e}") from e
+
+
+def _animated_info(path: Path) -> tuple[float, int]:
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # (our own limit: _check_pixels)
+            im = Image.open(path)
+        with im:
+            w, h = im.size
+            if w * h <= MAX_PIXELS:  # (refused below, before a frame is decoded)
+                im.load()  # (WebP tells a frame's duration once it is decoded)
+            duration = im.info.get("duration") or 0
+            count = getattr(im, "n_frames", 1)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise VideoError(f"{path}: cannot read it as an animated image ({e})") from e
+    _check_pixels(path, w, h)
+    return (1000.0 / duration if duration else DEFAULT_FPS), count
+
+
+def _animated_frames(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # (its size was checked by open_clip)
+        im = Image.open(path)
+    with im:
+        for k in range(getattr(im, "n_frames", 1)):
+            try:
+                im.seek(k)
+                frame = np.asarray(im.convert("RGB"))
+            except (OSError, ValueError, EOFError) as e:
+                raise VideoError(f"{path}: frame {k} cannot be decoded ({e})") from e
+            yield f"{path}: frame {k}", frame
+
+
+def _capture(path: Path) -> cv2.VideoCapture:
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # our one line, not FFmpeg's
+    try:
+        cap = cv2.VideoCapture(str(path))
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+    if not cap.isOpened():
+        raise VideoError(f"{path}: cannot open it as a video (not a video, or a container/codec this OpenCV cannot "
+                         "read; convert it to H.264 .mp4 or to a folder of PNG frames)")
+    return cap
+
+
+def _video_info(path: Path) -> tuple[float, int]:
+    cap = _capture(path)
+    try:
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        count = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+    finally:
+        cap.release()
+    _check_pixels(path, w, h)
+    return (fps if fps and np.isfinite(fps) and fps > 0 else FOLDER_FPS), count
+
+
+def _video_frames(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    cap = _capture(path)
+    try:
+        k = 0
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                return
+            yield f"{path}: frame {k}", cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            k += 1
+    finally:
+        cap.release()
+
+
+def _check_pixels(path: Path, w: int, h: int) -> None:
+    if w * h > MAX_PIXELS:
+        raise VideoError(f"{path}: frames of {w}x{h} pixels, more than {MAX_PIXELS // 10**6} megapixels; downscale "
+                         "the clip first")
+
+
+class VideoWriter:
+    """A video file written frame by frame (RGB or grey uint8 frames of one size), under a temporary name until
+    `close()` has read it back whole (OpenCV's encoder reports no write error: a full disk would leave a video
+    cut short); `abort()` (or leaving a `with` block by an exception) removes it."""
+
+    def __init__(self, path: Path, fps: float, size: tuple[int, int], color: bool = True) -> None:
+        self.path, self.size, self.color, self.count = Path(path), tuple(size), color, 0
+        remove_partials(self.path)
+        self.tmp = partial_name(self.path).with_name(partial_name(self.path).name + self.path.suffix)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        h, w = self.size
+        self._writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h),
+                                       isColor=color)
+        if not self._writer.isOpened():
+            raise OSError(f"cannot write the video {self.path}: this OpenCV has no MPEG-4 (mp4v) encoder or the "
+                          "folder cannot be written")
+
+    def write(self, frame: np.ndarray) -> None:
+        if frame.shape[:2] != self.size:
+            raise ValueError(f"a {frame.shape[1]}x{frame.shape[0]} frame for the {self.size[1]}x{self.size[0]} "
+                             f"video {self.path}")
+        self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) if self.color else frame)
+        self.count += 1
+
+    def close(self) -> None:
+        self._writer.release()
+        try:
+            cap = _capture(self.tmp)
+            readable = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            cap.release()
+        except VideoError:
+            readable = 0
+        if readable != self.count:
+            self.tmp.unlink(missing_ok=True)
+            raise OSError(f"writing the video {self.path} failed: {readable} of its {self.count} frames can be read "
+                          "back (is the disk full?)")
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._writer.release()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, kind, *_exc) -> None:
+        self.abort() if kind is not None else self.close()
+
+
+class FrameFolder:
+    """A PNG sequence (000000.png, 000001.png, ...) written into a temporary folder, put in place by `close()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        remove_partials(self.path)
+        self.tmp = partial_name(self.path)
+        self.tmp.mkdir(parents=True)
+        self.count = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        from .outputs import save_png
+
+        save_png(frame, self.tmp / f"{self.count:06d}.png", compress_level=1)  # signed: ours (marker.py)
+        self.count += 1
+
+    def close(self) -> None:
+        replace_folder(self.tmp, self.path)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
