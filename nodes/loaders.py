@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..trident_core.devices import PRECISIONS, resolve_dtype
+from ..trident_core.devices import CPU_BF16_TRADE, PRECISIONS, resolve_dtype
 from ..trident_core.download import DEFAULT_FILES, ModelFileMissing, ensure_file
 from ..trident_core.models import load_clip, load_dino, load_sam
 from . import sockets as T
@@ -56,8 +56,9 @@ class _Loader:
             "precision": (list(PRECISIONS), {
                 "default": "auto",
                 "tooltip": "Weight precision: auto = ComfyUI's choice for the device (fp16 where it is fast, "
-                           "bf16 or fp32 otherwise; --force-fp32 / --force-fp16 apply), fp32 on the CPU "
-                           "(fp16/bf16 need a GPU)."}),
+                           "bf16 or fp32 otherwise; --force-fp32 / --force-fp16 apply), fp32 on the CPU (exact). "
+                           "bf16 on a CPU that computes bfloat16 natively (AVX512-BF16/AMX, Arm BF16): "
+                           f"{CPU_BF16_TRADE}. fp16 needs a GPU."}),
             "allow_download": ("BOOLEAN", {
                 "default": True,
                 "tooltip": "Download a known missing file from its official source into the first "
