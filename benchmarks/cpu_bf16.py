@@ -3,11 +3,12 @@
 
 For each case (voc21 on 1024x1024 without refinement, context59 on 1024x1024 with refinement, city_scapes on
 2048x1024 with its 1x2 SAM tiles) and each precision (fp32 first, then bf16), `python -m trident_core segment` runs
-on --images distinct images with the preset's class list and `--save-npz`; its per-image time is read from the
-arrival of its progress lines, after the first image (benchmarks/many_images.py), its peak resident memory is the
-child's ru_maxrss. voc21 then runs a second time per precision with the text-embedding cache warm: its wall time is
-the whole-process figure. Agreement: bf16's labels against fp32's, pixel for pixel, and the largest difference of
-the class probabilities (and of the coarse ones before refinement), over every image of the case.
+on --images distinct images with the preset's class list and `--save-npz` (a fresh process; its peak resident
+memory is the child's ru_maxrss). Agreement: bf16's labels against fp32's, pixel for pixel, and the largest
+difference of the class probabilities (and of the coarse ones before refinement), over every image of the case.
+Speed: voc21 runs once more per precision, back to back, without `--save-npz` (writing the raw arrays costs both
+precisions the same seconds) and with the text-embedding cache warm: its per-image time is read from the arrival
+of its progress lines, after the first image (benchmarks/many_images.py), its wall time is the whole process.
 
     python benchmarks/cpu_bf16.py [--ckpt-dir DIR] [--images 3] [--cases voc21,context59,city_scapes] [--json F]
 
@@ -53,16 +54,18 @@ def case_images(work: Path, case: str, n: int) -> list[Path]:
     return out
 
 
-def segment(case: str, precision: str, images: list[Path], ckpt: dict, cache: Path, work: Path, tag: str) -> dict:
-    """The command line on `images` in a fresh process: wall time, peak memory, per-image time; npz per image."""
-    out, npz = work / f"out_{tag}", work / f"npz_{tag}"
-    for folder in (out, npz):
+def segment(case: str, precision: str, images: list[Path], ckpt: dict, cache: Path, work: Path, tag: str,
+            npz: bool = True) -> dict:
+    """The command line on `images` in a fresh process: wall time, peak memory, per-image time; an npz per image
+    (into npz_<tag>/) when `npz`."""
+    out, arrays = work / f"out_{tag}", work / f"npz_{tag}"
+    for folder in (out, arrays):
         shutil.rmtree(folder, ignore_errors=True)
     refine = CASES[case][1]
     argv = [sys.executable, "-m", "trident_core", "segment", *map(str, images), "--preset", case,
             "--refine" if refine else "--no-refine", "--clip", str(ckpt["clip"]), "--dino", str(ckpt["dino"]),
             "--sam", str(ckpt["sam"]), "--no-download", "--precision", precision, "--device", "cpu",
-            "--out", str(out), "--save-npz", f"{npz}/"]
+            "--out", str(out), *(["--save-npz", f"{arrays}/"] if npz else [])]
     env = {"TRIDENT_CACHE": str(cache), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     print(f"{tag}: {len(images)} image(s) ...", flush=True)
     r = run_process(argv, env, work / f"log_{tag}.txt")
@@ -104,15 +107,16 @@ def targets(m: dict) -> list[dict]:
                      "status": "n/a" if ok is None else "PASS" if ok else "FAIL", "info": info})
 
     runs = m["runs"]
-    fp, bf = runs.get("voc21_fp32", {}), runs.get("voc21_bf16", {})
+    fp, bf = runs.get("voc21_fp32_timed", {}), runs.get("voc21_bf16_timed", {})
     speed = fp.get("per_image_s") / bf["per_image_s"] if fp.get("per_image_s") and bf.get("per_image_s") else None
     row("voc21 per image: fp32 / bf16", speed and round(speed, 2), LIMITS["speedup"], "x", True,
         f"{fp.get('per_image_s')} s / {bf.get('per_image_s')} s")
-    fw, bw = runs.get("voc21_fp32_warm", {}), runs.get("voc21_bf16_warm", {})
-    whole = fw["wall_s"] / bw["wall_s"] if fw.get("wall_s") and bw.get("wall_s") else None
-    row("voc21 whole process (warm text cache): fp32 / bf16", whole and round(whole, 2), LIMITS["speedup"], "x",
-        True,
-        f"{fw.get('wall_s')} s / {bw.get('wall_s')} s (information: start and load do not shrink)")
+    whole = fp["wall_s"] / bf["wall_s"] if fp.get("wall_s") and bf.get("wall_s") else None
+    row(f"voc21 whole process, {m.get('images')} images: fp32 / bf16", whole and round(whole, 2), LIMITS["speedup"],
+        "x", True, f"{fp.get('wall_s')} s / {bf.get('wall_s')} s (warm text cache)")
+    if fp.get("peak_mb") and bf.get("peak_mb"):
+        row("voc21 peak memory (no npz): bf16 - fp32", round(bf["peak_mb"] - fp["peak_mb"], 1), 0.0, "MB", False,
+            f"{fp['peak_mb']} / {bf['peak_mb']} MB")
     for case, agree in m["agreement"].items():
         row(f"{case} labels equal to fp32", agree["labels_equal_pct"], LIMITS["labels_pct"], "%", True)
         row(f"{case} probabilities: largest difference", round(agree["max_diff_probs"], 5), LIMITS["probs"], "",
@@ -158,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             m["runs"][f"{case}_{p}"] = segment(case, p, images, ckpt, caches[p], work, f"{case}_{p}")
         if case == "voc21":
             for p in PRECISIONS:
-                m["runs"][f"{case}_{p}_warm"] = segment(case, p, images, ckpt, caches[p], work, f"{case}_{p}_warm")
+                m["runs"][f"{case}_{p}_timed"] = segment(case, p, images, ckpt, caches[p], work, f"{case}_{p}_timed",
+                                                         npz=False)
         m["agreement"][case] = agreement(work, case)
         print("   ", case, json.dumps(m["agreement"][case]), flush=True)
     m["targets"] = targets(m)

@@ -253,3 +253,43 @@ def test_the_converted_copy_is_made_once_and_mapped_by_later_loads(small_ckpts, 
     float32 = load_sam(small_ckpts["sam"], "cpu", torch.float32, tmp_path / "other")
     assert not (tmp_path / "other").exists()  # nothing to convert, nothing kept
     assert all(torch.equal(p, file[n]) for n, p in float32.model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def bf16_trident(full_ckpts):
+    if devices.cpu_bf16_refusal() is not None:
+        pytest.skip(f"bf16 is refused on this CPU: {devices.cpu_bf16_refusal()}")
+    from trident_core import Trident
+
+    return Trident.from_files(full_ckpts["clip"], full_ckpts["dino"], full_ckpts["sam"], "cpu", "bf16")
+
+
+def test_bf16_agrees_with_the_reference_on_the_golden_cases(bf16_trident):
+    """The reference's float32 outputs (../shared/reference-golden) against bf16 on full-size weights: labels before
+    refinement equal on at least 99.5 % of pixels (#23's target), after it on 98.5 % (SAM's masks pass or fail their
+    thresholds whole: measured 98.98 % on astronaut_voc21_refine), class probabilities within 0.01 on 99.9 % of
+    pixels and within 0.1 everywhere (SAM's affinity thresholds its bfloat16 encoder's q, k, v: measured 0.071 at
+    worst on city_scapes; docs/performance-bf16.md)."""
+    import json
+
+    from conftest import GOLDEN
+    from test_golden import _classes
+
+    from trident_core import get_preset
+    from trident_core.classify import class_probs, upsample
+
+    for case in json.loads((GOLDEN / "cases.json").read_text()):
+        gold = np.load(GOLDEN / case["golden"])
+        classes = _classes(case)
+        params = get_preset(case["preset"]).params.update(refine=case["refine"])
+        seg = bf16_trident.segment(str(GOLDEN / case["image"]), classes, params)
+        coarse = (seg.labels_coarse if case["refine"] else seg.labels).numpy()
+        ref_coarse = gold["labels_coarse"] if case["refine"] else gold["labels"]
+        assert (coarse == ref_coarse).mean() >= 0.995, case["name"]
+        assert (seg.labels.numpy() == gold["labels"]).mean() >= 0.985, case["name"]
+        logits = torch.from_numpy(gold["grid_logits"])
+        ref_probs = class_probs(upsample(logits, tuple(case["image_size_hw"])), classes,
+                                params.classification.logit_scale)
+        diff = ((seg.probs_coarse if case["refine"] else seg.probs) - ref_probs).abs()
+        assert (diff < 0.01).float().mean() >= 0.999 and diff.max() < 0.1, case["name"]
+        assert 0 < (seg.grid_logits - logits).abs().max() < 0.03, case["name"]  # not float32's results either
