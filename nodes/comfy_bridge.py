@@ -1,9 +1,10 @@
 """Everything the nodes need from ComfyUI, imported lazily, with plain fallbacks so the nodes run without it.
 
-Inside ComfyUI: model folders from `folder_paths` (registered with `add_model_folder_path`, so users'
-extra_model_paths.yaml keeps working), devices and VRAM management from `comfy.model_management`, progress bars
-from `comfy.utils`. Without ComfyUI (tests, scripts): the CPU, no progress bar, and model folders under
-$TRIDENT_MODELS_DIR (default: trident_core's cache folder)."""
+Inside ComfyUI: the V3 node API (`comfy_api.latest`: `io`, `ComfyExtension`), model folders from `folder_paths`
+(registered with `add_model_folder_path`, so users' extra_model_paths.yaml keeps working), devices and VRAM
+management from `comfy.model_management`, progress bars from `comfy.utils`. Without ComfyUI (tests, scripts): our
+stand-in of the V3 API (v3_standin), the CPU, no progress bar, and model folders under $TRIDENT_MODELS_DIR (default:
+trident_core's cache folder)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,28 @@ def _comfy(name: str) -> ModuleType | None:
         return importlib.import_module(name)
     except ImportError:
         return None
+
+
+# ------------------------------------------------------------------------------------------------------- V3 API
+
+MIN_COMFYUI = "0.3.48"
+"""The first ComfyUI release with the V3 node API (comfy_api.latest) the nodes are written in."""
+
+
+def _v3_api() -> tuple[object, type, bool]:
+    """(io, ComfyExtension, True) from ComfyUI's comfy_api.latest, or from our stand-in with False."""
+    api = _comfy("comfy_api.latest")
+    if api is None:
+        from . import v3_standin as api
+    return api.io, api.ComfyExtension, api.__name__ == "comfy_api.latest"
+
+
+io, ComfyExtension, COMFY_V3 = _v3_api()
+
+
+def comfyui_without_v3() -> bool:
+    """True inside a ComfyUI older than MIN_COMFYUI: its modules are there, its V3 node API is not."""
+    return not COMFY_V3 and _comfy("folder_paths") is not None
 
 
 # ------------------------------------------------------------------------------------------------------ folders

@@ -18,101 +18,96 @@ from ..trident_core.inspection import (
     point_to_pixels,
 )
 from . import sockets as T
-from .comfy_bridge import each_image, intermediate_device
+from .comfy_bridge import each_image, intermediate_device, io
 
 A = AggregateConfig()  # the defaults of Splice & Aggregate
 
 
-def _out(*batches: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def _out(*batches: list[torch.Tensor]) -> io.NodeOutput:
     dev = intermediate_device()
-    return tuple(torch.stack(b).to(dev) for b in batches)
+    return io.NodeOutput(*(torch.stack(b).to(dev) for b in batches))
 
 
-class InspectFeatures:
+class InspectFeatures(io.ComfyNode):
     """PCA picture of a feature map."""
 
-    CATEGORY = T.CATEGORY
-    FUNCTION = "inspect"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("pca",)
-    OUTPUT_TOOLTIPS = ("The first three principal components of the tokens as red, green and blue.",)
-    DESCRIPTION = ("Shows a feature map as colours: tokens with similar features get similar colours. Compare "
-                   "splice_then_segment with segment_then_splice, or the correlation modes.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return T.schema(
+            "TridentInspectFeatures", "Trident Inspect Features (PCA)",
+            ("Shows a feature map as colours: tokens with similar features get similar colours. Compare "
+             "splice_then_segment with segment_then_splice, or the correlation modes."),
+            inputs=[T.FEATURE_MAP.Input("feature_map", tooltip="From Trident Splice & Aggregate.")],
+            outputs=[T.output(io.Image, "pca",
+                              "The first three principal components of the tokens as red, green and blue.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {"feature_map": (T.FEATURE_MAP, {"tooltip": "From Trident Splice & Aggregate."})}}
-
-    def inspect(self, feature_map: list) -> tuple[torch.Tensor]:
+    def execute(cls, feature_map: list) -> io.NodeOutput:
         return _out(each_image(lambda fm, _progress: pca_rgb(fm.features, fm.image_size),
                                T.items(feature_map, "feature map")))
 
 
-class InspectClassProbability:
+class InspectClassProbability(io.ComfyNode):
     """Heat map of one class's probability."""
 
-    CATEGORY = T.CATEGORY
-    FUNCTION = "inspect"
-    RETURN_TYPES = ("IMAGE", "MASK")
-    RETURN_NAMES = ("heat_map", "probability")
-    OUTPUT_TOOLTIPS = ("The class's probability as colours (black 0, yellow 1).", "The probability as a MASK.")
-    DESCRIPTION = "Shows how sure the segmentation is of one class at every pixel, before or after SAM refinement."
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return T.schema(
+            "TridentInspectClassProbability", "Trident Inspect Class Probability",
+            ("Shows how sure the segmentation is of one class at every pixel, before or after SAM "
+             "refinement."),
+            inputs=[
+                T.SEGMENTATION.Input("segmentation", tooltip=T.SEGMENTATION_TIP),
+                io.String.Input("class_name", default="person", tooltip="One class's name (any synonym, any case)."),
+                io.Boolean.Input("coarse", default=False, tooltip="Show the probability from before SAM refinement "
+                                                                  "(the same map when there was no refinement)."),
+            ],
+            outputs=[T.output(io.Image, "heat_map", "The class's probability as colours (black 0, yellow 1)."),
+                     T.output(io.Mask, "probability", "The probability as a MASK.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "segmentation": (T.SEGMENTATION, {"tooltip": "From Trident Segment, Classify or SAM Refine."}),
-            "class_name": ("STRING", {"default": "person", "tooltip": "One class's name (any synonym, any case)."}),
-            "coarse": ("BOOLEAN", {"default": False, "tooltip": "Show the probability from before SAM refinement "
-                                                               "(the same map when there was no refinement)."}),
-        }}
-
-    def inspect(self, segmentation: list, class_name: str, coarse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def execute(cls, segmentation: list, class_name: str, coarse: bool) -> io.NodeOutput:
         probs = each_image(lambda seg, _progress: class_probability(seg, class_name, coarse),
                            T.items(segmentation, "segmentation"))
         return _out([heat_rgb(p) for p in probs], [p.cpu() for p in probs])
 
 
-class InspectPointAffinity:
+class InspectPointAffinity(io.ComfyNode):
     """Heat map of one pixel's SAM affinity."""
 
-    CATEGORY = T.CATEGORY
-    FUNCTION = "inspect"
-    RETURN_TYPES = ("IMAGE", "MASK")
-    RETURN_NAMES = ("heat_map", "affinity")
-    OUTPUT_TOOLTIPS = ("The chosen token's correlation with every other token (scaled to max 1), point ringed.",
-                       "The same values as a MASK.")
-    DESCRIPTION = ("Shows which pixels SAM's affinity lets one point draw features from (the paper's Figure 3): "
-                   "the row of the correlation matrix at the token under (x, y).")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return T.schema(
+            "TridentInspectPointAffinity", "Trident Inspect Point Affinity",
+            ("Shows which pixels SAM's affinity lets one point draw features from (the paper's Figure "
+             "3): the row of the correlation matrix at the token under (x, y)."),
+            inputs=[
+                T.FEATURE_MAP.Input("feature_map", tooltip="From Trident Splice & Aggregate (the image's size)."),
+                T.SAM.Input("sam", tooltip="The SAM model from Trident Load SAM."),
+                io.Float.Input("x", default=0.5, min=0.0, max=16384.0, step=0.01,
+                               tooltip="Horizontal position: a fraction of the width (0..1) or pixels (see units)."),
+                io.Float.Input("y", default=0.5, min=0.0, max=16384.0, step=0.01,
+                               tooltip="Vertical position: a fraction of the height (0..1) or pixels (see units)."),
+                io.Combo.Input("units", options=list(POINT_UNITS), default="fraction",
+                               tooltip="Whether x and y are fractions of the image's size or pixels."),
+                io.Combo.Input("correlation", options=[c for c in CORRELATIONS if c != "none"], default=A.correlation,
+                               tooltip="Which correlation to show (affinity is the method's)."),
+                *T.aggregation_inputs("Threshold factor of the affinity, as in Splice & Aggregate.",
+                                      "As in Splice & Aggregate."),
+                io.Image.Input("image", tooltip="The segmented image; SAM encodes it (one tile) when no sam_encoding "
+                                                "is connected.", optional=True),
+                T.SAM_ENCODING.Input("sam_encoding", tooltip="Splice & Aggregate's sam_encoding: its SAM tiles are "
+                                                             "shown as they were used, without encoding again.",
+                                     optional=True),
+            ],
+            outputs=[T.output(io.Image, "heat_map", "The chosen token's correlation with every other token (scaled "
+                                                    "to max 1), point ringed."),
+                     T.output(io.Mask, "affinity", "The same values as a MASK.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "feature_map": (T.FEATURE_MAP, {"tooltip": "From Trident Splice & Aggregate (the image's size)."}),
-            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM."}),
-            "x": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 16384.0, "step": 0.01,
-                            "tooltip": "Horizontal position: a fraction of the width (0..1) or pixels (see units)."}),
-            "y": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 16384.0, "step": 0.01,
-                            "tooltip": "Vertical position: a fraction of the height (0..1) or pixels (see units)."}),
-            "units": (list(POINT_UNITS), {"default": "fraction", "tooltip": "Whether x and y are fractions of the "
-                                                                          "image's size or pixels."}),
-            "correlation": ([c for c in CORRELATIONS if c != "none"], {
-                "default": A.correlation, "tooltip": "Which correlation to show (affinity is the method's)."}),
-            "cos_fac": ("FLOAT", {"default": A.cos_fac, "min": -10.0, "max": 10.0, "step": 0.05,
-                                  "tooltip": "Threshold factor of the affinity, as in Splice & Aggregate."}),
-            "refine_neg_cos": ("BOOLEAN", {"default": A.refine_neg_cos,
-                                           "tooltip": "As in Splice & Aggregate."}),
-        }, "optional": {
-            "image": ("IMAGE", {"tooltip": "The segmented image; SAM encodes it (one tile) when no sam_encoding "
-                                           "is connected."}),
-            "sam_encoding": (T.SAM_ENCODING, {"tooltip": "Splice & Aggregate's sam_encoding: its SAM tiles are "
-                                                         "shown as they were used, without encoding again."}),
-        }}
-
-    def inspect(self, feature_map: list, sam: T.ModelHandle, x: float, y: float, units: str, correlation: str,
-                cos_fac: float, refine_neg_cos: bool,
-                image: torch.Tensor | None = None,
-                sam_encoding: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def execute(cls, feature_map: list, sam: T.ModelHandle, x: float, y: float, units: str, correlation: str,
+                cos_fac: float, refine_neg_cos: bool, image: torch.Tensor | None = None,
+                sam_encoding: list | None = None) -> io.NodeOutput:
         T.items(feature_map, "feature map")
         if image is not None:
             T.images(image)
@@ -137,9 +132,4 @@ class InspectPointAffinity:
         return _out(list(heat), list(values))
 
 
-NODE_CLASS_MAPPINGS = {"TridentInspectFeatures": InspectFeatures,
-                       "TridentInspectClassProbability": InspectClassProbability,
-                       "TridentInspectPointAffinity": InspectPointAffinity}
-NODE_DISPLAY_NAME_MAPPINGS = {"TridentInspectFeatures": "Trident Inspect Features (PCA)",
-                              "TridentInspectClassProbability": "Trident Inspect Class Probability",
-                              "TridentInspectPointAffinity": "Trident Inspect Point Affinity"}
+NODES = (InspectFeatures, InspectClassProbability, InspectPointAffinity)

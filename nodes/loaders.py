@@ -15,6 +15,7 @@ from .comfy_bridge import (
     compute_device,
     count_progress,
     find_model_file,
+    io,
     model_choices,
     model_folders,
     offload_device,
@@ -36,81 +37,92 @@ def resolve_model_file(role: str, name: str, allow_download: bool) -> Path:
         raise ModelFileMissing(f"{e} (ComfyUI model folder '{FOLDERS[role]}': {where})") from e
 
 
-class _Loader:
+class _Loader(io.ComfyNode):
     """Shared loader node: a file dropdown, the precision, and whether a missing file may be downloaded."""
 
     ROLE = ""
-    CATEGORY = T.CATEGORY
-    FUNCTION = "load"
+    NODE_ID = ""
+    TITLE = ""
+    SOCKET: object
+    SOCKET_TIP = ""
+    ABOUT = ""
     LOAD: Callable
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
+    def define_schema(cls) -> io.Schema:
         role, folder = cls.ROLE, FOLDERS[cls.ROLE]
-        return {"required": {
-            "model_name": (model_choices(role), {
-                "default": DEFAULT_FILES[role],
-                "tooltip": f"File in ComfyUI's models/{folder} folder (or any '{folder}' folder of "
-                           "extra_model_paths.yaml). Known files that are not there yet are listed too: they are "
-                           "downloaded on first use."}),
-            "precision": (list(PRECISIONS), {
-                "default": "auto",
-                "tooltip": "Weight precision: auto = ComfyUI's choice for the device (fp16 where it is fast, "
-                           "bf16 or fp32 otherwise; --force-fp32 / --force-fp16 apply), fp32 on the CPU (exact). "
-                           "bf16 on a CPU that computes bfloat16 natively (AVX512-BF16/AMX, Arm BF16): "
-                           f"{CPU_BF16_TRADE}. fp16 needs a GPU."}),
-            "allow_download": ("BOOLEAN", {
-                "default": True,
-                "tooltip": "Download a known missing file from its official source into the first "
-                           f"'{folder}' folder (never when TRIDENT_NO_DOWNLOAD=1 or HF_HUB_OFFLINE=1 is set)."}),
-        }}
+        return T.schema(
+            cls.NODE_ID, cls.TITLE, cls.ABOUT,
+            inputs=[
+                io.Combo.Input("model_name", options=model_choices(role), default=DEFAULT_FILES[role],
+                               tooltip=f"File in ComfyUI's models/{folder} folder (or any '{folder}' folder of "
+                                       "extra_model_paths.yaml). Known files that are not there yet are listed too: "
+                                       "they are downloaded on first use."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
+                               tooltip="Weight precision: auto = ComfyUI's choice for the device (fp16 where it is "
+                                       "fast, bf16 or fp32 otherwise; --force-fp32 / --force-fp16 apply), fp32 on "
+                                       "the CPU (exact, the reference's results). bf16 on the CPU trades exactness "
+                                       f"for speed: {CPU_BF16_TRADE}; it is refused on a CPU without native "
+                                       "bfloat16 (AVX512-BF16/AMX on x86, BF16 on Arm), where it would be slower. "
+                                       "fp16 needs a GPU."),
+                io.Boolean.Input("allow_download", default=True,
+                                 tooltip="Download a known missing file from its official source into the first "
+                                         f"'{folder}' folder (never when TRIDENT_NO_DOWNLOAD=1 or HF_HUB_OFFLINE=1 "
+                                         "is set)."),
+            ],
+            outputs=[T.output(cls.SOCKET, role, cls.SOCKET_TIP)])
 
-    def load(self, model_name: str, precision: str, allow_download: bool) -> tuple[T.ModelHandle]:
-        path = resolve_model_file(self.ROLE, model_name, allow_download)
+    @classmethod
+    def execute(cls, model_name: str, precision: str, allow_download: bool) -> io.NodeOutput:
+        path = resolve_model_file(cls.ROLE, model_name, allow_download)
         device = compute_device()
         dtype = resolve_dtype(precision, device, auto_dtype(device))
-        model = type(self).LOAD(path, offload_device(), dtype)
-        return (T.ModelHandle(model, wrap_model(model.model)),)
+        model = cls.LOAD(path, offload_device(), dtype)
+        return io.NodeOutput(T.ModelHandle(model, wrap_model(model.model)))
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name: str | None = None, **_: object) -> object:
+        """The selected file as it is on disk (a file replaced under the same name is loaded again)."""
+        found = find_model_file(cls.ROLE, model_name) if model_name else None
+        if found is None:
+            return None
+        stat = found.stat()
+        return str(found.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 class LoadClip(_Loader):
     """CLIP loader node."""
 
-    ROLE = "clip"
+    ROLE, NODE_ID, TITLE = "clip", "TridentLoadCLIP", "Trident Load CLIP"
     LOAD = staticmethod(load_clip)
-    RETURN_TYPES = (T.CLIP,)
-    RETURN_NAMES = ("clip",)
-    OUTPUT_TOOLTIPS = ("The CLIP model (open_clip ViT) Trident classifies with.",)
-    DESCRIPTION = ("Loads a CLIP ViT (open_clip state dict or OpenAI's ViT-B-16.pt) for Trident: its text tower "
-                   "encodes the class names, its image tower gives the window features. OpenAI weights run with "
-                   "QuickGELU as they were trained.")
+    SOCKET = T.CLIP
+    SOCKET_TIP = "The CLIP model (open_clip ViT) Trident classifies with."
+    ABOUT = ("Loads a CLIP ViT (open_clip state dict or OpenAI's ViT-B-16.pt) for Trident: its text tower encodes the "
+             "class names, its image tower gives the window features. OpenAI weights run with QuickGELU as they were "
+             "trained.")
 
 
 class LoadDino(_Loader):
     """DINO loader node."""
 
-    ROLE = "dino"
+    ROLE, NODE_ID, TITLE = "dino", "TridentLoadDINO", "Trident Load DINO"
     LOAD = staticmethod(load_dino)
-    RETURN_TYPES = (T.DINO,)
-    RETURN_NAMES = ("dino",)
-    OUTPUT_TOOLTIPS = ("The DINO ViT whose attention guides CLIP inside each window.",)
-    DESCRIPTION = ("Loads a DINO v1 ViT (dino_vitbase16_pretrain.pth or the smaller dino_deitsmall16_pretrain.pth) "
-                   "for Trident: its token similarities replace CLIP's last attention inside each window.")
+    SOCKET = T.DINO
+    SOCKET_TIP = "The DINO ViT whose attention guides CLIP inside each window."
+    ABOUT = ("Loads a DINO v1 ViT (dino_vitbase16_pretrain.pth or the smaller dino_deitsmall16_pretrain.pth) for "
+             "Trident: its token similarities replace CLIP's last attention inside each window.")
 
 
 class LoadSam(_Loader):
     """SAM loader node."""
 
-    ROLE = "sam"
+    ROLE, NODE_ID, TITLE = "sam", "TridentLoadSAM", "Trident Load SAM"
     LOAD = staticmethod(load_sam)
-    RETURN_TYPES = (T.SAM,)
-    RETURN_NAMES = ("sam",)
-    OUTPUT_TOOLTIPS = ("The Segment Anything model (affinity for aggregation, masks for refinement).",)
-    DESCRIPTION = ("Loads Segment Anything (sam_vit_b/l/h from the shared 'sams' folder) for Trident: its "
-                   "encoder's last-block affinity spreads the spliced features over the whole image, and its mask "
-                   "decoder refines the coarse segmentation.")
+    SOCKET = T.SAM
+    SOCKET_TIP = "The Segment Anything model (affinity for aggregation, masks for refinement)."
+    ABOUT = ("Loads Segment Anything (sam_vit_b/l/h from the shared 'sams' folder) for Trident: its encoder's "
+             "last-block affinity spreads the spliced features over the whole image, and its mask decoder refines the "
+             "coarse segmentation.")
 
 
-NODE_CLASS_MAPPINGS = {"TridentLoadCLIP": LoadClip, "TridentLoadDINO": LoadDino, "TridentLoadSAM": LoadSam}
-NODE_DISPLAY_NAME_MAPPINGS = {"TridentLoadCLIP": "Trident Load CLIP", "TridentLoadDINO": "Trident Load DINO",
-                              "TridentLoadSAM": "Trident Load SAM"}
+NODES = (LoadClip, LoadDino, LoadSam)

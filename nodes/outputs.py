@@ -11,7 +11,7 @@ from ..trident_core.classes import class_indices
 from ..trident_core.image import to_rgb_uint8
 from ..trident_core.render import masks_for, preview
 from . import sockets as T
-from .comfy_bridge import each_image, intermediate_device
+from .comfy_bridge import each_image, intermediate_device, io
 
 
 def _image(rgb: np.ndarray) -> torch.Tensor:
@@ -19,28 +19,29 @@ def _image(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(rgb).float() / 255.0
 
 
-class SegmentationToMasks:
+class SegmentationToMasks(io.ComfyNode):
     """Masks out of a segmentation."""
 
-    CATEGORY = T.CATEGORY
-    FUNCTION = "masks"
-    RETURN_TYPES = ("MASK", "MASK")
-    RETURN_NAMES = ("mask", "class_masks")
-    OUTPUT_TOOLTIPS = ("The union of the named classes, one mask per batch image [B, H, W].",
-                       "One mask per class in class order, for each batch image in turn [B x classes, H, W].")
-    DESCRIPTION = ("Turns a segmentation into MASKs at the image's size: the union of the classes you name (for "
-                   "inpainting, compositing...) and every class as its own mask.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return T.schema(
+            "TridentSegmentationToMasks", "Trident Segmentation to Masks",
+            ("Turns a segmentation into MASKs at the image's size: the union of the classes you name (for "
+             "inpainting, compositing...) and every class as its own mask."),
+            inputs=[
+                T.SEGMENTATION.Input("segmentation", tooltip=T.SEGMENTATION_TIP),
+                io.String.Input("classes", default="person",
+                                tooltip="Names of the classes to put in the mask, separated by commas or line breaks "
+                                        "(any synonym, any case). Empty = every class."),
+                io.Boolean.Input("invert", default=False,
+                                 tooltip="Invert the mask (everything but those classes)."),
+            ],
+            outputs=[T.output(io.Mask, "mask", "The union of the named classes, one mask per batch image [B, H, W]."),
+                     T.output(io.Mask, "class_masks", "One mask per class in class order, for each batch image in "
+                                                      "turn [B x classes, H, W].")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "segmentation": (T.SEGMENTATION, {"tooltip": "From Trident Segment, Classify or SAM Refine."}),
-            "classes": ("STRING", {"default": "person", "tooltip": "Names of the classes to put in the mask, "
-                                   "separated by commas or line breaks (any synonym, any case). Empty = every class."}),
-            "invert": ("BOOLEAN", {"default": False, "tooltip": "Invert the mask (everything but those classes)."}),
-        }}
-
-    def masks(self, segmentation: list, classes: str, invert: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def execute(cls, segmentation: list, classes: str, invert: bool) -> io.NodeOutput:
         segmentation = T.items(segmentation, "segmentation")
         size = tuple(segmentation[0].image_size)
         if any(tuple(seg.image_size) != size for seg in segmentation):
@@ -58,33 +59,31 @@ class SegmentationToMasks:
                 per_class[row + k] = masks_for(seg.labels, [k])
 
         each_image(one, range(len(segmentation)), segmentation, first_rows[:-1])
-        return unions, per_class
+        return io.NodeOutput(unions, per_class)
 
 
-class PreviewSegmentation:
+class PreviewSegmentation(io.ComfyNode):
     """Colour pictures of a segmentation."""
 
-    CATEGORY = T.CATEGORY
-    FUNCTION = "preview"
-    RETURN_TYPES = ("IMAGE", "IMAGE")
-    RETURN_NAMES = ("label_colors", "overlay")
-    OUTPUT_TOOLTIPS = ("One colour per class (unlabeled pixels black).", "The colours blended over the image.")
-    DESCRIPTION = ("Shows a segmentation as a colour label map and as an overlay on the image, each with a legend "
-                   "of the class colours below it (connect to Preview Image or Save Image).")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return T.schema(
+            "TridentPreviewSegmentation", "Trident Preview Segmentation",
+            ("Shows a segmentation as a colour label map and as an overlay on the image, each with a "
+             "legend of the class colours below it (connect to Preview Image or Save Image)."),
+            inputs=[
+                T.SEGMENTATION.Input("segmentation", tooltip=T.SEGMENTATION_TIP),
+                io.Image.Input("image", tooltip="The segmented image, for the overlay."),
+                io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="Opacity of the colours in the overlay."),
+                io.Boolean.Input("show_legend", default=True, tooltip="Add the class legend below both pictures "
+                                                                      "(off: pictures at the image's size)."),
+            ],
+            outputs=[T.output(io.Image, "label_colors", "One colour per class (unlabeled pixels black)."),
+                     T.output(io.Image, "overlay", "The colours blended over the image.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "segmentation": (T.SEGMENTATION, {"tooltip": "From Trident Segment, Classify or SAM Refine."}),
-            "image": ("IMAGE", {"tooltip": "The segmented image, for the overlay."}),
-            "alpha": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
-                                "tooltip": "Opacity of the colours in the overlay."}),
-            "show_legend": ("BOOLEAN", {"default": True, "tooltip": "Add the class legend below both pictures "
-                                                                  "(off: pictures at the image's size)."}),
-        }}
-
-    def preview(self, segmentation: list, image: torch.Tensor, alpha: float,
-                show_legend: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def execute(cls, segmentation: list, image: torch.Tensor, alpha: float, show_legend: bool) -> io.NodeOutput:
         if T.images(image).shape[0] != len(T.items(segmentation, "segmentation")):
             raise ValueError(f"{image.shape[0]} image(s) for {len(segmentation)} segmentation(s): connect the "
                              "segmented image")
@@ -95,10 +94,7 @@ class PreviewSegmentation:
 
         colors_out, overlays = zip(*each_image(one, segmentation, image))
         dev = intermediate_device()
-        return torch.stack(colors_out).to(dev), torch.stack(overlays).to(dev)
+        return io.NodeOutput(torch.stack(colors_out).to(dev), torch.stack(overlays).to(dev))
 
 
-NODE_CLASS_MAPPINGS = {"TridentSegmentationToMasks": SegmentationToMasks,
-                       "TridentPreviewSegmentation": PreviewSegmentation}
-NODE_DISPLAY_NAME_MAPPINGS = {"TridentSegmentationToMasks": "Trident Segmentation to Masks",
-                              "TridentPreviewSegmentation": "Trident Preview Segmentation"}
+NODES = (SegmentationToMasks, PreviewSegmentation)

@@ -1,27 +1,69 @@
-"""The custom socket types the nodes pass between them, and the small containers behind them."""
+"""The custom socket types the nodes pass between them (V3 `io.Custom` types: the TRIDENT_* names saved workflows'
+links carry), the small containers behind them, and the checks every node shares."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..trident_core.classes import ClassList
+from ..trident_core.config import AggregateConfig, WindowConfig
 from ..trident_core.image import check_float_range
 from ..trident_core.models import ClipModel, DinoModel, SamModel
 from ..trident_core.window_features import WindowFeatures
-from .comfy_bridge import load_models
+from .comfy_bridge import io, load_models
 
 CATEGORY = "segmentation/trident"
 
-CLIP = "TRIDENT_CLIP"
-DINO = "TRIDENT_DINO"
-SAM = "TRIDENT_SAM"
-CLASSES = "TRIDENT_CLASSES"
-WINDOW_FEATURES = "TRIDENT_WINDOW_FEATURES"
-FEATURE_MAP = "TRIDENT_FEATURE_MAP"  # list[FeatureMap], one per batch image
-SAM_ENCODING = "TRIDENT_SAM_ENCODING"  # list[SamTileEncodings | None], one per batch image
-SEGMENTATION = "TRIDENT_SEGMENTATION"  # list[Segmentation], one per batch image
+CLIP = io.Custom("TRIDENT_CLIP")  # ModelHandle
+DINO = io.Custom("TRIDENT_DINO")  # ModelHandle
+SAM = io.Custom("TRIDENT_SAM")  # ModelHandle
+CLASSES = io.Custom("TRIDENT_CLASSES")  # EncodedClasses
+WINDOW_FEATURES = io.Custom("TRIDENT_WINDOW_FEATURES")  # WindowFeatureBatch
+FEATURE_MAP = io.Custom("TRIDENT_FEATURE_MAP")  # list[FeatureMap], one per batch image
+SAM_ENCODING = io.Custom("TRIDENT_SAM_ENCODING")  # list[SamTileEncodings | None], one per batch image
+SEGMENTATION = io.Custom("TRIDENT_SEGMENTATION")  # list[Segmentation], one per batch image
+SEGS = io.Custom("SEGS")  # Impact-Pack's SEGS
+
+
+SEGMENTATION_TIP = "From Trident Segment, Classify or SAM Refine."
+
+
+def schema(node_id: str, title: str, description: str, inputs: list, outputs: list) -> object:
+    """A Trident node's V3 schema: id (the saved workflows' node type), title, description, sockets; its
+    category is the pack's."""
+    return io.Schema(node_id=node_id, display_name=title, category=CATEGORY, description=description, inputs=inputs,
+                     outputs=outputs)
+
+
+def output(socket: object, name: str, tooltip: str) -> object:
+    """An output socket shown as `name`. Its id is `name` + "_out": ComfyUI 0.3.48 wants output ids apart from
+    input ids (Encode Classes takes and gives `classes`), and shows the type where no display name is given."""
+    return socket.Output(f"{name}_out", display_name=name, tooltip=tooltip)
+
+
+def short_side_input(tooltip: str, optional: bool = False) -> object:
+    """The short side the image is scaled to, with Window Features' default and range."""
+    return io.Int.Input("short_side", default=WindowConfig().short_side, min=112, max=2048, step=16, tooltip=tooltip,
+                        optional=optional)
+
+
+def aggregation_inputs(cos_tip: str, neg_tip: str) -> list:
+    """cos_fac and refine_neg_cos with Splice & Aggregate's defaults (it and Inspect Point Affinity take them)."""
+    defaults = AggregateConfig()
+    return [io.Float.Input("cos_fac", default=defaults.cos_fac, min=-10.0, max=10.0, step=0.05, tooltip=cos_tip),
+            io.Boolean.Input("refine_neg_cos", default=defaults.refine_neg_cos, tooltip=neg_tip)]
+
+
+def refusal(check: Callable[[], object]) -> bool | str:
+    """What a node's validate_inputs answers ComfyUI: True when `check()` passes, else its error's one line."""
+    try:
+        check()
+    except ValueError as e:
+        return str(e)
+    return True
 
 
 @dataclass(eq=False)

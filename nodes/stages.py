@@ -30,12 +30,12 @@ from ..trident_core.pipeline import (
     pamr_for,
     require_sam,
 )
-from ..trident_core.presets import PRESETS
 from ..trident_core.refine import refine
 from ..trident_core.text import encode_classes
 from ..trident_core.window_features import WindowFeatures
 from . import sockets as T
-from .comfy_bridge import count_progress, each_image, to_intermediate
+from .comfy_bridge import count_progress, each_image, io, to_intermediate
+from .preset_choice import PRESET_CHOICES, class_preset, preset_input, preset_name, preset_params
 
 P = Params()
 W, A, C, R = P.windows, P.aggregation, P.classification, P.refinement  # each stage's defaults
@@ -51,9 +51,10 @@ SAM_TILES_TIP = ("SAM encodes the image in rows x cols tiles: 1x1 the whole imag
                  "left/right halves (the reference's Cityscapes mode, for wide images), auto = tiles about square.")
 
 
-PAMR_STEPS_INPUT = {"default": 0, "min": 0, "max": MAX_PAMR_STEPS,
-                    "tooltip": "PAMR steps on the logits before the label map (edges follow the image's colours; "
-                               "0 = off, as in every benchmark configuration)."}
+PAMR_STEPS_TIP = ("PAMR steps on the logits before the label map (edges follow the image's colours; 0 = off, as in "
+                  "every benchmark configuration).")
+CLIP_TIP = "The CLIP model from Trident Load CLIP."
+DINO_TIP = "The DINO model from Trident Load DINO."
 
 
 def _batch(image: torch.Tensor, n: int, what: str) -> None:
@@ -63,109 +64,108 @@ def _batch(image: torch.Tensor, n: int, what: str) -> None:
                          "connect the same image")
 
 
-class EncodeClasses:
+class EncodeClasses(io.ComfyNode):
     """Text stage (S1)."""
 
-    CATEGORY = T.CATEGORY
-    FUNCTION = "encode"
-    RETURN_TYPES = (T.CLASSES,)
-    RETURN_NAMES = ("classes",)
-    OUTPUT_TOOLTIPS = ("The class list and its CLIP text embeddings.",)
-    DESCRIPTION = ("Encodes class names with CLIP (80 prompt templates per name, averaged). Kept in ComfyUI's cache, "
-                   "so changing only the image does not encode the text again.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return T.schema(
+            "TridentEncodeClasses", "Trident Encode Classes",
+            ("Encodes class names with CLIP (80 prompt templates per name, averaged). Kept in ComfyUI's "
+             "cache, so changing only the image does not encode the text again."),
+            inputs=[
+                T.CLIP.Input("clip", tooltip=CLIP_TIP),
+                io.String.Input("classes", multiline=True, default="sky, person, grass", tooltip=CLASSES_TIP),
+                io.String.Input("background", default="", tooltip=BACKGROUND_TIP, optional=True),
+            ],
+            outputs=[T.output(T.CLASSES, "classes", "The class list and its CLIP text embeddings.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "clip": (T.CLIP, {"tooltip": "The CLIP model from Trident Load CLIP."}),
-            "classes": ("STRING", {"multiline": True, "default": "sky, person, grass", "tooltip": CLASSES_TIP}),
-        }, "optional": {
-            "background": ("STRING", {"default": "", "tooltip": BACKGROUND_TIP}),
-        }}
+    def validate_inputs(cls, classes: str | None = None, background: str | None = None) -> bool | str:
+        return classes is None or T.refusal(lambda: parse_classes(classes, background or None))
 
-    def encode(self, clip: T.ModelHandle, classes: str, background: str = "") -> tuple[T.EncodedClasses]:
+    @classmethod
+    def execute(cls, clip: T.ModelHandle, classes: str, background: str = "") -> io.NodeOutput:
         cl = parse_classes(classes, background or None)
         T.ready(clip)
-        return (to_intermediate(T.EncodedClasses(cl, encode_classes(clip.model, cl, count_progress()))),)
+        return io.NodeOutput(to_intermediate(T.EncodedClasses(cl, encode_classes(clip.model, cl, count_progress()))))
 
 
-class WindowFeaturesNode:
+class WindowFeaturesNode(io.ComfyNode):
     """S0, S2-S4: windows and CLIP's DINO-guided features."""
 
-    CATEGORY = T.CATEGORY
-    FUNCTION = "compute"
-    RETURN_TYPES = (T.WINDOW_FEATURES,)
-    RETURN_NAMES = ("window_features",)
-    OUTPUT_TOOLTIPS = ("CLIP's last-block features of every window, one set per batch image.",)
-    DESCRIPTION = ("Rescales the image, cuts it into sliding windows and runs CLIP on each window with DINO's "
-                   "token similarities as the last block's attention (the method's window features).")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return T.schema(
+            "TridentWindowFeatures", "Trident Window Features",
+            ("Rescales the image, cuts it into sliding windows and runs CLIP on each window with DINO's "
+             "token similarities as the last block's attention (the method's window features)."),
+            inputs=[
+                io.Image.Input("image", tooltip=IMAGE_TIP),
+                T.CLIP.Input("clip", tooltip=CLIP_TIP),
+                T.DINO.Input("dino", tooltip=DINO_TIP),
+                T.short_side_input("The image's short side is scaled to this many pixels first (448 default; "
+                                   "336-688 in the benchmark presets)."),
+                io.Int.Input("window", default=W.window, min=112, max=1024, step=16,
+                             tooltip="Window size in pixels (a multiple of both models' patch sizes; 336)."),
+                io.Int.Input("stride", default=W.stride, min=16, max=1024, step=16,
+                             tooltip="Step between windows in pixels (224; 112 gives more overlap)."),
+            ],
+            outputs=[T.output(T.WINDOW_FEATURES, "window_features",
+                              "CLIP's last-block features of every window, one set per batch image.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "image": ("IMAGE", {"tooltip": IMAGE_TIP}),
-            "clip": (T.CLIP, {"tooltip": "The CLIP model from Trident Load CLIP."}),
-            "dino": (T.DINO, {"tooltip": "The DINO model from Trident Load DINO."}),
-            "short_side": ("INT", {"default": W.short_side, "min": 112, "max": 2048, "step": 16,
-                                   "tooltip": "The image's short side is scaled to this many pixels first "
-                                              "(448 default; 336-688 in the benchmark presets)."}),
-            "window": ("INT", {"default": W.window, "min": 112, "max": 1024, "step": 16,
-                               "tooltip": "Window size in pixels (a multiple of both models' patch sizes; 336)."}),
-            "stride": ("INT", {"default": W.stride, "min": 16, "max": 1024, "step": 16,
-                               "tooltip": "Step between windows in pixels (224; 112 gives more overlap)."}),
-        }}
-
-    def compute(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, short_side: int, window: int,
-                stride: int) -> tuple[T.WindowFeatureBatch]:
+    def execute(cls, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, short_side: int, window: int,
+                stride: int) -> io.NodeOutput:
         T.images(image)
         config = WindowConfig(short_side=short_side, window=window, stride=stride)
         T.ready(clip, dino)
         items = each_image(lambda img, progress: to_intermediate(
             compute_window_features(clip.model, dino.model, img, config, progress)), image)
-        return (T.WindowFeatureBatch(tuple(items), clip),)
+        return io.NodeOutput(T.WindowFeatureBatch(tuple(items), clip))
 
 
-class SpliceAggregate:
+class SpliceAggregate(io.ComfyNode):
     """S5-S7: splice the windows, aggregate with SAM's affinity, project to CLIP's text space."""
 
-    CATEGORY = T.CATEGORY
-    FUNCTION = "aggregate"
-    RETURN_TYPES = (T.FEATURE_MAP, T.SAM_ENCODING)
-    RETURN_NAMES = ("feature_map", "sam_encoding")
-    OUTPUT_TOOLTIPS = ("Per-token features in CLIP's embedding space, one map per batch image.",
-                       "SAM's encoding of each batch image's tiles (none with segment_then_splice): connect it to "
-                       "Trident SAM Refine (1x1 tiles) or Inspect Point Affinity so SAM does not encode again.")
-    DESCRIPTION = ("Splices the window features into one map, spreads them over the whole image with SAM's "
-                   "affinity (splice-then-segment) and projects them into CLIP's text space. "
-                   "segment_then_splice is the ProxyCLIP baseline: windows projected on their own, no SAM.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return T.schema(
+            "TridentSpliceAggregate", "Trident Splice & Aggregate",
+            ("Splices the window features into one map, spreads them over the whole image with SAM's "
+             "affinity (splice-then-segment) and projects them into CLIP's text space. "
+             "segment_then_splice is the ProxyCLIP baseline: windows projected on their own, no SAM."),
+            inputs=[
+                T.WINDOW_FEATURES.Input("window_features", tooltip="From Trident Window Features."),
+                io.Image.Input("image", tooltip="The same image the window features were made from (SAM encodes "
+                                                "it)."),
+                io.Combo.Input("correlation", options=list(CORRELATIONS), default=A.correlation,
+                               tooltip="How tokens are related: affinity (SAM attention where value cosines pass a "
+                                       "threshold, the method), attention (SAM attention), cosine (value cosines), "
+                                       "none (no aggregation)."),
+                io.Combo.Input("paradigm", options=list(PARADIGMS), default=A.paradigm,
+                               tooltip="splice_then_segment (the method) or segment_then_splice (the ProxyCLIP "
+                                       "baseline)."),
+                io.Combo.Input("sam_tiles", options=list(SAM_TILE_CHOICES), default=A.sam_tiles, tooltip=SAM_TILES_TIP),
+                *T.aggregation_inputs("Threshold factor: a token pair counts when its value cosine exceeds cos_fac x "
+                                     "the row's mean cosine (1.2; 0 keeps all positive ones).",
+                                     "Keep a negative threshold as it is (on) or raise it to 0.6 (off, as the "
+                                     "Cityscapes and ADE20K presets do)."),
+                T.SAM.Input("sam", tooltip="The SAM model from Trident Load SAM (needed by splice_then_segment; "
+                                           "segment_then_splice runs without it).", optional=True),
+            ],
+            outputs=[
+                T.output(T.FEATURE_MAP, "feature_map",
+                         "Per-token features in CLIP's embedding space, one map per batch image."),
+                T.output(T.SAM_ENCODING, "sam_encoding",
+                         "SAM's encoding of each batch image's tiles (none with segment_then_splice): connect it to "
+                         "Trident SAM Refine (1x1 tiles) or Inspect Point Affinity so SAM does not encode again."),
+            ])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "window_features": (T.WINDOW_FEATURES, {"tooltip": "From Trident Window Features."}),
-            "image": ("IMAGE", {"tooltip": "The same image the window features were made from (SAM encodes it)."}),
-            "correlation": (list(CORRELATIONS), {
-                "default": A.correlation,
-                "tooltip": "How tokens are related: affinity (SAM attention where value cosines pass a threshold, "
-                           "the method), attention (SAM attention), cosine (value cosines), none (no aggregation)."}),
-            "paradigm": (list(PARADIGMS), {
-                "default": A.paradigm,
-                "tooltip": "splice_then_segment (the method) or segment_then_splice (the ProxyCLIP baseline)."}),
-            "sam_tiles": (list(SAM_TILE_CHOICES), {"default": A.sam_tiles, "tooltip": SAM_TILES_TIP}),
-            "cos_fac": ("FLOAT", {"default": A.cos_fac, "min": -10.0, "max": 10.0, "step": 0.05,
-                                  "tooltip": "Threshold factor: a token pair counts when its value cosine exceeds "
-                                             "cos_fac x the row's mean cosine (1.2; 0 keeps all positive ones)."}),
-            "refine_neg_cos": ("BOOLEAN", {"default": A.refine_neg_cos,
-                                           "tooltip": "Keep a negative threshold as it is (on) or raise it to 0.6 "
-                                                      "(off, as the Cityscapes and ADE20K presets do)."}),
-        }, "optional": {
-            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM (needed by splice_then_segment; "
-                                       "segment_then_splice runs without it)."}),
-        }}
-
-    def aggregate(self, window_features: T.WindowFeatureBatch, image: torch.Tensor, correlation: str, paradigm: str,
-                  sam_tiles: str, cos_fac: float, refine_neg_cos: bool,
-                  sam: T.ModelHandle | None = None) -> tuple[list]:
+    def execute(cls, window_features: T.WindowFeatureBatch, image: torch.Tensor, correlation: str, paradigm: str,
+                sam_tiles: str, cos_fac: float, refine_neg_cos: bool,
+                sam: T.ModelHandle | None = None) -> io.NodeOutput:
         T.images(image)
         _batch(image, len(T.items(window_features.items, "window features")), "window features")
         config = AggregateConfig(paradigm=paradigm, correlation=correlation, sam_tiles=sam_tiles, cos_fac=cos_fac,
@@ -184,43 +184,46 @@ class SpliceAggregate:
             return to_intermediate(fm), to_intermediate(encodings)
 
         maps, encodings = zip(*each_image(one, window_features.items, image))
-        return list(maps), list(encodings)
+        return io.NodeOutput(list(maps), list(encodings))
 
 
-class Classify:
+class Classify(io.ComfyNode):
     """S8: compare the feature map with the class texts."""
 
-    CATEGORY = T.CATEGORY
-    FUNCTION = "classify"
-    RETURN_TYPES = (T.SEGMENTATION,)
-    RETURN_NAMES = ("segmentation",)
-    OUTPUT_TOOLTIPS = ("Labels and class probabilities at the image's size, one per batch image.",)
-    DESCRIPTION = ("Cosine of every token with every class name, upsampled to the image, softmax over the names "
-                   "(a class takes the best of its synonyms): the coarse segmentation.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return T.schema(
+            "TridentClassify", "Trident Classify",
+            ("Cosine of every token with every class name, upsampled to the image, softmax over the "
+             "names (a class takes the best of its synonyms): the coarse segmentation."),
+            inputs=[
+                T.FEATURE_MAP.Input("feature_map", tooltip="From Trident Splice & Aggregate."),
+                T.CLASSES.Input("classes", tooltip="From Trident Encode Classes (with the same CLIP)."),
+                io.Float.Input("logit_scale", default=C.logit_scale, min=1.0, max=200.0, step=1.0,
+                               tooltip="Softmax temperature: cosines are multiplied by this (40)."),
+                io.Float.Input("prob_thd", default=C.prob_thd, min=0.0, max=1.0, step=0.01,
+                               tooltip="Pixels whose best class probability is below this get the background "
+                                       "class, or no label when there is none (0 = off)."),
+                io.Image.Input("image", tooltip="The segmented image; needed only for PAMR (its guide).",
+                               optional=True),
+                io.Int.Input("pamr_steps", default=0, min=0, max=MAX_PAMR_STEPS, tooltip=PAMR_STEPS_TIP,
+                             optional=True),
+                io.String.Input("pamr_dilations", default=",".join(map(str, C.pamr_dilations)),
+                                tooltip="PAMR's neighbour distances in pixels, comma-separated (8,16).", optional=True),
+                T.short_side_input("The short side the window features used (PAMR's guide is the image at this "
+                                   "scale, as the reference's).", optional=True),
+            ],
+            outputs=[T.output(T.SEGMENTATION, "segmentation",
+                              "Labels and class probabilities at the image's size, one per batch image.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "feature_map": (T.FEATURE_MAP, {"tooltip": "From Trident Splice & Aggregate."}),
-            "classes": (T.CLASSES, {"tooltip": "From Trident Encode Classes (with the same CLIP)."}),
-            "logit_scale": ("FLOAT", {"default": C.logit_scale, "min": 1.0, "max": 200.0, "step": 1.0,
-                                      "tooltip": "Softmax temperature: cosines are multiplied by this (40)."}),
-            "prob_thd": ("FLOAT", {"default": C.prob_thd, "min": 0.0, "max": 1.0, "step": 0.01,
-                                   "tooltip": "Pixels whose best class probability is below this get the "
-                                              "background class, or no label when there is none (0 = off)."}),
-        }, "optional": {
-            "image": ("IMAGE", {"tooltip": "The segmented image; needed only for PAMR (its guide)."}),
-            "pamr_steps": ("INT", PAMR_STEPS_INPUT),
-            "pamr_dilations": ("STRING", {"default": ",".join(map(str, C.pamr_dilations)),
-                                          "tooltip": "PAMR's neighbour distances in pixels, comma-separated (8,16)."}),
-            "short_side": ("INT", {"default": W.short_side, "min": 112, "max": 2048, "step": 16,
-                                   "tooltip": "The short side the window features used (PAMR's guide is the image "
-                                              "at this scale, as the reference's)."}),
-        }}
+    def validate_inputs(cls, pamr_dilations: str | None = None) -> bool | str:
+        return pamr_dilations is None or T.refusal(lambda: parse_dilations(pamr_dilations))
 
-    def classify(self, feature_map: list, classes: T.EncodedClasses, logit_scale: float, prob_thd: float,
-                 image: torch.Tensor | None = None, pamr_steps: int = 0, pamr_dilations: str = "8,16",
-                 short_side: int = W.short_side) -> tuple[list]:
+    @classmethod
+    def execute(cls, feature_map: list, classes: T.EncodedClasses, logit_scale: float, prob_thd: float,
+                image: torch.Tensor | None = None, pamr_steps: int = 0, pamr_dilations: str = "8,16",
+                short_side: int = W.short_side) -> io.NodeOutput:
         params = P.update(logit_scale=logit_scale, prob_thd=prob_thd, pamr_steps=pamr_steps,
                           pamr_dilations=parse_dilations(pamr_dilations), short_side=short_side)
         if pamr_steps and image is None:
@@ -235,49 +238,46 @@ class Classify:
             seg = classify(fm, classes.text, classes.classes, config, pamr)
             return to_intermediate(compact(seg, logit_scale, prob_thd))
 
-        return (each_image(one, range(len(feature_map)), T.items(feature_map, "feature map")),)
+        return io.NodeOutput(each_image(one, range(len(feature_map)), T.items(feature_map, "feature map")))
 
 
-class SamRefine:
+class SamRefine(io.ComfyNode):
     """S9: SAM refinement of a coarse segmentation."""
 
-    CATEGORY = T.CATEGORY
-    FUNCTION = "refine"
-    RETURN_TYPES = (T.SEGMENTATION,)
-    RETURN_NAMES = ("segmentation",)
-    OUTPUT_TOOLTIPS = ("The refined segmentation (the coarse one is kept inside it for inspection; the refined "
-                       "scores in float16).",)
-    DESCRIPTION = ("Prompts SAM with each confident class region's best point, its box and the class's probability "
-                   "as a mask; masks SAM is sure of (IoU) replace the coarse labels where they lie.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return T.schema(
+            "TridentSamRefine", "Trident SAM Refine",
+            ("Prompts SAM with each confident class region's best point, its box and the class's "
+             "probability as a mask; masks SAM is sure of (IoU) replace the coarse labels where they lie."),
+            inputs=[
+                T.SEGMENTATION.Input("segmentation", tooltip="The coarse segmentation from Trident Classify."),
+                T.SAM.Input("sam", tooltip="The SAM model from Trident Load SAM."),
+                io.Image.Input("image", tooltip="The segmented image. SAM encodes it here unless Splice & "
+                                                "Aggregate's sam_encoding (1x1 tiles) is connected."),
+                io.Float.Input("coarse_thresh", default=R.coarse_thresh, min=0.0, max=1.0, step=0.01,
+                               tooltip="Classes and pixels below this probability are not prompted."),
+                io.Int.Input("minimal_area", default=R.minimal_area, min=0, max=1 << 20,
+                             tooltip="Smallest region prompted, in half-resolution pixels (225)."),
+                io.Float.Input("mask_alpha", default=R.mask_alpha, min=0.0, max=1.0, step=0.001,
+                               tooltip="Scale of the class probability given to SAM as mask prompt (0.005)."),
+                io.Float.Input("iou_thresh", default=R.iou_thresh, min=0.0, max=1.0, step=0.01,
+                               tooltip="A SAM mask is kept when its predicted IoU is above this (0.8)."),
+                io.Combo.Input("mask_prompt_mode", options=list(MASK_PROMPT_MODES), default=R.mask_prompt_mode,
+                               tooltip="reference: the mask prompt as the authors pass it (3-D; their numbers); "
+                                       "batched: the corrected 4-D call."),
+                T.SAM_ENCODING.Input("sam_encoding", tooltip="Splice & Aggregate's sam_encoding of the same images: "
+                                                             "reused when its SAM tiles were 1x1 (saves encoding the "
+                                                             "image again).", optional=True),
+            ],
+            outputs=[T.output(T.SEGMENTATION, "segmentation",
+                              "The refined segmentation (the coarse one is kept inside it for inspection; the "
+                              "refined scores in float16).")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "segmentation": (T.SEGMENTATION, {"tooltip": "The coarse segmentation from Trident Classify."}),
-            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM."}),
-            "image": ("IMAGE", {"tooltip": "The segmented image. SAM encodes it here unless Splice & Aggregate's "
-                                           "sam_encoding (1x1 tiles) is connected."}),
-            "coarse_thresh": ("FLOAT", {"default": R.coarse_thresh, "min": 0.0, "max": 1.0, "step": 0.01,
-                                        "tooltip": "Classes and pixels below this probability are not prompted."}),
-            "minimal_area": ("INT", {"default": R.minimal_area, "min": 0, "max": 1 << 20,
-                                     "tooltip": "Smallest region prompted, in half-resolution pixels (225)."}),
-            "mask_alpha": ("FLOAT", {"default": R.mask_alpha, "min": 0.0, "max": 1.0, "step": 0.001,
-                                     "tooltip": "Scale of the class probability given to SAM as mask prompt (0.005)."}),
-            "iou_thresh": ("FLOAT", {"default": R.iou_thresh, "min": 0.0, "max": 1.0, "step": 0.01,
-                                     "tooltip": "A SAM mask is kept when its predicted IoU is above this (0.8)."}),
-            "mask_prompt_mode": (list(MASK_PROMPT_MODES), {
-                "default": R.mask_prompt_mode,
-                "tooltip": "reference: the mask prompt as the authors pass it (3-D; their numbers); batched: the "
-                           "corrected 4-D call."}),
-        }, "optional": {
-            "sam_encoding": (T.SAM_ENCODING, {"tooltip": "Splice & Aggregate's sam_encoding of the same images: "
-                                                         "reused when its SAM tiles were 1x1 (saves encoding the "
-                                                         "image again)."}),
-        }}
-
-    def refine(self, segmentation: list, sam: T.ModelHandle, image: torch.Tensor, coarse_thresh: float,
-               minimal_area: int, mask_alpha: float, iou_thresh: float, mask_prompt_mode: str,
-               sam_encoding: list | None = None) -> tuple[list]:
+    def execute(cls, segmentation: list, sam: T.ModelHandle, image: torch.Tensor, coarse_thresh: float,
+                minimal_area: int, mask_alpha: float, iou_thresh: float, mask_prompt_mode: str,
+                sam_encoding: list | None = None) -> io.NodeOutput:
         T.images(image)
         _batch(image, len(T.items(segmentation, "segmentation")), "segmentation")
         config = RefineConfig(coarse_thresh=coarse_thresh, minimal_area=minimal_area, mask_alpha=mask_alpha,
@@ -292,55 +292,62 @@ class SamRefine:
             refined = refine(seg, sam.model, to_rgb_uint8(img), config, whole, on_class=progress)
             return to_intermediate(compact(refined, seg.logit_scale, seg.prob_thd))
 
-        return (each_image(one, segmentation, image, encodings),)
+        return io.NodeOutput(each_image(one, segmentation, image, encodings))
 
 
-class TridentSegment:
+class TridentSegment(io.ComfyNode):
     """The whole method in one node."""
 
-    CATEGORY = T.CATEGORY
-    FUNCTION = "segment"
-    RETURN_TYPES = (T.SEGMENTATION,)
-    RETURN_NAMES = ("segmentation",)
-    OUTPUT_TOOLTIPS = ("Labels and class probabilities at the image's size, one per batch image (kept small: the "
-                       "labels, the low-resolution logits the probabilities are recomputed from, refined scores in "
-                       "float16; no SAM encoding).",)
-    DESCRIPTION = ("Training-free open-vocabulary segmentation (Trident: CLIP + DINO + SAM): type class names, get a "
-                   "label map. All stages in one node with a preset's parameters; use the stage nodes to change "
-                   "each parameter.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return T.schema(
+            "TridentSegment", "Trident Segment",
+            ("Training-free open-vocabulary segmentation (Trident: CLIP + DINO + SAM): type class names, "
+             "get a label map. All stages in one node with a preset's parameters; use the stage nodes to "
+             "change each parameter."),
+            inputs=[
+                io.Image.Input("image", tooltip=IMAGE_TIP),
+                T.CLIP.Input("clip", tooltip=CLIP_TIP),
+                T.DINO.Input("dino", tooltip=DINO_TIP),
+                io.String.Input("classes", multiline=True, default="sky, person, grass",
+                                tooltip=CLASSES_TIP + " Empty with a benchmark preset: the dataset's classes. voc21, "
+                                        "context60 and coco_object add their own background class (label 0) unless "
+                                        "'background' is given."),
+                preset_input(),
+                io.Boolean.Input("refine", default=True,
+                                 tooltip="SAM refinement of the coarse labels (sharper edges; takes longer)."),
+                io.Combo.Input("sam_tiles", options=["preset", *SAM_TILE_CHOICES], default="preset",
+                               tooltip=SAM_TILES_TIP + " preset = the preset's choice."),
+                T.SAM.Input("sam", tooltip="The SAM model from Trident Load SAM (every preset uses it).",
+                            optional=True),
+                io.String.Input("background", default="", tooltip=BACKGROUND_TIP, optional=True),
+                io.Int.Input("pamr_steps", default=0, min=0, max=MAX_PAMR_STEPS, tooltip=PAMR_STEPS_TIP,
+                             optional=True),
+            ],
+            outputs=[T.output(T.SEGMENTATION, "segmentation",
+                              "Labels and class probabilities at the image's size, one per batch image (kept small: "
+                              "the labels, the low-resolution logits the probabilities are recomputed from, refined "
+                              "scores in float16; no SAM encoding).")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "image": ("IMAGE", {"tooltip": IMAGE_TIP}),
-            "clip": (T.CLIP, {"tooltip": "The CLIP model from Trident Load CLIP."}),
-            "dino": (T.DINO, {"tooltip": "The DINO model from Trident Load DINO."}),
-            "classes": ("STRING", {"multiline": True, "default": "sky, person, grass",
-                                   "tooltip": CLASSES_TIP + " Empty with a benchmark preset: the dataset's classes. "
-                                              "voc21, context60 and coco_object add their own background class "
-                                              "(label 0) unless 'background' is given."}),
-            "preset": (list(PRESETS), {
-                "default": next(iter(PRESETS)),
-                "tooltip": "Parameters: 'default' for everyday images, or a benchmark's configuration (voc21, "
-                           "context60, coco_object, ... as in the paper)."}),
-            "refine": ("BOOLEAN", {"default": True, "tooltip": "SAM refinement of the coarse labels (sharper edges; "
-                                                               "takes longer)."}),
-            "sam_tiles": (["preset", *SAM_TILE_CHOICES], {"default": "preset", "tooltip": SAM_TILES_TIP
-                                                   + " preset = the preset's choice."}),
-        }, "optional": {
-            "sam": (T.SAM, {"tooltip": "The SAM model from Trident Load SAM (every preset uses it)."}),
-            "background": ("STRING", {"default": "", "tooltip": BACKGROUND_TIP}),
-            "pamr_steps": ("INT", PAMR_STEPS_INPUT),
-        }}
+    def validate_inputs(cls, classes: str | None = None, preset: str | dict | None = None,
+                        background: str | None = None) -> bool | str:
+        """The preset's name (ComfyUI does not check a DynamicCombo's choice) and the class names against it."""
+        name = preset_name(preset)
+        if name is not None and name not in PRESET_CHOICES:
+            return f"preset {name!r} is not one of {', '.join(PRESET_CHOICES)}: choose one of them"
+        if classes is None or name is None:
+            return True
+        return T.refusal(lambda: class_preset(name).class_list(classes, background or ""))
 
-    def segment(self, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, classes: str, preset: str,
-                refine: bool, sam_tiles: str, sam: T.ModelHandle | None = None,
-                background: str = "", pamr_steps: int = 0) -> tuple[list[CompactSegmentation]]:
+    @classmethod
+    def execute(cls, image: torch.Tensor, clip: T.ModelHandle, dino: T.ModelHandle, classes: str,
+                preset: str | dict, refine: bool, sam_tiles: str, sam: T.ModelHandle | None = None,
+                background: str = "", pamr_steps: int = 0) -> io.NodeOutput:
         T.images(image)
-        chosen = PRESETS[preset]
-        cl = chosen.class_list(classes, background)
-        params = chosen.params.update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles,
-                                      pamr_steps=pamr_steps)
+        cl = class_preset(preset_name(preset)).class_list(classes, background)
+        params = preset_params(preset).update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles,
+                                              pamr_steps=pamr_steps)
         require_sam(sam, params)
         T.ready(clip, dino, *([sam] if sam else []))
         trident = Trident(clip.model, dino.model, sam.model if sam else None)
@@ -351,22 +358,7 @@ class TridentSegment:
             full = trident.segment(img, cl, params, progress)
             return to_intermediate(compact(full, config.logit_scale, config.prob_thd))
 
-        return (each_image(one, image),)
+        return io.NodeOutput(each_image(one, image))
 
 
-NODE_CLASS_MAPPINGS = {
-    "TridentEncodeClasses": EncodeClasses,
-    "TridentWindowFeatures": WindowFeaturesNode,
-    "TridentSpliceAggregate": SpliceAggregate,
-    "TridentClassify": Classify,
-    "TridentSamRefine": SamRefine,
-    "TridentSegment": TridentSegment,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "TridentEncodeClasses": "Trident Encode Classes",
-    "TridentWindowFeatures": "Trident Window Features",
-    "TridentSpliceAggregate": "Trident Splice & Aggregate",
-    "TridentClassify": "Trident Classify",
-    "TridentSamRefine": "Trident SAM Refine",
-    "TridentSegment": "Trident Segment",
-}
+NODES = (EncodeClasses, WindowFeaturesNode, SpliceAggregate, Classify, SamRefine, TridentSegment)

@@ -152,11 +152,16 @@ def test_interrupted_run_leaves_no_partial_output_and_resumes(small_ckpts, photo
     assert (out / "a/x.png/trident.json").is_file()
     assert not (out / "b/x.png").exists() and not (out / "y.jpg").exists()
     assert not list(out.rglob(".*"))
-    stale = out / "y.jpg"  # an output folder without its completion marker (e.g. an older version's) is redone
-    stale.mkdir()
-    (stale / "labels.png").write_bytes(b"half")
+    foreign = out / "y.jpg"  # a folder without our marker: its files are not ours and stay; the image is skipped
+    foreign.mkdir()
+    (foreign / "labels.png").write_bytes(b"mine")
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "1 segmented" in err and "labels.png is not a file Trident wrote" in err
+    assert (foreign / "labels.png").read_bytes() == b"mine" and not (foreign / "trident.json").exists()
+    (foreign / "labels.png").unlink()  # moved away: the image is done, into the folder that is there
     assert main(args) == 0
-    assert "2 segmented" in capsys.readouterr().err and (stale / "trident.json").is_file()
+    assert "1 segmented" in capsys.readouterr().err and (foreign / "trident.json").is_file()
 
     fresh = tmp_path / "fresh"
     assert main([*args[:-4], "--out", str(fresh / "out"), "--save-npz", str(fresh / "npz")]) == 0

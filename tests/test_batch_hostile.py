@@ -190,10 +190,13 @@ def test_single_image_outputs_stay_ours_while_replaced(small_ckpts, photo, tmp_p
     out = tmp_path / "in" / "result"
     assert main(["segment", str(img), *_models(small_ckpts), "--out", str(out)]) == 0
 
-    def killed(*_a):
-        raise KeyboardInterrupt
+    real = outputs._move_in
 
-    monkeypatch.setattr(outputs, "replace_folder", killed)
+    def killed(tmp, final, name):
+        real(tmp, final, name)
+        raise KeyboardInterrupt  # after the first file was replaced
+
+    monkeypatch.setattr(outputs, "_move_in", killed)
     assert main(["segment", str(img), *_models(small_ckpts), "--out", str(out), "--overwrite"]) == 130
     assert (out / "trident.json").is_file() and (out / "labels.png").is_file()
     jobs, _ = gather([str(tmp_path / "in")])

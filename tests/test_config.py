@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_nodes import core, import_pack
+from test_nodes import core, import_pack, node_classes, node_info
 
 from trident_core.aggregation import FeatureMap
 from trident_core.batch import settings_key
@@ -85,24 +85,24 @@ def test_cli_choices_are_the_constants():
     assert tuple(choices["mask_prompt_mode"]) == MASK_PROMPT_MODES
 
 
+def _choices(node: str, name: str) -> tuple:
+    return tuple(node_info(node)["input"]["required"][name][1]["options"])
+
+
 def test_node_dropdowns_are_the_constants():
-    nodes = import_pack().NODE_CLASS_MAPPINGS
     config = core("config")
-    aggregate = nodes["TridentSpliceAggregate"].INPUT_TYPES()["required"]
-    assert tuple(aggregate["correlation"][0]) == config.CORRELATIONS == CORRELATIONS
-    assert tuple(aggregate["paradigm"][0]) == config.PARADIGMS
-    assert tuple(aggregate["sam_tiles"][0]) == config.SAM_TILE_CHOICES
-    refine = nodes["TridentSamRefine"].INPUT_TYPES()["required"]
-    assert tuple(refine["mask_prompt_mode"][0]) == config.MASK_PROMPT_MODES
-    point = nodes["TridentInspectPointAffinity"].INPUT_TYPES()["required"]
-    assert tuple(point["correlation"][0]) == tuple(c for c in config.CORRELATIONS if c != "none")
-    assert nodes["TridentWindowFeatures"].__name__ == "WindowFeaturesNode"  # saved workflows keep their node type
+    assert _choices("TridentSpliceAggregate", "correlation") == config.CORRELATIONS == CORRELATIONS
+    assert _choices("TridentSpliceAggregate", "paradigm") == config.PARADIGMS
+    assert _choices("TridentSpliceAggregate", "sam_tiles") == config.SAM_TILE_CHOICES
+    assert _choices("TridentSamRefine", "mask_prompt_mode") == config.MASK_PROMPT_MODES
+    assert _choices("TridentInspectPointAffinity", "correlation") == tuple(c for c in config.CORRELATIONS
+                                                                          if c != "none")
+    assert node_classes()["TridentWindowFeatures"].__name__ == "WindowFeaturesNode"
 
 
 def test_loaders_preselect_the_default_files():
-    nodes = import_pack().NODE_CLASS_MAPPINGS
     for node, role in (("TridentLoadCLIP", "clip"), ("TridentLoadDINO", "dino"), ("TridentLoadSAM", "sam")):
-        assert nodes[node].INPUT_TYPES()["required"]["model_name"][1]["default"] == DEFAULT_FILES[role]
+        assert node_info(node)["input"]["required"]["model_name"][1]["default"] == DEFAULT_FILES[role]
         assert any(m.filename == DEFAULT_FILES[role] and m.role == role for m in MODELS.values())
 
 

@@ -255,6 +255,52 @@ def test_the_converted_copy_is_made_once_and_mapped_by_later_loads(small_ckpts, 
     assert all(torch.equal(p, file[n]) for n, p in float32.model.named_parameters())
 
 
+@pytest.mark.parametrize("damage", ["link", "other tensors", "linked folder", "full disk"])
+def test_a_converted_copy_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_path, damage, caplog, monkeypatch):
+    """The converted copy is a cache: a link is neither read nor written through (a new copy replaces the link
+    itself), a copy holding other tensors is made again, a copy that cannot be written leaves the conversion in
+    memory; each is one logged warning, and the weights are the file's."""
+    import os
+
+    from trident_core import caches
+    from trident_core.models import load_sam
+
+    caches.forget()
+    cache = tmp_path / "converted"
+    want = {n: t for n, t in torch.load(small_ckpts["sam"]).items()}
+    if damage in ("link", "other tensors"):
+        load_sam(small_ckpts["sam"], "cpu", torch.bfloat16, cache)
+        (copy,) = cache.glob("sam-*.pt")
+        if damage == "link":
+            target = tmp_path / "elsewhere.pt"
+            torch.save({"x": torch.zeros(1)}, target)
+            copy.unlink()
+            copy.symlink_to(target)
+        else:
+            torch.save({"x": torch.zeros(1)}, copy)
+    elif damage == "linked folder":
+        (tmp_path / "real").mkdir()
+        cache.symlink_to(tmp_path / "real")
+    else:
+        def full(*_a, **_k):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(torch, "save", full)
+    with caplog.at_level("WARNING", logger="trident_core.cache"):
+        sam = load_sam(small_ckpts["sam"], "cpu", torch.bfloat16, cache)
+    for name, p in sam.model.named_parameters():
+        assert torch.equal(p, want[name].to(p.dtype)), name
+    assert sum("converted weights" in r.getMessage() for r in caplog.records) == 1
+    if damage == "link":
+        assert torch.load(target, weights_only=True).keys() == {"x"} and not copy.is_symlink()
+    if damage == "other tensors":
+        assert torch.load(copy, weights_only=True).keys() >= {"image_encoder.pos_embed"}  # made again
+    if damage == "linked folder":
+        assert not any(f.name.startswith("sam-") for f in (tmp_path / "real").iterdir())
+    if damage == "full disk":
+        assert not list(cache.glob("sam-*"))
+    assert not [f for f in os.listdir(tmp_path) if "partial" in f]
+
+
 @pytest.fixture(scope="module")
 def bf16_trident(full_ckpts):
     if devices.cpu_bf16_refusal() is not None:

@@ -388,13 +388,53 @@ def test_resume_refuses_another_config_and_no_resume_starts_over(tmp_path):
         evaluate(fake_predict(N_CITY), city_dataset(tmp_path), result_json=out, config={"refine": False})
     with pytest.raises(ValueError, match="num_images"):
         evaluate(fake_predict(N_CITY), city_dataset(tmp_path), result_json=out, config={"refine": True}, limit=3)
-    (tmp_path / "run.state-rank1of2.npz").write_bytes(b"")
+    import shutil
+
+    shutil.copy(tmp_path / "run.state-rank0of1.npz", tmp_path / "run.state-rank1of2.npz")  # (as 2 processes left)
+    (tmp_path / "run.state-rankings-of-2024.npz").write_bytes(b"a file of the user's")  # not ours: never deleted
+    (tmp_path / "run.state-rank0of3.npz").write_bytes(b"")  # (an empty file of that name is no state either)
     with pytest.raises(ValueError, match="another number of processes"):
         evaluate(fake_predict(N_CITY), city_dataset(tmp_path), result_json=out, config={"refine": True})
     calls.clear()
     evaluate(counting_predict(N_CITY, calls), city_dataset(tmp_path), result_json=out, resume=False, progress=False)
     assert len(calls) == 4
     assert not (tmp_path / "run.state-rank1of2.npz").exists()
+    assert (tmp_path / "run.state-rankings-of-2024.npz").read_bytes() == b"a file of the user's"
+    assert (tmp_path / "run.state-rank0of3.npz").exists()
+
+
+@pytest.mark.filterwarnings(NOT_OFFICIAL)
+@pytest.mark.parametrize("damage", ["truncated", "deep_meta", "done_as_text", "negative_counts", "nan_time",
+                                    "config_not_an_object", "done_twice"])
+def test_a_damaged_resume_state_starts_over(tmp_path, damage, capsys):
+    pairs = make_cityscapes(tmp_path, 3)
+    out = tmp_path / "run.json"
+    with pytest.raises(Interrupt):
+        evaluate(counting_predict(N_CITY, [], 2), city_dataset(tmp_path), result_json=out, save_every=100)
+    state = tmp_path / "run.state-rank0of1.npz"
+    if damage == "truncated":
+        state.write_bytes(state.read_bytes()[:200])
+    else:
+        with np.load(state) as data:
+            arrays = dict(data)
+        meta = json.loads(str(arrays["meta"]))
+        arrays.update({"deep_meta": {"meta": np.array("[" * 100000 + "]" * 100000)},
+                       "done_as_text": {"done": np.array(["0", "1"])},
+                       "negative_counts": {"confusion": -arrays["confusion"] - 1},
+                       "nan_time": {"predict_s": np.float64("nan")},
+                       "config_not_an_object": {"meta": np.array(json.dumps({**meta, "config": "[1]"}))},
+                       "done_twice": {"done": np.array([0, 0])}}[damage])
+        with open(state, "wb") as f:
+            np.savez(f, **arrays)
+    calls: list[int] = []
+    if damage == "config_not_an_object":  # a readable state of other settings: the usual refusal, no traceback
+        with pytest.raises(ValueError, match="different run .*--no-resume"):
+            evaluate(counting_predict(N_CITY, calls), city_dataset(tmp_path), result_json=out, progress=False)
+        return
+    result = evaluate(counting_predict(N_CITY, calls), city_dataset(tmp_path), result_json=out, progress=False)
+    err = capsys.readouterr().err
+    assert len(calls) == 3 and "is damaged" in err and "starting over" in err
+    np.testing.assert_array_equal(np.array(result["confusion_matrix"]), hand_expected(pairs))
 
 
 HARD_KILL_SCRIPT = """

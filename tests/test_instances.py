@@ -130,6 +130,30 @@ def test_instances_node_masks_json_and_segs():
         run("TridentInstances", segmentation=segs, image=image, classes="horse", min_area=6, crop_factor=2.0)
 
 
+def test_instances_node_keeps_the_largest_objects_per_frame(caplog):
+    """A noisy map's thousands of specks would each be a full-size float mask: max_objects keeps the largest per
+    frame (ties: the earlier), in their usual order, and the log says how many were dropped."""
+    classify, classes_mod = core("classify"), core("classes")
+    cl = classes_mod.parse_classes("person, sky")
+    frames = [random_labels(s, (48, 64), 2) for s in (3, 4)]
+    segs = [classify.Segmentation(torch.from_numpy(f), torch.full((2, 48, 64), 0.5), torch.zeros(2, 3, 4), cl,
+                                  (48, 64)) for f in frames]
+    with caplog.at_level("WARNING"):
+        masks, (_, seg_list), text, count = run("TridentInstances", segmentation=segs, image=torch.rand(2, 48, 64, 3),
+                                                classes="", min_area=1, crop_factor=2.0, max_objects=3)
+    want = []
+    for b, f in enumerate(frames):
+        every = flood_fill_objects(f, [0, 1], 1)
+        largest = sorted(sorted(range(len(every)), key=lambda j: (-every[j][1].sum(), j))[:3])
+        want += [every[j][1] for j in largest]
+        assert f"frame {b}: kept the 3 largest of {len(every)} objects" in caplog.text
+    assert count == 6 == len(json.loads(text)) == len(seg_list)
+    assert all(torch.equal(m, torch.from_numpy(w).float()) for m, w in zip(masks, want))
+    with pytest.raises(ValueError, match="max_objects"):
+        run("TridentInstances", segmentation=segs, image=torch.rand(2, 48, 64, 3), classes="", min_area=1,
+            crop_factor=2.0, max_objects=0)
+
+
 def test_instances_node_crops_are_rgb_float_and_bad_images_are_refused():
     """SEGS crops are ComfyUI IMAGEs whatever the input's channels and dtype; NaN, empty and wrongly laid out
     IMAGEs are one clear error."""

@@ -150,6 +150,31 @@ def test_timing_probe_keeps_the_faster_path_and_remembers_it(tmp_path, monkeypat
         timing.forget()
 
 
+@pytest.mark.parametrize("content", ['{"k": ' * 4000 + "1" + "}" * 4000, '{"k": {"ours_ms": 1e999, "torch_ms": 1}}',
+                                     '{"k": {"ours_ms": ' + "9" * 400 + ', "torch_ms": 1}}', "[]", "folder"])
+def test_a_damaged_or_misplaced_timings_file_is_timed_again_not_a_crash(tmp_path, monkeypatch, content, caplog):
+    from trident_core import caches
+
+    calls = _private_timings(tmp_path, monkeypatch)
+    slow, fast = _slow_and_fast(calls)
+    path = timing._cache_file()
+    if content == "folder":  # a folder where the file belongs: read as a miss, written nowhere
+        path.mkdir(parents=True)
+    else:
+        path.parent.mkdir(parents=True)
+        path.write_text(content)
+    caches.forget()
+    monkeypatch.setattr(timing, "quiet", lambda since: True)
+    try:
+        with caplog.at_level("WARNING", logger="trident_core.cache"):
+            assert timing.decide("k", lambda: (fast, slow)).use_ours
+            timing.flush()
+        assert calls  # timed, not taken from the damaged file
+        assert any("kernel timings" in r.getMessage() for r in caplog.records)
+    finally:
+        timing.forget()
+
+
 def test_timings_are_kept_once_their_stretch_is_judged(tmp_path, monkeypatch):
     """A timing is judged over at least JUDGE_AFTER_S (the CPU clocks tick every 10 ms): until then nothing is
     written; a later product's lookup writes it."""

@@ -1,9 +1,11 @@
-"""The ComfyUI nodes without ComfyUI: the pack imported as ComfyUI imports it, every mapping's declaration, every
-node run on small random-weight models (batch of 2), and the ComfyUI side (folders, model management, progress,
-cancellation) against stand-ins that behave like ComfyUI's modules."""
+"""The ComfyUI nodes without ComfyUI: the pack imported as ComfyUI imports it, every node's V3 declaration (as
+/object_info serves it), every node run on small random-weight models (batch of 2), and the ComfyUI side (folders,
+model management, progress, cancellation) against stand-ins that behave like ComfyUI's modules."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import http.server
 import importlib.util
 import inspect
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 PACK = Path(__file__).resolve().parents[1]
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 DEFAULT_NAMES = {"open_clip": "ViT-B-16_openai_open_clip_model.safetensors", "dino": "dino_vitbase16_pretrain.pth",
                  "sams": "sam_vit_b_01ec64.pth"}
 CLASSES = "sky, person; Astronaut, flag"
@@ -52,10 +54,24 @@ def make_models_dir(root: Path, ckpts: dict[str, Path]) -> Path:
     return root
 
 
-def run(node_type: str, **inputs):
-    """Instantiate a node class from the mappings and call its FUNCTION, as ComfyUI's executor does."""
-    cls = import_pack().NODE_CLASS_MAPPINGS[node_type]
-    return getattr(cls(), cls.FUNCTION)(**inputs)
+@functools.cache
+def node_classes() -> dict[str, type]:
+    """The pack's nodes by id, as ComfyUI registers them: the list of comfy_entrypoint's extension, each under its
+    schema's node_id."""
+    async def listed() -> list[type]:
+        return await (await import_pack().comfy_entrypoint()).get_node_list()
+
+    return {cls.define_schema().node_id: cls for cls in asyncio.run(listed())}
+
+
+def node_info(node_type: str) -> dict:
+    """A node as /object_info serves it."""
+    return node_classes()[node_type].GET_NODE_INFO_V1()
+
+
+def run(node_type: str, **inputs) -> tuple:
+    """A node's outputs from its `execute` classmethod, as ComfyUI's executor calls it."""
+    return tuple(node_classes()[node_type].execute(**inputs).args)
 
 
 def as_image(*arrays: np.ndarray) -> torch.Tensor:
@@ -87,42 +103,54 @@ def images(photo) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- declarations
 
-def test_pack_imports_like_comfyui_and_exports_mappings():
+def test_pack_imports_like_comfyui_and_registers_through_the_entrypoint_only():
     pack = import_pack()
-    assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
-    assert len(pack.NODE_CLASS_MAPPINGS) == 15
-    assert all(k.startswith("Trident") for k in pack.NODE_CLASS_MAPPINGS)
-    assert all(v.startswith("Trident ") for v in pack.NODE_DISPLAY_NAME_MAPPINGS.values())
+    assert callable(pack.comfy_entrypoint) and not hasattr(pack, "NODE_CLASS_MAPPINGS")  # ComfyUI would ignore it
+    nodes = node_classes()
+    assert len(nodes) == 15 and all(k.startswith("Trident") for k in nodes)
+    assert all(cls.define_schema().display_name.startswith("Trident ") for cls in nodes.values())
     assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
 
 
-@pytest.mark.parametrize("node_type", sorted(import_pack().NODE_CLASS_MAPPINGS))
+def check_declared_input(name: str, entry: list) -> None:
+    """An /object_info input has a tooltip; a widget a default within its range or among its choices; a
+    DynamicCombo's choices declare their own inputs alike."""
+    kind, opts = entry
+    assert isinstance(opts.get("tooltip"), str) and len(opts["tooltip"]) > 10, f"{name}: no tooltip"
+    if kind == "COMBO":
+        assert opts["options"] and opts["default"] in opts["options"], f"{name}: default not a choice"
+    elif kind == "COMFY_DYNAMICCOMBO_V3":
+        assert len({o["key"] for o in opts["options"]}) == len(opts["options"]) > 1
+        for option in opts["options"]:
+            for sub, sub_entry in option["inputs"].get("required", {}).items():
+                assert sub_entry[0] in WIDGET_TYPES, f"{name}.{sub}"
+                check_declared_input(f"{name}.{sub}", sub_entry)
+    elif kind in WIDGET_TYPES:
+        assert "default" in opts, f"{name}: widget without default"
+        if kind in ("INT", "FLOAT"):
+            assert opts["min"] <= opts["default"] <= opts["max"]
+    else:
+        assert kind in ("IMAGE", "MASK") or kind.startswith("TRIDENT_"), kind
+
+
+@pytest.mark.parametrize("node_type", sorted(node_classes()))
 def test_node_declaration(node_type, models):
-    cls = import_pack().NODE_CLASS_MAPPINGS[node_type]
-    assert cls.CATEGORY == "segmentation/trident"
-    assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40
-    spec = cls.INPUT_TYPES()
+    info = node_info(node_type)
+    assert info["category"] == "segmentation/trident" and info["name"] == node_type
+    assert isinstance(info["description"], str) and len(info["description"]) > 40
+    spec = info["input"]
     assert set(spec) <= {"required", "optional"} and spec["required"]
     names = []
     for section in spec.values():
         for name, entry in section.items():
             names.append(name)
-            kind, opts = entry
-            assert isinstance(opts.get("tooltip"), str) and len(opts["tooltip"]) > 10, f"{name}: no tooltip"
-            if isinstance(kind, list):
-                assert kind and opts.get("default", kind[0]) in kind, f"{name}: default not among the choices"
-            elif kind in WIDGET_TYPES:
-                assert "default" in opts, f"{name}: widget without default"
-                if kind in ("INT", "FLOAT"):
-                    assert opts["min"] <= opts["default"] <= opts["max"]
-            else:
-                assert kind in ("IMAGE", "MASK") or kind.startswith("TRIDENT_"), kind
-    rt, rn, tips = cls.RETURN_TYPES, cls.RETURN_NAMES, cls.OUTPUT_TOOLTIPS
-    assert isinstance(rt, tuple) and rt and len(rn) == len(rt) == len(tips)
+            check_declared_input(name, entry)
+    rt, rn, tips = info["output"], info["output_name"], info["output_tooltips"]
+    assert rt and len(rn) == len(rt) == len(tips) and all(isinstance(t, str) and len(t) > 10 for t in tips)
     assert all(t in ("IMAGE", "MASK", "SEGS", "STRING", "INT") or t.startswith("TRIDENT_") for t in rt)
-    fn = getattr(cls, cls.FUNCTION)
-    params = [p for p in inspect.signature(fn).parameters if p != "self"]
-    assert params == names, "the function's parameters must be the inputs, in order"
+    fn = node_classes()[node_type].execute
+    params = list(inspect.signature(fn).parameters)
+    assert params == names, "execute's parameters must be the inputs, in order"
     optional = set(spec.get("optional", {}))
     assert all((inspect.signature(fn).parameters[p].default is not inspect.Parameter.empty) == (p in optional)
                for p in params)
@@ -130,10 +158,9 @@ def test_node_declaration(node_type, models):
 
 def test_custom_types_connect(models):
     """Every TRIDENT_* input type is produced by some node, and every produced type is consumed by some node."""
-    mappings = import_pack().NODE_CLASS_MAPPINGS.values()
-    produced = {t for c in mappings for t in c.RETURN_TYPES if t.startswith("TRIDENT_")}
-    consumed = {e[0] for c in mappings for s in c.INPUT_TYPES().values() for e in s.values()
-                if isinstance(e[0], str) and e[0].startswith("TRIDENT_")}
+    infos = [node_info(n) for n in node_classes()]
+    produced = {t for i in infos for t in i["output"] if t.startswith("TRIDENT_")}
+    consumed = {e[0] for i in infos for s in i["input"].values() for e in s.values() if e[0].startswith("TRIDENT_")}
     assert produced == consumed == {"TRIDENT_CLIP", "TRIDENT_DINO", "TRIDENT_SAM", "TRIDENT_CLASSES",
                                     "TRIDENT_WINDOW_FEATURES", "TRIDENT_FEATURE_MAP", "TRIDENT_SAM_ENCODING",
                                     "TRIDENT_SEGMENTATION"}
@@ -142,14 +169,14 @@ def test_custom_types_connect(models):
 # ------------------------------------------------------------------------------------------------- loaders
 
 def test_loader_dropdowns_list_present_then_known_files(models):
-    nodes = import_pack().NODE_CLASS_MAPPINGS
-    clip = nodes["TridentLoadCLIP"].INPUT_TYPES()["required"]["model_name"]
-    assert clip[0] == ["ViT-B-16_openai_open_clip_model.safetensors", "clip_small.bin", "clip_small.safetensors",
-                       "ViT-B-16.pt", "ViT-H-14_laion2b_s32b_b79k_open_clip_model.safetensors"]
+    clip = node_info("TridentLoadCLIP")["input"]["required"]["model_name"]
+    assert clip[1]["options"] == ["ViT-B-16_openai_open_clip_model.safetensors", "clip_small.bin",
+                                  "clip_small.safetensors", "ViT-B-16.pt",
+                                  "ViT-H-14_laion2b_s32b_b79k_open_clip_model.safetensors"]
     assert clip[1]["default"] == "ViT-B-16_openai_open_clip_model.safetensors"
-    sam = nodes["TridentLoadSAM"].INPUT_TYPES()["required"]["model_name"][0]
+    sam = node_info("TridentLoadSAM")["input"]["required"]["model_name"][1]["options"]
     assert sam == ["sam_small.pth", "sam_vit_b_01ec64.pth", "sam_vit_l_0b3195.pth", "sam_vit_h_4b8939.pth"]
-    dino = nodes["TridentLoadDINO"].INPUT_TYPES()["required"]["model_name"][0]
+    dino = node_info("TridentLoadDINO")["input"]["required"]["model_name"][1]["options"]
     assert dino == ["dino_small.pth", "dino_vitbase16_pretrain.pth", "dino_deitsmall16_pretrain.pth"]
 
 
@@ -178,7 +205,7 @@ def test_bare_known_name_finds_the_file_in_a_subfolder(models):
     nested.parent.mkdir()
     nested.symlink_to(models / "sams" / "sam_small.pth")
     try:
-        choices = import_pack().NODE_CLASS_MAPPINGS["TridentLoadSAM"].INPUT_TYPES()["required"]["model_name"][0]
+        choices = node_info("TridentLoadSAM")["input"]["required"]["model_name"][1]["options"]
         assert "mine/sam_vit_l_0b3195.pth" in choices and "sam_vit_l_0b3195.pth" in choices  # workflows keep working
         (sam,) = run("TridentLoadSAM", model_name="sam_vit_l_0b3195.pth", precision="auto", allow_download=True)
         assert sam.model.path == str(nested)
@@ -324,6 +351,28 @@ def test_trident_segment_presets_background_and_tiles(loaded, images):
             refine=False, sam_tiles="preset")
     with pytest.raises(core("classes").ClassListError, match="no class names"):
         run("TridentEncodeClasses", clip=clip, classes="")
+
+
+def test_custom_preset_is_the_default_with_the_values_shown_under_it(loaded, images):
+    """Inside ComfyUI the preset arrives as its DynamicCombo value: the choice and the inputs shown under it in one
+    dict. 'custom' at the default's values is the default preset; changed values give what trident_core gives
+    with those parameters; a named preset as a dict is that preset."""
+    clip, dino, sam = loaded
+    Params, Trident = core("config").Params, core("pipeline").Trident
+    common = dict(image=images[1:], clip=clip, dino=dino, sam=sam, classes=CLASSES, refine=True, sam_tiles="preset")
+    at_default = dict(short_side=448, stride=224, cos_fac=1.2, refine_neg_cos=True, prob_thd=0.0, coarse_thresh=0.2)
+    changed = dict(short_side=336, stride=112, cos_fac=0.0, refine_neg_cos=False, prob_thd=0.3, coarse_thresh=0.1)
+    (default,) = run("TridentSegment", preset="default", **common)
+    (same,) = run("TridentSegment", preset={"preset": "custom", **at_default}, **common)
+    (named,) = run("TridentSegment", preset={"preset": "default"}, **common)
+    assert torch.equal(same[0].labels, default[0].labels) and torch.equal(named[0].labels, default[0].labels)
+    (custom,) = run("TridentSegment", preset={"preset": "custom", **changed}, **common)
+    direct = Trident(clip.model, dino.model, sam.model).segment(images[1], CLASSES,
+                                                               Params().update(refine=True, **changed))
+    assert torch.equal(custom[0].labels, direct.labels) and not torch.equal(custom[0].labels, default[0].labels)
+    segment = node_classes()["TridentSegment"]
+    assert segment.validate_inputs(classes="sky", preset={"preset": "custom", "short_side": None}) is True
+    assert "no class names" in segment.validate_inputs(classes="", preset={"preset": "custom"}, background="")
 
 
 def test_preset_class_lists_load_inside_comfyui_without_a_global_trident_core(monkeypatch):
@@ -637,9 +686,7 @@ def test_inside_comfyui_folders_patchers_progress_and_cancel(models, tmp_path, m
     for name, module in fake["modules"].items():
         monkeypatch.setitem(sys.modules, name, module)
     log = fake["log"]
-    nodes = import_pack().NODE_CLASS_MAPPINGS
-
-    choices = nodes["TridentLoadSAM"].INPUT_TYPES()["required"]["model_name"][0]
+    choices = node_info("TridentLoadSAM")["input"]["required"]["model_name"][1]["options"]
     assert choices[:2] == ["sam_from_yaml.pth", "sam_small.pth"] and "sam_vit_b_01ec64.pth" in choices
     assert ("sams", str(models / "sams")) in log["registered"]
     assert fake["modules"]["folder_paths"].get_folder_paths("sams") == [str(extra), str(models / "sams")]

@@ -1,5 +1,6 @@
 """Text embeddings on disk: a second process with the same classes skips the text encoder and gets the same
-embeddings; another CLIP file, other names or a damaged cache file are misses; file digests are remembered."""
+embeddings; another CLIP file, other names or a damaged cache file are misses; a cache that cannot be written
+or read is a logged miss, never the end of the run."""
 
 from __future__ import annotations
 
@@ -61,26 +62,6 @@ def test_the_key_holds_the_clip_content_templates_dtype_and_device(small_ckpts, 
     assert text_cache.cache_file(tmp_path, str(copy), NAMES, tmpl, torch.float32, "cpu") != base
 
 
-def test_file_digest_is_the_sha256_and_remembered(tmp_path, monkeypatch):
-    import hashlib
-
-    f = tmp_path / "w.bin"
-    f.write_bytes(b"weights" * 1000)
-    want = f"{7000}-{hashlib.sha256(b'weights' * 1000).hexdigest()}"
-    assert text_cache.file_digest(f, tmp_path) == want
-    text_cache._memo.clear()  # a new process: the digest comes from the memo file, the file is not read
-
-    def no_read(*_a, **_k):
-        raise AssertionError("hashed again")
-
-    monkeypatch.setattr(text_cache.hashlib, "sha256", no_read)
-    assert text_cache.file_digest(f, tmp_path) == want
-    monkeypatch.undo()
-    (tmp_path / text_cache.HASHES).write_text("{not json")  # a damaged memo: hashed again
-    text_cache._memo.clear()
-    assert text_cache.file_digest(f, tmp_path) == want
-
-
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_shape", "nan"])
 def test_a_damaged_cache_file_is_ignored_and_rewritten(small_ckpts, tmp_path, damage):
     want = text.encode_names(_clip(small_ckpts["clip"], tmp_path), NAMES)
@@ -95,6 +76,31 @@ def test_a_damaged_cache_file_is_ignored_and_rewritten(small_ckpts, tmp_path, da
     got = text.encode_names(_clip(small_ckpts["clip"], tmp_path), NAMES)
     assert torch.equal(got, want)
     assert torch.equal(text_cache.load(path, NAMES, want.shape[1]), want)  # rewritten
+
+
+@pytest.mark.parametrize("damage", ["folder_is_a_file", "file_is_a_folder", "huge_file"])
+def test_a_cache_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_path, damage, caplog):
+    from trident_core import caches
+
+    caches.forget()
+    want = text.encode_names(load_clip(small_ckpts["clip"]), NAMES)
+    folder = tmp_path / "cache"
+    if damage == "folder_is_a_file":
+        folder.write_bytes(b"not a folder")
+    else:
+        clip = _clip(small_ckpts["clip"], folder)
+        path = text_cache.cache_file(folder, str(small_ckpts["clip"]), NAMES, clip.templates(), torch.float32, "cpu")
+        folder.mkdir(exist_ok=True)
+        if damage == "file_is_a_folder":
+            path.mkdir()
+        else:
+            with open(path, "wb") as f:  # a sparse 1 GB file: refused by its size, never read into memory
+                f.truncate(1 << 30)
+    with caplog.at_level("WARNING", logger="trident_core.cache"):
+        got = text.encode_names(_clip(small_ckpts["clip"], folder), NAMES)
+    assert torch.equal(got, want)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "cannot be used, the run goes on without it" in lines[0]
 
 
 def test_command_line_second_run_skips_the_text_encoder(small_ckpts, photo, tmp_path, monkeypatch):

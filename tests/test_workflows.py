@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_nodes import as_image, import_pack, make_models_dir
+from test_nodes import as_image, make_models_dir, node_classes, node_info
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"))
 EXPECTED = {"text_to_mask", "inpaint_by_text", "full_graph", "paradigms"}
@@ -36,19 +36,28 @@ CORE_NODES = {
 RUNNABLE_CORE = {"LoadImage", "PreviewImage", "MaskPreview", "MaskToImage", "Note"}
 
 
-def _is_widget(kind) -> bool:
-    return isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # a dropdown whose choices bring their own widgets (Trident Segment's preset)
+
+
+def is_widget(kind) -> bool:
+    """Whether an /object_info input type is a widget (a classic combo is its list of choices, a V3 one COMBO)."""
+    return isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO)
+
+
+def widgets_of(info: dict) -> list[tuple[str, list]]:
+    """A node's widget inputs in the order the frontend saves their values: required ones, then optional ones."""
+    spec, order = info["input"], info["input_order"]
+    return [(n, spec[sec][n]) for sec in ("required", "optional") for n in order.get(sec, [])
+            if is_widget(spec[sec][n][0])]
 
 
 def node_spec(node_type: str) -> tuple[dict, dict, list, list]:
     """(required link inputs, optional link inputs, output types, widget checks) of a node type."""
-    ours = import_pack().NODE_CLASS_MAPPINGS
-    if node_type in ours:
-        spec = ours[node_type].INPUT_TYPES()
-        links = {sec: {n: e[0] for n, e in spec.get(sec, {}).items() if not _is_widget(e[0])}
+    if node_type in node_classes():
+        info = node_info(node_type)
+        links = {sec: {n: e[0] for n, e in info["input"].get(sec, {}).items() if not is_widget(e[0])}
                  for sec in ("required", "optional")}
-        widgets = [(n, e) for sec in ("required", "optional") for n, e in spec.get(sec, {}).items() if _is_widget(e[0])]
-        return links["required"], links["optional"], list(ours[node_type].RETURN_TYPES), widgets
+        return links["required"], links["optional"], info["output"], widgets_of(info)
     if node_type in CORE_NODES:
         inputs, outputs, widgets = CORE_NODES[node_type]
         return inputs, {}, outputs, [(f"widget {i}", (w, {})) for i, w in enumerate(widgets)]
@@ -56,6 +65,10 @@ def node_spec(node_type: str) -> tuple[dict, dict, list, list]:
 
 
 def _widget_error(name: str, kind, opts: dict, value) -> str | None:
+    if kind == "COMBO":
+        kind = opts["options"]
+    elif kind == DYNAMIC_COMBO:  # a saved workflow holds the choice (none here takes one with widgets of its own)
+        kind = [o["key"] for o in opts["options"] if not any(o["inputs"].values())]
     if isinstance(kind, (list, tuple)):
         return None if value in kind else f"{name}: {value!r} is not one of {list(kind)[:6]}"
     if kind in ("INT", int):
@@ -183,8 +196,31 @@ def test_workflow_is_consistent(path):
     assert wf["version"] == 0.4 and validate(wf) == []
     images = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LoadImage"]
     assert images == ["example.png"]  # ships in ComfyUI's input folder
-    ours = {n["type"] for n in wf["nodes"]} & set(import_pack().NODE_CLASS_MAPPINGS)
+    ours = {n["type"] for n in wf["nodes"]} & set(node_classes())
     assert ours and all(n["mode"] == 0 for n in wf["nodes"])
+
+
+TITLE_HEIGHT = 30  # the frontends draw a node's title bar above its `pos`
+
+
+def overlaps(wf: dict) -> list[tuple[int, int]]:
+    """Pairs of nodes whose boxes (title bar included, at their saved sizes) intersect."""
+    boxes = {n["id"]: (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in wf["nodes"]}
+    ids = sorted(boxes)
+    return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]
+            if boxes[a][0] < boxes[b][2] and boxes[b][0] < boxes[a][2] and boxes[a][1] < boxes[b][3]
+            and boxes[b][1] < boxes[a][3]]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_nodes_do_not_overlap(path):
+    """Saved sizes are at least what both frontends (1.35.9, 1.58.1) draw the nodes at, and no two nodes share
+    room, so nothing covers anything when the workflow opens."""
+    assert overlaps(load(path)) == []
+    touching = copy.deepcopy(load(path))
+    touching["nodes"][1]["pos"] = list(touching["nodes"][0]["pos"])
+    assert overlaps(touching)
 
 
 def test_validator_catches_broken_workflows():
@@ -218,7 +254,7 @@ def execute(wf: dict, image: torch.Tensor) -> dict[int, tuple]:
     LoadImage gives `image`, preview nodes return what they were given."""
     nodes = {n["id"]: n for n in wf["nodes"] if n["type"] != "Note"}
     links = {lk[0]: lk for lk in wf["links"]}
-    ours = import_pack().NODE_CLASS_MAPPINGS
+    ours = node_classes()
     results: dict[int, tuple] = {}
 
     def value(nid: int) -> tuple:
@@ -234,8 +270,7 @@ def execute(wf: dict, image: torch.Tensor) -> dict[int, tuple]:
         if kind in ours:
             names = [n for n, _ in node_spec(kind)[3]]
             kwargs.update(zip(names, node["widgets_values"]))
-            cls = ours[kind]
-            results[nid] = getattr(cls(), cls.FUNCTION)(**kwargs)
+            results[nid] = tuple(ours[kind].execute(**kwargs).args)
         elif kind == "LoadImage":
             results[nid] = (image, torch.zeros(image.shape[:3]))
         elif kind == "MaskToImage":
@@ -259,7 +294,7 @@ def default_models(small_ckpts, tmp_path_factory):
 
 
 RUNNABLE = [p for p in WORKFLOWS if {n["type"] for n in load(p)["nodes"]}
-            <= set(import_pack().NODE_CLASS_MAPPINGS) | RUNNABLE_CORE]
+            <= set(node_classes()) | RUNNABLE_CORE]
 
 
 def test_runnable_workflows_are_all_but_inpainting():

@@ -18,10 +18,14 @@ NAME_MAX = 255  # bytes in a file name on common file systems
 def _stem(path: Path) -> str:
     """`path`'s name in its temporary names; a name too long to take the suffix is shortened, with a hash of it."""
     name = path.name
-    if len(f".{name}.partial-4294967295-old".encode()) <= NAME_MAX:
+    if len(os.fsencode(f".{name}.partial-4294967295-old")) <= NAME_MAX:
         return name
-    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
     return f"{name[:80]}~{digest}"
+
+
+TEMPORARY = re.compile(r"\..+\.partial-\d+(-old)?")
+"""The temporary names of `partial_name` (and replace_folder's "-old"): hidden, ending in our process number."""
 
 
 def partial_name(path: Path) -> Path:
@@ -65,10 +69,23 @@ def remove_partials(path: Path) -> None:
         pid = re.match(r"(\d+)", leftover.rsplit(".partial-", 1)[1])
         if pid and _running(int(pid.group(1))):
             continue
-        if os.path.isdir(leftover):
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            Path(leftover).unlink(missing_ok=True)
+        remove_entry(Path(leftover))
+
+
+def remove_entry(path: Path) -> None:
+    """Delete a file, a link (never what it points to) or a folder tree."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def fresh_folder(path: Path) -> Path:
+    """Create `path` as a new, empty folder of ours (whatever was at that temporary name is removed first, a link
+    planted there included, so nothing is written through it)."""
+    remove_entry(path)
+    path.mkdir()
+    return path
 
 
 @contextmanager
@@ -77,8 +94,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_name(path)
+    remove_entry(tmp)  # (a link planted at this name is removed, never written through: O_EXCL below)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -103,11 +122,28 @@ def replace_folder(tmp: Path, final: Path) -> None:
     for attempt in range(3):  # another run may be replacing the same folder at this moment
         try:
             if final.exists():
-                shutil.rmtree(old, ignore_errors=True)  # (this run's own, from a try the other run overtook)
+                remove_entry(old)  # (this run's own, from a try the other run overtook)
                 os.replace(final, old)
             os.replace(tmp, final)
             break
         except OSError:
             if attempt == 2:
                 raise
-    shutil.rmtree(old, ignore_errors=True)
+    remove_entry(old)
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (flock on the folder itself: no file is added to it) while several of its
+    entries change together, so two runs writing into one folder take turns (a no-op where flock is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

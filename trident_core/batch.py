@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,9 +18,19 @@ from typing import TextIO
 import torch
 
 from .atomic import remove_partials
-from .image import ImageError, to_rgb_uint8
+from .image import ImageError, check_header, to_rgb_uint8
 from .image_list import ImageJob
-from .outputs import Extra, marker_matches, npz_complete, save_flat, save_folder, save_npz
+from .marker import INSTANCES, INSTANCES_JSON, MARKER, OUTPUT_FOLDERS, complete
+from .outputs import (
+    Extra,
+    OutputConflict,
+    check_npz_replaceable,
+    check_planned,
+    npz_complete,
+    save_flat,
+    save_folder,
+    save_npz,
+)
 
 EXIT_SKIPPED = 3  # some images could not be read or segmented (the others were)
 _FATAL_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # every later image would fail the same way
@@ -34,6 +45,8 @@ class Destinations:
     npz: Path | None
     flat: bool
     extra: Extra | None = None  # more files per image folder (the objects of --instances)
+    planned: tuple[str, ...] = ()  # the files every image folder holds (outputs.planned_files)
+    protected: frozenset[str] = frozenset()  # the inputs' real paths: never an output
 
     def folder(self, job: ImageJob) -> Path | None:
         return None if self.out is None else self.out if self.flat else self.out / job.name
@@ -51,26 +64,64 @@ def settings_key(settings: dict) -> str:
 
 
 def image_key(settings_digest: str, path: Path) -> str:
-    """The key an image's outputs are stored under: the settings' digest and the image file's content."""
-    return hashlib.sha256(f"{settings_digest}:{hashlib.sha256(path.read_bytes()).hexdigest()}".encode()).hexdigest()
+    """The key an image's outputs are stored under: the settings' digest and the image file's content (read in
+    blocks: a huge file costs no memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return hashlib.sha256(f"{settings_digest}:{h.hexdigest()}".encode()).hexdigest()
 
 
 def check_destinations(jobs: list[ImageJob], dest: Destinations) -> None:
-    """Refuse a run whose image folders would land on files that are not output folders (the images themselves,
-    when --out is the images' folder): those files would be replaced."""
-    if dest.flat or dest.out is None:
-        return
+    """Refuse, before any work, a run whose outputs would land on an input image or on files Trident did not
+    write: image folders where a file is (the images themselves, when --out is the images' folder), an npz named
+    like an input, and in the single-image form outputs whose names a user's files already have."""
+    inputs = {os.path.realpath(job.path): job.path for job in jobs}
     for job in jobs:
-        folder = dest.folder(job)
-        if folder.exists() and not folder.is_dir():
+        folder, npz = dest.folder(job), dest.npz_file(job)
+        if not dest.flat and folder is not None and os.path.lexists(folder) and not folder.is_dir():
             raise ValueError(f"--out {dest.out}: the outputs of {job.name} go into the folder {folder}, where a file "
                              "is (the image itself?); choose an --out that is not the images' folder")
+        if npz is not None:
+            try:
+                check_npz_replaceable(npz, dest.protected)
+            except OutputConflict as e:
+                raise ValueError(str(e)) from e
+            if folder is not None and _writes(folder, os.path.realpath(npz), dest.planned):
+                raise ValueError(f"--save-npz {npz} is a file that --out {dest.out} also writes: choose another name")
+    owners = {os.path.realpath(f): f for f in (dest.folder(job) for job in jobs) if f is not None}
+    for real, path in inputs.items():
+        parent = os.path.dirname(real)
+        name, top = os.path.basename(real), os.path.dirname(parent)
+        inside = ((parent in owners and name in dest.planned) or
+                  (top in owners and f"{os.path.basename(parent)}/{name}" in dest.planned) or
+                  (top in owners and os.path.basename(parent) in (INSTANCES,)))
+        if inside:
+            raise ValueError(f"the input image {path} lies where this run writes its outputs (--out "
+                             f"{dest.out}): choose another --out")
+    if dest.flat and dest.out is not None:
+        try:
+            check_planned(dest.out, list(dest.planned), dest.protected)
+        except OutputConflict as e:
+            raise ValueError(f"{e} (the single-image form writes its files directly into --out)") from e
+
+
+def _writes(folder: Path, real: str, planned: tuple[str, ...]) -> bool:
+    """Whether the file at real path `real` is one an output folder holds: a planned file, the marker, the objects."""
+    rel = Path(os.path.relpath(real, os.path.realpath(folder))).as_posix()
+    return rel in planned or rel in (MARKER, INSTANCES_JSON) or rel.split("/")[0] in OUTPUT_FOLDERS
 
 
 def is_complete(dest: Destinations, job: ImageJob, key: str) -> bool:
-    """Whether every output asked for exists from a run with the same settings and image."""
+    """Whether every output asked for is there, whole, from a run with the same settings and image."""
     folder, npz = dest.folder(job), dest.npz_file(job)
-    return (folder is None or marker_matches(folder, key)) and (npz is None or npz_complete(npz, key))
+    return (folder is None or complete(folder, key, list(dest.planned))) and (npz is None or npz_complete(npz, key))
+
+
+def shown(text: str) -> str:
+    """`text` printable on any stream: bytes of a file name that are not UTF-8 shown as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ProgressBar:
@@ -89,7 +140,7 @@ class ProgressBar:
         eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left is not None else "--:--:--"
         width = 24
         bar = "#" * (width * done // max(self.total, 1))
-        line = f"[{self.tag}] [{bar:<{width}}] {done}/{self.total}  {rate:.2f} img/s  ETA {eta}  {name}"
+        line = f"[{self.tag}] [{bar:<{width}}] {done}/{self.total}  {rate:.2f} img/s  ETA {eta}  {shown(name)}"
         self.stream.write(("\r\x1b[K" + line) if self.tty else line + "\n")
         self.stream.flush()
 
@@ -123,6 +174,7 @@ def run(segment: Callable, jobs: list[ImageJob], dest: Destinations, settings: d
             if not job.path.is_file():  # a pipe or a device would block or never end
                 raise ImageError(f"{job.path} is not a regular file" if job.path.exists() else
                                  f"{job.path} does not exist")
+            check_header(job.path)  # a junk file is refused before it is read whole
             key = image_key(digest, job.path)
             image = None if resume and is_complete(dest, job, key) else to_rgb_uint8(job.path)
             if image is not None:
@@ -131,7 +183,7 @@ def run(segment: Callable, jobs: list[ImageJob], dest: Destinations, settings: d
             else:
                 _remove_leftovers(dest, job)
                 counts.complete += 1
-        except (ImageError, OSError, MemoryError, torch.OutOfMemoryError) as e:  # this image only: others go on
+        except (ImageError, OutputConflict, OSError, MemoryError, torch.OutOfMemoryError) as e:  # this image only
             if isinstance(e, OSError) and e.errno in _FATAL_WRITE_ERRORS:
                 raise OSError(e.errno, f"{e.strerror} while writing the outputs of {job.name}: make room or "
                               "choose another --out, then run the same command again (complete images are "
@@ -140,7 +192,7 @@ def run(segment: Callable, jobs: list[ImageJob], dest: Destinations, settings: d
             if bar and bar.tty:
                 bar.stream.write("\n")
             reason = _reason(e)
-            log(f"skipped: {reason}" if str(job.path) in reason else f"skipped {job.path}: {reason}")
+            log(shown(f"skipped: {reason}" if str(job.path) in reason else f"skipped {job.path}: {reason}"))
         image = None
         if bar:
             bar.update(done, counts.segmented, job.name)
@@ -153,9 +205,9 @@ def _write(seg, image, job: ImageJob, dest: Destinations, key: str, settings: di
     """The npz first, then the image files with the completion marker."""
     npz, folder = dest.npz_file(job), dest.folder(job)
     if npz is not None:
-        save_npz(seg, npz, key)
+        save_npz(seg, npz, key, dest.protected)
     if folder is not None:
-        (save_flat if dest.flat else save_folder)(seg, image, folder, key, settings, dest.extra)
+        (save_flat if dest.flat else save_folder)(seg, image, folder, key, settings, dest.extra, dest.protected)
 
 
 def _remove_leftovers(dest: Destinations, job: ImageJob) -> None:
@@ -169,7 +221,7 @@ def _remove_leftovers(dest: Destinations, job: ImageJob) -> None:
 
 def _reason(e: Exception) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if isinstance(e, ImageError):
+    if isinstance(e, (ImageError, OutputConflict)):
         return text
     if isinstance(e, OSError):
         return f"cannot read or write its files ({type(e).__name__}: {text})"

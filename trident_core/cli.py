@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -19,7 +18,9 @@ from .presets import PRESETS, get_preset
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from .batch import shown
+
+    print(shown(msg), file=sys.stderr, flush=True)
 
 
 def _model_file(value: str | None, role: str, allow_download: bool) -> Path:
@@ -125,7 +126,7 @@ def _settings(tr, classes: ClassList, params) -> dict:
     """What decides an image's outputs besides the image (stored in each output's completion marker): the models
     by content (size and SHA-256, hashed once per file and remembered), so other weights under the same name and
     size are never taken for the ones that made an output."""
-    from .text_cache import file_digest
+    from .file_digest import file_digest
 
     models = {role: [Path(m.path).name, file_digest(m.path, text_cache_dir())] for role, m in
               (("clip", tr.clip), ("dino", tr.dino), ("sam", tr.sam)) if m is not None}
@@ -140,6 +141,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .evaluation.distributed import all_reduce, init_distributed
     from .image import to_rgb_uint8
     from .image_list import gather
+    from .outputs import planned_files
     from .paths import require_output_file, require_output_folder
 
     out = Path(args.out) if args.out else None
@@ -155,14 +157,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
         require_output_folder(args.save_npz, "--save-npz")  # (one image into a folder: FOLDER/<image name>.npz)
     elif npz is not None:
         require_output_file(args.save_npz, "--save-npz", "result.npz")
-    dest = Destinations(out, npz, single, None)
+    classes = classes_from_args(args)
+    params = params_from_args(args)
+    extra = _instances_writer(args, classes)
+    dest = Destinations(out, npz, single, extra, tuple(planned_files(classes.names, extra is not None)),
+                        frozenset(os.path.realpath(job.path) for job in jobs))
     check_destinations(jobs, dest)
     rank, world, device = init_distributed()
     if args.device == "auto":
         args.device = str(device)
-    classes = classes_from_args(args)
-    params = params_from_args(args)
-    extra = _instances_writer(args, classes)
     tr = build_trident(args, params)
     tr.text(classes)
     release_text_tower(tr.clip)
@@ -178,7 +181,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     def segment(image: np.ndarray):
         return tr.segment(image, classes, params, progress if single else lambda _stage: None)
 
-    counts = run(segment, jobs, replace(dest, extra=extra),
+    counts = run(segment, jobs, dest,
                  _settings(tr, classes, params) | _instances_settings(args), rank=rank,
                  world=world, resume=not args.overwrite, log=_log, show_progress=not single)
     done, complete, unreadable = (int(v) for v in all_reduce(
@@ -195,7 +198,7 @@ def _instances_writer(args: argparse.Namespace, classes: ClassList):
     """With --instances, the writer of each image's objects (instances/ and instances.json); checked first."""
     if args.instances is None:
         return None
-    from .instances import check_min_area, find_instances, object_classes, write_instances
+    from .instances import check_max_objects, check_min_area, find_largest_instances, object_classes, write_instances
 
     if not args.out:
         raise ValueError("--instances writes its masks under --out: give --out DIR")
@@ -207,9 +210,14 @@ def _instances_writer(args: argparse.Namespace, classes: ClassList):
                              "put --instances after the images") from e
         raise
     min_area = check_min_area(args.min_area)
+    max_objects = check_max_objects(args.max_objects)
 
     def write(seg, image: np.ndarray, folder: Path) -> None:
-        objects = find_instances(seg.labels, wanted, seg.classes.names, min_area, seg.probs)
+        objects, dropped = find_largest_instances(seg.labels, wanted, seg.classes.names, min_area, seg.probs,
+                                                  max_objects=max_objects)
+        if dropped:
+            _log(f"instances: kept the {max_objects} largest of {max_objects + dropped} objects, dropped {dropped} "
+                 "smaller ones (raise --max-objects to keep more)")
         write_instances(objects, image.shape[:2], folder)
 
     return write
@@ -217,7 +225,8 @@ def _instances_writer(args: argparse.Namespace, classes: ClassList):
 
 def _instances_settings(args: argparse.Namespace) -> dict:
     """What --instances adds to the outputs' key (nothing without it, so earlier outputs stay complete)."""
-    return {} if args.instances is None else {"instances": args.instances, "min_area": args.min_area}
+    return {} if args.instances is None else {"instances": args.instances, "min_area": args.min_area,
+                                              "max_objects": args.max_objects}
 
 
 def _finish_distributed() -> None:
@@ -282,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="also write one mask per object (connected region) of these classes (none given: every "
                           "class but the background) under --out: instances/NNN_<class>.png and instances.json")
     seg.add_argument("--min-area", type=int, default=64, help="smallest object in pixels (default: %(default)s)")
+    seg.add_argument("--max-objects", type=int, default=256,
+                     help="most objects written per image, the largest (default: %(default)s); a line says how "
+                          "many smaller ones were dropped")
     add_model_arguments(seg)
     seg.set_defaults(func=cmd_segment)
     ev = sub.add_parser("eval", help="mIoU on a benchmark's validation set (torchrun for several processes)")
@@ -298,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --out DIR and/or --save-npz FILE")
     if args.command == "segment" and args.min_area < 1:
         ap.error(f"--min-area must be a whole number of pixels >= 1, not {args.min_area}")
+    if args.command == "segment" and args.max_objects < 1:
+        ap.error(f"--max-objects must be a whole number >= 1, not {args.max_objects}")
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as e:  # a write error too (a full disk): one line, not a traceback

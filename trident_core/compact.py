@@ -28,7 +28,7 @@ class CompactSegmentation:
     probs_coarse, info, refined, logits()), stored compactly; probabilities are rebuilt per access.
 
     `stored_probs` / `stored_probs_coarse` are None where the map is the logits' softmax (recomputed exactly),
-    else float16; `stored_labels_coarse` is None where the coarse labels follow from the coarse probabilities."""
+    else float16; `stored_labels_coarse` is None where the coarse labels follow from the logits' softmax."""
 
     labels: torch.Tensor
     grid_logits: torch.Tensor
@@ -69,7 +69,9 @@ class CompactSegmentation:
             return None
         if self.stored_labels_coarse is not None:
             return self.stored_labels_coarse
-        return labels_from_probs(self.probs_coarse, self.classes, self.prob_thd).to(self.labels.dtype)
+        # not stored: they equal the labels of the logits' own probabilities (checked when compacting), never the
+        # float16 copy of a refined map, whose rounding can tie two classes or cross the threshold
+        return labels_from_probs(self.logit_probs(), self.classes, self.prob_thd).to(self.labels.dtype)
 
 
 @torch.no_grad()

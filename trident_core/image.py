@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -87,8 +90,9 @@ def require_size(image: np.ndarray, size: tuple[int, int], what: str) -> None:
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as RGB uint8, decoded as the reference does (OpenCV, EXIF orientation applied); PIL (with the
-    same orientation handling) for what OpenCV cannot read."""
-    _check_header(path)
+    same orientation handling) for what OpenCV cannot read. A file that does not decode completely (cut short by
+    an interrupted download or copy, which OpenCV's JPEG reader fills in with grey) is an ImageError."""
+    check_header(path)
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a broken file gets our one line only
     try:
@@ -96,20 +100,56 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR) if os.path.isfile(path) and _utf8(str(path)) else None
     finally:
         cv2.utils.logging.setLogLevel(level)
+    _check_complete(path)
     if bgr is not None:
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
+        with _truncation_is_an_error(), Image.open(path) as im:
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot read image {os.fspath(path)!r}: {e}") from e
 
 
-def _check_header(path: str | os.PathLike) -> None:
-    """Refuse an image whose header declares more than MAX_PIXELS before decoding it (a small file can declare a
-    huge image, which OpenCV would decode whole first). Files PIL cannot identify are left to the decoders."""
+@contextmanager
+def _truncation_is_an_error() -> Iterator[None]:
+    """PIL's decoders raise on a file cut short, even where another package switched that off globally."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def _check_complete(path: str | os.PathLike) -> None:
+    """Refuse a file whose data ends early or fails its checksums, which OpenCV's JPEG reader fills in with grey and
+    PIL's PNG decoder does not check: every PNG chunk's CRC, and a JPEG decoded at 1/8 scale (which reads every
+    coefficient yet costs a fraction of a full decode) must reach its end. Other formats fail to decode when cut
+    short."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings(), _truncation_is_an_error():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                if im.format == "PNG":
+                    im.verify()
+                elif im.format in ("JPEG", "MPO"):
+                    im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+                    im.load()
+    except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot read image {os.fspath(path)!r}: it does not decode completely (cut short or "
+                         f"damaged, e.g. by an interrupted download or copy): {e}") from e
+
+
+def check_header(path: str | os.PathLike) -> None:
+    """Refuse, from its first bytes, a file that is no image either decoder knows, and an image whose header
+    declares more than MAX_PIXELS (a small file can declare a huge image, which OpenCV would decode whole first),
+    before anything reads the whole file."""
     from PIL import Image
 
     try:
@@ -119,7 +159,11 @@ def _check_header(path: str | os.PathLike) -> None:
                 w, h = im.size
     except Image.DecompressionBombError:
         w = h = None
-    except (OSError, ValueError, SyntaxError):  # not PIL's kind of file (or broken): the decoders will say
+    except Image.UnidentifiedImageError as e:  # (formats only OpenCV knows, e.g. Radiance HDR, declare sizes
+        # nothing checks before OpenCV decodes them whole)
+        raise ImageError(f"cannot read image {os.fspath(path)!r}: not an image format Trident reads (PNG, JPEG, "
+                         "WebP, BMP, TIFF, GIF, PPM/PGM)") from e
+    except (OSError, ValueError, SyntaxError):  # broken: the decoders will say
         return
     if w is None or w * h > MAX_PIXELS:
         size = "far more" if w is None else f"{w}x{h} pixels, more"

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .outputs import MARKER, OUTPUT_FOLDERS, OUTPUT_IMAGES
+from .marker import MARKER, OUTPUT_FOLDERS, OUTPUT_IMAGES
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                     ".pbm", ".pnm", ".gif")
@@ -71,14 +71,22 @@ def _folder_images(folder: Path) -> list[Found]:
     runs' outputs; a sub-folder that cannot be listed comes as itself with the reason (reported and counted as
     skipped)."""
     unreadable: list[OSError] = []
-    found = sorted(p for p in _walk(folder, unreadable) if _is_image(p) and p.is_file() and not _hidden(p, folder)
-                   and not _is_output(p))
-    if not found and not unreadable:
+    named = sorted(p for p in _walk(folder, unreadable) if _is_image(p) and not _hidden(p, folder))
+    found = [p for p in named if p.is_file() and not _is_output(p)]
+    odd = [(p, _not_a_file(p)) for p in named if not p.is_file()]  # reported and counted as skipped
+    if not found and not unreadable and not odd:
         raise InputError(f"no images in folder {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} files, also in "
                          "sub-folders); give a folder that holds images")
-    return [(p, folder, None) for p in found] + [
+    return [(p, folder, None) for p in found] + [(p, folder, why) for p, why in odd] + [
         (_absolute(e.filename), folder, f"cannot list the folder {e.filename} ({e.strerror}): its images are left out")
         for e in unreadable if e.filename and not _hidden(_absolute(e.filename), folder)]
+
+
+def _not_a_file(path: Path) -> str:
+    """Why an entry named like an image is not read: a link to nothing, a pipe, a device, a folder."""
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a broken symbolic link (it leads to no file)"
+    return f"{path} is not a regular file (a folder, pipe or device): not read"
 
 
 def _glob_root(pattern: str) -> Path:
@@ -157,7 +165,8 @@ def gather(inputs: list[str]) -> tuple[list[ImageJob], bool]:
     for p, _, error in found:
         unique.setdefault(os.path.realpath(p), (p, error))
     try:
-        common = Path(os.path.commonpath([str(r) for _, r, _ in found]))
+        common = Path(os.path.commonpath([str(r) for _, r, _ in found] + [str(p) for p, _, _ in found]))  # (a
+        # pattern in a list may reach outside the list's folder: ../shots/*.png)
     except ValueError:  # different drives (Windows): names are the paths without their anchor
         common = None
     jobs = [ImageJob(p, (p.relative_to(common) if common else p.relative_to(p.anchor)).as_posix(), error)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .classes import ClassList, class_indices
-from .outputs import INSTANCES, INSTANCES_JSON, file_part
+from .marker import INSTANCES, INSTANCES_JSON
+from .outputs import numbered, save_png
 
 Box = tuple[int, int, int, int]
 
@@ -52,31 +53,53 @@ def check_min_area(min_area: int) -> int:
     return int(min_area)
 
 
+def check_max_objects(max_objects: int) -> int:
+    """`max_objects` as an int >= 1, or a ValueError naming the allowed range."""
+    if isinstance(max_objects, bool) or not isinstance(max_objects, (int, np.integer)) or max_objects < 1:
+        raise ValueError(f"max_objects must be a whole number >= 1, not {max_objects!r}")
+    return int(max_objects)
+
+
 def find_instances(labels: torch.Tensor | np.ndarray, class_indices: list[int], class_names: list[str],
                    min_area: int = 1, probs: torch.Tensor | None = None, frame: int = 0) -> list[Instance]:
     """The objects of the given classes in one label map [H, W] (see the module's docstring for the order).
 
     `probs` [C, H, W], when given, makes each object's confidence its class's mean probability over its pixels
     (1.0 without)."""
+    return find_largest_instances(labels, class_indices, class_names, min_area, probs, frame)[0]
+
+
+def find_largest_instances(labels: torch.Tensor | np.ndarray, class_indices: list[int], class_names: list[str],
+                           min_area: int = 1, probs: torch.Tensor | None = None, frame: int = 0,
+                           max_objects: int | None = None) -> tuple[list[Instance], int]:
+    """`find_instances` keeping at most `max_objects` objects, the largest (ties: the earlier), in the same order;
+    and how many were dropped. Only the kept objects' masks are cut out, so a noisy label map costs no memory."""
     min_area = check_min_area(min_area)
     lab = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    out = []
+    found = []  # (class, region id, x, y, w, h, area) in the output order
     for k in sorted(set(class_indices)):
-        count, comp, stats, _ = cv2.connectedComponentsWithStats((lab == k).astype(np.uint8), connectivity=8,
-                                                                  ltype=cv2.CV_32S)
-        if count <= 1:
-            continue
+        _, comp, stats = _regions(lab, k)
         ids, first = np.unique(comp.reshape(-1), return_index=True)  # first pixel of each region, reading order
         order = [int(i) for _, i in sorted(zip(first[ids > 0], ids[ids > 0]))]
-        prob = probs[k].float().cpu().numpy() if probs is not None else None
-        for i in order:
-            x, y, w, h, area = (int(v) for v in stats[i])
-            if area < min_area:
-                continue
-            mask = comp[y:y + h, x:x + w] == i
-            conf = float(prob[y:y + h, x:x + w][mask].mean()) if prob is not None else 1.0
-            out.append(Instance(frame, k, class_names[k], (x, y, x + w, y + h), area, conf, mask))
-    return out
+        found += [(k, i, *(int(v) for v in stats[i])) for i in order if stats[i][4] >= min_area]
+    keep = list(range(len(found)))
+    if max_objects is not None and len(found) > check_max_objects(max_objects):
+        keep = sorted(sorted(keep, key=lambda j: (-found[j][6], j))[:max_objects])
+    out, comp, comp_class = [], None, None
+    for k, i, x, y, w, h, area in (found[j] for j in keep):
+        if comp_class != k:  # one class's components at a time (the kept objects come class by class)
+            comp, comp_class = _regions(lab, k)[1], k
+        mask = comp[y:y + h, x:x + w] == i
+        conf = float(probs[k, y:y + h, x:x + w].float().cpu().numpy()[mask].mean()) if probs is not None else 1.0
+        out.append(Instance(frame, k, class_names[k], (x, y, x + w, y + h), area, conf, mask))
+    return out, len(found) - len(out)
+
+
+def _regions(lab: np.ndarray, k: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """The 8-connected regions of class k's pixels: count (with the background), region ids [H, W], stats."""
+    count, comp, stats, _ = cv2.connectedComponentsWithStats((lab == k).astype(np.uint8), connectivity=8,
+                                                              ltype=cv2.CV_32S)
+    return count, comp, stats
 
 
 def check_crop_factor(crop_factor: float) -> float:
@@ -111,16 +134,16 @@ def object_classes(classes: ClassList, text: str) -> list[int]:
 
 
 def write_instances(objects: list[Instance], size: tuple[int, int], folder: Path) -> Path:
-    """One white-on-black PNG per object in `folder`/instances/ (NNN_<class>.png, NNN in the objects' order) and
-    `folder`/instances.json listing each object (frame, class, box, area, confidence) with its mask's file name."""
-    from PIL import Image
+    """One white-on-black PNG per object in `folder`/instances/ (NNN_<class>.png, NNN in the objects' order, padded
+    to sort) and `folder`/instances.json listing each object (frame, class, box, area, confidence) with its mask's
+    file name."""
 
     masks = folder / INSTANCES
     masks.mkdir(parents=True, exist_ok=True)
     records = []
     for i, obj in enumerate(objects):
-        name = f"{i:03d}_{file_part(obj.class_name)}.png"
-        Image.fromarray(obj.full_mask(size).astype(np.uint8) * 255).save(masks / name)
+        name = numbered(i, len(objects), obj.class_name)
+        save_png(obj.full_mask(size).astype(np.uint8) * 255, masks / name)
         records.append({**obj.as_dict(), "mask": f"{INSTANCES}/{name}"})
     path = folder / INSTANCES_JSON
     path.write_text(json.dumps(records, indent=1), encoding="utf-8")

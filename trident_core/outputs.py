@@ -1,12 +1,12 @@
 """The files of one segmentation: colour label map, overlay, label indices, one mask per class, and the npz.
 
 They are written under temporary names and moved to their final ones when complete, with a completion marker
-(`trident.json`, holding the key of the settings that made them) last, so an interrupted run never leaves a
-half-written output under its final name and a later run knows which outputs are complete."""
+(`trident.json`, marker.py: the key of the settings that made them and the files written) last, so an interrupted
+run never leaves a half-written output under its final name, a later run knows which outputs are complete, and
+nothing is replaced or deleted that a marker does not list."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -14,40 +14,68 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_file, partial_name, remove_partials, replace_folder, write_atomic
+from .atomic import atomic_file, folder_lock, fresh_folder, partial_name, remove_partials, replace_folder
+from .marker import (
+    INSTANCES_JSON,
+    LABELS,
+    LABELS_COLOR,
+    MARKER,
+    MASKS,
+    OVERLAY,
+    SIGNATURE,
+    Marker,
+    file_part,
+    is_regular,
+    read_marker,
+    sha256_of,
+    signed_png,
+    write_marker,
+)
 
-MARKER = "trident.json"
-LABELS_COLOR, OVERLAY, LABELS, MASKS = "labels_color.png", "overlay.png", "labels.png", "masks"
-INSTANCES, INSTANCES_JSON = "instances", "instances.json"  # written with --instances only (instances.py)
-OUTPUT_IMAGES = (LABELS_COLOR, OVERLAY, LABELS)  # beside the marker
-OUTPUT_FOLDERS = (MASKS, INSTANCES)  # of image files, beside the marker
-OPTIONAL_OUTPUTS = (INSTANCES, INSTANCES_JSON)
 OVERLAY_PNG_LEVEL = 1  # zlib level of the photo-like overlay: 2.6x faster to write than PIL's 6, 15 % larger
 
 
-def file_part(name: str) -> str:
-    """A class name as part of a file name: letters, digits, '-' and '_' kept, others '_', at most 60 characters."""
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60]
+class OutputConflict(ValueError):
+    """An output would replace a file Trident cannot prove it wrote (a user's file, an input image)."""
+
+
+def save_png(pixels: np.ndarray, path: Path, compress_level: int = 6) -> None:
+    """A PNG of ours: it carries Trident's text chunk, which shows it is ours where a damaged marker cannot."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*SIGNATURE)
+    Image.fromarray(pixels).save(path, format="PNG", pnginfo=info, compress_level=compress_level)
+
+
+def numbered(i: int, count: int, name: str) -> str:
+    """`NNN_<name>.png` for item i of `count`: numbers zero-padded to one width (at least 3) so names sort in order."""
+    return f"{i:0{max(3, len(str(count - 1)))}d}_{file_part(name)}.png"
+
+
+def planned_files(names: list[str], instances: bool = False) -> list[str]:
+    """The files (relative, '/'-separated) an image's outputs always hold for these class names; with --instances
+    also instances.json (its object masks are counted when found)."""
+    masks = [f"{MASKS}/{numbered(i, len(names), n)}" for i, n in enumerate(names)]
+    return [LABELS_COLOR, OVERLAY, LABELS, *masks, *([INSTANCES_JSON] if instances else [])]
 
 
 def write_images(seg, image: np.ndarray, folder: Path) -> None:
     """labels_color.png (with a legend), overlay.png, labels.png and masks/NNN_<class>.png into `folder`."""
-    from PIL import Image
-
     from .render import color_labels, legend, overlay
 
     folder.mkdir(parents=True, exist_ok=True)
     names = seg.classes.names
     colors = color_labels(seg.labels, len(names))
-    Image.fromarray(np.concatenate([colors, legend(names, colors.shape[1])])).save(folder / LABELS_COLOR)
-    Image.fromarray(overlay(image, colors)).save(folder / OVERLAY, compress_level=OVERLAY_PNG_LEVEL)
-    Image.fromarray(seg.labels.clamp(min=0).cpu().numpy().astype(np.uint16 if len(names) > 255 else np.uint8)).save(
-        folder / LABELS)
+    save_png(np.concatenate([colors, legend(names, colors.shape[1])]), folder / LABELS_COLOR)
+    save_png(overlay(image, colors), folder / OVERLAY, OVERLAY_PNG_LEVEL)
+    save_png(seg.labels.clamp(min=0).cpu().numpy().astype(np.uint16 if len(names) > 255 else np.uint8),
+             folder / LABELS)
     masks = folder / MASKS
     masks.mkdir(exist_ok=True)
     lab = seg.labels.cpu().numpy()
     for i, name in enumerate(names):
-        Image.fromarray(((lab == i) * 255).astype(np.uint8)).save(masks / f"{i:03d}_{file_part(name)}.png")
+        save_png(((lab == i) * 255).astype(np.uint8), masks / numbered(i, len(names), name))
 
 
 def npz_arrays(seg) -> dict[str, np.ndarray]:
@@ -65,78 +93,210 @@ def npz_arrays(seg) -> dict[str, np.ndarray]:
     return arrays
 
 
-def save_npz(seg, path: str | os.PathLike, key: str | None = None) -> None:
-    """The npz of `npz_arrays`, written atomically; with `key`, also `run_key` (what `npz_complete` checks)."""
+NPZ_ARRAYS = ("logits", "probs", "labels", "class_names", "run_key")  # what every npz of a run holds
+
+
+def save_npz(seg, path: str | os.PathLike, key: str | None = None, protected: frozenset[str] = frozenset()) -> None:
+    """The npz of `npz_arrays`, written atomically; with `key` (a run's), also `run_key` (what `npz_complete`
+    checks), and a file already at `path` is replaced only if it is an npz of ours (one holding a run_key) and
+    not one of the `protected` paths (the inputs)."""
     arrays = npz_arrays(seg)
+    path = Path(path)
     if key is not None:
         arrays["run_key"] = np.array(key)
-    path = Path(path)
+        check_npz_replaceable(path, protected)
     remove_partials(path)
     with atomic_file(path) as f:
         np.savez(f, **arrays)
 
 
+def _npz_run_key(path: Path) -> str | None:
+    """The run_key of an npz written by a run (None for anything else: another npz, a damaged file), read without
+    trusting the file: a run_key member larger than a key is not one (a small compressed file can unpack to GBs)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("run_key.npy")
+            if info.file_size > 1024:
+                return None
+            with zf.open(info) as f:
+                key = np.lib.format.read_array(f, allow_pickle=False)
+        return str(key) if key.ndim == 0 and key.dtype.kind == "U" else None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def _replaceable_npz(path: Path) -> bool:
+    """An npz a run wrote (it holds a run_key), or what is left of one: empty, or a zip cut short or damaged that
+    no longer opens. A readable npz of someone else's, or any other file, is not."""
+    if not is_regular(path):
+        return False
+    if _npz_run_key(path) is not None or path.stat().st_size == 0:
+        return True
+    import zipfile
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return False
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return True
+    return False
+
+
+def check_npz_replaceable(path: Path, protected: frozenset[str] = frozenset()) -> None:
+    """Refuse to write an npz over an input image or over a file that is not an npz Trident wrote."""
+    if os.path.realpath(path) in protected:
+        raise OutputConflict(f"--save-npz {path} is one of the input images: choose another file name")
+    if os.path.lexists(path) and not _replaceable_npz(path):
+        raise OutputConflict(f"--save-npz {path}: a file Trident did not write is there; move it away or choose "
+                             "another file name")
+
+
 def npz_complete(path: Path, key: str) -> bool:
-    """Whether `path` is an npz written by `save_npz` with this key (unreadable counts as incomplete)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return "run_key" in z.files and str(z["run_key"]) == key
-    except (OSError, ValueError, EOFError, KeyError):
+    """Whether `path` is a whole npz written by `save_npz` with this key: stored uncompressed as np.savez writes
+    it (nothing to unpack), every member reading back with its checksum (a truncated or damaged file counts as
+    incomplete)."""
+    import zipfile
+
+    if not is_regular(path) or _npz_run_key(path) != key:
         return False
-
-
-def marker_matches(folder: Path, key: str) -> bool:
-    """Whether `folder` holds the completion marker of outputs made with this key."""
     try:
-        return json.loads((folder / MARKER).read_text(encoding="utf-8")).get("key") == key
-    except (OSError, ValueError, AttributeError):
+        with zipfile.ZipFile(path) as zf:
+            names = {n.removesuffix(".npy") for n in zf.namelist()}
+            stored = all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())  # as np.savez writes
+            return set(NPZ_ARRAYS) <= names and stored and zf.testzip() is None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return False
-
-
-def _marker(key: str, settings: dict) -> bytes:
-    """The completion marker: the outputs' key and the settings that made them (the same for any layout)."""
-    return json.dumps({"key": key, "settings": settings}, indent=1, sort_keys=True).encode()
 
 
 Extra = Callable[[object, np.ndarray, Path], None]
 """More files of one segmentation written beside the images (e.g. its objects), into the same temporary folder."""
 
 
-def save_folder(seg, image: np.ndarray, final: Path, key: str, settings: dict, extra: Extra | None = None) -> None:
-    """An image's own output folder: written complete (marker included) under a temporary name, then renamed."""
+def _files(folder: Path) -> set[str]:
+    """Every entry under `folder` that is not a folder (files, links, pipes), relative and '/'-separated."""
+    found = set()
+    for top, dirs, names in os.walk(folder):  # (links to folders are entries, not followed)
+        rel = Path(top).relative_to(folder)
+        found |= {(rel / n).as_posix() for n in names + [d for d in dirs if os.path.islink(Path(top) / d)]}
+    return found
+
+
+def _all_ours(folder: Path, marker: Marker | None, protected: frozenset[str]) -> bool:
+    """Whether everything in the existing folder is provably ours (its marker lists it) and holds no input, so the
+    whole folder may be replaced at once."""
+    if marker is None or marker.files is None:
+        return False
+    entries = _files(folder)
+    real = os.path.realpath(folder) + os.sep
+    return entries <= marker.files | {MARKER} and not any(p.startswith(real) for p in protected)
+
+
+def _check_free(final: Path, name: str, marker: Marker | None, protected: frozenset[str]) -> None:
+    """Refuse to put output `name` into `final` where it would replace an input or anything we cannot prove ours:
+    a file is ours when the folder's marker lists it, or (the marker being damaged) it is a PNG carrying our
+    signature; a linked sub-folder is never written through."""
+    dest = final / name
+    if os.path.realpath(dest) in protected:
+        raise OutputConflict(f"the output {dest} would replace the input image {os.path.realpath(dest)}: choose "
+                             "another --out")
+    if dest.parent != final and (dest.parent.is_symlink() or (os.path.lexists(dest.parent)
+                                                             and not dest.parent.is_dir())):
+        raise OutputConflict(f"{dest.parent} is not a folder Trident wrote (a file or a link): move it away or "
+                             "choose another --out")
+    if not os.path.lexists(dest):
+        return
+    listed = marker is not None and marker.files is not None and name in marker.files
+    ours = listed or (marker is not None and marker.files is None and signed_png(dest))
+    if not (is_regular(dest) and ours):
+        raise OutputConflict(f"{dest} is not a file Trident wrote (no {MARKER} there lists it): move it away or "
+                             "choose another --out")
+
+
+def _move_in(tmp: Path, final: Path, name: str) -> None:
+    """Move one finished file into place (its sub-folder made if needed)."""
+    (final / name).parent.mkdir(exist_ok=True)
+    os.replace(tmp / name, final / name)
+
+
+def _place(tmp: Path, final: Path, key: str, settings: dict, protected: frozenset[str]) -> None:
+    """Move the finished files of `tmp` into the existing folder `final` one by one, each complete under its
+    name; remove the files the folder's previous marker listed that this run did not write; nothing else in
+    `final` is touched. The marker lists every file that may be ours at each moment and gets the key last."""
+    with folder_lock(final):  # (another run writing into the same folder waits)
+        remove_partials(final / MARKER)
+        marker = read_marker(final)
+        new = _files(tmp)
+        for name in sorted(new):
+            _check_free(final, name, marker, protected)
+        digests = {name: sha256_of(tmp / name) for name in new}
+        old = marker.files if marker is not None and marker.files is not None else frozenset()
+        write_marker(final, "", settings, old | new)  # incomplete from here on, yet every file listed is ours
+        for name in sorted(new):
+            _move_in(tmp, final, name)
+        for name in sorted(old - new):
+            if is_regular(final / name) and not (final / name).parent.is_symlink():
+                (final / name).unlink()
+        for sub in {name.split("/")[0] for name in old - new if "/" in name}:
+            if (final / sub).is_dir() and not (final / sub).is_symlink() and not any((final / sub).iterdir()):
+                (final / sub).rmdir()
+        write_marker(final, key, settings, new, digests)
+
+
+def _write_all(seg, image: np.ndarray, tmp: Path, extra: Extra | None) -> None:
+    write_images(seg, image, tmp)
+    if extra is not None:
+        extra(seg, image, tmp)
+
+
+def save_folder(seg, image: np.ndarray, final: Path, key: str, settings: dict, extra: Extra | None = None,
+                protected: frozenset[str] = frozenset()) -> None:
+    """An image's own output folder. New, or holding only files its marker lists: written complete (marker
+    included) under a temporary name, then renamed over it. Otherwise (files Trident did not write are there)
+    the outputs are put into it one by one, the other files left as they are."""
+    if final.is_symlink() and final.is_dir():
+        final = Path(os.path.realpath(final))  # a linked output folder: its target is replaced, the link stays
+    final.parent.mkdir(parents=True, exist_ok=True)
     remove_partials(final)
-    tmp = partial_name(final)
+    tmp = fresh_folder(partial_name(final))
     try:
-        write_images(seg, image, tmp)
-        if extra is not None:
-            extra(seg, image, tmp)
-        (tmp / MARKER).write_bytes(_marker(key, settings))
-        replace_folder(tmp, final)
+        _write_all(seg, image, tmp, extra)
+        with folder_lock(final.parent):
+            if final.is_dir():
+                remove_partials(final / MARKER)
+            marker = read_marker(final) if final.is_dir() else None
+            whole = not os.path.lexists(final) or (final.is_dir() and _all_ours(final, marker, protected))
+            if whole:
+                files = _files(tmp)
+                write_marker(tmp, key, settings, files, {name: sha256_of(tmp / name) for name in files})
+                replace_folder(tmp, final)
+            else:
+                _place(tmp, final, key, settings, protected)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_flat(seg, image: np.ndarray, out: Path, key: str, settings: dict, extra: Extra | None = None) -> None:
-    """The single-image layout: the files directly in `out` (a folder that may hold other things), each moved in
-    complete, masks/ replaced as a whole, the marker written last."""
-    tmp = partial_name(out / "outputs")
+def save_flat(seg, image: np.ndarray, out: Path, key: str, settings: dict, extra: Extra | None = None,
+              protected: frozenset[str] = frozenset()) -> None:
+    """The single-image layout: the files directly in `out` (a folder that may hold other things of the user's,
+    which stay as they are), each moved in complete, the marker written last."""
     remove_partials(out / "outputs")
+    tmp = fresh_folder(partial_name(out / "outputs"))
     try:
-        write_images(seg, image, tmp)
-        if extra is not None:
-            extra(seg, image, tmp)
-        write_atomic(out / MARKER, _marker("", settings))  # incomplete from here on, yet still our folder
-        written = {entry.name for entry in tmp.iterdir()}
-        for entry in sorted(tmp.iterdir()):
-            if entry.is_dir():
-                replace_folder(entry, out / entry.name)
-            else:
-                os.replace(entry, out / entry.name)
-        for stale in (out / name for name in OPTIONAL_OUTPUTS if name not in written):  # an earlier run's extras
-            if stale.is_dir():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink(missing_ok=True)
-        write_atomic(out / MARKER, _marker(key, settings))
+        _write_all(seg, image, tmp, extra)
+        _place(tmp, out, key, settings, protected)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_planned(final: Path, planned: list[str], protected: frozenset[str]) -> None:
+    """Refuse, before any work, outputs that would land on an input image or on a file Trident did not write."""
+    if not final.is_dir():
+        return
+    marker = read_marker(final)
+    for name in planned:
+        _check_free(final, name, marker, protected)

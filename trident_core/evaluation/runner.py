@@ -10,14 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import jsonfile
 from ..atomic import atomic_file, write_atomic
 from ..paths import require_output_file
 from .datasets import Sample, SegDataset, load_image_rgb
@@ -154,26 +157,32 @@ class _State:
         self.path = out.with_name(f"{out.stem}.state-rank{rank}of{world}.npz")
 
     def _others(self) -> list[Path]:
-        """State files of ``out`` written by runs with another number of processes."""
-        return [p for p in self.out.parent.glob(f"{self.out.stem}.state-rank*of*.npz")
-                if not p.name.endswith(f"of{self.world}.npz")]
+        """State files of ``out`` written by runs with another number of processes (files of that name pattern
+        that are not such a state, e.g. a user's, are not ours and are left alone)."""
+        pattern = re.compile(rf"{re.escape(self.out.stem)}\.state-rank\d+of(\d+)\.npz")
+        return [p for p in self.out.parent.iterdir() if (m := pattern.fullmatch(p.name)) and int(m[1]) != self.world
+                and _is_state(p)]
 
     def load(self, empty: np.ndarray) -> tuple[tuple[np.ndarray, tuple[int, ...]], float]:
-        """((confusion, indices done), predict seconds) saved by an interrupted identical run, else a fresh start."""
+        """((confusion, indices done), predict seconds) saved by an interrupted identical run, else a fresh start
+        (also, with a line saying so, when the state file is damaged or not one this code writes)."""
         others = self._others()
         if others:
             raise ValueError(
                 f"resume state {others[0]} was written by a run with another number of processes; rerun with "
                 "that number, or pass --no-resume to start over"
             )
-        if not self.path.is_file():
+        if not os.path.lexists(self.path):
             return (empty, ()), 0.0
-        with np.load(self.path, allow_pickle=False) as data:
-            saved = json.loads(str(data["meta"]))
-            confusion, done, predict_s = data["confusion"], data["done"].tolist(), float(data["predict_s"])
+        try:
+            saved, confusion, done, predict_s = self._read(empty)
+        except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
+            print(f"resume state {self.path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                  "starting over", file=sys.stderr, flush=True)
+            return (empty, ()), 0.0
         diff = sorted(k for k in self.meta if saved.get(k) != self.meta[k])
         if "config" in diff:  # name the settings that changed (e.g. a model file's content)
-            old, new = json.loads(saved.get("config") or "null") or {}, json.loads(self.meta["config"]) or {}
+            old, new = _config(saved.get("config")), _config(self.meta["config"])
             keys = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
             diff[diff.index("config")] = f"config: {', '.join(keys)}"
         if diff:
@@ -181,13 +190,31 @@ class _State:
                 f"resume state {self.path} is from a different run ({', '.join(diff)} differ); "
                 "rerun with the same arguments, or pass --no-resume to start over"
             )
-        if confusion.shape != empty.shape or any(i % self.world != self.rank for i in done):
-            raise ValueError(f"resume state {self.path} is inconsistent; pass --no-resume to start over")
-        return (confusion.astype(np.int64), tuple(done)), predict_s
+        return (confusion, done), predict_s
+
+    def _read(self, empty: np.ndarray) -> tuple[dict, np.ndarray, tuple[int, ...], float]:
+        """The state file's contents, each checked to be what `save` writes (ValueError otherwise)."""
+        if not _is_state(self.path, max_member=max(1 << 20, 2 * empty.nbytes + 4096)):
+            raise ValueError("not a resume state of this program")
+        with np.load(self.path, allow_pickle=False) as data:
+            saved = jsonfile.parse(str(data["meta"]))
+            confusion, done, predict_s = data["confusion"], data["done"], data["predict_s"]
+        if not isinstance(saved, dict):
+            raise ValueError("its settings are not a JSON object")
+        if confusion.shape != empty.shape or confusion.dtype.kind not in "iu" or (confusion < 0).any():
+            raise ValueError("its confusion matrix is not counts of the expected size")
+        count = self.meta.get("num_images")
+        if (done.ndim != 1 or done.dtype.kind not in "iu" or len(np.unique(done)) != len(done) or (done < 0).any()
+                or (isinstance(count, int) and (done >= count).any()) or (done % self.world != self.rank).any()):
+            raise ValueError("its list of images done is not this process's share")
+        if predict_s.shape != () or not np.isfinite(predict_s) or predict_s < 0:
+            raise ValueError("its timing is not a duration")
+        return saved, confusion.astype(np.int64), tuple(int(i) for i in done), float(predict_s)
 
     def discard(self) -> None:
         """Start over: delete this rank's state and (rank 0) states of runs with another number of processes."""
-        self.path.unlink(missing_ok=True)
+        if _is_state(self.path):
+            self.path.unlink()
         if self.rank == 0:
             for path in self._others():
                 path.unlink(missing_ok=True)
@@ -202,6 +229,32 @@ class _State:
                 predict_s=np.float64(predict_s),
                 meta=np.array(json.dumps(self.meta, sort_keys=True)),
             )
+
+
+_STATE_MEMBERS = {"confusion.npy", "done.npy", "predict_s.npy", "meta.npy"}
+
+
+def _is_state(path: Path, max_member: int | None = None) -> bool:
+    """Whether `path` is a resume state as `_State.save` writes it (an uncompressed npz of exactly its members, each
+    at most `max_member` bytes when given): what may be read back or deleted."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
+    return ({i.filename for i in infos} == _STATE_MEMBERS and all(i.compress_type == zipfile.ZIP_STORED for i in infos)
+            and (max_member is None or all(i.file_size <= max_member for i in infos)))
+
+
+def _config(text: object) -> dict:
+    """A state's config (a JSON object as text) as a dict ({} for anything else)."""
+    try:
+        value = jsonfile.parse(text) if isinstance(text, str) else None
+    except jsonfile.JsonFileError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _report(tag: str, done: int, share: int, new: int, left: int, elapsed: float) -> None:

@@ -18,6 +18,8 @@ from typing import TypeVar
 
 import torch
 
+from .. import caches, jsonfile
+from ..atomic import write_atomic
 from ..download import cache_dir
 
 REPEATS = 3
@@ -67,12 +69,23 @@ _decisions: dict[str, Decision] | None = None
 def _load() -> dict[str, Decision]:
     global _decisions
     if _decisions is None:
-        try:
-            raw = json.loads(_cache_file().read_text(encoding="utf-8"))
-            _decisions = {k: Decision(float(v["ours_ms"]), float(v["torch_ms"])) for k, v in raw.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            _decisions = {}
+        _decisions = _read(_cache_file())
     return _decisions
+
+
+def _read(path: Path) -> dict[str, Decision]:
+    """The decisions kept in `path`: entries that are not two positive timings are dropped, a damaged file is a
+    logged miss (timed again)."""
+    if not os.path.lexists(path):
+        return {}
+    try:
+        raw = jsonfile.read_dict(path)
+    except jsonfile.JsonFileError as e:
+        caches.miss("kernel timings", str(path), e)
+        return {}
+    return {k: Decision(float(v["ours_ms"]), float(v["torch_ms"])) for k, v in raw.items()
+            if isinstance(v, dict) and all(isinstance(v.get(t), (int, float)) and not isinstance(v.get(t), bool)
+                                           and 0 < v[t] < 1e9 for t in ("ours_ms", "torch_ms"))}
 
 
 @dataclass(frozen=True)
@@ -165,12 +178,9 @@ def _settle(final: bool = False) -> None:
     path = _cache_file()
     data = {k: {"ours_ms": d.ours_ms, "torch_ms": d.torch_ms} for k, d in _load().items() if k not in _noisy}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
+    except OSError as e:
+        caches.miss("kernel timings", str(path.parent), e)
 
 
 def _ms(fn: Callable[[], object]) -> float:

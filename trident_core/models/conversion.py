@@ -3,11 +3,11 @@
 A tensor is kept in the low dtype asked for (bfloat16), in float32, or as a pair of low tensors whose sum is the
 float32 value within 2^-16 (`split_pair`: products with both keep a weight matrix's own rounding error out of the
 result; models/precision.py). `cast` converts one tensor at a time and releases each memory-mapped source's pages
-once its copy is made. With a
-cache folder (the command line's), a narrowing conversion (float32 -> bfloat16) is done once per file content: the
-converted tensors are written there, keyed by the source file's size and SHA-256, and later runs memory-map that
-copy. Its pages are then file-backed like a float32 checkpoint's, so a stage's weights can be released when it is
-done (residency.py), and no run after the first converts anything."""
+once its copy is made. With a cache folder (the command line's), a narrowing conversion (float32 -> bfloat16)
+is done once per file content: the converted tensors are written there, keyed by the source file's size and
+SHA-256, and later runs memory-map that copy (a cache by `caches`' rules: any failure is a logged miss). Its
+pages are then file-backed like a float32 checkpoint's, so a stage's weights can be released when it is done
+(residency.py), and no run after the first converts anything."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import partial_name, remove_partials
+from .. import caches
+from ..atomic import partial_name, remove_entry, remove_partials
 from ..checkpoints import CheckpointError, read_state_dict
+from ..file_digest import file_digest
 from ..residency import release
 
 RELEASE_EVERY = 32 << 20  # bytes of converted sources whose pages are released at once (a release reads smaps)
@@ -26,6 +28,8 @@ FORMAT = 1  # of the cached copies: a change of what they hold gives them new na
 LOW, FLOAT32, PAIR = "low", "float32", "pair"
 LO = "_lo"  # a pair's second tensor is kept under its key + LO
 Layout = Callable[[str], str]  # how the floating tensor `key` is kept: LOW (the dtype asked for), FLOAT32, or PAIR
+Want = dict[str, tuple[tuple[int, ...], torch.dtype]]  # each tensor's shape and dtype
+KIND = "converted weights"  # (caches.miss)
 
 
 def all_low(_key: str) -> str:
@@ -39,8 +43,7 @@ def split_pair(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return hi, (t.float() - hi.float()).to(dtype)
 
 
-def _expected(sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout
-              ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _expected(sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout) -> Want:
     """Shape and dtype of each tensor `cast` gives (a pair's second tensor included)."""
     out = {}
     for key, t in sd.items():
@@ -78,38 +81,62 @@ def cast(sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout = all_l
 def converted(sd: dict[str, torch.Tensor], path: str | os.PathLike, role: str, dtype: torch.dtype,
               layout: Layout = all_low, cache: Path | None = None) -> dict[str, torch.Tensor]:
     """`cast(sd, ...)` of the checkpoint `path` (read as `sd`), or, with a `cache` folder and a conversion to a
-    narrower dtype, the converted copy kept there (made now when absent or damaged; where it cannot be written,
-    the conversion made in memory)."""
+    narrower dtype, the converted copy kept there, made now when absent. The copy is only a cache (`caches`): one
+    that cannot be read, holds other tensors, is a link, or cannot be written is a logged miss, and this run keeps
+    the conversion made in memory."""
     want = _expected(sd, dtype, layout)
     narrowing = any(d != torch.float32 and (k not in sd or sd[k].dtype != d) for k, (_, d) in want.items())
     if cache is None or not narrowing:
         return cast(sd, dtype, layout)
-    from ..text_cache import file_digest
-
-    copy = cache / f"{role}-{file_digest(path, cache)}-{str(dtype).removeprefix('torch.')}-v{FORMAT}.pt"
-    kept = _read(copy, want)
+    try:
+        if cache.is_symlink():
+            raise OSError(f"{cache} is a link, not followed")
+        copy = cache / f"{role}-{file_digest(path, cache)}-{str(dtype).removeprefix('torch.')}-v{FORMAT}.pt"
+    except OSError as e:
+        caches.miss(KIND, str(cache), e)
+        return cast(sd, dtype, layout)
+    kept = _read(copy, want) if os.path.lexists(copy) else None
     if kept is not None:
         return kept
     out = cast(sd, dtype, layout)
+    return _write(copy, out, want) or out
+
+
+def _write(copy: Path, out: dict[str, torch.Tensor], want: Want) -> dict[str, torch.Tensor] | None:
+    """`out` written under a temporary name, read back and compared, then given its final name `copy`; the copy
+    mapped, or None (a logged miss) where any of it fails."""
     tmp = partial_name(copy)
     try:
+        copy.parent.mkdir(parents=True, exist_ok=True)
         remove_partials(copy)
-        torch.save(out, tmp)
+        remove_entry(tmp)  # (a link planted at the temporary name is removed, never written through: O_EXCL)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666),
+                       "wb") as f:
+            torch.save(out, f)
+        written = _read(tmp, want)
+        if written is None or any(not torch.equal(written[k], t) for k, t in out.items()):
+            raise OSError("the copy read back differs from the tensors written")
+        del written
         os.replace(tmp, copy)
-    except OSError:  # a full disk or a read-only cache: this run keeps the conversion in memory
-        return out
+    except OSError as e:  # a full disk, a read-only cache folder
+        caches.miss(KIND, str(copy.parent), e)
+        return None
     finally:
         tmp.unlink(missing_ok=True)
-    return _read(copy, want) or out
+    return _read(copy, want)
 
 
-def _read(copy: Path, want: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor] | None:
-    """The cached copy memory-mapped, or None when absent, unreadable or not holding exactly `want`'s tensors."""
-    if not copy.is_file():
-        return None
+def _read(copy: Path, want: Want) -> dict[str, torch.Tensor] | None:
+    """The cached copy memory-mapped, or None (a logged miss) where it is a link or not a file, cannot be read, or
+    does not hold exactly `want`'s tensors."""
     try:
+        if copy.is_symlink() or not copy.is_file():
+            raise OSError(f"{copy} is a link or not a file, not followed")
         sd = read_state_dict(copy)
-    except CheckpointError:
+    except (OSError, CheckpointError) as e:
+        caches.miss(KIND, str(copy), e)
         return None
-    ok = sd.keys() == want.keys() and all((tuple(t.shape), t.dtype) == want[k] for k, t in sd.items())
-    return sd if ok else None
+    if sd.keys() == want.keys() and all((tuple(t.shape), t.dtype) == want[k] for k, t in sd.items()):
+        return sd
+    caches.miss(KIND, str(copy), "the file holds other tensors")
+    return None
