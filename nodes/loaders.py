@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..trident_core.devices import PRECISIONS, resolve_dtype
+from ..trident_core.devices import CPU_BF16_TRADE, PRECISIONS, resolve_dtype
 from ..trident_core.download import DEFAULT_FILES, ModelFileMissing, ensure_file
 from ..trident_core.models import load_clip, load_dino, load_sam
 from . import sockets as T
@@ -61,7 +61,10 @@ class _Loader(io.ComfyNode):
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto",
                                tooltip="Weight precision: auto = ComfyUI's choice for the device (fp16 where it is "
                                        "fast, bf16 or fp32 otherwise; --force-fp32 / --force-fp16 apply), fp32 on "
-                                       "the CPU (fp16/bf16 need a GPU)."),
+                                       "the CPU (exact, the reference's results). bf16 on the CPU trades exactness "
+                                       f"for speed: {CPU_BF16_TRADE}; it is refused on a CPU without native "
+                                       "bfloat16 (AVX512-BF16/AMX on x86, BF16 on Arm), where it would be slower. "
+                                       "fp16 needs a GPU."),
                 io.Boolean.Input("allow_download", default=True,
                                  tooltip="Download a known missing file from its official source into the first "
                                          f"'{folder}' folder (never when TRIDENT_NO_DOWNLOAD=1 or HF_HUB_OFFLINE=1 "

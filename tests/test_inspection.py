@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from trident_core.classes import ClassList, ClassListError, class_indices, parse_classes
 from trident_core.classify import Segmentation
+from trident_core.config import AggregateConfig
 from trident_core.inspection import (
     class_probability,
     heat_rgb,
@@ -107,7 +108,7 @@ def test_point_affinity_is_the_affinity_row(sam):
     hs, ws = enc.whole.grid  # 16 x 64 tokens, each 4x4 pixels of this image
     ty, tx = 5, 37
     amap = point_affinity(enc, sam, (64, 256), (tx * 4 + 1, ty * 4 + 2), "affinity", 1.2, True)
-    row = affinity_rows(enc.whole, sam, ty * ws + tx, ty * ws + tx + 1, "affinity", 1.2, True)[0]
+    row = affinity_rows(enc.whole, sam, ty * ws + tx, ty * ws + tx + 1, AggregateConfig())[0]
     want = F.interpolate(row.reshape(1, 1, hs, ws), size=(64, 256), mode="bilinear", align_corners=False)[0, 0]
     want = want.clamp_min(0) / want.max()
     assert amap.shape == (64, 256) and amap.max() == 1.0
@@ -122,7 +123,7 @@ def test_point_affinity_tiles_are_block_diagonal(sam):
     right = enc.encodings[1]  # a 64x128 tile: 32x64 tokens, each 2x2 pixels
     hs, ws = right.grid
     ty, tx = 30 // 2, (200 - 128) // 2
-    row = affinity_rows(right, sam, ty * ws + tx, ty * ws + tx + 1, "attention")[0]
+    row = affinity_rows(right, sam, ty * ws + tx, ty * ws + tx + 1, AggregateConfig(correlation="attention"))[0]
     want = F.interpolate(row.reshape(1, 1, hs, ws), size=(64, 128), mode="bilinear", align_corners=False)[0, 0]
     assert torch.allclose(amap[:, 128:], want / want.max(), atol=1e-6)
     with pytest.raises(ValueError, match="of a 256x64 image, not of the 250x64 image"):

@@ -1,5 +1,5 @@
 """precision auto outside ComfyUI: fp16 only where the GPU computes it fast, by ComfyUI's rule (compute
-capability and the cards it lists), never on the CPU."""
+capability and the cards it lists), never on the CPU (where auto is fp32)."""
 
 from __future__ import annotations
 
@@ -30,4 +30,4 @@ def test_auto_elsewhere_and_explicit_choices():
     assert resolve_dtype("auto", torch.device("cuda"), torch.bfloat16) == torch.bfloat16
     assert resolve_dtype("fp16", torch.device("cuda")) == torch.float16
     with pytest.raises(ValueError, match="needs a GPU"):
-        resolve_dtype("bf16", torch.device("cpu"))
+        resolve_dtype("fp16", torch.device("cpu"))  # bf16 on the CPU: tests/test_cpu_bf16.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from trident_core.aggregation import aggregate
 from trident_core.classes import UNLABELED, ClassList, parse_classes
 from trident_core.classify import class_probs, labels_from_probs
+from trident_core.config import AggregateConfig
 from trident_core.image import clip_input, fit_to_patches, rescale_short_side, round_up_to
 from trident_core.sam_affinity import affinity_rows
 from trident_core.sam_tiles import SamTiling, encode_tiles, parse_tiles
@@ -107,17 +109,17 @@ def test_blocked_affinity_equals_dense(small_trident, photo, cos_fac, refine_neg
     enc = sam.encode(round_up_to(photo[:300, :400], 16))
     assert enc.grid == (48, 64)
     dense, attn, eq4 = _dense_affinity(enc, sam, cos_fac, refine_neg_cos)
-    rows = affinity_rows(enc, sam, 100, 400, "affinity", cos_fac, refine_neg_cos)
+    config = AggregateConfig(cos_fac=cos_fac, refine_neg_cos=refine_neg_cos)
+    rows = affinity_rows(enc, sam, 100, 400, config)
     assert torch.allclose(rows, dense[100:400], atol=1e-6)
     g = torch.randn(dense.shape[0], 7)
-    assert torch.allclose(aggregate(enc, sam, g, "affinity", cos_fac, refine_neg_cos, row_block=333), dense @ g,
-                          atol=1e-5)
-    att_rows = affinity_rows(enc, sam, 0, 50, "attention")
+    assert torch.allclose(aggregate(enc, sam, g, config, row_block=333), dense @ g, atol=1e-5)
+    att_rows = affinity_rows(enc, sam, 0, 50, AggregateConfig(correlation="attention"))
     att = attn.mean(0)[:50]
     assert torch.allclose(att_rows, att / att.sum(-1, keepdim=True), atol=1e-6)
-    cos_rows = affinity_rows(enc, sam, 7, 90, "cosine", cos_fac, refine_neg_cos)
+    cos_rows = affinity_rows(enc, sam, 7, 90, replace(config, correlation="cosine"))
     assert torch.allclose(cos_rows, eq4[7:90], atol=1e-6) and (eq4[7:90] == 0).any()
-    assert torch.equal(aggregate(enc, sam, g, "none"), g)
+    assert torch.equal(aggregate(enc, sam, g, AggregateConfig(correlation="none")), g)
 
 
 def test_sam_encoding_equals_segment_anythings_own_forward(small_trident, photo):

@@ -2,7 +2,8 @@
 classic nodes as the real ComfyUI 0.8.0 served it (model folders empty), tests/data/workflows_classic/ the example
 workflows as the classic release saved them. Every node keeps its id, its inputs in the same order within required
 and within optional, their types (custom sockets keep their TRIDENT_* names) and widget settings, and its outputs;
-so a saved workflow's widgets_values map to the same widgets. A node may only gain optional inputs after the old
+so a saved workflow's widgets_values map to the same widgets (tooltips, text for people that no workflow holds,
+may be reworded). A node may only gain optional inputs after the old
 ones and outputs after the old ones. Also: the stand-in of the V3 API renders nodes as ComfyUI's real API does (where
 a ComfyUI checkout is at hand), and an older ComfyUI gets one log line instead of the nodes."""
 
@@ -62,6 +63,12 @@ def empty_model_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("TRIDENT_MODELS_DIR", str(tmp_path))
 
 
+def _settings(section: dict) -> dict:
+    """Inputs by name with their type and widget settings, tooltips left out."""
+    return {name: [decl[0], *({k: v for k, v in opts.items() if k != "tooltip"} for opts in decl[1:])]
+            for name, decl in section.items()}
+
+
 def _prefix(old: list, new: list, what: str) -> None:
     assert new[:len(old)] == old, f"{what}: {old} must stay the start of {new}"
 
@@ -70,9 +77,10 @@ def _prefix(old: list, new: list, what: str) -> None:
 def test_object_info_keeps_the_classic_declaration(node_type, empty_model_folders):
     old = {k: v for k, v in CLASSIC[node_type].items() if k != "python_module"}
     new = as_classic(node_info(node_type))
-    assert new["input"]["required"] == old["input"]["required"]
+    assert _settings(new["input"]["required"]) == _settings(old["input"]["required"])
     assert list(new["input"]["required"]) == old["input_order"]["required"]
-    old_opt, new_opt = old["input"].get("optional", {}), new["input"].get("optional", {})
+    assert all(decl[1].get("tooltip") for decl in new["input"]["required"].values())
+    old_opt, new_opt = (_settings(old["input"].get("optional", {})), _settings(new["input"].get("optional", {})))
     _prefix(list(old_opt.items()), list(new_opt.items()), f"{node_type} optional inputs")
     _prefix(old["input_order"].get("optional", []), new["input_order"].get("optional", []), node_type)
     for key in ("output", "output_is_list", "output_name", "output_tooltips"):

@@ -31,9 +31,11 @@ class FeatureMap:
 
 
 @torch.no_grad()
-def aggregate(enc: SamEncoding, sam: SamModel, feats: torch.Tensor, mode: str = "affinity", cos_fac: float = 1.2,
-              refine_neg_cos: bool = True, row_block: int | None = None) -> torch.Tensor:
-    """G' = A G for features G [N, D] on the encoding's valid grid, one block of A's rows at a time."""
+def aggregate(enc: SamEncoding, sam: SamModel, feats: torch.Tensor, config: AggregateConfig,
+              row_block: int | None = None) -> torch.Tensor:
+    """G' = A G for features G [N, D] on the encoding's valid grid (A by `config`'s correlation), one block of A's
+    rows at a time."""
+    mode = config.correlation
     if mode == "none":
         return feats.float()
     n = enc.grid[0] * enc.grid[1]
@@ -43,7 +45,7 @@ def aggregate(enc: SamEncoding, sam: SamModel, feats: torch.Tensor, mode: str = 
     unit_v = unit_values(enc) if mode in ("affinity", "cosine") else None
     for s in range(0, n, row_block):
         e = min(n, s + row_block)
-        out[s:e] = affinity_rows(enc, sam, s, e, mode, cos_fac, refine_neg_cos, unit_v) @ g
+        out[s:e] = affinity_rows(enc, sam, s, e, config, unit_v) @ g
     return out
 
 
@@ -67,7 +69,7 @@ def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | No
     for (y1, y2, x1, x2), enc in zip(tiling.boxes(tuple(canvas.shape[1:])), encodings.encodings):
         hs, ws = enc.grid
         g = F.interpolate(canvas[None, :, y1:y2, x1:x2], size=(hs, ws), mode="bilinear", align_corners=False)[0]
-        g = aggregate(enc, sam, g.flatten(1).T, correlation, config.cos_fac, config.refine_neg_cos)
+        g = aggregate(enc, sam, g.flatten(1).T, config)
         tiles_out.append(F.normalize(clip.project(g), dim=-1).T.reshape(-1, hs, ws))
         if on_step:
             on_step()

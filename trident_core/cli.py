@@ -13,7 +13,7 @@ import numpy as np
 
 from .classes import ClassList
 from .config import CORRELATIONS, MASK_PROMPT_MODES, PARADIGMS
-from .devices import PRECISIONS
+from .devices import CPU_BF16_TRADE, PRECISIONS
 from .presets import PRESETS, get_preset
 from .video_run import add_video_arguments
 
@@ -47,7 +47,11 @@ def add_model_arguments(ap: argparse.ArgumentParser, preset_and_refine: bool = T
     ap.add_argument("--sam", help="SAM checkpoint (sam_vit_b_01ec64.pth)")
     ap.add_argument("--no-download", action="store_true", help="never download missing model files")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    ap.add_argument("--precision", default="auto", choices=PRECISIONS)
+    trade = CPU_BF16_TRADE.replace("%", "%%")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="auto: fp32 on the CPU (exact, the reference's results), fp16 on a GPU where it is fast. "
+                         f"bf16 on a CPU that computes bfloat16 natively (AVX512-BF16/AMX, Arm BF16): {trade} "
+                         "(docs/performance-bf16.md). fp16 needs a GPU")
     ap.add_argument("--sam-tiles", help="SAM tiles: auto or ROWSxCOLS (preset default: 1x1, city_scapes 1x2)")
     ap.add_argument("--correlation", choices=CORRELATIONS)
     ap.add_argument("--paradigm", choices=PARADIGMS)
@@ -61,13 +65,18 @@ def add_model_arguments(ap: argparse.ArgumentParser, preset_and_refine: bool = T
 
 def build_trident(args: argparse.Namespace, params):
     """Load the models named by the arguments; SAM (and its download) only when `params` use it."""
+    from .devices import resolve_device, resolve_dtype
+    from .download import cache_dir
     from .pipeline import Trident, needs_sam
 
+    device = resolve_device(args.device)
+    resolve_dtype(args.precision, device)  # a precision refused here: before any download
     allow = not args.no_download
     roles = ("clip", "dino", "sam") if needs_sam(params) else ("clip", "dino")
     paths = {r: _model_file(getattr(args, r), r, allow) for r in roles}
     t0 = time.perf_counter()
-    tr = Trident.from_files(paths["clip"], paths["dino"], paths.get("sam"), args.device, args.precision)
+    converted = cache_dir() / "converted" if device.type == "cpu" else None  # bf16 copies, made once per file
+    tr = Trident.from_files(paths["clip"], paths["dino"], paths.get("sam"), device, args.precision, converted)
     tr.clip.disk_cache = text_cache_dir()
     _log(f"models loaded in {time.perf_counter() - t0:.1f}s on {tr.clip.device} "
          f"(CLIP {tr.clip.arch}, DINO {tr.dino.arch}, " + (f"SAM {tr.sam.arch})" if tr.sam else "no SAM needed)"))

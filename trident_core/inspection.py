@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .classes import ClassListError, class_indices
 from .classify import Segmentation
-from .config import CORRELATIONS, check_mode
+from .config import AggregateConfig
 from .image import require_size
 from .models import SamModel
 from .sam_affinity import affinity_rows
@@ -94,7 +94,7 @@ def point_affinity(encodings: SamTileEncodings, sam: SamModel, image_size: tuple
                    mode: str = "affinity", cos_fac: float = 1.2, refine_neg_cos: bool = True) -> torch.Tensor:
     """The correlation row (S6) of the SAM token under pixel `point` (x, y) of an image of `image_size`, as a map
     [H, W] scaled to max 1. The affinity is block-diagonal over SAM tiles, so pixels of other tiles are 0."""
-    check_mode("correlation", mode, CORRELATIONS)
+    config = AggregateConfig(correlation=mode, cos_fac=cos_fac, refine_neg_cos=refine_neg_cos)  # checks them
     encodings.check(sam, image_size, "SAM encoding")
     tiling = encodings.tiling
     i, fy, fx = tiling.locate(*point)
@@ -103,7 +103,7 @@ def point_affinity(encodings: SamTileEncodings, sam: SamModel, image_size: tuple
     hs, ws = enc.grid
     ty = min(hs - 1, int(fy * enc.input_size[0] / 16))
     tx = min(ws - 1, int(fx * enc.input_size[1] / 16))
-    row = affinity_rows(enc, sam, ty * ws + tx, ty * ws + tx + 1, mode, cos_fac, refine_neg_cos)[0]
+    row = affinity_rows(enc, sam, ty * ws + tx, ty * ws + tx + 1, config)[0]
     tile = F.interpolate(row.float().reshape(1, 1, hs, ws).cpu(), size=(y2 - y1, x2 - x1), mode="bilinear",
                          align_corners=False)[0, 0]
     canvas = torch.zeros(tiling.padded_size)

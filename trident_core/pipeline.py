@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,7 +43,7 @@ def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, con
     img = to_rgb_uint8(image)
     x = clip_input(img, config.short_side, clip.patch_size, config.window, config.long_cap)
     plan = plan_windows(tuple(x.shape[-2:]), config.window, config.stride)
-    return window_features(clip, dino, x, plan, config.gamma, config.beta, image_size=img.shape[:2],
+    return window_features(clip, dino, x, plan, config, image_size=img.shape[:2],
                            on_chunk=lambda: progress("windows"), after_dino=after_dino)
 
 
@@ -105,12 +106,14 @@ class Trident:
 
     @classmethod
     def from_files(cls, clip: str | os.PathLike, dino: str | os.PathLike, sam: str | os.PathLike | None = None,
-                   device: str | torch.device | None = None, precision: str = "auto") -> Trident:
-        """Load the models from their checkpoint files (SAM only when a file is given)."""
+                   device: str | torch.device | None = None, precision: str = "auto",
+                   cache: Path | None = None) -> Trident:
+        """Load the models from their checkpoint files (SAM only when a file is given); `cache`: a folder where
+        bfloat16 copies are kept, so later loads map them instead of converting again (`models/conversion.py`)."""
         dev = resolve_device(device)
         dtype = resolve_dtype(precision, dev)
-        return cls(load_clip(clip, dev, dtype), load_dino(dino, dev, dtype),
-                   load_sam(sam, dev, dtype) if sam is not None else None)
+        return cls(load_clip(clip, dev, dtype, cache=cache), load_dino(dino, dev, dtype, cache),
+                   load_sam(sam, dev, dtype, cache) if sam is not None else None)
 
     def text(self, classes: ClassList, progress: Progress = _noop) -> torch.Tensor:
         """Query embeddings (cached per name on the CLIP model); `progress` gets "text NN%" in steps of 10 %."""

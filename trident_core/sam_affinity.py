@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import CORRELATIONS, check_mode
+from .config import AggregateConfig
 from .models import SamEncoding, SamModel
 
 
@@ -26,15 +26,15 @@ def _valid_index(enc: SamEncoding) -> torch.Tensor:
     return (rows + torch.arange(ws, device=enc.q.device)[None, :]).reshape(-1)
 
 
-def affinity_rows(enc: SamEncoding, sam: SamModel, start: int, stop: int, mode: str = "affinity",
-                  cos_fac: float = 1.2, refine_neg_cos: bool = True,
+def affinity_rows(enc: SamEncoding, sam: SamModel, start: int, stop: int, config: AggregateConfig,
                   unit_v: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows start..stop of the row-normalised correlation matrix over the valid tokens, [stop-start, N].
-    `unit_v` is `unit_values(enc)` when the caller computed it once for many blocks.
+    """Rows start..stop of the row-normalised correlation matrix over the valid tokens, [stop-start, N], by
+    `config`'s correlation mode, cos_fac and refine_neg_cos. `unit_v` is `unit_values(enc)` when the caller
+    computed it once for many blocks.
 
     Heads come one at a time, so a block of rows holds the heads' cosines and a few [rows, N] matrices; the
     reference's order of operations is kept (bit-identical thresholds)."""
-    check_mode("correlation", mode, CORRELATIONS)
+    mode, cos_fac = config.correlation, config.cos_fac
     valid = _valid_index(enc)
     everything = len(valid) == enc.q.shape[1]
     n, heads = len(valid), enc.q.shape[0]
@@ -49,7 +49,7 @@ def affinity_rows(enc: SamEncoding, sam: SamModel, start: int, stop: int, mode: 
                 mean_cos.add_(c)
             mean_cos.div_(heads)
             tau = cos_fac * mean_cos.mean(dim=-1, keepdim=True)  # [r, 1]
-            if not refine_neg_cos:
+            if not config.refine_neg_cos:
                 tau = torch.where(tau < 0, torch.full_like(tau, 0.6), tau)
             tau = tau.clamp(max=0.9)
         if mode == "cosine":  # Eq. 4: softmax over the head-mean cosine, entries under the threshold excluded

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import WindowConfig
 from .image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from .models import ClipModel, DinoModel
 from .windows import WindowPlan
@@ -71,10 +72,11 @@ def _resize_tokens(t: torch.Tensor, grid: tuple[int, int], new: tuple[int, int])
 
 
 @torch.no_grad()
-def window_features(clip: ClipModel, dino: DinoModel, x: torch.Tensor, plan: WindowPlan, gamma: float = 3.0,
-                    beta: float = 1.2, image_size: tuple[int, int] | None = None,
-                    chunk: int = WINDOW_CHUNK, on_chunk=None, after_dino=None) -> WindowFeatures:
-    """Y = out_proj(P V) per window of the processed, CLIP-normalised image x [1, 3, H, W].
+def window_features(clip: ClipModel, dino: DinoModel, x: torch.Tensor, plan: WindowPlan, config: WindowConfig,
+                    image_size: tuple[int, int] | None = None, chunk: int = WINDOW_CHUNK, on_chunk=None,
+                    after_dino=None) -> WindowFeatures:
+    """Y = out_proj(P V) per window of the processed, CLIP-normalised image x [1, 3, H, W], with the proxy
+    attention's gamma and beta of `config`.
 
     V is resized bilinearly to DINO's grid where the grids differ (ViT-H/14), then Y back to CLIP's grid times
     round(dino/clip) as the reference splices it. DINO runs on every window before CLIP does: `after_dino()` is
@@ -96,8 +98,8 @@ def window_features(clip: ClipModel, dino: DinoModel, x: torch.Tensor, plan: Win
         idx = range(s, min(n, s + chunk))
         values, grid = clip.window_values(crop_windows(x, plan, idx))
         values = _resize_tokens(values, grid, (dg, dg))
-        p = proxy_attention(dino_feats[s:s + len(idx)], mean, gamma, beta)
-        o = torch.bmm(p.to(values.dtype), values)
+        p = proxy_attention(dino_feats[s:s + len(idx)], mean, config.gamma, config.beta)
+        o = torch.bmm(p, values)  # float32: CLIP's adapter gives V in float32
         out.append(clip.attention_output(o))
         if on_chunk:
             on_chunk()

@@ -29,8 +29,9 @@ def _attention(self: nn.MultiheadAttention, x: torch.Tensor, attn_mask: torch.Te
 
 
 def _key(x: torch.Tensor, heads: int, masked: bool) -> str:
-    """Decisions per width, heads and token count rounded up to 32 (CLIP's windows and trimmed prompts)."""
-    return f"clip self-attention D={x.shape[-1]} heads={heads} L={-(-x.shape[1] // 32) * 32} mask={masked}"
+    """Decisions per dtype, width, heads and token count rounded up to 32 (CLIP's windows and trimmed prompts)."""
+    dtype = "" if x.dtype == torch.float32 else f" {str(x.dtype).removeprefix('torch.')}"  # float32: the keys kept
+    return f"clip self-attention{dtype} D={x.shape[-1]} heads={heads} L={-(-x.shape[1] // 32) * 32} mask={masked}"
 
 
 def _self_attention_forward(self: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,

@@ -3,9 +3,11 @@
 SAM ViT-B's global blocks would otherwise hold [heads, 4096, 4096] matrices (0.8 GB each in float32). Softmax is
 per row, so the banded result is the full one. On the CPU each band repeats segment_anything's operations in its
 order on all heads at once (the same batched products: BLAS runs a batch's products the same way for any band of
-rows, while a single head's product may be split across threads differently, so it is bit-identical); on a GPU
-the band goes through `scaled_dot_product_attention` with the decomposed relative-position term as an additive
-bias (a fused kernel; equal up to rounding)."""
+rows, while a single head's product may be split across threads differently, so it is bit-identical). On a GPU,
+and in bfloat16 on the CPU where measured faster on a band (`timing`; there the float32 bands' strided products copy
+their operands, several times slower), the band goes through
+`scaled_dot_product_attention` with the decomposed relative-position term as an additive bias (a fused kernel;
+equal up to rounding)."""
 
 from __future__ import annotations
 
@@ -13,16 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import timing
 from .exact_linear import linear
 from .patching import patch_forward
 
 
-def query_band(device: torch.device, heads: int, keys: int) -> int:
+def query_band(device: torch.device, heads: int, keys: int, element_size: int = 4) -> int:
     """Query tokens per band: on the CPU as many as keep a band's [heads, rows, keys] scores near 16 MB (memory,
     cache); on GPUs 1024 (each band costs kernel launches)."""
     if device.type != "cpu":
         return 1024
-    return max(1, (16 << 20) // (4 * heads * keys))
+    return max(1, (16 << 20) // (element_size * heads * keys))
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, grid: tuple[int, int],
@@ -48,23 +51,33 @@ def banded_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         rq = q.reshape(b * self.num_heads, h, w, -1)
         rel_h = torch.einsum("bhwc,hkc->bhwk", rq, get_rel_pos(h, h, self.rel_pos_h))  # [B*heads, H, W, H]
         rel_w = torch.einsum("bhwc,wkc->bhwk", rq, get_rel_pos(w, w, self.rel_pos_w))  # [B*heads, H, W, W]
-    rows = max(1, query_band(q.device, q.shape[0], h * w) // w)  # whole grid rows per band
-    out = torch.empty_like(q)
+    rows = max(1, query_band(q.device, q.shape[0], h * w, q.element_size()) // w)  # whole grid rows per band
     kt = k.transpose(-2, -1)
-    for r0 in range(0, h, rows):
-        r1 = min(h, r0 + rows)
-        band = slice(r0 * w, r1 * w)
-        if q.device.type != "cpu":
-            bias = None
-            if rel_h is not None:
-                bias = (rel_h[:, r0:r1, :, :, None] + rel_w[:, r0:r1, :, None, :]).reshape(-1, (r1 - r0) * w, h * w)
-            out[:, band] = F.scaled_dot_product_attention(q[None, :, band], k[None], v[None],
-                                                          attn_mask=None if bias is None else bias[None])[0]
-            continue
-        attn = (q[:, band] * self.scale) @ kt  # segment_anything's operations, in its order
+
+    def exact(r0: int, r1: int) -> torch.Tensor:
+        attn = (q[:, r0 * w:r1 * w] * self.scale) @ kt  # segment_anything's operations, in its order
         if rel_h is not None:
             attn.view(-1, r1 - r0, w, h, w).add_(rel_h[:, r0:r1, :, :, None]).add_(rel_w[:, r0:r1, :, None, :])
-        out[:, band] = torch.softmax(attn, dim=-1, out=attn) @ v
+        return torch.softmax(attn, dim=-1, out=attn) @ v
+
+    def fused(r0: int, r1: int) -> torch.Tensor:
+        bias = None
+        if rel_h is not None:
+            bias = (rel_h[:, r0:r1, :, :, None] + rel_w[:, r0:r1, :, None, :]).reshape(-1, (r1 - r0) * w, h * w)
+        return F.scaled_dot_product_attention(q[None, :, r0 * w:r1 * w], k[None], v[None],
+                                              attn_mask=None if bias is None else bias[None])[0]
+
+    band = exact if q.device.type == "cpu" else fused
+    if q.device.type == "cpu" and q.dtype != torch.float32:  # fused where measured faster on one band
+        key = (f"sam attention {str(q.dtype).removeprefix('torch.')} B*heads={q.shape[0]} grid={h}x{w} "
+               f"c={q.shape[-1]} rows={rows}")
+        decision = timing.decide(key, lambda: (lambda: fused(0, min(h, rows)), lambda: exact(0, min(h, rows))))
+        decision.work += -(-h // rows)
+        band = fused if decision.use_ours else exact
+    out = torch.empty_like(q)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        out[:, r0 * w:r1 * w] = band(r0, r1)
     out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
     return self.proj(out)
 

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError, expect_family, read_state_dict
-from ..kernels import linear
 from ..posembed import interpolate_pos_embed
+from .conversion import FLOAT32, LO, PAIR, Layout, all_low, converted
 from .loading import check_materialised, count_blocks, load_strict, on_meta, place
+from .precision import attach_pairs, linear32, norm32, use_pairs
 
 # Architectures OpenAI released; their weights were trained with QuickGELU (open_clip's plain configs use GELU).
 OPENAI_ARCHS = {"ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"}
@@ -40,7 +41,13 @@ class ClipModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.visual.conv1.weight.dtype
+        """The dtype the image tower's products run in (bfloat16 where its matrices are pairs: `load_clip`)."""
+        return self.model.visual.transformer.resblocks[0].mlp.c_fc.weight.dtype
+
+    @property
+    def text_dtype(self) -> torch.dtype:
+        """The text tower's dtype (float32 when the image tower is bfloat16: `load_clip`)."""
+        return self.model.token_embedding.weight.dtype
 
     @property
     def embed_dim(self) -> int:
@@ -55,10 +62,11 @@ class ClipModel:
 
     @torch.no_grad()
     def window_values(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """V of the last block [k, g*g, D] for CLIP-normalised windows x [k, 3, w, w], and the token grid: patch
-        embedding, interpolated positions, blocks 1..L-1, CLS dropped, ln_1, the value third of the in-projection."""
+        """V of the last block [k, g*g, D] (float32) for CLIP-normalised windows x [k, 3, w, w], and the token grid:
+        patch embedding, interpolated positions, blocks 1..L-1, CLS dropped, ln_1, the value third of the
+        in-projection (these two in float32)."""
         v = self.model.visual
-        x = x.to(device=self.device, dtype=self.dtype)
+        x = x.to(device=self.device, dtype=v.conv1.weight.dtype)
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         t = v.conv1(x).flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(t.dtype).view(1, 1, -1).expand(t.shape[0], -1, -1)
@@ -70,19 +78,19 @@ class ClipModel:
         last = blocks[-1]
         dim = t.shape[-1]
         w, b = last.attn.in_proj_weight[2 * dim:], last.attn.in_proj_bias[2 * dim:]
-        return linear(last.ln_1(t[:, 1:]), w, b), grid
+        return linear32(norm32(last.ln_1, t[:, 1:]), w, b), grid
 
     @torch.no_grad()
     def attention_output(self, o: torch.Tensor) -> torch.Tensor:
-        """The last block's out-projection of attended values o [..., D]."""
-        return self.model.visual.transformer.resblocks[-1].attn.out_proj(o)
+        """The last block's out-projection of attended values o [..., D], in float32."""
+        proj = self.model.visual.transformer.resblocks[-1].attn.out_proj
+        return linear32(o, proj.weight, proj.bias)
 
     @torch.no_grad()
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        """ln_post and the projection into the joint space, [..., D] -> [..., E] float32."""
+        """ln_post and the projection into the joint space, [..., D] -> [..., E], in float32."""
         v = self.model.visual
-        t = tokens.to(device=self.device, dtype=self.dtype)
-        return (v.ln_post(t) @ v.proj).float()
+        return norm32(v.ln_post, tokens.to(self.device)) @ v.proj.float()
 
     # -------------------------------------------------------------------------------------------- text tower
 
@@ -114,8 +122,9 @@ class ClipModel:
         m = self.model
         length = int(tokens.argmax(dim=-1).max()) + 1  # the end-of-text token has the largest id
         tokens = tokens[:, :length].to(self.device)
-        x = m.token_embedding(tokens).to(self.dtype) + m.positional_embedding[:length].to(self.dtype)
-        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length].to(self.dtype))
+        dtype = self.text_dtype
+        x = m.token_embedding(tokens).to(dtype) + m.positional_embedding[:length].to(dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length].to(dtype))
         x = m.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
         return x @ m.text_projection
@@ -156,12 +165,28 @@ def _clip_config(sd: dict[str, torch.Tensor]) -> tuple[str, dict]:
     return arch, dict(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text)
 
 
+_PAIRS = (".attn.in_proj_weight", ".attn.out_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
+def _bf16_layout(layers: int) -> Layout:
+    """CLIP in bfloat16: the image tower's block matrices as pairs (models/precision.py; all blocks but the last,
+    whose few products run in float32), everything else float32: the text tower (run once per class name, then
+    cached: its embeddings are float32's), the norms, biases, embeddings and the projection (measured:
+    docs/performance-bf16.md)."""
+    head = "visual.transformer.resblocks."
+
+    def layout(key: str) -> str:
+        inner = key.startswith(head) and int(key[len(head):].split(".")[0]) < layers - 1
+        return PAIR if inner and key.endswith(_PAIRS) else FLOAT32
+    return layout
+
+
 def load_clip(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-              quick_gelu: bool | None = None) -> ClipModel:
+              quick_gelu: bool | None = None, cache: Path | None = None) -> ClipModel:
     """Load a CLIP ViT from an open_clip state dict (.safetensors/.bin/.pt) or OpenAI's TorchScript file.
 
     `quick_gelu=None` uses QuickGELU for the architectures OpenAI released (their weights need it) and GELU
-    otherwise (e.g. LAION's ViT-H-14)."""
+    otherwise (e.g. LAION's ViT-H-14). `cache`: a folder where a bfloat16 copy is kept (`conversion.converted`)."""
     import open_clip
 
     sd = read_state_dict(path)
@@ -171,9 +196,14 @@ def load_clip(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
     arch, cfg = _clip_config(sd)
     qg = arch in OPENAI_ARCHS if quick_gelu is None else quick_gelu
     model = on_meta(lambda: open_clip.CLIP(**cfg, quick_gelu=qg))
-    sd = {k: v.float() for k, v in sd.items()}
+    layout = _bf16_layout(cfg["vision_cfg"]["layers"]) if dtype == torch.bfloat16 else all_low
+    sd = converted(sd, path, "clip", dtype, layout, cache)
+    lows = {k: sd.pop(k) for k in [k for k in sd if k.endswith(LO)]}
     load_strict(model, sd, path, f"open_clip CLIP {arch}")
+    attach_pairs(model, lows)
     n = model.positional_embedding.shape[0]  # the causal text mask is a non-persistent buffer: rebuilt as open_clip
     model.attn_mask = torch.full((n, n), float("-inf")).triu_(1)
     check_materialised(model, path)
-    return ClipModel(place(model, device, dtype), arch, cfg["vision_cfg"]["patch_size"], str(path), qg)
+    model = place(model, device)
+    use_pairs(model)
+    return ClipModel(model, arch, cfg["vision_cfg"]["patch_size"], str(path), qg)

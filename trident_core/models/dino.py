@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..checkpoints import expect_family, read_state_dict
 from ..posembed import interpolate_pos_embed
+from .conversion import converted
 from .loading import check_materialised, count_blocks, load_strict, on_meta, place
 
 
@@ -46,9 +48,10 @@ class DinoModel:
         return t[:, 1:]
 
 
-def load_dino(path: str | os.PathLike, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> DinoModel:
-    """Load a DINO v1 ViT (e.g. dino_vitbase16_pretrain.pth, dino_deitsmall16_pretrain.pth) into timm's ViT."""
+def load_dino(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              cache: Path | None = None) -> DinoModel:
+    """Load a DINO v1 ViT (e.g. dino_vitbase16_pretrain.pth, dino_deitsmall16_pretrain.pth) into timm's ViT
+    (`cache`: a folder where a bfloat16 copy is kept, `conversion.converted`)."""
     from timm.models.vision_transformer import VisionTransformer
 
     sd = read_state_dict(path)
@@ -64,6 +67,6 @@ def load_dino(path: str | os.PathLike, device: torch.device | str = "cpu",
         img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
         qkv_bias="blocks.0.attn.qkv.bias" in sd, num_classes=0))
     arch = {384: "ViT-S", 768: "ViT-B"}.get(dim, f"ViT-{dim}") + f"/{patch}"
-    load_strict(model, {k: v.float() for k, v in sd.items()}, path, f"DINO {arch}")
+    load_strict(model, converted(sd, path, "dino", dtype, cache=cache), path, f"DINO {arch}")
     check_materialised(model, path)
-    return DinoModel(place(model, device, dtype), arch, patch, str(path))
+    return DinoModel(place(model, device), arch, patch, str(path))

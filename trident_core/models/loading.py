@@ -42,9 +42,10 @@ def count_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def place(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
-    """The model in inference mode on `device` in `dtype`, with the kernels' tricks applied (kernels.apply)."""
-    module = module.to(device=device, dtype=dtype).eval()
+def place(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """The model (its tensors in the dtypes `conversion.converted` gave them) in inference mode on `device`, with the
+    kernels' tricks applied (kernels.apply)."""
+    module = module.to(device=device).eval()
     module.requires_grad_(False)
     kernels.apply(module)
     return module

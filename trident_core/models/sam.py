@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,9 @@ from torch import nn
 from ..checkpoints import SAM_HQ_EXTRAS, CheckpointError, expect_family, read_state_dict
 from ..image import ImageError
 from ..kernels import attention_probs, linear
+from .conversion import FLOAT32, LOW, converted
 from .loading import check_materialised, count_blocks, load_strict, on_meta, place
+from .precision import linear32, norm32
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -109,10 +112,10 @@ class SamModel:
         for blk in enc.blocks[:-1]:
             x = blk(x)
         last = enc.blocks[-1]
-        qkv = last.attn.qkv(last.norm1(x))
+        qkv = linear32(norm32(last.norm1, x), last.attn.qkv.weight, last.attn.qkv.bias)  # what the affinity reads
         b, h, w, _ = qkv.shape
         heads = last.attn.num_heads
-        q, k, v = qkv.float().reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * heads, h * w, -1)
+        q, k, v = qkv.reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * heads, h * w, -1)
         return SamEncoding(q, k, v, x, input_size, tuple(image.shape[:2]), (h, w), self.identity)
 
     @torch.no_grad()
@@ -185,10 +188,11 @@ class SamModel:
         return self.model.postprocess_masks(low, enc.input_size, enc.original_size)
 
 
-def load_sam(path: str | os.PathLike, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> SamModel:
+def load_sam(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             cache: Path | None = None) -> SamModel:
     """Load Segment Anything (vit_b / vit_l / vit_h, or any encoder size read off the file). A SAM-HQ file loads
-    as the SAM it extends: the same ViT encoder and mask decoder, its HQ extras left aside."""
+    as the SAM it extends: the same ViT encoder and mask decoder, its HQ extras left aside. `cache`: a folder where
+    a bfloat16 copy is kept (`conversion.converted`)."""
     from segment_anything.build_sam import _build_sam
 
     sd = read_state_dict(path)
@@ -203,13 +207,12 @@ def load_sam(path: str | os.PathLike, device: torch.device | str = "cpu",
     model = on_meta(lambda: _build_sam(encoder_embed_dim=dim, encoder_depth=depth, encoder_num_heads=dim // head_dim,
                                        encoder_global_attn_indexes=global_idx, checkpoint=None))
     arch = _ARCHS.get((dim, depth), f"vit_{dim}x{depth}")
-    load_strict(model, {k: v.float() for k, v in sd.items()}, path, f"SAM {arch}")
+    # Prompt encoder and mask decoder stay float32 (as the reference keeps them), the encoder may be half.
+    sd = converted(sd, path, "sam", dtype, lambda key: LOW if key.startswith("image_encoder.") else FLOAT32, cache)
+    load_strict(model, sd, path, f"SAM {arch}")
     # pixel_mean/std are non-persistent buffers: rebuilt with the values segment_anything's _build_sam passes
     model.pixel_mean = torch.tensor(PIXEL_MEAN).view(-1, 1, 1)
     model.pixel_std = torch.tensor(PIXEL_STD).view(-1, 1, 1)
     check_materialised(model, path)
-    # Prompt encoder and mask decoder stay float32 (as the reference keeps them), the encoder may be half.
-    model = place(model, device, torch.float32)
-    model.image_encoder.to(dtype)
-    return SamModel(model, arch, str(path))
+    return SamModel(place(model, device), arch, str(path))
 

@@ -1,0 +1,142 @@
+"""A checkpoint's tensors in the dtypes a model runs in, without the file's float32 weights resident beside them.
+
+A tensor is kept in the low dtype asked for (bfloat16), in float32, or as a pair of low tensors whose sum is the
+float32 value within 2^-16 (`split_pair`: products with both keep a weight matrix's own rounding error out of the
+result; models/precision.py). `cast` converts one tensor at a time and releases each memory-mapped source's pages
+once its copy is made. With a cache folder (the command line's), a narrowing conversion (float32 -> bfloat16)
+is done once per file content: the converted tensors are written there, keyed by the source file's size and
+SHA-256, and later runs memory-map that copy (a cache by `caches`' rules: any failure is a logged miss). Its
+pages are then file-backed like a float32 checkpoint's, so a stage's weights can be released when it is done
+(residency.py), and no run after the first converts anything."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .. import caches
+from ..atomic import partial_name, remove_entry, remove_partials
+from ..checkpoints import CheckpointError, read_state_dict
+from ..file_digest import file_digest
+from ..residency import release
+
+RELEASE_EVERY = 32 << 20  # bytes of converted sources whose pages are released at once (a release reads smaps)
+FORMAT = 1  # of the cached copies: a change of what they hold gives them new names
+LOW, FLOAT32, PAIR = "low", "float32", "pair"
+LO = "_lo"  # a pair's second tensor is kept under its key + LO
+Layout = Callable[[str], str]  # how the floating tensor `key` is kept: LOW (the dtype asked for), FLOAT32, or PAIR
+Want = dict[str, tuple[tuple[int, ...], torch.dtype]]  # each tensor's shape and dtype
+KIND = "converted weights"  # (caches.miss)
+
+
+def all_low(_key: str) -> str:
+    return LOW
+
+
+def split_pair(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """t as hi + lo, both in `dtype`: hi is t rounded, lo the rounding error rounded (their sum holds 16 of float32's
+    24 significant bits in bfloat16, where hi alone holds 8)."""
+    hi = t.to(dtype)
+    return hi, (t.float() - hi.float()).to(dtype)
+
+
+def _expected(sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout) -> Want:
+    """Shape and dtype of each tensor `cast` gives (a pair's second tensor included)."""
+    out = {}
+    for key, t in sd.items():
+        kind = layout(key) if t.is_floating_point() else None
+        out[key] = (tuple(t.shape), t.dtype if kind is None else torch.float32 if kind == FLOAT32 else dtype)
+        if kind == PAIR:
+            out[key + LO] = out[key]
+    return out
+
+
+def cast(sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout = all_low) -> dict[str, torch.Tensor]:
+    """The state dict's floating tensors kept as `layout` says (in `dtype`, in float32, or as a pair in `dtype`),
+    converted one tensor at a time, each memory-mapped source's pages released once its copy is made. Tensors
+    already in their dtype are kept as they are (no copy); `sd` is emptied."""
+    out, done, pending = {}, [], 0
+    for key in list(sd):
+        t = sd.pop(key)
+        kind = layout(key) if t.is_floating_point() else None
+        if kind == PAIR:
+            out[key], out[key + LO] = split_pair(t, dtype)
+        elif kind is not None and t.dtype != (want := torch.float32 if kind == FLOAT32 else dtype):
+            out[key] = t.to(want)
+        else:
+            out[key] = t
+            continue
+        done.append(t)
+        pending += t.nbytes
+        if pending >= RELEASE_EVERY:
+            release(done)
+            done, pending = [], 0
+    release(done)
+    return out
+
+
+def converted(sd: dict[str, torch.Tensor], path: str | os.PathLike, role: str, dtype: torch.dtype,
+              layout: Layout = all_low, cache: Path | None = None) -> dict[str, torch.Tensor]:
+    """`cast(sd, ...)` of the checkpoint `path` (read as `sd`), or, with a `cache` folder and a conversion to a
+    narrower dtype, the converted copy kept there, made now when absent. The copy is only a cache (`caches`): one
+    that cannot be read, holds other tensors, is a link, or cannot be written is a logged miss, and this run keeps
+    the conversion made in memory."""
+    want = _expected(sd, dtype, layout)
+    narrowing = any(d != torch.float32 and (k not in sd or sd[k].dtype != d) for k, (_, d) in want.items())
+    if cache is None or not narrowing:
+        return cast(sd, dtype, layout)
+    try:
+        if cache.is_symlink():
+            raise OSError(f"{cache} is a link, not followed")
+        copy = cache / f"{role}-{file_digest(path, cache)}-{str(dtype).removeprefix('torch.')}-v{FORMAT}.pt"
+    except OSError as e:
+        caches.miss(KIND, str(cache), e)
+        return cast(sd, dtype, layout)
+    kept = _read(copy, want) if os.path.lexists(copy) else None
+    if kept is not None:
+        return kept
+    out = cast(sd, dtype, layout)
+    return _write(copy, out, want) or out
+
+
+def _write(copy: Path, out: dict[str, torch.Tensor], want: Want) -> dict[str, torch.Tensor] | None:
+    """`out` written under a temporary name, read back and compared, then given its final name `copy`; the copy
+    mapped, or None (a logged miss) where any of it fails."""
+    tmp = partial_name(copy)
+    try:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        remove_partials(copy)
+        remove_entry(tmp)  # (a link planted at the temporary name is removed, never written through: O_EXCL)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666),
+                       "wb") as f:
+            torch.save(out, f)
+        written = _read(tmp, want)
+        if written is None or any(not torch.equal(written[k], t) for k, t in out.items()):
+            raise OSError("the copy read back differs from the tensors written")
+        del written
+        os.replace(tmp, copy)
+    except OSError as e:  # a full disk, a read-only cache folder
+        caches.miss(KIND, str(copy.parent), e)
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _read(copy, want)
+
+
+def _read(copy: Path, want: Want) -> dict[str, torch.Tensor] | None:
+    """The cached copy memory-mapped, or None (a logged miss) where it is a link or not a file, cannot be read, or
+    does not hold exactly `want`'s tensors."""
+    try:
+        if copy.is_symlink() or not copy.is_file():
+            raise OSError(f"{copy} is a link or not a file, not followed")
+        sd = read_state_dict(copy)
+    except (OSError, CheckpointError) as e:
+        caches.miss(KIND, str(copy), e)
+        return None
+    if sd.keys() == want.keys() and all((tuple(t.shape), t.dtype) == want[k] for k, t in sd.items()):
+        return sd
+    caches.miss(KIND, str(copy), "the file holds other tensors")
+    return None
