@@ -161,32 +161,31 @@ def repeat_check(tr: Trident, n: int) -> dict:
             "rss_mb_max": round(max(rss), 1), "hooks_left": hooks}
 
 
-def throughput(paths: dict[str, Path], device: torch.device, n: int) -> dict:
-    """Images per second at 448 (voc21) in float16 with and without refinement, and fp16/fp32 label agreement."""
-    img = test_image((448, 448))
+def throughput(paths: dict[str, Path], device: torch.device, n: int, low: str = "fp16",
+               size: tuple[int, int] = (448, 448), short_side: int | None = None) -> dict:
+    """Images per second (voc21, one image per call) in the `low` precision with and without refinement, its peak
+    memory (GPU: max_memory_allocated), and its label agreement with float32."""
+    img = test_image(size)
     out = {}
     labels = {}
-    for precision in ("fp16", "fp32"):
+    for precision in dict.fromkeys((low, "fp32")):
         tr = Trident.from_files(paths["clip"], paths["dino"], paths["sam"], device, precision)
         for refine_on in (False, True):
-            params = get_preset("voc21").params.update(refine=refine_on)
-            seg = tr.segment(img, CLASSES, params)  # warm-up
-            labels[(precision, refine_on)] = seg.labels.cpu()
-            if precision == "fp16":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    tr.segment(img, CLASSES, params)
-                torch.cuda.synchronize()
-                out[f"img_per_s_{'refine' if refine_on else 'no_refine'}"] = round(n / (time.perf_counter() - t0), 2)
-                out[f"peak_gpu_mb_{'refine' if refine_on else 'no_refine'}"] = round(
-                    torch.cuda.max_memory_allocated() / 2**20, 1)
+            tag = "refine" if refine_on else "no_refine"
+            params = get_preset("voc21").params.update(refine=refine_on, short_side=short_side)
+            labels[(precision, refine_on)] = tr.segment(img, CLASSES, params).labels.cpu()  # also the warm-up
+            if precision == low:
+                meter = Meter(device)
+                with meter.stage(tag):
+                    for _ in range(n):
+                        tr.segment(img, CLASSES, params)
+                out[f"img_per_s_{tag}"] = round(n / meter.rows[tag]["seconds"], 2)
+                out[f"peak_mb_{tag}"] = meter.rows[tag]["peak_mb"]
         del tr
         torch.cuda.empty_cache()
     for refine_on in (False, True):
-        agree = (labels[("fp16", refine_on)] == labels[("fp32", refine_on)]).float().mean().item()
-        out[f"fp16_fp32_label_agreement_{'refine' if refine_on else 'no_refine'}"] = round(100 * agree, 3)
+        agree = (labels[(low, refine_on)] == labels[("fp32", refine_on)]).float().mean().item()
+        out[f"{low}_fp32_label_agreement_{'refine' if refine_on else 'no_refine'}"] = round(100 * agree, 3)
     return out
 
 

@@ -1,0 +1,87 @@
+"""benchmarks/gpu_check.sh on the CPU (--dry-run: small models, sizes and counts), so that the one run on a GPU
+machine cannot fail on the script itself; its verdicts on made-up numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import GOLDEN
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_check as check  # noqa: E402
+
+
+def test_dry_run_covers_every_section(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--out", str(tmp_path / "out"),
+                           "--device", "cpu", "--dry-run", "--ckpt-dir", str(tmp_path / "ckpt")],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    sections = report["sections"]
+    assert list(sections) == list(check.SECTIONS) and not any("error" in s for s in sections.values())
+    assert report["machine"]["device"] == "cpu" and report["machine"]["dry_run"]
+    if GOLDEN.is_dir():  # the golden tests collected with the device in their environment
+        cases = json.loads((GOLDEN / "cases.json").read_text())
+        assert sections["golden"]["summary"].startswith(f"{3 * len(cases)} tests collected")
+    assert set(sections["agreement"]["label_agreement_pct"]) == set(check.benchmark.CASES)
+    assert all(v == 100.0 for v in sections["agreement"]["label_agreement_pct"].values())  # fp32 against itself
+    assert sections["throughput"]["img_per_s_no_refine"] > 0 and sections["throughput"]["img_per_s_refine"] > 0
+    assert sections["memory"]["status"].startswith("n/a") and sections["memory"]["repeats"] == 2
+    frames = sections["frame_batch"]
+    assert frames["frames"] == 3 and frames["label_agreement_pct"] == 100.0 and frames["status"] == "PASS"
+    assert [(r["batch"], r["images"]) for r in sections["rates"]["rows"]] == [(1, 2), (2, 2), (3, 3)]
+    md = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert all(f"## {name}" in md for name in check.SECTIONS) and "| 64x96 | 3 | 3 |" in md
+
+
+def test_frames_are_distinct_images_in_comfyui_layout():
+    batch = check.frames((32, 48), 4)
+    assert batch.shape == (4, 32, 48, 3) and 0 <= batch.min() and batch.max() <= 1
+    assert all(not (batch[0] == batch[k]).all() for k in range(1, 4))
+
+
+def _memory(**over) -> dict:
+    return {"before_load_mb": 0.0, "loaded_mb": 400.0, "after_first_mb": 400.1, "after_repeats_max_mb": 400.1,
+            "after_release_mb": 0.0, **over}
+
+
+def test_memory_verdict():
+    assert check.memory_verdict(_memory()) == "PASS"
+    assert check.memory_verdict(_memory(after_repeats_max_mb=405.0)) == "FAIL"  # grew over the repeated calls
+    assert check.memory_verdict(_memory(after_release_mb=30.0)) == "FAIL"  # something kept alive
+    assert check.memory_verdict(_memory(loaded_mb=None)).startswith("n/a")
+
+
+def test_frames_verdict():
+    ok = {"label_agreement_pct": 100.0, "peak_growth_mb": 10.0, "device": "cuda"}
+    assert check.frames_verdict(ok) == "PASS"
+    assert check.frames_verdict({**ok, "label_agreement_pct": 99.9}) == "FAIL"
+    assert check.frames_verdict({**ok, "peak_growth_mb": 500.0}) == "FAIL"  # memory grows with the batch
+    assert check.frames_verdict({**ok, "peak_growth_mb": 500.0, "device": "cpu"}) == "PASS"  # resident memory
+
+
+def test_target_and_golden_verdicts():
+    row = {"size": [448, 448], "batch": 32, "img_per_s": 41.0, "peak_mb": 3000.0}
+    assert check.target_verdict([row]).startswith("met")
+    assert check.target_verdict([{**row, "img_per_s": 39.0}]).startswith("not met")
+    assert check.target_verdict([{**row, "peak_mb": 5000.0}]).startswith("not met")
+    assert check.target_verdict([{**row, "batch": 8}]).startswith("n/a")
+    assert check.golden_verdict(0, "12 passed in 40.0s", dry=False) == "PASS"
+    assert check.golden_verdict(0, "12 skipped in 1.0s", dry=False) == "FAIL"  # the fixtures were absent
+    assert check.golden_verdict(1, "1 failed, 11 passed in 40.0s", dry=False) == "FAIL"
+    assert check.golden_verdict(0, "12 tests collected in 0.1s", dry=True) == "PASS"
+
+
+def test_bad_arguments_are_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="unknown nope; choose among golden"):
+        check.main(["--out", str(tmp_path), "--sections", "golden,nope"])
+    if not check.torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA GPU is visible"):
+            check.main(["--out", str(tmp_path), "--device", "cuda"])
