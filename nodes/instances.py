@@ -18,11 +18,12 @@ from ..trident_core.instances import (
     check_min_area,
     crop_region,
     find_largest_instances,
+    mask_stack,
     object_classes,
 )
 from ..trident_core.render import render_tracks
 from ..trident_core.tracking import DEFAULT_MAX_GAP, MAX_GAP_LIMIT, ObjectTracker, check_max_gap
-from ..trident_core.tracks import Track, TrackedObjects
+from ..trident_core.tracks import Track, TrackedObjects, paste
 from . import sockets as T
 from .comfy_bridge import each_image, intermediate_device, io
 
@@ -36,7 +37,7 @@ def _seg(obj: Instance, image: torch.Tensor, size: tuple[int, int], crop_factor:
     """An object as a SEG: the frame (as ComfyUI's IMAGE: 3 channels, float32) and the object's mask (float32
     numpy, as Impact-Pack keeps it) cut to the crop region."""
     x1, y1, x2, y2 = region = crop_region(obj.box, size, crop_factor)
-    mask = obj.full_mask(size)[y1:y2, x1:x2].astype("float32")
+    mask = paste(region, obj.box, obj.mask.astype("float32"))
     crop = image[obj.frame:obj.frame + 1, y1:y2, x1:x2, :]
     crop = crop[..., :3] if crop.shape[-1] >= 3 else crop[..., :1].expand(*crop.shape[:-1], 3)  # alpha, gray
     return SEG(crop.float().contiguous(), mask, obj.confidence, list(region), obj.box, obj.class_name, None)
@@ -169,8 +170,7 @@ class TridentInstances(io.ComfyNode):
 
         objects = [o for frame in each_image(one, range(len(segmentation)), segmentation) for o in frame]
         dev = intermediate_device()
-        masks = (torch.stack([torch.from_numpy(o.full_mask(size)) for o in objects]).float() if objects
-                 else torch.zeros((1, *size)))
+        masks = mask_stack(objects, size)
         segs = (size, [_seg(o, image, size, crop_factor) for o in objects])
         if len({o.frame for o in objects}) > 1:
             logging.warning("Trident Instances: the SEGS hold the objects of %d frames on one canvas; for each "

@@ -88,13 +88,20 @@ class PreviewSegmentation(io.ComfyNode):
             raise ValueError(f"{image.shape[0]} image(s) for {len(segmentation)} segmentation(s): connect the "
                              "segmented image")
 
-        def one(seg: object, img: torch.Tensor, _progress: object) -> tuple[torch.Tensor, torch.Tensor]:
-            colors, blended = preview(seg.labels, seg.classes.names, to_rgb_uint8(img), alpha, show_legend)
-            return _image(colors), _image(blended)
-
-        colors_out, overlays = zip(*each_image(one, segmentation, image))
         dev = intermediate_device()
-        return io.NodeOutput(torch.stack(colors_out).to(dev), torch.stack(overlays).to(dev))
+        colors_out: torch.Tensor | None = None  # filled frame by frame: never a list and its stacked copy
+        overlays: torch.Tensor | None = None
+
+        def one(b: int, seg: object, img: torch.Tensor, _progress: object) -> None:
+            nonlocal colors_out, overlays
+            colors, blended = preview(seg.labels, seg.classes.names, to_rgb_uint8(img), alpha, show_legend)
+            if colors_out is None:  # the legend decides the pictures' size, the same for every frame
+                colors_out = torch.empty((len(segmentation), *colors.shape), device=dev)
+                overlays = torch.empty((len(segmentation), *blended.shape), device=dev)
+            colors_out[b], overlays[b] = _image(colors), _image(blended)
+
+        each_image(one, range(len(segmentation)), segmentation, image)
+        return io.NodeOutput(colors_out, overlays)
 
 
 NODES = (SegmentationToMasks, PreviewSegmentation)

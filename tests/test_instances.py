@@ -203,3 +203,32 @@ def test_cli_writes_one_mask_per_object_and_a_json(small_ckpts, photo, tmp_path,
     with pytest.raises(SystemExit):
         main(["segment", str(img), "--classes", "sky", *models, "--out", str(out), "--instances", "--min-area", "0"])
     assert "--min-area must be a whole number of pixels >= 1, not 0" in capsys.readouterr().err
+
+
+def test_mask_stack_is_every_full_mask_and_builds_no_full_size_temporaries():
+    """The masks output: object i's mask at the image's size in row i (against masks drawn here); the NumPy memory
+    it allocates stays under one full-size mask, whatever the number of objects (a list of full-size masks, then
+    stacked, would cost objects x H x W bytes on top of the output)."""
+    import tracemalloc
+
+    instances = core("instances")
+    h, w = 90, 120
+    labels, truth = np.zeros((h, w), np.int64), []
+    for y in range(2, h - 8, 11):
+        for x in range(3, w - 8, 13):
+            labels[y:y + 7, x:x + 6] = 1
+            mask = np.zeros((h, w), bool)
+            mask[y:y + 7, x:x + 6] = True
+            truth.append(mask)
+    objects = [o for frame in range(4) for o in instances.find_instances(labels, [1], ["bg", "thing"], 1,
+                                                                           frame=frame)]
+    assert len(objects) == 4 * len(truth) > 200
+    tracemalloc.start()
+    try:
+        stack = instances.mask_stack(objects, (h, w))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert stack.dtype == torch.float32 and torch.equal(stack, torch.from_numpy(np.stack(truth * 4)).float())
+    assert peak < h * w
+    assert torch.equal(instances.mask_stack([], (h, w)), torch.zeros((1, h, w)))

@@ -745,3 +745,28 @@ def test_to_device_moves_every_tensor_and_keeps_sharing(chain):
     assert moved[0][0].features.is_meta and moved[1][0].encodings[0].q.is_meta and moved[1][1].whole.v.is_meta
     assert moved[1][0].whole is moved[1][0].encodings[0] and moved[0][0].image_size == (64, 192)
     assert fm.features.device.type == "cpu"  # the original is untouched
+
+
+def test_preview_keeps_no_picture_per_frame_while_it_runs(chain, images, monkeypatch):
+    """Trident Preview Segmentation fills its batch frame by frame: when a frame starts, no picture of an earlier
+    frame is still alive on its own (a list of frames, then stacked, would hold every picture twice)."""
+    import gc
+
+    outputs = importlib.import_module(f"{import_pack().__name__}.nodes.outputs")
+    segs = chain["refined"] * 3
+    frames = images.repeat(3, 1, 1, 1)
+    drawn, alive = [], []
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.ndim == 3
+                         and drawn and tuple(o.shape) == drawn[0]))
+        colors, blended = preview(*args, **kwargs)
+        drawn.append(colors.shape)
+        return colors, blended
+
+    preview = outputs.preview
+    monkeypatch.setattr(outputs, "preview", counting)
+    colors, _ = run("TridentPreviewSegmentation", segmentation=segs, image=frames, alpha=0.5, show_legend=True)
+    assert len(alive) == 6 and colors.shape == (6, *drawn[0])
+    assert max(alive) == 0

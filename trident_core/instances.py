@@ -46,6 +46,16 @@ class Instance:
                 "box": list(self.box), "area": self.area, "confidence": round(self.confidence, 6)}
 
 
+def mask_stack(objects: list[Instance], size: tuple[int, int]) -> torch.Tensor:
+    """The objects' masks at the image's size, float32 [objects, H, W] (one empty mask when there is none), each
+    written into the batch from its box: no full-size temporary per object, whatever the number of frames."""
+    out = torch.zeros((max(len(objects), 1), *size), dtype=torch.float32)
+    for i, obj in enumerate(objects):
+        x1, y1, x2, y2 = obj.box
+        out[i, y1:y2, x1:x2] = torch.from_numpy(obj.mask)
+    return out
+
+
 def check_min_area(min_area: int) -> int:
     """`min_area` as an int >= 1, or a ValueError naming the allowed range."""
     if isinstance(min_area, bool) or not isinstance(min_area, (int, np.integer)) or min_area < 1:
