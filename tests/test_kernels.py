@@ -341,3 +341,32 @@ def test_full_size_sam_and_dino_are_bit_identical_to_the_libraries(full_trident,
     windows = _rand(4, 3, 336, 336)
     plain_dino = dataclasses.replace(dino, model=_plain(dino.model).float())
     assert torch.equal(dino.patch_tokens(windows), plain_dino.patch_tokens(windows))
+
+
+def test_quick_gelu_in_place_equals_open_clip_and_patches_clip_mlps():
+    """open_clip's QuickGELU computed in its input's memory gives its own values bit for bit, and `apply` gives it
+    to every block's MLP of a CLIP (image and text towers), nowhere else."""
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    from trident_core.kernels.gelu import _quick_gelu_forward_in_place
+
+    for shape in [(8, 442, 3072), (3, 7), (1000,)]:
+        x = _rand(*shape) * 3
+        want = QuickGELU()(x)
+        fresh = x.clone()
+        got = _quick_gelu_forward_in_place(QuickGELU(), fresh)
+        assert torch.equal(got, want) and got.data_ptr() == fresh.data_ptr()
+    model = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=64, patch_size=16, width=64, layers=2,
+                                                          head_width=64),
+                           text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+                           quick_gelu=True).eval()
+    assert kernels.apply(model)["gelu"] == 3  # two image blocks, one text block
+    plain = copy.deepcopy(model)  # the other tricks kept, QuickGELU's own forward back
+    for mod in plain.modules():
+        if isinstance(mod, QuickGELU):
+            mod.__dict__.pop("forward")
+    img, text = _rand(2, 3, 64, 64), open_clip.tokenize(["a horse", "grass"])
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(img), plain.encode_image(img))
+        assert torch.equal(model.encode_text(text), plain.encode_text(text))

@@ -194,6 +194,27 @@ def test_synonym_max_merge_and_thresholds():
     assert (labels[got.max(0).values < 0.99] == UNLABELED).all()
 
 
+@pytest.mark.parametrize("synonyms", [True, False])
+@pytest.mark.parametrize("size", [(1000, 733), (37, 1), (5, 4), (257, 513)])
+def test_class_probs_in_place_equal_the_reference_formulation(synonyms, size):
+    """class_probs with overwrite=True (classify's own temporary logits, scaled and turned into probabilities in
+    their memory; the maxima written into the result) gives the reference's values bit for bit; without it the
+    logits are left as they were."""
+    torch.manual_seed(0)
+    groups = (("sky", "wall"), ("horse",), ("grass", "lawn", "turf")) if synonyms else (("sky",), ("horse",))
+    cl = ClassList(groups, has_background=True)
+    logits = torch.randn(sum(len(g) for g in groups), *size) * 0.3
+    p = (logits * 40).softmax(0)  # the reference's formulation
+    starts = [sum(len(g) for g in groups[:i]) for i in range(len(groups))]
+    want = torch.stack([p[s:s + len(g)].max(0).values for s, g in zip(starts, groups)])
+    kept = logits.clone()
+    assert torch.equal(class_probs(logits, cl, 40), want) and torch.equal(logits, kept)
+    got = class_probs(logits, cl, 40, overwrite=True)
+    assert torch.equal(got, want)
+    if not synonyms:  # one query per class: the probabilities are the logits' own memory, no image-sized copy
+        assert got.data_ptr() == logits.data_ptr()
+
+
 def test_banded_sam_attention_equals_segment_anything(small_trident):
     """The banded forward (oneDNN products on the CPU) is bit-identical to segment_anything's own modules."""
     from segment_anything.modeling.image_encoder import Attention

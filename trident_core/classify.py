@@ -46,17 +46,25 @@ def grid_logits(fm: FeatureMap, text: torch.Tensor) -> torch.Tensor:
     return torch.einsum("qe,ehw->qhw", text.float().to(fm.features.device), fm.features.float())
 
 
-def class_probs(logits: torch.Tensor, classes: ClassList, logit_scale: float) -> torch.Tensor:
-    """Softmax over all queries of `logit_scale * logits`, then each class's max over its queries, [C, ...]."""
-    p = (logits * logit_scale).softmax(dim=0)
+def class_probs(logits: torch.Tensor, classes: ClassList, logit_scale: float,
+                overwrite: bool = False) -> torch.Tensor:
+    """Softmax over all queries of `logit_scale * logits`, then each class's max over its queries, [C, ...].
+
+    `overwrite`: the logits are the caller's temporary, and on the CPU they are scaled and turned into
+    probabilities in their own memory (the same operations, so the same values bit for bit): at 1024x1024 with 40
+    queries this saves two 168 MB copies at the peak."""
+    if overwrite and logits.device.type == "cpu":
+        p = torch.softmax(logits.mul_(logit_scale), dim=0, out=logits)
+    else:
+        p = (logits * logit_scale).softmax(dim=0)
     if len(classes.queries) == len(classes):
         return p
+    out = p.new_empty((len(classes), *p.shape[1:]))
     start = 0
-    merged = []
-    for cls in classes.classes:
-        merged.append(p[start:start + len(cls)].max(dim=0).values)
+    for i, cls in enumerate(classes.classes):
+        torch.amax(p[start:start + len(cls)], dim=0, out=out[i])  # (no list of maxima stacked afterwards)
         start += len(cls)
-    return torch.stack(merged)
+    return out
 
 
 def labels_from_probs(probs: torch.Tensor, classes: ClassList, prob_thd: float) -> torch.Tensor:
@@ -85,6 +93,7 @@ def classify(fm: FeatureMap, text: torch.Tensor, classes: ClassList, config: Cla
     logits = upsample(g, fm.image_size)
     if pamr is not None and pamr.steps:
         logits = pamr(logits)
-    probs = class_probs(logits, classes, config.logit_scale)
+    probs = class_probs(logits, classes, config.logit_scale, overwrite=True)
+    del logits  # (the probabilities were computed in its memory, or from it)
     labels = labels_from_probs(probs, classes, config.prob_thd)
     return Segmentation(labels, probs, g, classes, fm.image_size)

@@ -48,7 +48,7 @@ class CompactSegmentation:
 
     def logit_probs(self) -> torch.Tensor:
         """softmax(logit_scale x upsampled logits), synonyms max-merged [C, H, W]: classify's probabilities."""
-        return class_probs(self.logits(), self.classes, self.logit_scale)
+        return class_probs(self.logits(), self.classes, self.logit_scale, overwrite=True)
 
     @property
     def probs(self) -> torch.Tensor:
@@ -82,7 +82,7 @@ def compact(seg: object, logit_scale: float, prob_thd: float) -> CompactSegmenta
     if isinstance(seg, CompactSegmentation):
         return seg
     dtype = label_dtype(len(seg.classes))
-    base = class_probs(upsample(seg.grid_logits, seg.image_size), seg.classes, logit_scale)
+    base = class_probs(upsample(seg.grid_logits, seg.image_size), seg.classes, logit_scale, overwrite=True)
 
     def stored(probs: torch.Tensor | None) -> torch.Tensor | None:
         return None if probs is None or torch.equal(probs.float(), base) else probs.half()

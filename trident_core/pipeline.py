@@ -100,8 +100,9 @@ class Trident:
     dino: DinoModel
     sam: SamModel | None = None
     # Unmap each model's memory-mapped weight pages as soon as its stage is done (DINO's before CLIP runs) and give
-    # the freed heap back after each image (residency.py): the peak then holds one model's weights, and memory does
-    # not creep from image to image, at the price of mapping the weights again per image (minor faults, same values).
+    # the freed heap back after DINO, after SAM's encoder and after each image (residency.py): the peak then holds
+    # one model's weights, and memory does not creep from image to image, at the price of mapping the weights again
+    # per image (minor faults, same values).
     release_weights: bool = False
 
     @classmethod
@@ -119,6 +120,11 @@ class Trident:
         """Query embeddings (cached per name on the CLIP model); `progress` gets "text NN%" in steps of 10 %."""
         return encode_classes(self.clip, classes, lambda done, total: progress(f"text {done * 10 // total * 10}%"))
 
+    def _after_dino(self) -> None:
+        """DINO's weights and the heap its activations freed, given back before CLIP runs (release_weights)."""
+        release(self.dino.model)
+        trim_heap()
+
     @torch.no_grad()
     def segment(self, image: object, classes: str | ClassList, params: Params = DEFAULT_PARAMS,
                 progress: Progress = _noop,
@@ -132,12 +138,13 @@ class Trident:
         text = self.text(cl, progress)
         progress("text")
         wf = compute_window_features(self.clip, self.dino, img, params.windows, progress,
-                                     (lambda: release(self.dino.model)) if self.release_weights else None)
+                                     self._after_dino if self.release_weights else None)
         if self.release_weights:
             release(self.clip.model.visual)
         encodings = encode_image(self.sam, img, params.aggregation, progress)
         if self.release_weights and encodings is not None:
             release(self.sam.model.image_encoder)  # what follows uses its encodings, not its weights
+            trim_heap()  # the encoder's freed activations, before classification's full-resolution maps
         fm = compute_feature_map(wf, self.clip, self.sam, encodings, params.aggregation, progress)
         seg = classify(fm, text, cl, params.classification, pamr)
         if after_classify is not None:
@@ -149,6 +156,6 @@ class Trident:
         if self.release_weights:
             if self.sam is not None:
                 release(self.sam.model)
-            trim_heap()  # once per image: trimming after each stage costs more page faults than it saves
+            trim_heap()  # (after these two stages only: trimming after each costs more page faults than it saves)
         return seg
 
