@@ -224,6 +224,37 @@ def _mapped_from(t: torch.Tensor, path: Path) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mappings are read from Linux's /proc")
+def _vm(field: str) -> float:
+    """This process's /proc/self/status figure `field` (VmRSS, VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak memory is read from Linux's /proc")
+def test_writing_the_converted_copy_never_holds_it_beside_the_converted_tensors(tmp_path):
+    """A first run writes the copy, reads it back and compares it with the converted tensors: each tensor read back
+    is released after its comparison, so the peak holds the converted tensors once (not twice), and their memory
+    goes back once the model maps the copy."""
+    from trident_core.checkpoints import read_state_dict
+    from trident_core.models.conversion import converted
+
+    path = tmp_path / "weights.pth"
+    g = torch.Generator().manual_seed(0)
+    torch.save({f"w{i}": torch.randn(1024, 1024, generator=g) for i in range(64)}, path)  # 256 MB, 128 in bf16
+    sd = read_state_dict(path)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # the peak from here on
+    except OSError:
+        pytest.skip("this kernel cannot reset the peak")
+    before = _vm("VmRSS")
+    out = converted(sd, path, "dino", torch.bfloat16, cache=tmp_path / "converted")
+    peak = _vm("VmHWM") - before
+    (copy,) = (tmp_path / "converted").glob("dino-*.pt")
+    assert all(_mapped_from(t, copy) for t in out.values())
+    assert peak < 128 * 1.45, peak  # converted tensors (128 MB) + one release batch (32 MB); was 128 x 2
+    assert _vm("VmRSS") - before < 40  # the converted tensors' memory went back; the copy is mapped, not read
+
+
 def test_the_converted_copy_is_made_once_and_mapped_by_later_loads(small_ckpts, tmp_path):
     from trident_core.models import load_clip, load_sam
 

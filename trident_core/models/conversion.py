@@ -21,7 +21,7 @@ from .. import caches
 from ..atomic import partial_name, remove_entry, remove_partials
 from ..checkpoints import CheckpointError, read_state_dict
 from ..file_digest import file_digest
-from ..residency import release
+from ..residency import release, trim_heap
 
 RELEASE_EVERY = 32 << 20  # bytes of converted sources whose pages are released at once (a release reads smaps)
 FORMAT = 1  # of the cached copies: a change of what they hold gives them new names
@@ -99,7 +99,12 @@ def converted(sd: dict[str, torch.Tensor], path: str | os.PathLike, role: str, d
     if kept is not None:
         return kept
     out = cast(sd, dtype, layout)
-    return _write(copy, out, want) or out
+    kept = _write(copy, out, want)
+    if kept is None:
+        return out
+    del out
+    trim_heap()  # the converted tensors' memory back: the model maps the copy (a first run peaks no higher)
+    return kept
 
 
 def _write(copy: Path, out: dict[str, torch.Tensor], want: Want) -> dict[str, torch.Tensor] | None:
@@ -114,7 +119,7 @@ def _write(copy: Path, out: dict[str, torch.Tensor], want: Want) -> dict[str, to
                        "wb") as f:
             torch.save(out, f)
         written = _read(tmp, want)
-        if written is None or any(not torch.equal(written[k], t) for k, t in out.items()):
+        if written is None or not _equal_released(written, out):
             raise OSError("the copy read back differs from the tensors written")
         del written
         os.replace(tmp, copy)
@@ -124,6 +129,22 @@ def _write(copy: Path, out: dict[str, torch.Tensor], want: Want) -> dict[str, to
     finally:
         tmp.unlink(missing_ok=True)
     return _read(copy, want)
+
+
+def _equal_released(written: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> bool:
+    """Whether every tensor read back equals the one written, compared one at a time and its pages released after
+    (the copy is never resident beside the converted tensors)."""
+    done, pending = [], 0
+    for key, t in out.items():
+        if not torch.equal(written[key], t):
+            return False
+        done.append(written[key])
+        pending += t.nbytes
+        if pending >= RELEASE_EVERY:
+            release(done)
+            done, pending = [], 0
+    release(done)
+    return True
 
 
 def _read(copy: Path, want: Want) -> dict[str, torch.Tensor] | None:
