@@ -58,7 +58,7 @@ def cast(sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout = all_l
     """The state dict's floating tensors kept as `layout` says (in `dtype`, in float32, or as a pair in `dtype`),
     converted one tensor at a time, each memory-mapped source's pages released once its copy is made. Tensors
     already in their dtype are kept as they are (no copy); `sd` is emptied."""
-    out, done, pending = {}, [], 0
+    out, done = {}, _Releaser()
     for key in list(sd):
         t = sd.pop(key)
         kind = layout(key) if t.is_floating_point() else None
@@ -69,13 +69,27 @@ def cast(sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout = all_l
         else:
             out[key] = t
             continue
-        done.append(t)
-        pending += t.nbytes
-        if pending >= RELEASE_EVERY:
-            release(done)
-            done, pending = [], 0
-    release(done)
+        done.add(t)
+    done.flush()
     return out
+
+
+class _Releaser:
+    """Memory-mapped tensors whose pages are released a batch of RELEASE_EVERY bytes at a time."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self.pending = 0
+
+    def add(self, t: torch.Tensor) -> None:
+        self.tensors.append(t)
+        self.pending += t.nbytes
+        if self.pending >= RELEASE_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        release(self.tensors)
+        self.tensors, self.pending = [], 0
 
 
 def converted(sd: dict[str, torch.Tensor], path: str | os.PathLike, role: str, dtype: torch.dtype,
@@ -134,16 +148,12 @@ def _write(copy: Path, out: dict[str, torch.Tensor], want: Want) -> dict[str, to
 def _equal_released(written: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> bool:
     """Whether every tensor read back equals the one written, compared one at a time and its pages released after
     (the copy is never resident beside the converted tensors)."""
-    done, pending = [], 0
+    done = _Releaser()
     for key, t in out.items():
         if not torch.equal(written[key], t):
             return False
-        done.append(written[key])
-        pending += t.nbytes
-        if pending >= RELEASE_EVERY:
-            release(done)
-            done, pending = [], 0
-    release(done)
+        done.add(written[key])
+    done.flush()
     return True
 
 
