@@ -188,15 +188,16 @@ def test_bf16_clip_keeps_its_matrices_as_pairs_and_the_rest_float32(small_ckpts)
     assert torch.equal(encode_names(clip, names), encode_names(exact, names))
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("channels", [True, False])
 @pytest.mark.parametrize("batch,grid", [(1, 16), (3, 7)])  # a global block, windowed blocks
-def test_sams_bf16_attention_bands_equal_segment_anythings_forward(batch, grid, fused, monkeypatch):
-    """Both ways a bf16 band can go (the timing decides which) against segment_anything's forward in float64."""
+def test_sams_bf16_attention_bands_equal_segment_anythings_forward(batch, grid, channels, monkeypatch):
+    """Both ways bf16 attention can go (the timing decides which: the whole grid with the relative positions as
+    extra channels, or segment_anything's operations in bands) against segment_anything's forward in float64."""
     from segment_anything.modeling.image_encoder import Attention
 
     from trident_core.kernels import sam_attention, timing
 
-    monkeypatch.setattr(timing, "decide", lambda key, contenders: timing.Decision(0.0 if fused else 2.0, 1.0))
+    monkeypatch.setattr(timing, "decide", lambda key, contenders: timing.Decision(0.0 if channels else 2.0, 1.0))
     monkeypatch.setattr(sam_attention, "query_band", lambda *a, **k: 2 * grid)  # two grid rows per band
     torch.manual_seed(0)
     attn = Attention(64, 4, use_rel_pos=True, input_size=(grid, grid)).eval()
@@ -209,6 +210,31 @@ def test_sams_bf16_attention_bands_equal_segment_anythings_forward(batch, grid, 
         got = sam_attention.banded_attention_forward(attn, x.to(torch.bfloat16))
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.double(), want, atol=0.03, rtol=0.02), (got.double() - want).abs().max()
+
+
+@pytest.mark.parametrize("rel", [True, False])
+@pytest.mark.parametrize("grid,rows", [((8, 8), (2, 5)), ((5, 7), (0, 5))])
+def test_relative_positions_as_channels_equal_the_biased_softmax(grid, rows, rel):
+    """`augmented` (a band of queries, the relative-position terms as extra channels, one mask-free kernel call)
+    against softmax(q kᵀ scale + rel_h[key row] + rel_w[key column]) v written out in float64."""
+    from trident_core.kernels.sam_attention import augmented
+
+    torch.manual_seed(0)
+    (gh, gw), (r0, r1) = grid, rows
+    b, n, c, scale = 3, gh * gw, 16, 16 ** -0.5
+    q, k, v = (torch.randn(b, n, c) for _ in range(3))
+    rel_h, rel_w = torch.randn(b, n, gh), torch.randn(b, n, gw)
+    band = slice(r0 * gw, r1 * gw)
+    logits = (q[:, band].double() @ k.double().transpose(1, 2)) * scale
+    if rel:
+        key = torch.arange(n)
+        logits = logits + rel_h[:, band].double()[:, :, key // gw] + rel_w[:, band].double()[:, :, key % gw]
+    want = logits.softmax(-1) @ v.double()
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.03)):
+        got = augmented(q[:, band].to(dtype), k.to(dtype), v.to(dtype), scale, grid,
+                        rel_h[:, band].to(dtype) if rel else None, rel_w[:, band].to(dtype) if rel else None)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert torch.allclose(got.double(), want, atol=tol, rtol=tol), (dtype, (got.double() - want).abs().max())
 
 
 def _mapped_from(t: torch.Tensor, path: Path) -> bool:
