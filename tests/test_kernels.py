@@ -332,11 +332,12 @@ def test_full_size_sam_and_dino_are_bit_identical_to_the_libraries(full_trident,
     hook = plain_sam.image_encoder.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, o: seen.update(qkv=o))
     x = torch.as_tensor(ResizeLongestSide(1024).apply_image(img)).permute(2, 0, 1)[None].float()
     with torch.no_grad():
-        plain_sam.image_encoder(plain_sam.preprocess(x))
+        embedding = plain_sam.image_encoder(plain_sam.preprocess(x))
     hook.remove()
     b, h, w, _ = seen["qkv"].shape
     q, k, v = seen["qkv"].reshape(b, h * w, 3, 12, -1).permute(2, 0, 3, 1, 4).reshape(3, 12, h * w, -1)
     assert torch.equal(enc.q, q) and torch.equal(enc.k, k) and torch.equal(enc.v, v)
+    assert torch.equal(sam.image_embedding(enc), embedding)  # the encoder finished for the mask decoder
 
     windows = _rand(4, 3, 336, 336)
     plain_dino = dataclasses.replace(dino, model=_plain(dino.model).float())
