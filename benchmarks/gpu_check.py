@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import benchmark  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
-from test_nodes import core, import_pack  # noqa: E402  (the pack as ComfyUI imports it: its nodes run as there)
+from pack_import import core, import_pack  # noqa: E402  (the pack as ComfyUI imports it: its nodes run as there)
 
 # correctness limits: a frame batch may add this much to one frame's peak GPU memory, repeated calls this much
 PEAK_GROWTH_LIMIT_MB = 64.0

@@ -212,6 +212,32 @@ def test_sams_bf16_attention_bands_equal_segment_anythings_forward(batch, grid, 
     assert torch.allclose(got.double(), want, atol=0.03, rtol=0.02), (got.double() - want).abs().max()
 
 
+def test_the_bf16_attention_timing_compares_both_ways_on_the_whole_grid(monkeypatch):
+    """The timing probe runs each contender as it would run (the channels in one call, segment_anything's operations
+    band by band), each over the whole grid: timing one band favoured the bands (the channels' keys are built once
+    per call), and chose them where the whole grid ran 5x slower."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    from trident_core.kernels import sam_attention, timing
+
+    seen = []
+
+    def decide(key, contenders):
+        seen.append((key, contenders()))
+        return timing.Decision(1.0, 2.0)
+
+    monkeypatch.setattr(timing, "decide", decide)
+    monkeypatch.setattr(sam_attention, "query_band", lambda *a, **k: 2 * 16)  # two grid rows per band
+    torch.manual_seed(0)
+    attn = Attention(64, 4, use_rel_pos=True, input_size=(16, 16)).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        sam_attention.banded_attention_forward(attn, torch.randn(1, 16, 16, 64).to(torch.bfloat16))
+        (key, (ours, theirs)), = seen
+        a, b = ours(), theirs()
+    assert "whole grid" in key and a.shape == b.shape == (4, 256, 16)
+    assert torch.allclose(a.float(), b.float(), atol=0.03, rtol=0.02)
+
+
 @pytest.mark.parametrize("rel", [True, False])
 @pytest.mark.parametrize("grid,rows", [((8, 8), (2, 5)), ((5, 7), (0, 5))])
 def test_relative_positions_as_channels_equal_the_biased_softmax(grid, rows, rel):

@@ -18,29 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pack_import import core, import_pack
 
-PACK = Path(__file__).resolve().parents[1]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 DEFAULT_NAMES = {"open_clip": "ViT-B-16_openai_open_clip_model.safetensors", "dino": "dino_vitbase16_pretrain.pth",
                  "sams": "sam_vit_b_01ec64.pth"}
 CLASSES = "sky, person; Astronaut, flag"
-
-
-def import_pack() -> types.ModuleType:
-    """The pack as ComfyUI imports it: spec from its __init__.py under a module name that is its full path."""
-    name = str(PACK).replace(".", "_x_")
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, PACK / "__init__.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def core(module: str) -> types.ModuleType:
-    """A module of the pack's own trident_core (the nodes import it relatively, so its classes are not those of an
-    installed trident_core)."""
-    return importlib.import_module(f"{import_pack().__name__}.trident_core.{module}")
 
 
 def make_models_dir(root: Path, ckpts: dict[str, Path]) -> Path:

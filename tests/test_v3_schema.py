@@ -18,7 +18,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_nodes import PACK, import_pack, node_classes, node_info
+from pack_import import PACK, import_pack
+from test_nodes import node_classes, node_info
 from test_workflows import _widget_error, is_widget, widgets_of
 
 DATA = Path(__file__).parent / "data"
