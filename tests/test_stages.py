@@ -247,3 +247,24 @@ def test_text_progress_counts_names_and_skips_cached_ones(small_trident, monkeyp
     small_trident.clip.text_cache.pop("thing 4")
     small_trident.text(parse_classes(", ".join(names)), stages.append)
     assert stages == ["text 100%"]
+
+
+@pytest.mark.parametrize("with_failed", [True, False])
+def test_refinements_final_scores_in_place_equal_the_reference_formulation(with_failed):
+    """refine's last steps, class by class in the refined map's memory, against the reference's whole-map
+    expressions: bit for bit, with classes never refined, pixels no class covers, and failed regions."""
+    from trident_core.refine import final_scores
+
+    torch.manual_seed(0)
+    c, h, w = 7, 61, 43
+    probs = torch.rand(c, h, w).softmax(0)
+    refined = torch.rand(c, h, w) * (torch.rand(c, h, w) > 0.6)
+    refined[2] = 0  # a class with no kept mask
+    refined[:, :10, :10] = 0  # pixels no mask covers
+    failed = (torch.rand(h, w) > 0.7).float() if with_failed else None
+    want = refined.clone()
+    if failed is not None:
+        want = torch.maximum(want, failed[None] * probs)
+    want = torch.where(want.sum(dim=0, keepdim=True) != 0, want, probs)
+    got = final_scores(refined, probs, failed)
+    assert torch.equal(got, want) and got.data_ptr() == refined.data_ptr()
