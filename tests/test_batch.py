@@ -328,3 +328,34 @@ def test_single_image_rerun_without_instances_removes_the_old_objects(small_ckpt
     assert main(["segment", str(image), *_models(small_ckpts), "--out", str(out)]) == 0
     assert not (out / "instances.json").exists() and not (out / "instances").exists()
     assert (out / "labels.png").is_file() and (out / "trident.json").is_file()
+
+
+def test_npz_arrays_are_written_one_at_a_time_as_numpy_writes_them(tmp_path):
+    """write_npz gives what np.savez gives (the same members, dtypes and values), making each array only when it
+    is written and dropping it before the next is made (the full-resolution logits are never held beside the rest)."""
+    import gc
+    import weakref
+
+    from trident_core.outputs import write_npz
+
+    rng = np.random.default_rng(0)
+    arrays = {"logits": rng.random((3, 40, 50), dtype=np.float32), "labels": rng.integers(0, 3, (40, 50)),
+              "class_names": np.array(["sky", "a horse"]), "run_key": np.array("k")}
+    alive: list[weakref.ref] = []
+
+    def maker(name: str):
+        def make() -> np.ndarray:
+            gc.collect()
+            assert all(r() is None for r in alive), "an earlier array is still held"
+            out = arrays[name].copy()
+            alive.append(weakref.ref(out))
+            return out
+        return make
+
+    with open(tmp_path / "ours.npz", "wb") as f:
+        write_npz(f, {name: maker(name) for name in arrays})
+    np.savez(tmp_path / "numpy.npz", **arrays)
+    with np.load(tmp_path / "ours.npz") as ours, np.load(tmp_path / "numpy.npz") as want:
+        assert ours.files == want.files
+        for name in want.files:
+            assert ours[name].dtype == want[name].dtype and np.array_equal(ours[name], want[name])

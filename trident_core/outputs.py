@@ -79,19 +79,35 @@ def write_images(seg, image: np.ndarray, folder: Path) -> None:
         save_png(((lab == i) * 255).astype(np.uint8), masks / numbered(i, len(names), name))
 
 
-def npz_arrays(seg) -> dict[str, np.ndarray]:
+def npz_arrays(seg) -> dict[str, Callable[[], np.ndarray]]:
     """logits (raw cosine, queries x H x W), probs, labels, class_names (+ labels_coarse/probs_coarse when refined);
-    `pred`/`pred_coarse` repeat the label maps under the reference harness's names."""
-    arrays = {"logits": seg.logits().cpu().numpy().astype(np.float32),
-              "probs": seg.probs.cpu().numpy().astype(np.float32),
-              "labels": seg.labels.cpu().numpy().astype(np.int32), "class_names": np.array(seg.classes.names),
-              "query_words": np.array(seg.classes.queries), "query_idx": np.array(seg.classes.query_class)}
+    `pred`/`pred_coarse` repeat the label maps under the reference harness's names. Each array is made when asked
+    (`write_npz` writes one at a time: the full-resolution logits exist only while they are written)."""
+
+    def f32(t) -> np.ndarray:
+        return t.cpu().numpy().astype(np.float32, copy=False)  # (a float32 map's own memory: no copy)
+
+    arrays = {"logits": lambda: f32(seg.logits()), "probs": lambda: f32(seg.probs),
+              "labels": lambda: seg.labels.cpu().numpy().astype(np.int32),
+              "class_names": lambda: np.array(seg.classes.names), "query_words": lambda: np.array(seg.classes.queries),
+              "query_idx": lambda: np.array(seg.classes.query_class)}
     if seg.refined:
-        arrays["labels_coarse"] = seg.labels_coarse.cpu().numpy().astype(np.int32)
-        arrays["probs_coarse"] = seg.probs_coarse.cpu().numpy().astype(np.float32)
+        arrays["labels_coarse"] = lambda: seg.labels_coarse.cpu().numpy().astype(np.int32)
+        arrays["probs_coarse"] = lambda: f32(seg.probs_coarse)
         arrays["pred_coarse"] = arrays["labels_coarse"]
     arrays["pred"] = arrays["labels"]  # the reference harness's names for the label maps
     return arrays
+
+
+def write_npz(f, arrays: dict[str, Callable[[], np.ndarray]]) -> None:
+    """What `np.savez(f, **arrays)` writes (an uncompressed zip of NAME.npy members), the arrays made and written
+    one at a time."""
+    import zipfile
+
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, make in arrays.items():
+            with zf.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(make()), allow_pickle=False)
 
 
 NPZ_ARRAYS = ("logits", "probs", "labels", "class_names", "run_key")  # what every npz of a run holds
@@ -104,11 +120,11 @@ def save_npz(seg, path: str | os.PathLike, key: str | None = None, protected: fr
     arrays = npz_arrays(seg)
     path = Path(path)
     if key is not None:
-        arrays["run_key"] = np.array(key)
+        arrays["run_key"] = lambda: np.array(key)
         check_npz_replaceable(path, protected)
     remove_partials(path)
     with atomic_file(path) as f:
-        np.savez(f, **arrays)
+        write_npz(f, arrays)
 
 
 def _npz_run_key(path: Path) -> str | None:
