@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Issue #23's targets: `--precision bf16` against fp32 on the CPU, the command line in fresh processes, back to back.
 
-For each case (voc21 on 1024x1024 without refinement, context59 on 1024x1024 with refinement, city_scapes on
-2048x1024 with its 1x2 SAM tiles) and each precision (fp32 first, then bf16), `python -m trident_core segment` runs
+First each precision runs once on one image, making its caches (text embeddings, kernel timings; bf16 converts
+the weights once per file): its peak is the first run's. Then for each case (voc21 on 1024x1024 without refinement,
+context59 on 1024x1024 with refinement, city_scapes on 2048x1024 with its 1x2 SAM tiles) and each precision (fp32
+first, then bf16), `python -m trident_core segment` runs
 on --images distinct images with the preset's class list and `--save-npz` (a fresh process; its peak resident
 memory is the child's ru_maxrss). Agreement: bf16's labels against fp32's, pixel for pixel, and the largest
 difference of the class probabilities (and of the coarse ones before refinement), over every image of the case.
@@ -107,6 +109,9 @@ def targets(m: dict) -> list[dict]:
                      "status": "n/a" if ok is None else "PASS" if ok else "FAIL", "info": info})
 
     runs = m["runs"]
+    peaks = (runs["first_fp32"]["peak_mb"], runs["first_bf16"]["peak_mb"])
+    row("first run, 1 image (caches made; bf16 converts): bf16 - fp32", round(peaks[1] - peaks[0], 1), 0.0, "MB",
+        False, f"{peaks[0]} / {peaks[1]} MB")
     fp, bf = runs.get("voc21_fp32_timed", {}), runs.get("voc21_bf16_timed", {})
     speed = fp.get("per_image_s") / bf["per_image_s"] if fp.get("per_image_s") and bf.get("per_image_s") else None
     row("voc21 per image: fp32 / bf16", speed and round(speed, 2), LIMITS["speedup"], "x", True,
@@ -156,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                      if hasattr(torch.cpu, "get_capabilities") else {}},
          "images": args.images, "runs": {}, "agreement": {}}
     print(f"work folder {work}; {m['machine']['cpu']}", flush=True)
+    first = case_images(work, "voc21", 1)
+    for p in PRECISIONS:  # each precision's caches made once (bf16: the converted weights), its peak its own row
+        m["runs"][f"first_{p}"] = segment("voc21", p, first, ckpt, caches[p], work, f"first_{p}", npz=False)
     for case in cases:
         images = case_images(work, case, args.images)
         for p in PRECISIONS:

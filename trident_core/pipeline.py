@@ -100,9 +100,9 @@ class Trident:
     dino: DinoModel
     sam: SamModel | None = None
     # Unmap each model's memory-mapped weight pages as soon as its stage is done (DINO's before CLIP runs) and give
-    # the freed heap back after DINO, after SAM's encoder and after each image (residency.py): the peak then holds
-    # one model's weights, and memory does not creep from image to image, at the price of mapping the weights again
-    # per image (minor faults, same values).
+    # the freed heap back after DINO, after SAM's encoder, before the refinement and after each image
+    # (residency.py): the peak then holds one model's weights, and memory does not creep from image to image, at the
+    # price of mapping the weights again per image (minor faults, same values).
     release_weights: bool = False
 
     @classmethod
@@ -151,11 +151,13 @@ class Trident:
             seg = after_classify(seg)
         progress("classify")
         if params.refine:
+            if self.release_weights:
+                trim_heap()  # the aggregation's freed blocks, before the refinement's full-resolution maps
             seg = refine(seg, self.sam, img, params.refinement, encodings.whole if encodings else None,
                          on_class=lambda: progress("refine"))
         if self.release_weights:
             if self.sam is not None:
                 release(self.sam.model)
-            trim_heap()  # (after these two stages only: trimming after each costs more page faults than it saves)
+            trim_heap()  # (after the big stages only: trimming after each costs more page faults than it saves)
         return seg
 
