@@ -85,8 +85,8 @@ def test_trim_heap_returns_freed_holes_of_the_heap():
 @pytest.mark.parametrize("refine", [False, True])
 def test_each_model_is_released_as_soon_as_its_stage_is_done(small_ckpts, photo, monkeypatch, refine):
     """With release_weights: DINO's weights and the freed heap go before CLIP runs, CLIP's weights before SAM
-    encodes, SAM's encoder and the freed heap before the aggregation, the freed heap before the refinement, the rest
-    of SAM and the freed heap after the image."""
+    encodes, SAM's encoder and the freed heap before the aggregation, the freed heap before the classification and
+    before the refinement, the rest of SAM and the freed heap after the image."""
     from trident_core import Trident, get_preset, pipeline
 
     tr = Trident.from_files(small_ckpts["clip"], small_ckpts["dino"], small_ckpts["sam"], device="cpu")
@@ -97,10 +97,11 @@ def test_each_model_is_released_as_soon_as_its_stage_is_done(small_ckpts, photo,
     monkeypatch.setattr(pipeline, "release", lambda m: events.append("release " + names[id(m)]))
     monkeypatch.setattr(pipeline, "trim_heap", lambda: events.append("trim"))
     for obj, method in ((tr.clip, "window_values"), (tr.sam, "encode"), (pipeline, "splice_and_aggregate"),
-                        (pipeline, "refine")):
+                        (pipeline, "classify"), (pipeline, "refine")):
         real = getattr(obj, method)
         monkeypatch.setattr(obj, method, lambda *a, _real=real, _m=method, **k: events.append(_m) or _real(*a, **k))
     tr.segment(photo[:160, :200], "sky, person", get_preset("voc21").params.update(refine=refine))
     runs = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]  # (window_values once per chunk)
     assert runs == ["release dino", "trim", "window_values", "release clip", "encode", "release sam encoder", "trim",
-                    "splice_and_aggregate", *(["trim", "refine"] if refine else []), "release sam", "trim"]
+                    "splice_and_aggregate", "trim", "classify", *(["trim", "refine"] if refine else []), "release sam",
+                    "trim"]

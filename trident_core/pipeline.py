@@ -100,9 +100,10 @@ class Trident:
     dino: DinoModel
     sam: SamModel | None = None
     # Unmap each model's memory-mapped weight pages as soon as its stage is done (DINO's before CLIP runs) and give
-    # the freed heap back after DINO, after SAM's encoder, before the refinement and after each image
-    # (residency.py): the peak then holds one model's weights, and memory does not creep from image to image, at the
-    # price of mapping the weights again per image (minor faults, same values).
+    # the freed heap back after DINO, after SAM's encoder, after the aggregation, before the refinement and after
+    # each image (residency.py): the peak then holds one model's weights and one stage's working memory, and memory
+    # does not creep from image to image, at the price of mapping the weights again per image (minor faults, same
+    # values).
     release_weights: bool = False
 
     @classmethod
@@ -146,6 +147,8 @@ class Trident:
             release(self.sam.model.image_encoder)  # what follows uses its encodings, not its weights
             trim_heap()  # the encoder's freed activations, before classification's full-resolution maps
         fm = compute_feature_map(wf, self.clip, self.sam, encodings, params.aggregation, progress)
+        if self.release_weights:
+            trim_heap()  # the aggregation's freed blocks, before classification's full-resolution maps
         seg = classify(fm, text, cl, params.classification, pamr)
         if after_classify is not None:
             seg = after_classify(seg)
