@@ -132,6 +132,7 @@ def _write(copy: Path, out: dict[str, torch.Tensor], want: Want) -> dict[str, to
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666),
                        "wb") as f:
             torch.save(out, f)
+        release(out.values())  # the pages of tensors kept as the file had them, read by the saving
         written = _read(tmp, want)
         if written is None or not _equal_released(written, out):
             raise OSError("the copy read back differs from the tensors written")
@@ -146,13 +147,15 @@ def _write(copy: Path, out: dict[str, torch.Tensor], want: Want) -> dict[str, to
 
 
 def _equal_released(written: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> bool:
-    """Whether every tensor read back equals the one written, compared one at a time and its pages released after
-    (the copy is never resident beside the converted tensors)."""
+    """Whether every tensor read back equals the one written, compared one at a time and the pages of both
+    released after (memory-mapped ones: the copy, and tensors kept as the source file had them), so the copy is
+    never resident beside the converted tensors."""
     done = _Releaser()
     for key, t in out.items():
         if not torch.equal(written[key], t):
             return False
         done.add(written[key])
+        done.add(t)
     done.flush()
     return True
 
