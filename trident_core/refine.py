@@ -146,9 +146,9 @@ def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefineCo
         score, union = _class_score(sam, enc, low[keep.to(low.device)], probs[k], (h, w))
         refined[k] = score * union
     info = {"regions_kept": kept_total, "regions_rejected": rejected_total}
-    if kept_total == 0:
-        return Segmentation(labels, probs, seg.grid_logits, seg.classes, seg.image_size, labels.clone(),
-                            probs.clone(), {**seg.info, **info})
+    if kept_total == 0:  # the coarse maps stand (the same tensors: values are never changed once returned)
+        return Segmentation(labels, probs, seg.grid_logits, seg.classes, seg.image_size, labels, probs,
+                            {**seg.info, **info})
     covered = refined.sum(dim=0) != 0
     new_labels = torch.where(covered, refined.argmax(dim=0), labels)
     area = None
