@@ -55,12 +55,14 @@ def _attention_forward(self: nn.MultiheadAttention, query: torch.Tensor, key: to
                        key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                        attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                        is_causal: bool = False) -> tuple[torch.Tensor, None]:
-    """Batch-first self-attention (an image tower's: no mask) with pair projections; q, k, v in the pair's dtype."""
+    """Batch-first self-attention (an image tower's: no mask) with pair projections and the attention itself in
+    float32: q, k, v rounded to bfloat16 moved 0.26 % of the golden city_scapes pair's labels, and the kernel is no
+    slower in float32 on an AVX512-BF16 CPU (AMD Zen 5: 17 ms either way per window chunk)."""
     if not (query is key is value and self.batch_first and key_padding_mask is None and attn_mask is None):
         raise ValueError("pair weights run batch-first self-attention without masks only")
     b, n, d = query.shape
     heads, hi = self.num_heads, self.in_proj_weight
-    qkv = pair_linear(query, hi, getattr(self, "in_proj_weight" + LO), self.in_proj_bias).to(hi.dtype)
+    qkv = pair_linear(query, hi, getattr(self, "in_proj_weight" + LO), self.in_proj_bias)
     q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
     o = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal).transpose(1, 2).reshape(b, n, d)
     out = self.out_proj
