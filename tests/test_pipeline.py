@@ -124,3 +124,29 @@ def test_full_size_every_class_can_win(full_trident, image448):
     seg = classify(fm, text, parse_classes("a, b, c, d"), ClassifyConfig(logit_scale=40.0, prob_thd=0.0))
     for c, (y, x) in enumerate(picks):
         assert seg.labels[y * 7 + 3, x * 7 + 3] == c
+
+
+def test_half_resolution_maps_class_by_class_equal_the_whole_interpolation():
+    """refine's per-class half-resolution probability (no [C, H/2, W/2] copy) is the whole tensor's bilinear
+    interpolation, channel for channel, bit for bit (odd sizes included)."""
+    from trident_core.refine import _half
+
+    probs = torch.rand(7, 121, 90, generator=torch.Generator().manual_seed(3)).softmax(dim=0)
+    half = (121 // 2, 90 // 2)
+    whole = F.interpolate(probs[None], half, mode="bilinear", align_corners=False)[0]
+    assert all(torch.equal(_half(probs[k], half), whole[k]) for k in range(7))
+
+
+def test_refinement_without_a_kept_mask_makes_no_full_size_maps(small_trident, photo, monkeypatch):
+    """Where no mask passes, the refinement allocates no [C, H, W] refined map (247 MB for 59 classes at 1024x1024):
+    the coarse maps stand."""
+    import trident_core.refine as refine_module
+
+    seg = small_trident.segment(photo, "sky, person, tree", Params())
+    made = []
+    real = torch.zeros_like
+    monkeypatch.setattr(refine_module.torch, "zeros_like", lambda t, **kw: made.append(t.shape) or real(t, **kw))
+    none = refine(seg, small_trident.sam, photo, RefineConfig(iou_thresh=1.0, minimal_area=100))
+    assert none.info["regions_rejected"] > 0 and none.probs is seg.probs and not made
+    kept = refine(seg, small_trident.sam, photo, RefineConfig(iou_thresh=0.0, minimal_area=100))
+    assert kept.info["regions_kept"] > 0 and made == [seg.probs.shape]

@@ -28,6 +28,12 @@ def _chunk(device: torch.device) -> int:
     return 4 if device.type == "cpu" else 32
 
 
+def _half(prob: torch.Tensor, half: tuple[int, int]) -> torch.Tensor:
+    """One class's probability [H, W] at half resolution (bilinear): channel by channel, the values of the whole
+    [C, H, W] interpolation without its [C, H/2, W/2] copy."""
+    return F.interpolate(prob[None, None], half, mode="bilinear", align_corners=False)[0, 0]
+
+
 @dataclass
 class _Region:
     mask: np.ndarray  # half-res bool
@@ -115,25 +121,30 @@ def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefineCo
         return seg
     labels, probs = seg.labels, seg.probs.float()
     lab_down = F.interpolate(labels[None, None].float(), half, mode="nearest")[0, 0].long()
-    prob_down = F.interpolate(probs[None], half, mode="bilinear", align_corners=False)[0]
     if params.coarse_thresh > 0:
-        lab_down[prob_down.max(dim=0).values < params.coarse_thresh] = c
-    lab_np, prob_np = lab_down.cpu().numpy(), prob_down.cpu().numpy()
-    refined = torch.zeros_like(probs)
+        top = _half(probs[0], half)
+        for k in range(1, c):
+            torch.maximum(top, _half(probs[k], half), out=top)
+        lab_down[top < params.coarse_thresh] = c
+        del top
+    lab_np = lab_down.cpu().numpy()
+    refined = None  # the refined maps [C, H, W], made when the first class keeps a mask
     embedding = None  # SAM's image embedding, finished from the encoding when the first class needs it
     failed = np.zeros(half, dtype=bool)
     kept_total = rejected_total = 0
     for k in range(c):
         if on_class:
             on_class()
-        if prob_np[k].max() < params.coarse_thresh:
+        prob_down = _half(probs[k], half)
+        prob_np = prob_down.cpu().numpy()
+        if prob_np.max() < params.coarse_thresh:
             continue
-        regions = _regions(lab_np == k, prob_np[k], params.minimal_area)
+        regions = _regions(lab_np == k, prob_np, params.minimal_area)
         if not regions:
             continue
         if embedding is None:
             embedding = sam.image_embedding(enc)
-        low, iou = _decode(sam, embedding, regions, half, _mask_prompt(prob_down[k], (h, w), params))
+        low, iou = _decode(sam, embedding, regions, half, _mask_prompt(prob_down, (h, w), params))
         keep = (iou > params.iou_thresh).cpu()
         for r, ok in zip(regions, keep.tolist()):
             if not ok:
@@ -144,9 +155,11 @@ def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefineCo
         kept_total += int(keep.sum())
         rejected_total += int((~keep).sum())
         score, union = _class_score(sam, enc, low[keep.to(low.device)], probs[k], (h, w))
+        if refined is None:
+            refined = torch.zeros_like(probs)
         refined[k] = score * union
     info = {"regions_kept": kept_total, "regions_rejected": rejected_total}
-    if kept_total == 0:  # the coarse maps stand (the same tensors: values are never changed once returned)
+    if refined is None:  # the coarse maps stand (the same tensors: values are never changed once returned)
         return Segmentation(labels, probs, seg.grid_logits, seg.classes, seg.image_size, labels, probs,
                             {**seg.info, **info})
     covered = refined.sum(dim=0) != 0
