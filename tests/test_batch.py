@@ -332,11 +332,12 @@ def test_single_image_rerun_without_instances_removes_the_old_objects(small_ckpt
 
 def test_npz_arrays_are_written_one_at_a_time_as_numpy_writes_them(tmp_path):
     """write_npz gives what np.savez gives (the same members, dtypes and values), making each array only when it
-    is written and dropping it before the next is made (the full-resolution logits are never held beside the rest)."""
+    is written and dropping it before the next is made (the full-resolution logits are never held beside the rest),
+    and an array given in blocks as numpy writes it whole."""
     import gc
     import weakref
 
-    from trident_core.outputs import write_npz
+    from trident_core.outputs import Blocks, write_npz
 
     rng = np.random.default_rng(0)
     arrays = {"logits": rng.random((3, 40, 50), dtype=np.float32), "labels": rng.integers(0, 3, (40, 50)),
@@ -352,10 +353,34 @@ def test_npz_arrays_are_written_one_at_a_time_as_numpy_writes_them(tmp_path):
             return out
         return make
 
+    makers = {name: maker(name) for name in arrays}
+    makers["logits"] = lambda: Blocks((3, 40, 50), np.dtype(np.float32), lambda: (arrays["logits"][i:i + 1]
+                                                                                   for i in range(3)))
     with open(tmp_path / "ours.npz", "wb") as f:
-        write_npz(f, {name: maker(name) for name in arrays})
+        write_npz(f, makers)
     np.savez(tmp_path / "numpy.npz", **arrays)
     with np.load(tmp_path / "ours.npz") as ours, np.load(tmp_path / "numpy.npz") as want:
         assert ours.files == want.files
         for name in want.files:
             assert ours[name].dtype == want[name].dtype and np.array_equal(ours[name], want[name])
+
+
+def test_npz_logits_are_the_whole_upsampling_written_query_by_query(tmp_path):
+    """The npz's full-resolution logits, upsampled one query at a time, equal `Segmentation.logits()` (the whole
+    [Q, H, W] bilinear upsampling) bit for bit; a block that does not fit its array is an error, not a file."""
+    import torch
+
+    from trident_core.classes import parse_classes
+    from trident_core.classify import Segmentation
+    from trident_core.outputs import Blocks, npz_arrays, write_npz
+
+    grid = torch.randn(4, 9, 13, generator=torch.Generator().manual_seed(5))
+    labels = torch.zeros(61, 87, dtype=torch.long)
+    seg = Segmentation(labels, torch.rand(4, 61, 87), grid, parse_classes("a, b, c, d"), (61, 87))
+    with open(tmp_path / "x.npz", "wb") as f:
+        write_npz(f, npz_arrays(seg))
+    with np.load(tmp_path / "x.npz") as z:
+        assert z["logits"].dtype == np.float32 and np.array_equal(z["logits"], seg.logits().numpy())
+    bad = Blocks((3, 2), np.dtype(np.float32), lambda: iter([np.zeros((2, 2), np.float32)]))
+    with pytest.raises(ValueError, match="2 rows written"), open(tmp_path / "y.npz", "wb") as f:
+        write_npz(f, {"x": lambda: bad})

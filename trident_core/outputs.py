@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +80,30 @@ def write_images(seg, image: np.ndarray, folder: Path) -> None:
         save_png(((lab == i) * 255).astype(np.uint8), masks / numbered(i, len(names), name))
 
 
-def npz_arrays(seg) -> dict[str, Callable[[], np.ndarray]]:
+@dataclass(frozen=True)
+class Blocks:
+    """An array given block by block along its first axis (`write_npz` writes it without ever holding it whole)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    blocks: Callable[[], Iterator[np.ndarray]]
+
+
+def npz_arrays(seg) -> dict[str, Callable[[], np.ndarray | Blocks]]:
     """logits (raw cosine, queries x H x W), probs, labels, class_names (+ labels_coarse/probs_coarse when refined);
     `pred`/`pred_coarse` repeat the label maps under the reference harness's names. Each array is made when asked
-    (`write_npz` writes one at a time: the full-resolution logits exist only while they are written)."""
+    (`write_npz` writes one at a time); the full-resolution logits one query at a time (bilinear upsampling is per
+    channel: the values of `seg.logits()` without its [Q, H, W] tensor, 240 MB for context59 at 1024x1024)."""
+
+    from .classify import upsample
 
     def f32(t) -> np.ndarray:
         return t.cpu().numpy().astype(np.float32, copy=False)  # (a float32 map's own memory: no copy)
 
-    arrays = {"logits": lambda: f32(seg.logits()), "probs": lambda: f32(seg.probs),
+    grid = seg.grid_logits
+    logits = Blocks((grid.shape[0], *seg.image_size), np.dtype(np.float32),
+                    lambda: (f32(upsample(grid[q:q + 1], seg.image_size)) for q in range(grid.shape[0])))
+    arrays = {"logits": lambda: logits, "probs": lambda: f32(seg.probs),
               "labels": lambda: seg.labels.cpu().numpy().astype(np.int32),
               "class_names": lambda: np.array(seg.classes.names), "query_words": lambda: np.array(seg.classes.queries),
               "query_idx": lambda: np.array(seg.classes.query_class)}
@@ -99,15 +115,33 @@ def npz_arrays(seg) -> dict[str, Callable[[], np.ndarray]]:
     return arrays
 
 
-def write_npz(f, arrays: dict[str, Callable[[], np.ndarray]]) -> None:
+def write_npz(f, arrays: dict[str, Callable[[], np.ndarray | Blocks]]) -> None:
     """What `np.savez(f, **arrays)` writes (an uncompressed zip of NAME.npy members), the arrays made and written
-    one at a time."""
+    one at a time (`Blocks` block by block)."""
     import zipfile
 
     with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, make in arrays.items():
             with zf.open(name + ".npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asanyarray(make()), allow_pickle=False)
+                _write_npy(member, make())  # (no reference kept: the next array is made once this one is gone)
+
+
+def _write_npy(member, array: np.ndarray | Blocks) -> None:
+    """The .npy of `array`; of `Blocks`, numpy's header and then each block's bytes in order (C order, as
+    `write_array` writes them)."""
+    if not isinstance(array, Blocks):
+        np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+        return
+    np.lib.format.write_array_header_1_0(member, {"descr": np.lib.format.dtype_to_descr(array.dtype),
+                                                  "fortran_order": False, "shape": array.shape})
+    rows = 0
+    for block in array.blocks():
+        if block.shape[1:] != array.shape[1:]:
+            raise ValueError(f"a block of shape {block.shape} in an array of shape {array.shape}")
+        member.write(np.ascontiguousarray(block, array.dtype).data)
+        rows += block.shape[0]
+    if rows != array.shape[0]:
+        raise ValueError(f"{rows} rows written of an array of shape {array.shape}")
 
 
 NPZ_ARRAYS = ("logits", "probs", "labels", "class_names", "run_key")  # what every npz of a run holds
