@@ -58,6 +58,15 @@ def test_targets_without_the_reference_are_not_applicable():
     many.print_table(rows)
 
 
+def test_bf16_timed_rounds_keep_the_fastest_times_and_the_highest_peak():
+    bf16 = _load("cpu_bf16")
+    rounds = [{"per_image_s": 5.4, "wall_s": 19.0, "peak_mb": 1300},
+              {"per_image_s": 4.6, "wall_s": 19.5, "peak_mb": 1350},
+              {"wall_s": 18.2, "peak_mb": 1320}]  # (a round whose progress lines were not all read)
+    assert bf16.fastest(rounds) == {"per_image_s": 4.6, "wall_s": 18.2, "peak_mb": 1350, "rounds": 3}
+    assert bf16.fastest([{}])["per_image_s"] is None
+
+
 def test_cli_log_parsing():
     lines = [(3.0, "models loaded in 2.5s on cpu (CLIP ViT-B-16, DINO vitb16, SAM vit_b)"),
              (9.0, "[segment] [############            ] 1/2  0.20 img/s  ETA 00:00:05  a.png"),
