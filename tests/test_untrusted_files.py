@@ -3,6 +3,10 @@ ComfyUI nodes) with one line, and its code never runs; OpenAI-style TorchScript 
 
 from __future__ import annotations
 
+import os
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +98,29 @@ def test_cli_refuses(evil, small_ckpts, tmp_path, capsys, role):
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
     _one_line(err[0], path)
     assert not target.exists()
+
+
+class _Shell:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_by_pickle",))
+
+
+def test_cli_refuses_a_plain_pickle_in_one_line(small_ckpts, tmp_path):
+    """A pickle (protocol 4) whose loading would run a command, as the command line sees it in a real process
+    (PyTorch's warnings included): one error line, nothing run."""
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"w": _Shell()}, protocol=4))
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "x.png")
+    r = subprocess.run([sys.executable, "-m", "trident_core", "segment", str(tmp_path / "x.png"), "--classes", "a, b",
+                        "--out", str(tmp_path / "out"), "--clip", str(small_ckpts["clip"]), "--dino",
+                        str(small_ckpts["dino"]), "--sam", str(path), "--no-download"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), r.stderr
+    _one_line(err[0], path)
+    assert "weights_only` set to `False`" not in err[0] and "Unsupported" in err[0]  # no advice to load it anyway
+    assert not (tmp_path / "pwned_by_pickle").exists()
 
 
 @pytest.mark.parametrize("node, folder", [("TridentLoadCLIP", "open_clip"), ("TridentLoadDINO", "dino"),

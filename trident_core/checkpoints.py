@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -69,7 +70,14 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(p: Path) -> object:
-    """torch.load with weights_only, memory-mapped where possible (the weights are not copied twice)."""
+    """torch.load with weights_only, memory-mapped where possible (the weights are not copied twice). PyTorch's
+    warning about a pickle protocol it did not write is silenced: what it cannot unpickle is refused in one line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return _torch_load_quiet(p)
+
+
+def _torch_load_quiet(p: Path) -> object:
     if p.suffix == ".safetensors":  # torch.load treats this name as safetensors; read the content as what it is
         with open(p, "rb") as f:
             return torch.load(f, map_location="cpu", weights_only=True)
@@ -79,6 +87,14 @@ def _torch_load(p: Path) -> object:
         if "mmap" not in str(e):
             raise
         return torch.load(str(p), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+
+
+def _unpickler_reason(e: pickle.UnpicklingError) -> str:
+    """What the safe unpickler refused (e.g. "Unsupported global: GLOBAL posix.system"), without PyTorch's preamble
+    suggesting weights_only=False."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    after = next((i + 1 for i, line in enumerate(lines) if line.endswith("WeightsUnpickler error:")), None)
+    return lines[after] if after is not None and after < len(lines) else (lines[0] if lines else type(e).__name__)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -103,7 +119,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{p}: refused: the file contains pickled Python objects, not just tensors, and is not loaded "
-            f"for safety (weights_only=True). Use the official checkpoint file. ({str(e).splitlines()[0]})"
+            f"for safety (weights_only=True). Use the official checkpoint file. ({_unpickler_reason(e)})"
         ) from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, SafetensorError) as e:
         raise CheckpointError(
