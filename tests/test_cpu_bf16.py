@@ -307,7 +307,8 @@ def test_writing_the_converted_copy_never_holds_it_beside_the_converted_tensors(
     assert _vm("VmRSS") - before < 40  # the converted tensors' memory went back; the copy is mapped, not read
 
 
-def test_the_converted_copy_is_made_once_and_mapped_by_later_loads(small_ckpts, tmp_path):
+def test_the_converted_copy_is_made_once_and_mapped_by_later_loads(small_ckpts, tmp_path, caplog):
+    from trident_core import caches
     from trident_core.models import load_clip, load_sam
 
     cache = tmp_path / "converted"
@@ -324,7 +325,11 @@ def test_the_converted_copy_is_made_once_and_mapped_by_later_loads(small_ckpts, 
     cut = copy.with_name("cut")
     cut.write_bytes(copy.read_bytes()[:1000])
     cut.replace(copy)  # a copy cut short (a new file: the loaded models map the old one): converted again
-    third = load_sam(small_ckpts["sam"], "cpu", torch.bfloat16, cache)
+    caches.forget()
+    with caplog.at_level("WARNING", logger="trident_core.cache"):
+        third = load_sam(small_ckpts["sam"], "cpu", torch.bfloat16, cache)
+    (warning,) = [r.getMessage() for r in caplog.records if "converted weights" in r.getMessage()]
+    assert "damaged or cut short" in warning and "download" not in warning, warning
     assert all(torch.equal(a, b) for a, b in zip(third.model.parameters(), second.model.parameters()))
     assert torch.load(copy, weights_only=True).keys() == second.model.state_dict().keys() - {"pixel_mean", "pixel_std"}
     assert not list(cache.glob(".*partial*"))

@@ -167,8 +167,11 @@ def _read(copy: Path, want: Want) -> dict[str, torch.Tensor] | None:
         if copy.is_symlink() or not copy.is_file():
             raise OSError(f"{copy} is a link or not a file, not followed")
         sd = read_state_dict(copy)
-    except (OSError, CheckpointError) as e:
+    except OSError as e:
         caches.miss(KIND, str(copy), e)
+        return None
+    except CheckpointError:  # (its message tells a user to download a checkpoint again: not what a copy needs)
+        caches.miss(KIND, str(copy), "the copy cannot be read (damaged or cut short)")
         return None
     if sd.keys() == want.keys() and all((tuple(t.shape), t.dtype) == want[k] for k, t in sd.items()):
         return sd
