@@ -400,10 +400,11 @@ def bf16_trident(full_ckpts):
 
 def test_bf16_agrees_with_the_reference_on_the_golden_cases(bf16_trident):
     """The reference's float32 outputs (../shared/reference-golden) against bf16 on full-size weights: labels before
-    refinement equal on at least 99.5 % of pixels (#23's target), after it on 98.5 % (SAM's masks pass or fail their
-    thresholds whole: measured 98.98 % on astronaut_voc21_refine), class probabilities within 0.01 on 99.9 % of
-    pixels and within 0.1 everywhere (SAM's affinity thresholds its bfloat16 encoder's q, k, v: measured 0.071 at
-    worst on city_scapes; docs/performance-bf16.md)."""
+    refinement equal on at least 99.5 % of pixels (#23's target), after it on 97.5 % (SAM's masks pass or fail their
+    thresholds whole, each 1.5 to 2 % of astronaut_voc21_refine: measured 98.0 to 99.6 % there on one AMD host, by
+    which bfloat16 attention kernel SAM's windows got from the timing race), class probabilities within 0.01 on
+    99.9 % of pixels and within 0.1 everywhere (SAM's affinity thresholds its bfloat16 encoder's q, k, v: measured
+    0.071 at worst on city_scapes; docs/performance-bf16.md)."""
     import json
 
     from conftest import GOLDEN
@@ -420,7 +421,7 @@ def test_bf16_agrees_with_the_reference_on_the_golden_cases(bf16_trident):
         coarse = (seg.labels_coarse if case["refine"] else seg.labels).numpy()
         ref_coarse = gold["labels_coarse"] if case["refine"] else gold["labels"]
         assert (coarse == ref_coarse).mean() >= 0.995, case["name"]
-        assert (seg.labels.numpy() == gold["labels"]).mean() >= 0.985, case["name"]
+        assert (seg.labels.numpy() == gold["labels"]).mean() >= 0.975, case["name"]
         logits = torch.from_numpy(gold["grid_logits"])
         ref_probs = class_probs(upsample(logits, tuple(case["image_size_hw"])), classes,
                                 params.classification.logit_scale)
