@@ -19,6 +19,12 @@ from trident_core.devices import CPU_BF16_ENV, bf16_native, resolve_dtype
 CPU = torch.device("cpu")
 
 
+def get_preset_params(name: str):
+    from trident_core import get_preset
+
+    return get_preset(name).params
+
+
 @pytest.fixture
 def native(monkeypatch):
     """native(True) / native(False): the host's detection answers so (the override variable unset)."""
@@ -428,3 +434,88 @@ def test_bf16_agrees_with_the_reference_on_the_golden_cases(bf16_trident):
         diff = ((seg.probs_coarse if case["refine"] else seg.probs) - ref_probs).abs()
         assert (diff < 0.01).float().mean() >= 0.999 and diff.max() < 0.1, case["name"]
         assert 0 < (seg.grid_logits - logits).abs().max() < 0.03, case["name"]  # not float32's results either
+
+
+def test_sam_stays_float32_in_bf16_mode_only_where_the_thresholds_flip(small_ckpts, monkeypatch):
+    """Of the presets only city_scapes (cos_fac 3.0, SPEC's table) thresholds SAM's cosines so high that a bfloat16
+    SAM moves probabilities past 0.01; there SAM loads float32 while CLIP and DINO run bfloat16. Other aggregations,
+    no aggregation named, other precisions and GPUs keep the one dtype."""
+    from trident_core import PRESETS, Trident
+    from trident_core.config import AggregateConfig
+    from trident_core.pipeline import sam_dtype
+
+    assert {p.name for p in PRESETS.values() if p.params.aggregation.flips_in_bf16} == {"city_scapes"}
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    city = get_preset_params("city_scapes").aggregation
+    tr = Trident.from_files(small_ckpts["clip"], small_ckpts["dino"], small_ckpts["sam"], "cpu", "bf16",
+                            aggregation=city)
+    assert tr.sam.dtype == torch.float32 and tr.clip.dtype == tr.dino.dtype == torch.bfloat16
+    for agg in (get_preset_params("voc21").aggregation, None, AggregateConfig(cos_fac=3.0, correlation="attention"),
+                AggregateConfig(cos_fac=3.0, paradigm="segment_then_splice")):
+        assert sam_dtype(torch.bfloat16, CPU, agg) == torch.bfloat16, agg
+    assert sam_dtype(torch.bfloat16, CPU, AggregateConfig(cos_fac=2.0, correlation="cosine")) == torch.float32
+    assert sam_dtype(torch.bfloat16, torch.device("cuda"), city) == torch.bfloat16
+    assert sam_dtype(torch.float32, CPU, city) == torch.float32
+
+
+def test_a_bf16_sam_under_flipping_thresholds_is_named_once(small_ckpts, monkeypatch, caplog):
+    """A bfloat16 SAM loaded without the aggregation (ComfyUI's loader) running city_scapes: one warning line that
+    says to load SAM in fp32, once however many images; none for voc21's thresholds."""
+    import logging
+
+    from trident_core import Trident
+    from trident_core.pipeline import _warn_once
+
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    _warn_once.cache_clear()
+    tr = Trident.from_files(small_ckpts["clip"], small_ckpts["dino"], small_ckpts["sam"], "cpu", "bf16")
+    img = np.random.default_rng(0).integers(0, 255, (64, 128, 3), dtype=np.uint8)
+    with caplog.at_level(logging.WARNING, logger="trident_core.pipeline"):
+        tr.segment(img, "sky, road", get_preset_params("voc21").update(refine=False))
+        assert not caplog.records
+        for _ in range(2):
+            tr.segment(img, "sky, road", get_preset_params("city_scapes").update(refine=False))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "\n" not in lines[0] and "load SAM in fp32" in lines[0] and "cos_fac 3" in lines[0]
+
+
+def test_command_line_keeps_sam_float32_for_city_scapes_in_bf16(small_ckpts, monkeypatch, tmp_path, capsys):
+    from PIL import Image
+
+    from trident_core.cli import main
+
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    img = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 128, 3), dtype=np.uint8)).save(img)
+    common = ["segment", str(img), "--classes", "sky, road", "--precision", "bf16", "--device", "cpu",
+              "--no-download", "--no-refine", *(f"--{r}={small_ckpts[r]}" for r in ("clip", "dino", "sam"))]
+    assert main([*common, "--preset", "city_scapes", "--out", str(tmp_path / "a")]) == 0
+    assert "SAM stays fp32" in capsys.readouterr().err
+    assert main([*common, "--preset", "voc21", "--out", str(tmp_path / "b")]) == 0
+    assert "SAM stays fp32" not in capsys.readouterr().err
+
+
+def test_bf16_with_city_scapes_float32_sam_is_within_0_01_of_the_reference(full_ckpts, bf16_trident):
+    """The golden city_scapes pair: with SAM float32 (as the command line loads it for city_scapes in bf16) every
+    class probability is within 0.01 of the reference's float32 (a bfloat16 SAM: 0.071 at worst, the test above)."""
+    import json
+
+    from conftest import GOLDEN
+    from test_golden import _classes
+
+    from trident_core import Trident
+    from trident_core.classify import class_probs, upsample
+    from trident_core.models import load_sam
+    from trident_core.pipeline import sam_dtype
+
+    case = next(c for c in json.loads((GOLDEN / "cases.json").read_text()) if c["preset"] == "city_scapes")
+    params = get_preset_params("city_scapes").update(refine=case["refine"])
+    sam = load_sam(full_ckpts["sam"], "cpu", sam_dtype(torch.bfloat16, CPU, params.aggregation))
+    tr = Trident(bf16_trident.clip, bf16_trident.dino, sam)
+    assert tr.sam.dtype == torch.float32 and tr.clip.dtype == torch.bfloat16
+    gold, classes = np.load(GOLDEN / case["golden"]), _classes(case)
+    seg = tr.segment(str(GOLDEN / case["image"]), classes, params)
+    ref = class_probs(upsample(torch.from_numpy(gold["grid_logits"]), tuple(case["image_size_hw"])), classes,
+                      params.classification.logit_scale)
+    assert (seg.probs - ref).abs().max() < 0.01
+    assert (seg.labels.numpy() == gold["labels"]).mean() >= 0.995

@@ -76,10 +76,14 @@ def build_trident(args: argparse.Namespace, params):
     paths = {r: _model_file(getattr(args, r), r, allow) for r in roles}
     t0 = time.perf_counter()
     converted = cache_dir() / "converted" if device.type == "cpu" else None  # bf16 copies, made once per file
-    tr = Trident.from_files(paths["clip"], paths["dino"], paths.get("sam"), device, args.precision, converted)
+    tr = Trident.from_files(paths["clip"], paths["dino"], paths.get("sam"), device, args.precision, converted,
+                            params.aggregation)
     tr.clip.disk_cache = text_cache_dir()
     _log(f"models loaded in {time.perf_counter() - t0:.1f}s on {tr.clip.device} "
          f"(CLIP {tr.clip.arch}, DINO {tr.dino.arch}, " + (f"SAM {tr.sam.arch})" if tr.sam else "no SAM needed)"))
+    if tr.sam and tr.sam.dtype != tr.clip.dtype:  # sam_dtype kept it float32 in bf16 mode
+        _log(f"SAM stays fp32: with cos_fac {params.aggregation.cos_fac:g} the affinity's thresholds sit near 0.9, "
+             "where a bf16 SAM would move class probabilities by up to 0.02 (CLIP and DINO run bf16)")
     return tr
 
 

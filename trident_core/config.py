@@ -65,6 +65,11 @@ class WindowConfig:
         _check_ranges(self, {"gamma": (-1e6, 1e6, False), "beta": (-1e6, 1e6, False)})
 
 
+# cos_fac from which SAM stays float32 in the CPU's bf16 mode (AggregateConfig.flips_in_bf16): between the presets'
+# 1.2 (probabilities within 0.0012 of float32's with a bfloat16 SAM) and city_scapes' 3.0 (0.019).
+BF16_FLIP_COS_FAC = 2.0
+
+
 @dataclass(frozen=True)
 class AggregateConfig:
     """S5-S7: how the spliced features are spread over the image (SAM's correlation, per SAM tile)."""
@@ -85,6 +90,13 @@ class AggregateConfig:
     def uses_sam(self) -> bool:
         """Whether this aggregation needs SAM (the segment-then-splice baseline does not)."""
         return self.paradigm == "splice_then_segment"
+
+    @property
+    def flips_in_bf16(self) -> bool:
+        """Whether the affinity's thresholds sit so high (cos_fac from BF16_FLIP_COS_FAC: city_scapes' 3.0 puts most
+        at their clamp, 0.9) that a bfloat16 SAM encoder flips enough of them to move class probabilities by more
+        than 0.01: measured 0.019 there, 0.0012 at cos_fac 1.2 (docs/performance-bf16.md)."""
+        return self.uses_sam and self.correlation in ("affinity", "cosine") and self.cos_fac >= BF16_FLIP_COS_FAC
 
 
 @dataclass(frozen=True)

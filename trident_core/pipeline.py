@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from .window_features import WindowFeatures, window_features
 from .windows import plan_windows
 
 Progress = Callable[[str], None]
+logger = logging.getLogger(__name__)
 DEFAULT_PARAMS = Params()
 
 
@@ -59,12 +62,36 @@ def encode_image(sam: SamModel | None, image: object, config: AggregateConfig,
     return encodings
 
 
+def sam_dtype(dtype: torch.dtype, device: torch.device, aggregation: AggregateConfig | None) -> torch.dtype:
+    """SAM's dtype for models loaded in `dtype`: float32 instead of the CPU's bfloat16 where the aggregation's
+    thresholds would flip under it (AggregateConfig.flips_in_bf16), bfloat16 costing accuracy more than it saves."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and aggregation is not None and aggregation.flips_in_bf16:
+        return torch.float32
+    return dtype
+
+
+def bf16_sam_warning(sam: SamModel | None, aggregation: AggregateConfig) -> str | None:
+    """One line for a user whose bfloat16 SAM on the CPU runs an aggregation that flips under it, else None."""
+    if sam is None or sam_dtype(sam.dtype, sam.device, aggregation) == sam.dtype:
+        return None
+    return (f"SAM is bf16 and cos_fac {aggregation.cos_fac:g} puts the affinity's thresholds near 0.9, where "
+            "bfloat16 moves class probabilities by up to 0.02 from fp32's: load SAM in fp32 for fp32's results")
+
+
 def compute_feature_map(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None,
                         encodings: SamTileEncodings | None, config: AggregateConfig,
                         progress: Progress = _noop) -> FeatureMap:
     """S5 to S7: splice, SAM affinity over the image's tile encodings, aggregation, projection (or the
     segment-then-splice baseline, which takes no encodings)."""
+    warning = bf16_sam_warning(sam, config)
+    if warning:
+        _warn_once(warning)
     return splice_and_aggregate(wf, clip, sam, encodings, config, on_step=lambda: progress("sam"))
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def needs_sam(params: Params) -> bool:
@@ -109,13 +136,14 @@ class Trident:
     @classmethod
     def from_files(cls, clip: str | os.PathLike, dino: str | os.PathLike, sam: str | os.PathLike | None = None,
                    device: str | torch.device | None = None, precision: str = "auto",
-                   cache: Path | None = None) -> Trident:
+                   cache: Path | None = None, aggregation: AggregateConfig | None = None) -> Trident:
         """Load the models from their checkpoint files (SAM only when a file is given); `cache`: a folder where
-        bfloat16 copies are kept, so later loads map them instead of converting again (`models/conversion.py`)."""
+        bfloat16 copies are kept, so later loads map them instead of converting again (`models/conversion.py`);
+        `aggregation`: the one these models will run, which can keep SAM float32 (`sam_dtype`)."""
         dev = resolve_device(device)
         dtype = resolve_dtype(precision, dev)
         return cls(load_clip(clip, dev, dtype, cache=cache), load_dino(dino, dev, dtype, cache),
-                   load_sam(sam, dev, dtype, cache) if sam is not None else None)
+                   load_sam(sam, dev, sam_dtype(dtype, dev, aggregation), cache) if sam is not None else None)
 
     def text(self, classes: ClassList, progress: Progress = _noop) -> torch.Tensor:
         """Query embeddings (cached per name on the CLIP model); `progress` gets "text NN%" in steps of 10 %."""
