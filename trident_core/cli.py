@@ -67,7 +67,7 @@ def build_trident(args: argparse.Namespace, params):
     """Load the models named by the arguments; SAM (and its download) only when `params` use it."""
     from .devices import resolve_device, resolve_dtype
     from .download import cache_dir
-    from .pipeline import Trident, needs_sam
+    from .pipeline import Trident, bf16_flip_cost, needs_sam
 
     device = resolve_device(args.device)
     resolve_dtype(args.precision, device)  # a precision refused here: before any download
@@ -82,8 +82,7 @@ def build_trident(args: argparse.Namespace, params):
     _log(f"models loaded in {time.perf_counter() - t0:.1f}s on {tr.clip.device} "
          f"(CLIP {tr.clip.arch}, DINO {tr.dino.arch}, " + (f"SAM {tr.sam.arch})" if tr.sam else "no SAM needed)"))
     if tr.sam and tr.sam.dtype != tr.clip.dtype:  # sam_dtype kept it float32 in bf16 mode
-        _log(f"SAM stays fp32: with cos_fac {params.aggregation.cos_fac:g} the affinity's thresholds sit near 0.9, "
-             "where a bf16 SAM would move class probabilities by up to 0.02 (CLIP and DINO run bf16)")
+        _log(f"SAM stays fp32: {bf16_flip_cost(params.aggregation)} (CLIP and DINO run bf16)")
     return tr
 
 

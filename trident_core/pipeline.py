@@ -70,12 +70,17 @@ def sam_dtype(dtype: torch.dtype, device: torch.device, aggregation: AggregateCo
     return dtype
 
 
+def bf16_flip_cost(aggregation: AggregateConfig) -> str:
+    """Why SAM belongs in float32 under this aggregation (AggregateConfig.flips_in_bf16), for the user's line."""
+    return (f"with cos_fac {aggregation.cos_fac:g} the affinity's thresholds sit near 0.9, where a bf16 SAM moves "
+            "class probabilities by up to 0.02 from fp32's")
+
+
 def bf16_sam_warning(sam: SamModel | None, aggregation: AggregateConfig) -> str | None:
     """One line for a user whose bfloat16 SAM on the CPU runs an aggregation that flips under it, else None."""
     if sam is None or sam_dtype(sam.dtype, sam.device, aggregation) == sam.dtype:
         return None
-    return (f"SAM is bf16 and cos_fac {aggregation.cos_fac:g} puts the affinity's thresholds near 0.9, where "
-            "bfloat16 moves class probabilities by up to 0.02 from fp32's: load SAM in fp32 for fp32's results")
+    return f"SAM is bf16: {bf16_flip_cost(aggregation)}; load SAM in fp32 for fp32's results"
 
 
 def compute_feature_map(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None,
