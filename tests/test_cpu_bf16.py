@@ -349,11 +349,41 @@ def test_the_converted_copy_is_made_once_and_mapped_by_later_loads(small_ckpts, 
     assert all(torch.equal(p, file[n]) for n, p in float32.model.named_parameters())
 
 
-@pytest.mark.parametrize("damage", ["link", "other tensors", "linked folder", "full disk"])
+DAMAGED_COPIES = ("one byte", "flipped bytes", "sparse tensors", "expanded tensors")
+
+
+def _damage_copy(copy, damage: str) -> None:
+    """Damage the converted copy in place as a failing disk or a careless hand would (shapes and dtypes kept where
+    the damage allows)."""
+    import zipfile
+
+    if damage == "one byte":
+        copy.write_bytes(b".")  # (broke PyTorch's reader with an IndexError)
+        return
+    if damage == "flipped bytes":
+        with zipfile.ZipFile(copy) as z:
+            info = max(z.infolist(), key=lambda i: i.file_size)
+        data = bytearray(copy.read_bytes())
+        at = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2
+        data[at:at + 64] = bytes(255 - b for b in data[at:at + 64])  # inside a tensor's bytes: NaN or garbage
+        copy.write_bytes(bytes(data))
+        return
+    sd = torch.load(copy, weights_only=True)
+    if damage == "sparse tensors":
+        sd = {k: t.to_sparse() if t.dim() == 2 else t for k, t in sd.items()}
+    else:
+        sd = {k: t.flatten()[:1].expand(t.shape) if t.numel() > 1 else t for k, t in sd.items()}
+    torch.save(sd, copy)
+
+
+@pytest.mark.parametrize("damage", ["link", "other tensors", "linked folder", "full disk", "folder is a file",
+                                    *DAMAGED_COPIES])
 def test_a_converted_copy_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_path, damage, caplog, monkeypatch):
     """The converted copy is a cache: a link is neither read nor written through (a new copy replaces the link
-    itself), a copy holding other tensors is made again, a copy that cannot be written leaves the conversion in
-    memory; each is one logged warning, and the weights are the file's."""
+    itself), a copy holding other tensors, or damaged in any way (cut to a byte, bytes flipped inside a tensor,
+    sparse or expanded tensors of the right shapes), is made again, a copy that
+    cannot be written (a full disk, a file where the folder should be) leaves the conversion in memory; each is one
+    logged warning, and the weights are the file's."""
     import os
 
     from trident_core import caches
@@ -372,6 +402,13 @@ def test_a_converted_copy_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_
             copy.symlink_to(target)
         else:
             torch.save({"x": torch.zeros(1)}, copy)
+    elif damage in DAMAGED_COPIES:
+        load_sam(small_ckpts["sam"], "cpu", torch.bfloat16, cache)
+        (copy,) = cache.glob("sam-*.pt")
+        _damage_copy(copy, damage)
+        caches.forget()
+    elif damage == "folder is a file":
+        cache.write_bytes(b"")
     elif damage == "linked folder":
         (tmp_path / "real").mkdir()
         cache.symlink_to(tmp_path / "real")
@@ -386,8 +423,10 @@ def test_a_converted_copy_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_
     assert sum("converted weights" in r.getMessage() for r in caplog.records) == 1
     if damage == "link":
         assert torch.load(target, weights_only=True).keys() == {"x"} and not copy.is_symlink()
-    if damage == "other tensors":
-        assert torch.load(copy, weights_only=True).keys() >= {"image_encoder.pos_embed"}  # made again
+    if damage == "other tensors" or damage in DAMAGED_COPIES:
+        again = torch.load(copy, weights_only=True)  # made again
+        assert again.keys() >= {"image_encoder.pos_embed"}
+        assert all(t.layout == torch.strided and t.is_contiguous() for t in again.values())
     if damage == "linked folder":
         assert not any(f.name.startswith("sam-") for f in (tmp_path / "real").iterdir())
     if damage == "full disk":

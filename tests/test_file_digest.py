@@ -94,3 +94,22 @@ def test_an_unwritable_memo_only_costs_hashing_again(tmp_path, where, caplog):
         file_digest.forget()
         assert file_digest.file_digest(f, folder) == want
     assert len([r for r in caplog.records if "model file digests" in r.getMessage()]) == 1  # logged once
+
+
+def test_a_remembered_digest_that_is_not_a_digest_is_hashed_again(tmp_path, monkeypatch):
+    """The digest names the converted copy's file: a memo entry whose digest is a path ("x/../../escape") is not
+    trusted, however well its stat and sample match; the file is hashed again and the memo mended."""
+    import json
+
+    f = tmp_path / "model.bin"
+    want = _weights(f, 5)
+    memo = tmp_path / "memo"
+    memo.mkdir()
+    assert file_digest.file_digest(f, memo) == want
+    entries = json.loads((memo / HASHES).read_text())
+    entries[str(f)]["digest"] = "x/../../../escape/evil"
+    (memo / HASHES).write_text(json.dumps(entries))
+    file_digest.forget()
+    calls = _count_full_hashes(monkeypatch)
+    assert file_digest.file_digest(f, memo) == want and calls == [str(f)]
+    assert json.loads((memo / HASHES).read_text())[str(f)]["digest"] == want

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from . import caches, jsonfile
@@ -19,6 +20,7 @@ HASHES = "file-hashes.json"
 EDGE = 1 << 20  # bytes sampled at each end (headers live there)
 BLOCK = 1 << 16  # bytes of each sampled block between
 BLOCKS = 16
+DIGEST = re.compile(r"[0-9]+-[0-9a-f]{64}")  # "<size>-<sha256>": names files, so nothing else is trusted
 _memo: dict[str, dict] = {}  # this process's entries, by absolute path
 
 
@@ -51,7 +53,7 @@ def full_digest(path: str | os.PathLike) -> str:
 def _valid(entry: object) -> bool:
     return (isinstance(entry, dict) and isinstance(entry.get("stat"), list) and len(entry["stat"]) == 4
             and all(isinstance(v, int) for v in entry["stat"]) and isinstance(entry.get("sample"), str)
-            and isinstance(entry.get("digest"), str))
+            and isinstance(entry.get("digest"), str) and DIGEST.fullmatch(entry["digest"]) is not None)
 
 
 def _read_memo(path: Path) -> dict:
