@@ -90,6 +90,19 @@ def test_the_variable_overrides_the_detection(native, monkeypatch):
         resolve_dtype("bf16", CPU)
 
 
+@pytest.mark.parametrize("value", ["yes", "true", "false", "off", "2", "00"])
+def test_a_variable_that_is_neither_1_nor_0_refuses_in_one_line(native, monkeypatch, value):
+    """TRIDENT_CPU_BF16=false used to fall back to the detection (and allow bf16 on a native CPU): a value that is
+    neither 1 nor 0 refuses bf16 with a line saying what to set, whatever the detection says."""
+    native(True)
+    monkeypatch.setenv(CPU_BF16_ENV, f" {value} ")
+    with pytest.raises(ValueError, match=f"{CPU_BF16_ENV}='{value}' is neither 1 nor 0") as e:
+        resolve_dtype("bf16", CPU)
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv(CPU_BF16_ENV, "")
+    assert resolve_dtype("bf16", CPU) == torch.bfloat16  # empty: the detection
+
+
 def test_this_hosts_detection_matches_its_flags():
     """The real detection on this machine against /proc/cpuinfo read here, independently."""
     info = Path("/proc/cpuinfo")
@@ -113,6 +126,17 @@ def test_command_line_refuses_before_touching_a_model_file(native, tmp_path, cap
                "--clip", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "precision bf16" in err[0] and "use fp32" in err[0], err  # not the file
+    assert not (tmp_path / "out").exists()  # a refused run makes no output folder
+    clip = tmp_path / "a.mp4"
+    clip.write_bytes(b"")
+    for argv in (["segment", str(img), "--out", str(tmp_path / "deep" / "er")],
+                 ["segment", str(clip), "--out", str(tmp_path / "video")],
+                 ["eval", "--preset", "voc21", "--data-root", str(tmp_path), "--out", str(tmp_path / "ev" / "r.json")]):
+        rc = main([*argv, *(["--classes", "sky"] if argv[0] == "segment" else []), "--precision", "bf16",
+                   "--device", "cpu", "--no-download"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "precision bf16" in err[0], (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "a.png"]
 
 
 def _resident_mb(path: Path) -> float:

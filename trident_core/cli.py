@@ -63,6 +63,14 @@ def add_model_arguments(ap: argparse.ArgumentParser, preset_and_refine: bool = T
     ap.add_argument("--pamr-dilations", help="PAMR dilations, comma-separated (default 8,16)")
 
 
+def check_precision(args: argparse.Namespace) -> None:
+    """A precision this device refuses (bf16 on a CPU without native bfloat16, fp16 on the CPU): one line, before
+    any output folder is made or model file read."""
+    from .devices import resolve_device, resolve_dtype
+
+    resolve_dtype(args.precision, resolve_device(args.device))
+
+
 def build_trident(args: argparse.Namespace, params):
     """Load the models named by the arguments; SAM (and its download) only when `params` use it."""
     from .devices import resolve_device, resolve_dtype
@@ -149,6 +157,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .paths import require_output_file, require_output_folder
     from .video_run import is_video_run, segment_video
 
+    check_precision(args)
     if is_video_run(args):
         return segment_video(args)
     out = Path(args.out) if args.out else None
@@ -248,6 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoints import file_sha256
     from .evaluation import build_dataset, evaluate, init_distributed
 
+    check_precision(args)
     if args.out:
         from .paths import require_output_file
 

@@ -116,6 +116,8 @@ def cpu_bf16_refusal() -> str | None:
         return None
     if forced == "0":
         return f"{CPU_BF16_ENV}=0 says this CPU does not compute bfloat16 natively"
+    if forced:
+        return f"{CPU_BF16_ENV}={forced!r} is neither 1 nor 0 (set 1 to allow bf16, 0 to refuse it, or unset it)"
     return _host_bf16()
 
 
