@@ -119,3 +119,28 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     assert main(["segment", str(tmp_path / "x.png"), "--out", str(tmp_path / "out")]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("interrupted") and "again" in err[0]
+
+
+def test_option_values_ignore_case_and_a_wrong_one_is_one_line(tmp_path, monkeypatch, capsys):
+    """--precision BF16, --preset VOC21 and the like mean their lower-case choices; a value that is no choice, an
+    unknown option or command is one line naming it (argparse's usage block buried it) and exit status 2."""
+    import pytest
+
+    import trident_core.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_segment", lambda args: seen.update(vars(args)) or 0)
+    assert main(["segment", "x.png", "--out", str(tmp_path), "--precision", "BF16", "--preset", "VOC21",
+                 "--paradigm", "Segment_Then_Splice", "--correlation", "AFFINITY", "--mask-prompt-mode",
+                 "Batched"]) == 0
+    assert (seen["precision"], seen["preset"], seen["paradigm"], seen["correlation"], seen["mask_prompt_mode"]) == (
+        "bf16", "voc21", "segment_then_splice", "affinity", "batched")
+    for argv, names in ((["segment", "x.png", "--out", "o", "--precision", "bf17"], "'bf17'"),
+                        (["segment", "x.png", "--out", "o", "--precison", "bf16"], "--precison"),
+                        (["segmnt", "x.png"], "'segmnt'"),
+                        (["eval", "--preset", "voc", "--data-root", "d"], "'voc'")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1, err
+        assert names in err[0] and "error" in err[0] and "-h` lists the options" in err[0]

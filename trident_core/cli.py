@@ -24,6 +24,13 @@ def _log(msg: str) -> None:
     print(shown(msg), file=sys.stderr, flush=True)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (what is wrong, where the help is), not its usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} -h` lists the options)\n")
+
+
 def _model_file(value: str | None, role: str, allow_download: bool) -> Path:
     """An existing path, or a known file name fetched into the cache directory (or the given folder)."""
     from .download import DEFAULT_FILES, cache_dir, ensure_file
@@ -38,7 +45,7 @@ def _model_file(value: str | None, role: str, allow_download: bool) -> Path:
 def add_model_arguments(ap: argparse.ArgumentParser, preset_and_refine: bool = True) -> None:
     """Options shared by `segment` and `eval`: models, device, precision, method parameters."""
     if preset_and_refine:
-        ap.add_argument("--preset", default="default", choices=sorted(PRESETS),
+        ap.add_argument("--preset", default="default", choices=sorted(PRESETS), type=str.lower,
                         help="method parameters (default: %(default)s)")
         ap.add_argument("--refine", dest="refine", action="store_true", default=None, help="SAM refinement (S9)")
         ap.add_argument("--no-refine", dest="refine", action="store_false")
@@ -48,17 +55,17 @@ def add_model_arguments(ap: argparse.ArgumentParser, preset_and_refine: bool = T
     ap.add_argument("--no-download", action="store_true", help="never download missing model files")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     trade = CPU_BF16_TRADE.replace("%", "%%")
-    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, type=str.lower,
                     help="auto: fp32 on the CPU (exact, the reference's results), fp16 on a GPU where it is fast. "
                          f"bf16 on a CPU that computes bfloat16 natively (AVX512-BF16/AMX, Arm BF16): {trade} "
                          "(docs/performance-bf16.md). fp16 needs a GPU")
     ap.add_argument("--sam-tiles", help="SAM tiles: auto or ROWSxCOLS (preset default: 1x1, city_scapes 1x2)")
-    ap.add_argument("--correlation", choices=CORRELATIONS)
-    ap.add_argument("--paradigm", choices=PARADIGMS)
+    ap.add_argument("--correlation", choices=CORRELATIONS, type=str.lower)
+    ap.add_argument("--paradigm", choices=PARADIGMS, type=str.lower)
     ap.add_argument("--short-side", type=int)
     ap.add_argument("--stride", type=int)
     ap.add_argument("--prob-thd", type=float)
-    ap.add_argument("--mask-prompt-mode", choices=MASK_PROMPT_MODES)
+    ap.add_argument("--mask-prompt-mode", choices=MASK_PROMPT_MODES, type=str.lower)
     ap.add_argument("--pamr-steps", type=int, help="PAMR steps on the logits before the label map (default 0: off)")
     ap.add_argument("--pamr-dilations", help="PAMR dilations, comma-separated (default 8,16)")
 
@@ -289,7 +296,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="trident", description="Training-free open-vocabulary segmentation (Trident)")
+    ap = OneLineParser(prog="trident", description="Training-free open-vocabulary segmentation (Trident)")
     sub = ap.add_subparsers(dest="command", required=True)
     seg = sub.add_parser("segment", help="segment images by class names (torchrun for several processes)")
     seg.add_argument("images", nargs="+", metavar="IMAGE",

@@ -9,7 +9,8 @@ from .datasets import DATASETS
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add --preset, --data-root, --limit, --refine/--no-refine, --out and --no-resume to ``parser``."""
-    parser.add_argument("--preset", required=True, choices=list(DATASETS), help="validation set to evaluate on")
+    parser.add_argument("--preset", required=True, choices=list(DATASETS), type=str.lower,
+                        help="validation set to evaluate on")
     parser.add_argument(
         "--data-root",
         required=True,
