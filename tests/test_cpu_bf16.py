@@ -344,9 +344,9 @@ def test_the_converted_copy_is_made_once_and_mapped_by_later_loads(small_ckpts, 
     cache = tmp_path / "converted"
     first = load_sam(small_ckpts["sam"], "cpu", torch.bfloat16, cache)
     (copy,) = cache.glob("sam-*-bfloat16-*.pt")
-    made = copy.stat().st_mtime_ns
+    made = copy.stat().st_ino
     second = load_sam(small_ckpts["sam"], "cpu", torch.bfloat16, cache)
-    assert copy.stat().st_mtime_ns == made  # mapped, not converted again
+    assert copy.stat().st_ino == made  # mapped, not converted again (a new copy is a new file)
     file = torch.load(small_ckpts["sam"])
     for name, p in second.model.named_parameters():
         want = torch.bfloat16 if name.startswith("image_encoder.") else torch.float32
@@ -582,3 +582,44 @@ def test_bf16_with_city_scapes_float32_sam_is_within_0_01_of_the_reference(full_
                       params.classification.logit_scale)
     assert (seg.probs - ref).abs().max() < 0.01
     assert (seg.labels.numpy() == gold["labels"]).mean() >= 0.995
+
+
+def test_the_converted_copies_kept_are_each_models_most_recently_used(tmp_path):
+    """Each new checkpoint content adds a copy: writing one deletes the same model's copies beyond the KEEP (2)
+    most recently used and those of other formats, a copy read counts as used, and nothing else in the folder (other
+    models' copies, files not named as copies, a folder) is touched."""
+    import os
+
+    from trident_core.checkpoints import read_state_dict
+    from trident_core.models import conversion
+
+    assert conversion.KEEP == 2
+    cache = tmp_path / "converted"
+    cache.mkdir()
+    digest = "{}-{}".format(1234, "{}" * 64)
+    old, recent, stale_format, other_model = (cache / f"{role}-{digest.format(*c * 64)}-bfloat16-v{v}.pt"
+                                              for role, c, v in (("sam", "a", 1), ("sam", "b", 1), ("sam", "c", 0),
+                                                                 ("clip", "d", 1)))
+    bystanders = [cache / "sam-notes.pt", cache / "my.txt", other_model]
+    for i, f in enumerate([old, recent, stale_format, *bystanders]):
+        f.write_bytes(b"x")
+        os.utime(f, ns=(10**18 + i, 10**18 + i))  # old < recent < stale_format < ...
+    (cache / f"sam-{digest.format(*'e' * 64)}-bfloat16-v1.pt").mkdir()
+
+    def convert(seed: int) -> Path:
+        path = tmp_path / f"weights{seed}.pth"
+        if not path.exists():
+            torch.save({"w": torch.randn(8, 8, generator=torch.Generator().manual_seed(seed))}, path)
+        conversion.converted(read_state_dict(path), path, "sam", torch.bfloat16, cache=cache)
+        return next(f for f in cache.glob("sam-*-v1.pt") if f.is_file() and f.read_bytes()[:2] == b"PK"
+                    and torch.equal(torch.load(f, weights_only=True)["w"], torch.load(path)["w"].bfloat16()))
+
+    first = convert(1)
+    assert not old.exists() and not stale_format.exists() and recent.exists() and first.exists()
+    assert all(f.exists() for f in bystanders) and (cache / f"sam-{digest.format(*'e' * 64)}-bfloat16-v1.pt").is_dir()
+    second = convert(2)
+    assert not recent.exists() and first.exists() and second.exists()
+    assert convert(1) == first  # read: now the most recently used
+    third = convert(3)
+    assert first.exists() and third.exists() and not second.exists()
+    assert all(f.exists() for f in bystanders)

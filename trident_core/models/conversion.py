@@ -5,9 +5,9 @@ float32 value within 2^-16 (`split_pair`: products with both keep a weight matri
 result; models/precision.py). `cast` converts one tensor at a time and releases each memory-mapped source's pages
 once its copy is made. With a cache folder (the command line's), a narrowing conversion (float32 -> bfloat16)
 is done once per file content: the converted tensors are written there, keyed by the source file's size and
-SHA-256, and later runs memory-map that copy (a cache by `caches`' rules: any failure is a logged miss). Its
-pages are then file-backed like a float32 checkpoint's, so a stage's weights can be released when it is done
-(residency.py), and no run after the first converts anything."""
+SHA-256, and later runs memory-map that copy (a cache by `caches`' rules: any failure is a logged miss; the KEEP
+most recently used copies per model are kept). Its pages are then file-backed like a float32 checkpoint's, so a
+stage's weights can be released when it is done (residency.py), and no run after the first converts anything."""
 
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ import torch
 from .. import caches
 from ..atomic import partial_name, remove_entry, remove_partials
 from ..checkpoints import CheckpointError, read_state_dict
-from ..file_digest import file_digest
+from ..file_digest import DIGEST, file_digest
 from ..residency import release, trim_heap
 
 RELEASE_EVERY = 32 << 20  # bytes of converted sources whose pages are released at once (a release reads smaps)
 FORMAT = 1  # of the cached copies: a change of what they hold gives them new names
+KEEP = 2  # copies kept per model role, the most recently used: a replaced checkpoint's copy does not stay for good
 LOW, FLOAT32, PAIR = "low", "float32", "pair"
 LO = "_lo"  # a pair's second tensor is kept under its key + LO
 Layout = Callable[[str], str]  # how the floating tensor `key` is kept: LOW (the dtype asked for), FLOAT32, or PAIR
@@ -116,11 +117,14 @@ def converted(sd: dict[str, torch.Tensor], path: str | os.PathLike, role: str, d
         return cast(sd, dtype, layout)
     kept = _read(copy, want) if os.path.lexists(copy) else None
     if kept is not None:
+        with suppress(OSError):  # (its last use: what `_evict` keeps; a read-only cache folder keeps every copy)
+            os.utime(copy)
         return kept
     out = cast(sd, dtype, layout)
     kept = _write(copy, out, want)
     if kept is None:
         return out
+    _evict(copy)
     del out
     trim_heap()  # the converted tensors' memory back: the model maps the copy (a first run peaks no higher)
     return kept
@@ -150,6 +154,22 @@ def _write(copy: Path, out: dict[str, torch.Tensor], want: Want) -> dict[str, to
         with suppress(OSError):  # (the folder may not exist: the miss is logged above)
             tmp.unlink(missing_ok=True)
     return _read(copy, want)
+
+
+def _evict(copy: Path) -> None:
+    """Delete the copies of `copy`'s model role beyond the KEEP most recently used (`copy` among them) and those of
+    other formats: each new checkpoint content adds a copy (about half the file's size). Only files named as
+    copies are touched; one in use elsewhere (mapped by another run) stays readable there until it is unmapped."""
+    role = copy.name.split("-", 1)[0]
+    named = re.compile(rf"{re.escape(role)}-{DIGEST.pattern}-[a-z0-9]+-v[0-9]+\.pt")
+    with suppress(OSError):
+        others = [(e.stat(follow_symlinks=False).st_mtime_ns, Path(e.path)) for e in os.scandir(copy.parent)
+                  if e.name != copy.name and named.fullmatch(e.name) and not e.is_dir(follow_symlinks=False)]
+        kept = [p for _, p in sorted(others, reverse=True) if p.name.endswith(f"-v{FORMAT}.pt")][:KEEP - 1]
+        for _, old in others:
+            if old not in kept:
+                with suppress(OSError):
+                    old.unlink()
 
 
 def _equal_released(written: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> bool:
