@@ -373,7 +373,7 @@ def test_the_converted_copy_is_made_once_and_mapped_by_later_loads(small_ckpts, 
     assert all(torch.equal(p, file[n]) for n, p in float32.model.named_parameters())
 
 
-DAMAGED_COPIES = ("one byte", "flipped bytes", "sparse tensors", "expanded tensors")
+DAMAGED_COPIES = ("one byte", "flipped bytes", "short record", "sparse tensors", "expanded tensors")
 
 
 def _damage_copy(copy, damage: str) -> None:
@@ -391,6 +391,15 @@ def _damage_copy(copy, damage: str) -> None:
         at = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2
         data[at:at + 64] = bytes(255 - b for b in data[at:at + 64])  # inside a tensor's bytes: NaN or garbage
         copy.write_bytes(bytes(data))
+        return
+    if damage == "short record":  # a tensor's record cut in half, the zip rewritten with its CRC-32s right
+        with zipfile.ZipFile(copy) as z:
+            records = {i.filename: z.read(i.filename) for i in z.infolist()}
+        biggest = max(records, key=lambda name: len(records[name]))
+        records[biggest] = records[biggest][:len(records[biggest]) // 2]
+        with zipfile.ZipFile(copy, "w", zipfile.ZIP_STORED) as z:
+            for name, data in records.items():
+                z.writestr(name, data)
         return
     sd = torch.load(copy, weights_only=True)
     if damage == "sparse tensors":
