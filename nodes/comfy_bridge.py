@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TypeVar
@@ -256,13 +256,28 @@ def each_image(fn: Callable[..., R], *batches: Sequence) -> list[R]:
     it advances after each image, and Cancel is honoured between images and, through `progress`, between stages.
     Whatever `fn` holds for an image is freed, and the freed heap given back, before the next image starts (so the
     server's memory does not creep with the frames)."""
-    progress = Progress(len(batches[0]))
+    return each_result(lambda progress: (fn(*items, progress) for items in zip(*batches)), len(batches[0]))
+
+
+def each_result(results: Callable[[Progress], Iterator[R]], total: int) -> list[R]:
+    """The `total` results `results(progress)` yields (one per image, e.g. frames sharing forwards), with
+    `each_image`'s progress bar, cancellation and freed heap after each."""
+    progress = Progress(total)
     out = []
-    for items in zip(*batches):
-        out.append(fn(*items, progress))
+    for result in results(progress):
+        out.append(result)
         trim_heap()
         progress.step()
     return out
+
+
+def free_memory(device: torch.device) -> int | None:
+    """The memory free for work on a GPU `device` as ComfyUI counts it (its allocator's cache included), or None
+    (the CPU, or outside ComfyUI: CUDA's own figure is used then)."""
+    mm = _comfy("comfy.model_management")
+    if device.type == "cpu" or mm is None or not hasattr(mm, "get_free_memory"):
+        return None
+    return int(mm.get_free_memory(device))
 
 
 def count_progress() -> object:

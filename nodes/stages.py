@@ -3,6 +3,8 @@ all-in-one Trident Segment node. Each runs a batch image by image; outputs go to
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..trident_core.aggregation import FeatureMap
@@ -35,7 +37,7 @@ from ..trident_core.temporal import MAX_STRENGTH, FrameSmoother
 from ..trident_core.text import encode_classes
 from ..trident_core.window_features import WindowFeatures
 from . import sockets as T
-from .comfy_bridge import count_progress, each_image, io, to_intermediate
+from .comfy_bridge import count_progress, each_image, each_result, free_memory, io, to_intermediate
 from .preset_choice import PRESET_CHOICES, class_preset, preset_input, preset_name, preset_params
 
 P = Params()
@@ -372,14 +374,19 @@ class TridentSegment(io.ComfyNode):
         trident = Trident(clip.model, dino.model, sam.model if sam else None)
         config = params.classification
         smoother = FrameSmoother(temporal_smoothing, config.prob_thd)
+        in_order = iter(image)  # the frames the smoothing hook sees: it runs once per frame, in order
+        hook = (lambda seg: smoother(seg, to_rgb_uint8(next(in_order)))) if temporal_smoothing else None
+        # several frames per forward on a GPU (1 on the CPU); the text is encoded once, then taken from the CLIP's
+        # cache; smoothing before refinement
+        per_forward = trident.frames_per_forward(params, tuple(image.shape[1:3]), free_memory(trident.clip.device))
 
-        def one(img: torch.Tensor, progress: object) -> CompactSegmentation:
-            # the text is encoded at the first frame, then taken from the CLIP's cache; smoothing before refinement
-            hook = (lambda seg: smoother(seg, to_rgb_uint8(img))) if temporal_smoothing else None
-            full = trident.segment(img, cl, params, progress, after_classify=hook)
-            return to_intermediate(compact(full, config.logit_scale, config.prob_thd))
+        def frames(progress: object) -> Iterator[CompactSegmentation]:
+            for full in trident.segment_frames(image, cl, params, progress, hook, per_forward):
+                kept = to_intermediate(compact(full, config.logit_scale, config.prob_thd))
+                del full  # (the full-size maps: freed before the next frame starts)
+                yield kept
 
-        return io.NodeOutput(each_image(one, image))
+        return io.NodeOutput(each_result(frames, len(image)))
 
 
 NODES = (EncodeClasses, WindowFeaturesNode, SpliceAggregate, Classify, SamRefine, TridentSegment)

@@ -96,12 +96,12 @@ def test_each_model_is_released_as_soon_as_its_stage_is_done(small_ckpts, photo,
              id(tr.sam.model): "sam"}
     monkeypatch.setattr(pipeline, "release", lambda m: events.append("release " + names[id(m)]))
     monkeypatch.setattr(pipeline, "trim_heap", lambda: events.append("trim"))
-    for obj, method in ((tr.clip, "window_values"), (tr.sam, "encode"), (pipeline, "splice_and_aggregate"),
+    for obj, method in ((tr.clip, "window_values"), (tr.sam, "encode_many"), (pipeline, "splice_and_aggregate"),
                         (pipeline, "classify"), (pipeline, "refine")):
         real = getattr(obj, method)
         monkeypatch.setattr(obj, method, lambda *a, _real=real, _m=method, **k: events.append(_m) or _real(*a, **k))
     tr.segment(photo[:160, :200], "sky, person", get_preset("voc21").params.update(refine=refine))
     runs = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]  # (window_values once per chunk)
-    assert runs == ["release dino", "trim", "window_values", "release clip", "encode", "release sam encoder", "trim",
-                    "splice_and_aggregate", "trim", "classify", *(["trim", "refine"] if refine else []), "release sam",
-                    "trim"]
+    assert runs == ["release dino", "trim", "window_values", "release clip", "encode_many", "release sam encoder",
+                    "trim", "splice_and_aggregate", "trim", "classify", *(["trim", "refine"] if refine else []),
+                    "release sam", "trim"]

@@ -141,3 +141,21 @@ def resolve_dtype(precision: str, device: torch.device, auto: torch.dtype | None
                              f"bfloat16 natively ({platform.processor() or platform.machine()}), set "
                              f"{CPU_BF16_ENV}=1")
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+MAX_FRAMES_PER_FORWARD = 8  # enough to keep a GPU busy between kernel launches; the peak grows with it
+FRAME_BYTES = 384 << 20  # a SAM tile's share of a shared forward on a GPU (SAM's encoder at 1024x1024 and the
+# encoding a frame holds until it is segmented, its windows), with room to spare: what free memory is divided by
+
+
+def frames_per_forward(device: torch.device, free_bytes: int | None = None, tiles: int = 1) -> int:
+    """How many frames share a forward (`Trident.segment_frames`): 1 on the CPU and MPS (their kernels gain
+    nothing from it, and the CPU stays bit for bit the reference's); on CUDA as many as the free memory
+    (`free_bytes`; default CUDA's free memory and what PyTorch's allocator holds unused) holds at FRAME_BYTES per
+    SAM tile of a frame, at most MAX_FRAMES_PER_FORWARD."""
+    if device.type != "cuda":
+        return 1
+    if free_bytes is None:
+        free_bytes = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                      - torch.cuda.memory_allocated(device))
+    return max(1, min(MAX_FRAMES_PER_FORWARD, free_bytes // (FRAME_BYTES * max(1, tiles))))

@@ -5,25 +5,26 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .aggregation import FeatureMap, splice_and_aggregate
 from .classes import ClassList, parse_classes
 from .classify import Segmentation, classify
 from .config import AggregateConfig, Params, WindowConfig
-from .devices import resolve_device, resolve_dtype
+from .devices import frames_per_forward, resolve_device, resolve_dtype
 from .image import clip_input, to_rgb_uint8
 from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
 from .pamr import Pamr, pamr_guide
 from .refine import refine
 from .residency import release, trim_heap
-from .sam_tiles import SamTileEncodings, SamTiling, encode_tiles
+from .sam_tiles import SamTileEncodings, SamTiling, encode_frame_tiles
 from .text import encode_classes
-from .window_features import WindowFeatures, window_features
+from .window_features import WINDOW_CHUNK, WindowFeatures, frame_window_features
 from .windows import plan_windows
 
 Progress = Callable[[str], None]
@@ -40,24 +41,48 @@ def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, con
                             ) -> WindowFeatures:
     """S0, S2, S3, S4: the image rescaled, windowed, and CLIP's DINO-guided window features (`after_dino()` runs
     once DINO is done with every window, before CLIP starts)."""
+    return compute_frame_window_features(clip, dino, [image], config, progress, after_dino)[0]
+
+
+def compute_frame_window_features(clip: ClipModel, dino: DinoModel, images: Sequence[object], config: WindowConfig,
+                                  progress: Progress = _noop, after_dino: Callable[[], None] | None = None
+                                  ) -> list[WindowFeatures]:
+    """`compute_window_features` of several frames of one size, each forward carrying WINDOW_CHUNK windows per
+    frame (`frame_window_features`)."""
     if config.window % clip.patch_size or config.window % dino.patch_size:
         raise ValueError(f"window {config.window} must be a multiple of CLIP's patch ({clip.patch_size}) and "
                          f"DINO's ({dino.patch_size})")
-    img = to_rgb_uint8(image)
-    x = clip_input(img, config.short_side, clip.patch_size, config.window, config.long_cap)
-    plan = plan_windows(tuple(x.shape[-2:]), config.window, config.stride)
-    return window_features(clip, dino, x, plan, config, image_size=img.shape[:2],
-                           on_chunk=lambda: progress("windows"), after_dino=after_dino)
+    imgs = same_size([to_rgb_uint8(image) for image in images])
+    xs = [clip_input(img, config.short_side, clip.patch_size, config.window, config.long_cap) for img in imgs]
+    plan = plan_windows(tuple(xs[0].shape[-2:]), config.window, config.stride)
+    return frame_window_features(clip, dino, xs, plan, config, image_size=imgs[0].shape[:2],
+                                 chunk=WINDOW_CHUNK * len(xs), on_chunk=lambda: progress("windows"),
+                                 after_dino=after_dino)
+
+
+def same_size(imgs: list[np.ndarray]) -> list[np.ndarray]:
+    """The frames, refused in one line unless they have one size (their windows and tiles are planned once)."""
+    sizes = sorted({img.shape[:2] for img in imgs})
+    if len(sizes) > 1:
+        raise ValueError(f"frames sharing forwards must have one size, not {' and '.join(f'{w}x{h}' for h, w in sizes)}"
+                         ": give frames of one size (Trident.segment_frames groups them so)")
+    return imgs
 
 
 def encode_image(sam: SamModel | None, image: object, config: AggregateConfig,
                  progress: Progress = _noop) -> SamTileEncodings | None:
     """S6's SAM encoding of the image's tiles, or None where the aggregation needs none (segment_then_splice)."""
+    return encode_frames(sam, [image], config, progress)[0]
+
+
+def encode_frames(sam: SamModel | None, images: Sequence[object], config: AggregateConfig,
+                  progress: Progress = _noop) -> list[SamTileEncodings | None]:
+    """`encode_image` of several frames of one size, each tile of every frame in one forward of SAM's encoder."""
     if not config.uses_sam:
-        return None
+        return [None] * len(images)
     require_sam(sam, Params(aggregation=config))
-    img = to_rgb_uint8(image)
-    encodings = encode_tiles(sam, img, SamTiling.of(config.sam_tiles, img.shape[:2]))
+    imgs = same_size([to_rgb_uint8(image) for image in images])
+    encodings = encode_frame_tiles(sam, imgs, SamTiling.of(config.sam_tiles, imgs[0].shape[:2]))
     progress("sam")
     return encodings
 
@@ -197,3 +222,65 @@ class Trident:
             trim_heap()  # (after the big stages only: trimming after each costs more page faults than it saves)
         return seg
 
+    def frames_per_forward(self, params: Params, image_size: tuple[int, int], free_bytes: int | None = None) -> int:
+        """`devices.frames_per_forward` for frames of `image_size` under `params` (their SAM tiles count)."""
+        tiles = SamTiling.of(params.aggregation.sam_tiles, image_size) if params.aggregation.uses_sam else None
+        return frames_per_forward(self.clip.device, free_bytes, tiles.rows * tiles.cols if tiles else 1)
+
+    def segment_frames(self, images: Iterable[object], classes: str | ClassList, params: Params = DEFAULT_PARAMS,
+                       progress: Progress = _noop,
+                       after_classify: Callable[[Segmentation], Segmentation] | None = None,
+                       per_forward: int = 1) -> Iterator[Segmentation]:
+        """`segment` of each image in order, yielded as each is done. With `per_forward` > 1 (a GPU's choice,
+        `frames_per_forward`) up to that many consecutive frames of one size share their forwards: their
+        windows through DINO and CLIP and their tiles through SAM's encoder (equal to one frame at a time within
+        the dtype's rounding); the aggregation, classification and refinement run per frame. One at a time where
+        weights are released between stages (`release_weights`)."""
+        if per_forward <= 1 or self.release_weights:
+            for image in images:
+                yield self.segment(image, classes, params, progress, after_classify)
+            return
+        require_sam(self.sam, params)
+        cl = parse_classes(classes) if isinstance(classes, str) else classes
+        group: list[np.ndarray] = []
+        for image in images:
+            img = to_rgb_uint8(image)
+            if group and img.shape != group[0].shape:
+                yield from self._segment_group(group, cl, params, progress, after_classify)
+                group = []
+            group.append(img)
+            if len(group) == per_forward:
+                yield from self._segment_group(group, cl, params, progress, after_classify)
+                group = []
+        if group:
+            yield from self._segment_group(group, cl, params, progress, after_classify)
+
+    def _segment_group(self, imgs: list[np.ndarray], cl: ClassList, params: Params, progress: Progress,
+                       after_classify: Callable[[Segmentation], Segmentation] | None) -> Iterator[Segmentation]:
+        """Frames of one size: their windows and SAM encodings in shared forwards, then each frame's segment."""
+        text = self.text(cl, progress)
+        progress("text")
+        wfs = compute_frame_window_features(self.clip, self.dino, imgs, params.windows, progress)
+        encodings = encode_frames(self.sam, imgs, params.aggregation, progress)
+        for i, img in enumerate(imgs):
+            shares = wfs[i], encodings[i]
+            wfs[i] = encodings[i] = None
+            seg = self._finish(img, *shares, text, cl, params, progress, after_classify)
+            del shares  # (the frame's window features and encodings freed before its result is handed on)
+            yield seg
+
+    @torch.no_grad()  # (here, not on the generators: torch's wrapper of a generator holds the result it yielded)
+    def _finish(self, img: np.ndarray, wf: WindowFeatures, encodings: SamTileEncodings | None, text: torch.Tensor,
+                cl: ClassList, params: Params, progress: Progress,
+                after_classify: Callable[[Segmentation], Segmentation] | None) -> Segmentation:
+        """A frame of `segment_frames` from its window features and SAM encodings: aggregation, classification,
+        refinement."""
+        fm = compute_feature_map(wf, self.clip, self.sam, encodings, params.aggregation, progress)
+        seg = classify(fm, text, cl, params.classification, pamr_for(img, params))
+        if after_classify is not None:
+            seg = after_classify(seg)
+        progress("classify")
+        if params.refine:
+            seg = refine(seg, self.sam, img, params.refinement, encodings.whole if encodings else None,
+                         on_class=lambda: progress("refine"))
+        return seg

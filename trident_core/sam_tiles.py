@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,6 +115,12 @@ class SamTileEncodings:
 
 def encode_tiles(sam: SamModel, image: np.ndarray, tiling: SamTiling) -> SamTileEncodings:
     """SAM encodings of the image's sides rounded up to 16, split into the tiling's tiles."""
-    img16 = round_up_to(image, PATCH)
-    return SamTileEncodings(tiling, tuple(sam.encode(np.ascontiguousarray(img16[y1:y2, x1:x2]))
-                                          for y1, y2, x1, x2 in tiling.boxes()))
+    return encode_frame_tiles(sam, [image], tiling)[0]
+
+
+def encode_frame_tiles(sam: SamModel, images: Sequence[np.ndarray], tiling: SamTiling) -> list[SamTileEncodings]:
+    """`encode_tiles` of several frames of one size: each tile of every frame in one forward of SAM's encoder."""
+    padded = [round_up_to(image, PATCH) for image in images]
+    per_tile = [sam.encode_many([np.ascontiguousarray(img16[y1:y2, x1:x2]) for img16 in padded])
+                for y1, y2, x1, x2 in tiling.boxes()]
+    return [SamTileEncodings(tiling, tuple(tile[f] for tile in per_tile)) for f in range(len(images))]

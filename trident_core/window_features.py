@@ -5,6 +5,7 @@ the proxy attention between them. Windows are processed in chunks so memory does
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,15 @@ class WindowFeatures:
 
 def crop_windows(x: torch.Tensor, plan: WindowPlan, idx: range) -> torch.Tensor:
     """The windows `idx` of a [1, 3, H, W] image as a batch [k, 3, w, w]."""
-    return torch.cat([x[:, :, y1:y2, x1:x2] for (y1, x1, y2, x2) in (plan.boxes[i] for i in idx)])
+    return crop_frame_windows([x], plan, idx)
+
+
+def crop_frame_windows(xs: Sequence[torch.Tensor], plan: WindowPlan, idx: range) -> torch.Tensor:
+    """Windows `idx` of several frames' windows, numbered frame by frame (window j is frame j // len(plan)'s
+    window j % len(plan)), as a batch [k, 3, w, w]."""
+    n = len(plan)
+    boxes = [(xs[j // n], plan.boxes[j % n]) for j in idx]
+    return torch.cat([x[:, :, y1:y2, x1:x2] for x, (y1, x1, y2, x2) in boxes])
 
 
 def clip_to_imagenet(x: torch.Tensor) -> torch.Tensor:
@@ -76,28 +85,43 @@ def window_features(clip: ClipModel, dino: DinoModel, x: torch.Tensor, plan: Win
                     image_size: tuple[int, int] | None = None, chunk: int = WINDOW_CHUNK, on_chunk=None,
                     after_dino=None) -> WindowFeatures:
     """Y = out_proj(P V) per window of the processed, CLIP-normalised image x [1, 3, H, W], with the proxy
-    attention's gamma and beta of `config`.
+    attention's gamma and beta of `config` (`frame_window_features` of one frame).
 
     V is resized bilinearly to DINO's grid where the grids differ (ViT-H/14), then Y back to CLIP's grid times
     round(dino/clip) as the reference splices it. DINO runs on every window before CLIP does: `after_dino()` is
     called in between (to release DINO's weights, so the two models' weights are never needed at once)."""
+    return frame_window_features(clip, dino, [x], plan, config, image_size, chunk, on_chunk, after_dino)[0]
+
+
+@torch.no_grad()
+def frame_window_features(clip: ClipModel, dino: DinoModel, xs: Sequence[torch.Tensor], plan: WindowPlan,
+                          config: WindowConfig, image_size: tuple[int, int] | None = None, chunk: int = WINDOW_CHUNK,
+                          on_chunk=None, after_dino=None) -> list[WindowFeatures]:
+    """`window_features` of several processed frames of one size (one window plan): their windows go through DINO
+    and CLIP `chunk` at a time, frames mixed within a chunk (a GPU's forwards then carry several frames), while the
+    proxy attention's similarity mean stays each frame's own. One frame computes what `window_features` always
+    did, in the same chunks."""
     n = len(plan)
+    total = n * len(xs)
     dino_feats = []
-    for s in range(0, n, chunk):
-        dino_feats.append(dino.patch_tokens(clip_to_imagenet(crop_windows(x, plan, range(s, min(n, s + chunk))))))
+    for s in range(0, total, chunk):
+        dino_feats.append(dino.patch_tokens(clip_to_imagenet(crop_frame_windows(xs, plan, range(s, min(total,
+                                                                                                      s + chunk))))))
         if on_chunk:
             on_chunk()
     dino_feats = torch.cat(dino_feats)
     if after_dino:
         after_dino()
-    mean = similarity_mean(dino_feats)
+    means = torch.stack([similarity_mean(dino_feats[f * n:(f + 1) * n]) for f in range(len(xs))])
     dg = plan.window // dino.patch_size
     out = []
     grid = None
-    for s in range(0, n, chunk):
-        idx = range(s, min(n, s + chunk))
-        values, grid = clip.window_values(crop_windows(x, plan, idx))
+    for s in range(0, total, chunk):
+        idx = range(s, min(total, s + chunk))
+        values, grid = clip.window_values(crop_frame_windows(xs, plan, idx))
         values = _resize_tokens(values, grid, (dg, dg))
+        frames = [j // n for j in idx]
+        mean = means[frames[0]] if frames[0] == frames[-1] else means[frames].view(-1, 1, 1)
         p = proxy_attention(dino_feats[s:s + len(idx)], mean, config.gamma, config.beta)
         o = torch.bmm(p, values)  # float32: CLIP's adapter gives V in float32
         out.append(clip.attention_output(o))
@@ -109,8 +133,9 @@ def window_features(clip: ClipModel, dino: DinoModel, x: torch.Tensor, plan: Win
         ratio = max(1, round(dg / grid[0]))
         token_grid = (grid[0] * ratio, grid[1] * ratio)
         tokens = _resize_tokens(tokens, (dg, dg), token_grid)
-    size = tuple(image_size) if image_size else tuple(x.shape[-2:])
-    return WindowFeatures(tokens, token_grid, plan, clip.patch_size, size, tuple(x.shape[-2:]))
+    size = tuple(image_size) if image_size else tuple(xs[0].shape[-2:])
+    per_frame = [tokens] if len(xs) == 1 else [t.clone() for t in tokens.split(n)]  # (each frame owns its memory)
+    return [WindowFeatures(t, token_grid, plan, clip.patch_size, size, tuple(xs[0].shape[-2:])) for t in per_frame]
 
 
 def splice(wf: WindowFeatures) -> torch.Tensor:

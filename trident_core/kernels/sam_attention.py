@@ -26,9 +26,10 @@ from .patching import patch_forward
 
 def query_band(device: torch.device, heads: int, keys: int, element_size: int = 4) -> int:
     """Query tokens per band: on the CPU as many as keep a band's [heads, rows, keys] scores near 16 MB (memory,
-    cache); on GPUs 1024 (each band costs kernel launches)."""
+    cache); on GPUs 1024 (each band costs kernel launches), fewer where the scores would pass 256 MB (several
+    frames' heads in one forward: `Trident.segment_frames`), at least 64."""
     if device.type != "cpu":
-        return 1024
+        return min(1024, max(64, (256 << 20) // (element_size * heads * keys)))
     return max(1, (16 << 20) // (element_size * heads * keys))
 
 

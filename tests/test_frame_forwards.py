@@ -1,0 +1,159 @@
+"""Several frames per forward (a GPU's frame batches: `Trident.segment_frames`): each frame's result equals the one
+it gets alone within float32's rounding, frames of another size start a new group, the hooks see the frames in
+order; on the CPU one frame per forward, so the CPU path stays the reference's bit for bit."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import test_nodes
+import torch
+from test_nodes import as_image, core, run
+
+from trident_core import Params, pipeline
+from trident_core.devices import FRAME_BYTES, MAX_FRAMES_PER_FORWARD, frames_per_forward
+from trident_core.kernels.sam_attention import query_band
+from trident_core.models import SamModel
+from trident_core.pipeline import compute_frame_window_features, compute_window_features, encode_frames
+from trident_core.window_features import WINDOW_CHUNK
+
+models, loaded = test_nodes.models, test_nodes.loaded  # the node tests' fixtures
+CLASSES = "sky, person; astronaut, flag"
+
+
+def _frames(photo: np.ndarray) -> list[np.ndarray]:
+    """Frames of 64x96 pixels, two of 80x64 between them, then one more of 64x96."""
+    a = [photo[30 * i:30 * i + 64, 20 * i:20 * i + 96] for i in range(4)]
+    b = [photo[100 + 10 * i:180 + 10 * i, 50:114] for i in range(2)]
+    return [a[0], a[1], a[2], b[0], b[1], a[3]]
+
+
+def _agree(got, alone) -> None:
+    """Labels equal (a tie may fall the other way under another batch's summation order: at most 0.1 %) and
+    probabilities within float32's rounding."""
+    assert got.image_size == alone.image_size
+    assert (got.labels == alone.labels).float().mean() >= 0.999
+    assert torch.allclose(got.probs, alone.probs, atol=2e-5)
+
+
+@pytest.mark.parametrize(("refine", "tiles"), [(False, "1x1"), (True, "1x1"), (False, "1x2")])
+def test_shared_forwards_equal_one_frame_at_a_time(small_trident, photo, monkeypatch, refine, tiles):
+    frames = _frames(photo)
+    params = Params().update(refine=refine, sam_tiles=tiles)
+    batches = []
+    encode_many = SamModel.encode_many
+    monkeypatch.setattr(SamModel, "encode_many",
+                        lambda self, imgs: batches.append(len(imgs)) or encode_many(self, imgs))
+    seen = []
+    got = list(small_trident.segment_frames(frames, CLASSES, params, after_classify=lambda s: seen.append(s) or s,
+                                            per_forward=2))
+    tiles_per_frame = 2 if tiles == "1x2" else 1
+    assert batches == [n for n in (2, 1, 2, 1) for _ in range(tiles_per_frame)]  # groups: a a | a | b b | a
+    assert len(got) == len(frames) and [s.image_size for s in seen] == [f.shape[:2] for f in frames]
+    monkeypatch.undo()
+    for seg, frame in zip(got, frames):
+        _agree(seg, small_trident.segment(frame, CLASSES, params))
+
+
+def test_windows_of_several_frames_keep_each_frames_own_similarity_mean(small_trident, photo):
+    """Chunks that mix two frames' windows (the proxy attention's mean is per frame): each frame's tokens as
+    `compute_window_features` gives them alone."""
+    frames = _frames(photo)[:3]
+    config = Params().windows
+    together = compute_frame_window_features(small_trident.clip, small_trident.dino, frames, config)
+    n, chunk = len(together[0].plan), WINDOW_CHUNK * len(frames)
+    assert any(s // n != (min(len(frames) * n, s + chunk) - 1) // n for s in range(0, len(frames) * n, chunk))
+    for wf, frame in zip(together, frames):
+        alone = compute_window_features(small_trident.clip, small_trident.dino, frame, config)
+        assert wf.tokens.shape == alone.tokens.shape and wf.token_grid == alone.token_grid
+        assert torch.allclose(wf.tokens, alone.tokens, atol=1e-5)
+        assert wf.tokens.untyped_storage().nbytes() == wf.tokens.nbytes  # its own memory, not the group's
+
+
+def test_sam_encodes_frames_of_any_sizes_in_one_forward(small_trident, photo):
+    sam = small_trident.sam
+    images = [np.ascontiguousarray(photo[:64, :96]), np.ascontiguousarray(photo[50:130, 10:74])]
+    for enc, image in zip(sam.encode_many(images), images):
+        alone = sam.encode(image)
+        assert (enc.input_size, enc.original_size) == (alone.input_size, alone.original_size)
+        for name in ("q", "k", "v", "last_input"):
+            a, b = getattr(enc, name), getattr(alone, name)
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), name
+            assert a.untyped_storage().nbytes() == a.nbytes, name  # each encoding owns its tensors
+
+
+def test_frames_per_forward_from_free_gpu_memory():
+    cuda = torch.device("cuda")
+    assert frames_per_forward(torch.device("cpu"), 10**12) == 1
+    assert frames_per_forward(torch.device("mps"), 10**12) == 1
+    assert frames_per_forward(cuda, 0) == 1
+    assert frames_per_forward(cuda, 3 * FRAME_BYTES + 1) == 3
+    assert frames_per_forward(cuda, 10**12) == MAX_FRAMES_PER_FORWARD
+    assert frames_per_forward(cuda, 4 * FRAME_BYTES, tiles=2) == 2  # each SAM tile of a frame is a share
+
+
+@pytest.mark.parametrize(("update", "tiles"), [({}, 1), ({"sam_tiles": "1x2"}, 2), ({"sam_tiles": "auto"}, 2),
+                                               ({"paradigm": "segment_then_splice", "sam_tiles": "1x2"}, 1)])
+def test_the_frames_sam_tiles_count_in_the_choice(small_trident, monkeypatch, update, tiles):
+    asked = []
+    monkeypatch.setattr(pipeline, "frames_per_forward", lambda device, free, n: asked.append((device.type, free, n)))
+    small_trident.frames_per_forward(Params().update(**update), (1000, 2000), 123)
+    assert asked == [("cpu", 123, tiles)]  # (auto: a 2000x1000 frame is two tiles about SAM's side)
+
+
+def test_frames_of_two_sizes_in_one_forward_are_refused_in_one_line(small_trident, photo):
+    frames = [photo[:64, :96], photo[:80, :64]]
+    with pytest.raises(ValueError, match="one size, not 96x64 and 64x80"):
+        compute_frame_window_features(small_trident.clip, small_trident.dino, frames, Params().windows)
+    with pytest.raises(ValueError, match="one size"):
+        encode_frames(small_trident.sam, frames, Params().aggregation)
+
+
+def test_each_frames_share_is_freed_before_its_result_is_handed_on(small_trident, photo, monkeypatch):
+    """The group's window features and SAM encodings are held until each frame is segmented, not beyond."""
+    made = []
+    encode = pipeline.encode_frames
+
+    def tracked(*args):
+        encodings = encode(*args)
+        made.extend(weakref.ref(e) for e in encodings)
+        return encodings
+
+    monkeypatch.setattr(pipeline, "encode_frames", tracked)
+    alive = []
+    for _ in small_trident.segment_frames(_frames(photo)[:3], CLASSES, per_forward=3):
+        gc.collect()
+        alive.append([r() is not None for r in made])
+    assert alive == [[False, True, True], [False, False, True], [False, False, False]]
+
+
+def test_sam_attention_bands_shrink_with_several_frames_heads_on_a_gpu():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert query_band(cuda, 12, 4096, 2) == query_band(cuda, 12, 4096, 4) == 1024  # one frame: as before
+    rows = query_band(cuda, 8 * 12, 4096, 2)
+    assert rows * 8 * 12 * 4096 * 2 <= 256 << 20 and rows >= 64
+    assert query_band(cpu, 96, 4096, 2) == (16 << 20) // (2 * 96 * 4096)
+
+
+def test_trident_segment_node_shares_forwards_where_told(loaded, photo, monkeypatch):
+    """The node with several frames per forward (as on a GPU): the same labels as with one, in order, the text
+    and the temporal smoothing fed frame by frame."""
+    clip, dino, sam = loaded
+    image = as_image(*_frames(photo)[:3])
+    stages = core("pipeline").Trident
+    inputs = dict(image=image, clip=clip, dino=dino, sam=sam, classes=CLASSES, preset="default", refine=False,
+                  sam_tiles="preset", temporal_smoothing=0.5)
+    (one,) = run("TridentSegment", **inputs)
+    groups = []
+    original = stages._segment_group
+    monkeypatch.setattr(stages, "_segment_group", lambda self, imgs, *a: groups.append(len(imgs)) or original(
+        self, imgs, *a))
+    monkeypatch.setattr(stages, "frames_per_forward", lambda self, params, size, free=None: 2)
+    (shared,) = run("TridentSegment", **inputs)
+    assert groups == [2, 1] and len(shared) == len(one) == 3
+    for a, b in zip(shared, one):
+        assert (a.labels == b.labels).float().mean() >= 0.999
+        assert torch.allclose(a.probs, b.probs, atol=2e-5)
