@@ -39,8 +39,10 @@ def small_dino_state(seed: int = 1) -> dict[str, torch.Tensor]:
 def small_sam_state(seed: int = 2, iou_bias: float = 0.8) -> dict[str, torch.Tensor]:
     from segment_anything.build_sam import _build_sam
 
-    m = _build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=1, encoder_global_attn_indexes=[1],
-                   checkpoint=None)
+    with torch.random.fork_rng():  # (its prompt encoder's random Fourier features are a buffer drawn when built)
+        torch.manual_seed(seed)
+        m = _build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=1, encoder_global_attn_indexes=[1],
+                       checkpoint=None)
     _randomize(m, seed)
     with torch.no_grad():
         last = m.mask_decoder.iou_prediction_head.layers[-1]

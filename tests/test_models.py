@@ -153,3 +153,23 @@ def test_models_are_built_without_random_initialisation(small_ckpts, monkeypatch
         for k, v in want.items():
             assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
     assert not any(t.is_meta for t in (*dino.model.parameters(), *dino.model.buffers()))
+
+
+def test_the_small_test_checkpoints_are_the_same_in_every_process(tmp_path):
+    """Every tensor of the tests' small checkpoints, buffers included (SAM's random Fourier features are drawn when
+    the model is built), comes from a fixed seed: another process writes the same files."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from factory import write_small_checkpoints
+
+    tests = Path(__file__).parent
+    here = write_small_checkpoints(tmp_path / "here")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; import torch; torch.manual_seed(7);"
+            " from factory import write_small_checkpoints; write_small_checkpoints(Path(sys.argv[2]))")
+    subprocess.run([sys.executable, "-c", code, str(tests), str(tmp_path / "there")], check=True)
+    for role in ("dino", "sam"):
+        a, b = torch.load(here[role], weights_only=True), torch.load(tmp_path / "there" / here[role].name,
+                                                                      weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
