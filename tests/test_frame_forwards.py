@@ -113,7 +113,8 @@ def test_frames_of_two_sizes_in_one_forward_are_refused_in_one_line(small_triden
 
 
 def test_each_frames_share_is_freed_before_its_result_is_handed_on(small_trident, photo, monkeypatch):
-    """The group's window features and SAM encodings are held until each frame is segmented, not beyond."""
+    """The group's window features and SAM encodings are held until each frame is segmented, not beyond, and no
+    frame's result is held while the next one is segmented."""
     made = []
     encode = pipeline.encode_frames
 
@@ -123,11 +124,23 @@ def test_each_frames_share_is_freed_before_its_result_is_handed_on(small_trident
         return encodings
 
     monkeypatch.setattr(pipeline, "encode_frames", tracked)
+    finish, results, alive_at_start = pipeline.Trident._finish, [], []
+
+    def finishing(*args):  # no earlier frame's result alive when the next frame is segmented
+        gc.collect()
+        alive_at_start.append(sum(r() is not None for r in results))
+        seg = finish(*args)
+        results.append(weakref.ref(seg))
+        return seg
+
+    monkeypatch.setattr(pipeline.Trident, "_finish", finishing)
     alive = []
-    for _ in small_trident.segment_frames(_frames(photo)[:3], CLASSES, per_forward=3):
+    for seg in small_trident.segment_frames(_frames(photo)[:3], CLASSES, per_forward=3):
         gc.collect()
         alive.append([r() is not None for r in made])
+        del seg  # (as Trident Segment lets go of each frame's full result)
     assert alive == [[False, True, True], [False, False, True], [False, False, False]]
+    assert alive_at_start == [0, 0, 0]
 
 
 def test_sam_attention_bands_shrink_with_several_frames_heads_on_a_gpu():

@@ -262,12 +262,11 @@ class Trident:
         progress("text")
         wfs = compute_frame_window_features(self.clip, self.dino, imgs, params.windows, progress)
         encodings = encode_frames(self.sam, imgs, params.aggregation, progress)
-        for i, img in enumerate(imgs):
-            shares = wfs[i], encodings[i]
-            wfs[i] = encodings[i] = None
-            seg = self._finish(img, *shares, text, cl, params, progress, after_classify)
-            del shares  # (the frame's window features and encodings freed before its result is handed on)
-            yield seg
+        shares = list(zip(wfs, encodings))
+        del wfs, encodings
+        for img in imgs:
+            # the frame's share popped, its result yielded, not kept: nothing of a frame stays here once handed on
+            yield self._finish(img, *shares.pop(0), text, cl, params, progress, after_classify)
 
     @torch.no_grad()  # (here, not on the generators: torch's wrapper of a generator holds the result it yielded)
     def _finish(self, img: np.ndarray, wf: WindowFeatures, encodings: SamTileEncodings | None, text: torch.Tensor,
