@@ -4,9 +4,10 @@
 Sections, each timed and recorded even when another fails: the golden tests on the device in float32; float16
 labels against float32 on the benchmark cases; benchmark.py's throughput (batch 1, float16, with and without
 refinement, peak memory); GPU memory back to its baseline after a run and over 20 repeated calls; a frame batch
-through Trident Segment's node code (ComfyUI absent) against one frame at a time, with its peak memory against a
-single frame's; images/s for batches of 1, 8 and 32 at 448x448 and 1024x1024. The checkpoints are random
-full-size ones built here (no network). `--device cpu --dry-run` runs every section on small models and sizes.
+through Trident Segment's node code (ComfyUI absent) against one frame at a time, with its peak memory against
+one shared forward's frames; images/s for batches of 1, 8 and 32 at 448x448 and 1024x1024. The checkpoints are random
+full-size ones built here (no network). `--device cpu --dry-run` runs every section on small models and sizes,
+frames sharing forwards two at a time as on a GPU.
 
     python benchmarks/gpu_check.py --out DIR [--device cuda] [--dry-run]   (benchmarks/gpu_check.sh wraps it)
 """
@@ -100,13 +101,24 @@ class SegmentNode:
         pack = import_pack().__name__
         handle = sys.modules[f"{pack}.nodes.sockets"].ModelHandle
         tr = core("pipeline").Trident.from_files(paths["clip"], paths["dino"], paths["sam"], plan.device, plan.low)
+        self.trident = tr
         self.models = {"clip": handle(tr.clip), "dino": handle(tr.dino), "sam": handle(tr.sam)}
         self.node = sys.modules[f"{pack}.nodes.stages"].TridentSegment
         self.preset = ({"preset": "custom", "short_side": plan.short_side} if plan.short_side else "default")
 
+    def frames_per_forward(self, size: tuple[int, int]) -> int:
+        """The frames per forward the node chooses for frames of `size` (the default preset's SAM tiles), now."""
+        return self.trident.frames_per_forward(core("config").Params(), size)
+
     def __call__(self, images: torch.Tensor, refine: bool) -> list:
         return self.node.execute(image=images, classes=benchmark.CLASSES, preset=self.preset, refine=refine,
                                  sam_tiles="preset", **self.models).args[0]
+
+
+def force_frames_per_forward(n: int) -> None:
+    """The dry run: frames share forwards on the CPU as they would on a GPU (n at a time), so the script's
+    frame sections run the shared path before the one GPU run does."""
+    core("pipeline").Trident.frames_per_forward = lambda _self, _params, _size, _free=None: n
 
 
 def timed(device: torch.device, fn: Callable[[], object]) -> tuple[object, float, float]:
@@ -221,7 +233,7 @@ def frame_batch(plan: Plan, paths: dict[str, Path]) -> dict:
     size = plan.sizes[0]
     batch = frames(size, plan.frames)
     node(batch[:1], True)  # warm-up
-    per_forward = min(plan.frames, core("devices").frames_per_forward(plan.device))
+    per_forward = min(plan.frames, node.frames_per_forward(size))
     singles, _, peak_one = timed(plan.device, lambda: [node(batch[k:k + 1], True)[0] for k in range(plan.frames)])
     _, _, peak_forward = timed(plan.device, lambda: node(batch[:per_forward], True))
     together, _, peak_all = timed(plan.device, lambda: node(batch, True))
@@ -250,8 +262,8 @@ def rates(plan: Plan, paths: dict[str, Path]) -> dict:
             rows.append({"size": list(size), "batch": b, "images": b * calls, "seconds": seconds,
                          "img_per_s": round(b * calls / seconds, 2), "peak_mb": peak})
     return {"precision": plan.low, "refine": False,
-            "frames_per_forward": core("devices").frames_per_forward(plan.device), "rows": rows,
-            "target": target_verdict(rows)}
+            "frames_per_forward": {"x".join(map(str, size)): node.frames_per_forward(size) for size in plan.sizes},
+            "rows": rows, "target": target_verdict(rows)}
 
 
 SECTIONS: dict[str, Callable[[Plan, dict[str, Path]], dict]] = {
@@ -349,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     if plan.device.type == "cuda":  # float32 means float32 (the golden tests' tolerances assume it)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    if plan.dry:
+        force_frames_per_forward(2)
     paths = checkpoints(plan, Path(args.ckpt_dir or tempfile.mkdtemp(prefix="trident_gpu_check_")))
     report = run_sections(plan, paths, names, out, args.budget_s)
     bad = failed(report)

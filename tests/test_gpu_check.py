@@ -36,7 +36,8 @@ def test_dry_run_covers_every_section(tmp_path):
     assert sections["memory"]["status"].startswith("n/a") and sections["memory"]["repeats"] == 2
     frames = sections["frame_batch"]
     assert frames["frames"] == 3 and frames["label_agreement_pct"] == 100.0 and frames["status"] == "PASS"
-    assert frames["frames_per_forward"] == 1  # the CPU: one frame per forward, bit for bit
+    assert frames["frames_per_forward"] == 2  # the dry run: frames share forwards as on a GPU
+    assert sections["rates"]["frames_per_forward"] == {"64x96": 2}
     assert [(r["batch"], r["images"]) for r in sections["rates"]["rows"]] == [(1, 2), (2, 2), (3, 3)]
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     assert all(f"## {name}" in md for name in check.SECTIONS) and "| 64x96 | 3 | 3 |" in md
