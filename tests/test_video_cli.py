@@ -181,3 +181,27 @@ def test_a_marker_is_believed_only_for_names_a_clip_run_writes(name, ours):
     from trident_core.marker import is_output_name
 
     assert is_output_name(name) is ours
+
+
+def test_frames_sharing_forwards_write_what_one_frame_at_a_time_writes(small_ckpts, clip_frames, tmp_path, monkeypatch):
+    """A clip run where frames share forwards (as on a GPU; forced here, 3 at a time over 4 frames): the same masks,
+    objects and tracks as one frame at a time, the smoothing and the tracker fed each frame's own flow in order."""
+    from trident_core.pipeline import Trident
+
+    frames = frame_folder(clip_frames, tmp_path / "frames")
+    common = ["segment", str(frames), "--video", "--classes", CLASSES, "--instances", "--min-area", "4",
+              "--png-frames", "--smooth", "0.5", *models(small_ckpts)]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    groups = []
+    group = Trident._segment_group
+    monkeypatch.setattr(Trident, "frames_per_forward", lambda self, params, size, free=None: 3)
+    monkeypatch.setattr(Trident, "_segment_group", lambda self, imgs, *a: groups.append(len(imgs)) or group(
+        self, imgs, *a))
+    assert main([*common, "--out", str(tmp_path / "shared")]) == 0
+    assert groups == [3, 1]
+    one, shared = tmp_path / "one", tmp_path / "shared"
+    for name in ("000_disc", "001_square"):
+        assert np.array_equal(pngs(one / "masks" / name), pngs(shared / "masks" / name))
+    assert json.loads((one / "tracks.json").read_text()) == json.loads((shared / "tracks.json").read_text())
+    assert sorted(p.name for p in (one / "instances").iterdir()) == sorted(p.name
+                                                                           for p in (shared / "instances").iterdir())

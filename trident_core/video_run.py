@@ -19,6 +19,8 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -178,7 +180,7 @@ def segment_video(args: argparse.Namespace) -> int:
     """Segment a clip frame by frame and write its outputs (see the module's docstring)."""
     from .batch import ProgressBar, settings_key
     from .cli import _settings, build_trident, classes_from_args, params_from_args, release_text_tower
-    from .flow import FlowStream
+    from .flow import Flow, FlowStream
     from .instances import check_min_area, object_classes
     from .paths import require_output_folder
     from .temporal import TemporalSmoother
@@ -197,7 +199,8 @@ def segment_video(args: argparse.Namespace) -> int:
     tr = build_trident(args, params)
     tr.text(classes)
     release_text_tower(tr.clip)
-    tr.release_weights = True  # the peak holds one stage's weights (residency.py)
+    per_forward = tr.frames_per_forward(params, clip.size)  # several frames per forward on a GPU; 1 on the CPU
+    tr.release_weights = per_forward == 1  # the CPU's peak holds one stage's weights (residency.py)
     settings = _settings(tr, classes, params) | {
         "clip": os.fspath(path), "smooth": args.smooth, "png_frames": bool(args.png_frames),
         **({"instances": args.instances, "min_area": min_area, "max_gap": args.max_gap,
@@ -214,9 +217,20 @@ def segment_video(args: argparse.Namespace) -> int:
         bar = ProgressBar(max(clip.frames, 1), "video")
         t0 = time.perf_counter()
         frames = 0
-        for frames, frame in enumerate(clip, 1):
-            flow = flows.push(frame) if flows is not None else None
-            seg = tr.segment(frame, classes, params, after_classify=lambda s, f=flow: smoother(s, f))
+        read: deque[tuple[np.ndarray, Flow | None]] = deque()  # frames read, with their flow, not yet written
+        to_smooth: deque[Flow | None] = deque()  # their flows, for the smoothing after each frame's classification
+
+        def source() -> Iterator[np.ndarray]:
+            for frame in clip:
+                flow = flows.push(frame) if flows is not None else None
+                read.append((frame, flow))
+                to_smooth.append(flow)
+                yield frame
+
+        segs = tr.segment_frames(source(), classes, params, after_classify=lambda s: smoother(s, to_smooth.popleft()),
+                                 per_forward=per_forward)
+        for frames, seg in enumerate(segs, 1):
+            frame, flow = read.popleft()
             labels = seg.labels.cpu().numpy()
             objects = tracker.push(labels, seg.probs, flow, frame) if tracker is not None else None
             writers.write(frame, labels, objects)
