@@ -31,11 +31,6 @@ class WindowFeatures:
     processed_size: tuple[int, int]
 
 
-def crop_windows(x: torch.Tensor, plan: WindowPlan, idx: range) -> torch.Tensor:
-    """The windows `idx` of a [1, 3, H, W] image as a batch [k, 3, w, w]."""
-    return crop_frame_windows([x], plan, idx)
-
-
 def crop_frame_windows(xs: Sequence[torch.Tensor], plan: WindowPlan, idx: range) -> torch.Tensor:
     """Windows `idx` of several frames' windows, numbered frame by frame (window j is frame j // len(plan)'s
     window j % len(plan)), as a batch [k, 3, w, w]."""
@@ -81,32 +76,23 @@ def _resize_tokens(t: torch.Tensor, grid: tuple[int, int], new: tuple[int, int])
 
 
 @torch.no_grad()
-def window_features(clip: ClipModel, dino: DinoModel, x: torch.Tensor, plan: WindowPlan, config: WindowConfig,
-                    image_size: tuple[int, int] | None = None, chunk: int = WINDOW_CHUNK, on_chunk=None,
-                    after_dino=None) -> WindowFeatures:
-    """Y = out_proj(P V) per window of the processed, CLIP-normalised image x [1, 3, H, W], with the proxy
-    attention's gamma and beta of `config` (`frame_window_features` of one frame).
+def frame_window_features(clip: ClipModel, dino: DinoModel, xs: Sequence[torch.Tensor], plan: WindowPlan,
+                          config: WindowConfig, image_size: tuple[int, int] | None = None, chunk: int = WINDOW_CHUNK,
+                          on_chunk=None, after_dino=None) -> list[WindowFeatures]:
+    """Y = out_proj(P V) per window of each processed, CLIP-normalised frame x [1, 3, H, W] of `xs` (frames of one
+    size: one window plan), with the proxy attention's gamma and beta of `config`. The frames' windows go through
+    DINO and CLIP `chunk` at a time, frames mixed within a chunk (a GPU's forwards then carry several frames),
+    while the proxy attention's similarity mean stays each frame's own.
 
     V is resized bilinearly to DINO's grid where the grids differ (ViT-H/14), then Y back to CLIP's grid times
     round(dino/clip) as the reference splices it. DINO runs on every window before CLIP does: `after_dino()` is
     called in between (to release DINO's weights, so the two models' weights are never needed at once)."""
-    return frame_window_features(clip, dino, [x], plan, config, image_size, chunk, on_chunk, after_dino)[0]
-
-
-@torch.no_grad()
-def frame_window_features(clip: ClipModel, dino: DinoModel, xs: Sequence[torch.Tensor], plan: WindowPlan,
-                          config: WindowConfig, image_size: tuple[int, int] | None = None, chunk: int = WINDOW_CHUNK,
-                          on_chunk=None, after_dino=None) -> list[WindowFeatures]:
-    """`window_features` of several processed frames of one size (one window plan): their windows go through DINO
-    and CLIP `chunk` at a time, frames mixed within a chunk (a GPU's forwards then carry several frames), while the
-    proxy attention's similarity mean stays each frame's own. One frame computes what `window_features` always
-    did, in the same chunks."""
     n = len(plan)
     total = n * len(xs)
     dino_feats = []
     for s in range(0, total, chunk):
-        dino_feats.append(dino.patch_tokens(clip_to_imagenet(crop_frame_windows(xs, plan, range(s, min(total,
-                                                                                                      s + chunk))))))
+        dino_feats.append(dino.patch_tokens(clip_to_imagenet(
+            crop_frame_windows(xs, plan, range(s, min(total, s + chunk))))))
         if on_chunk:
             on_chunk()
     dino_feats = torch.cat(dino_feats)
