@@ -4,6 +4,7 @@ unreadable files, and torchrun's processes writing the same files as one process
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -384,3 +385,116 @@ def test_npz_logits_are_the_whole_upsampling_written_query_by_query(tmp_path):
     bad = Blocks((3, 2), np.dtype(np.float32), lambda: iter([np.zeros((2, 2), np.float32)]))
     with pytest.raises(ValueError, match="2 rows written"), open(tmp_path / "y.npz", "wb") as f:
         write_npz(f, {"x": lambda: bad})
+
+
+# ---------------------------------------------------------------------------------- images sharing forwards
+
+def test_images_of_one_size_share_forwards_where_a_gpu_would_and_write_what_one_at_a_time_writes(
+        small_ckpts, photo, tmp_path, monkeypatch, capsys):
+    """A folder run where images share forwards (a GPU's choice, forced here: 3 per forward): consecutive images
+    of one size in one group, a broken image skipped without breaking its group, the same outputs as one image
+    at a time (labels, probabilities within float32's rounding), resumed the same way."""
+    from trident_core.pipeline import Trident
+
+    root = tmp_path / "in"
+    root.mkdir()
+    crops = {"a.png": photo[:96, :128], "b.png": photo[40:136, 60:188], "d.png": photo[120:216, 100:228],
+             "e.png": photo[100:260, 50:170], "f.png": photo[200:296, 200:328]}
+    for name, crop in crops.items():
+        Image.fromarray(crop).save(root / name)
+    (root / "c.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png at all")
+    args = ["segment", str(root), *_models(small_ckpts)]
+    assert main([*args, "--out", str(tmp_path / "one"), "--save-npz", str(tmp_path / "npz_one")]) == 3
+    capsys.readouterr()
+    groups = []
+    group = Trident._segment_group
+    monkeypatch.setattr(Trident, "frames_per_forward", lambda self, params, size, free=None: 3)
+    monkeypatch.setattr(Trident, "_segment_group", lambda self, imgs, *a: groups.append(
+        [img.shape[:2] for img in imgs]) or group(self, imgs, *a))
+    shared, npz = tmp_path / "shared", tmp_path / "npz_shared"
+    assert main([*args, "--out", str(shared), "--save-npz", str(npz)]) == 3
+    err = capsys.readouterr().err
+    assert "5 segmented" in err and "1 skipped" in err and sum("c.png" in ln for ln in err.splitlines()) == 2
+    assert groups == [[(96, 128)] * 3, [(160, 120)], [(96, 128)]]  # a b d | e | f
+    for name in crops:
+        assert sorted(p.name for p in (shared / name).iterdir()) == sorted(p.name
+                                                                         for p in (tmp_path / "one" / name).iterdir())
+        alone, got = _npz(tmp_path / "npz_one" / f"{name}.npz"), _npz(npz / f"{name}.npz")
+        assert (alone["labels"] == got["labels"]).mean() >= 0.999
+        assert np.allclose(alone["probs"], got["probs"], atol=2e-5)
+
+    groups.clear()
+    shutil.rmtree(shared / "d.png")
+    assert main([*args, "--out", str(shared), "--save-npz", str(npz)]) == 3
+    err = capsys.readouterr().err
+    assert "1 segmented" in err and "4 already complete" in err and groups == [[(96, 128)]]
+
+
+def _fake_jobs(tmp_path: Path, photo: np.ndarray, n: int):
+    from trident_core.image_list import ImageJob
+
+    jobs = []
+    for i in range(n):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(photo[10 * i:10 * i + 32, :48]).save(path)
+        jobs.append(ImageJob(path, path.name))
+    return jobs
+
+
+def _groups_of_three(poisoned: int):
+    """A `segment(images)` sharing forwards three images at a time: a group of several runs out of memory, an
+    image alone is its own result, the `poisoned` one (its first pixel's value) runs out of memory even alone."""
+    import itertools
+
+    import torch
+
+    def segment(images):
+        it = iter(images)
+        while group := list(itertools.islice(it, 3)):
+            if len(group) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            if group[0][0, 0, 0] == poisoned:
+                raise torch.OutOfMemoryError("CUDA out of memory (alone)")
+            yield group[0]
+
+    return segment
+
+
+def test_a_shared_forward_that_fails_is_retried_image_by_image(tmp_path, photo, monkeypatch):
+    import trident_core.batch as batch
+
+    jobs = _fake_jobs(tmp_path, photo, 4)
+    written, logged = [], []
+    monkeypatch.setattr(batch, "_write", lambda seg, image, job, *a: written.append((job.name, seg)))
+    poisoned = np.array(Image.open(jobs[1].path))[0, 0, 0]
+    assert all(np.array(Image.open(j.path))[0, 0, 0] != poisoned for j in jobs if j is not jobs[1])
+    counts = batch.run(_groups_of_three(poisoned), jobs, batch.Destinations(None, None, False), {}, resume=False,
+                       log=logged.append, show_progress=False)
+    assert (counts.segmented, counts.unreadable) == (3, 1)
+    assert [name for name, _ in written] == ["0.png", "2.png", "3.png"]
+    for name, seg in written:  # each result written with its own image
+        assert np.array_equal(seg, np.array(Image.open(tmp_path / name)))
+    assert logged[0].startswith("3 images sharing a forward failed (out of memory")
+    assert len(logged) == 2 and logged[1].startswith(f"skipped {jobs[1].path}: out of memory")
+
+
+def test_a_full_disk_stops_a_shared_run_at_once(tmp_path, photo, monkeypatch):
+    import errno
+
+    import trident_core.batch as batch
+
+    jobs = _fake_jobs(tmp_path, photo, 4)
+    calls = []
+
+    def full(*a):
+        calls.append(a[2].name)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def shared(images):  # three images read, then their results handed on one by one
+        group = [img for _, img in zip(range(3), images)]
+        yield from group
+
+    monkeypatch.setattr(batch, "_write", full)
+    with pytest.raises(OSError, match="No space left on device while writing the outputs of 0.png: make room"):
+        batch.run(shared, jobs, batch.Destinations(None, None, False), {}, resume=False, show_progress=False)
+    assert calls == ["0.png"]  # not retried, no other image tried

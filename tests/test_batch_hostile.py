@@ -155,8 +155,8 @@ def test_an_unreadable_sub_folder_is_reported_and_counted(photo, tmp_path, monke
     assert [(j.name, j.error is not None) for j in jobs] == [("a.png", False), ("locked", True)]
     assert "cannot list the folder" in jobs[1].error and "Permission denied" in jobs[1].error
     logged = []
-    counts = batch.run(lambda image: pytest.fail("segmented"), jobs[1:], batch.Destinations(None, None, False), {},
-                       log=logged.append, show_progress=False)
+    counts = batch.run(lambda images: (pytest.fail("segmented") for _ in images), jobs[1:],
+                       batch.Destinations(None, None, False), {}, log=logged.append, show_progress=False)
     assert counts.unreadable == 1 and "locked" in logged[0]
 
 

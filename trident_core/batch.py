@@ -10,11 +10,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 import torch
 
 from .atomic import remove_partials
@@ -159,15 +161,75 @@ class Counts:
     unreadable: int = 0
 
 
-def run(segment: Callable, jobs: list[ImageJob], dest: Destinations, settings: dict, *, rank: int = 0,
-        world: int = 1, resume: bool = True, log: Callable[[str], None] = print, show_progress: bool = True) -> Counts:
-    """Segment this rank's share of `jobs` with `segment(image) -> Segmentation` and write their outputs."""
-    digest = settings_key(settings)
+class StopRun(OSError):
+    """A disk full or read-only: every later image would fail the same way."""
+
+
+_PER_IMAGE_ERRORS = (ImageError, OutputConflict, OSError, MemoryError, torch.OutOfMemoryError)
+
+
+def run(segment: Callable[[Iterable[np.ndarray]], Iterator], jobs: list[ImageJob], dest: Destinations,
+        settings: dict, *, rank: int = 0, world: int = 1, resume: bool = True, log: Callable[[str], None] = print,
+        show_progress: bool = True) -> Counts:
+    """Segment this rank's share of `jobs` with `segment(images) -> segmentations` (in the images' order; it may
+    read a few images ahead to share forwards on a GPU: `Trident.segment_frames`) and write their outputs."""
     mine = jobs[rank::world]
-    counts = Counts()
     bar = ProgressBar(len(mine), "segment" + (f" rank {rank}/{world}" if world > 1 else "")) if show_progress \
         else None
-    for done, job in enumerate(mine, 1):
+    share = _Share(dest, settings, settings_key(settings), resume, log, bar)
+    queue = iter(mine)
+    while True:
+        try:
+            for seg in segment(share.images(queue)):
+                share.write(seg, *share.pending.popleft())
+                del seg  # (not held while the next image is segmented)
+            break
+        except _PER_IMAGE_ERRORS as e:  # segmenting the images read for it: they fail, the run goes on
+            failed = list(share.pending)
+            share.pending.clear()
+            if isinstance(e, StopRun) or not failed:
+                raise
+            if len(failed) == 1:
+                share.fail(failed[0][0], e)
+                continue
+            log(f"{len(failed)} images sharing a forward failed ({_reason(e)}): each again alone")
+            for job, key, image in failed:
+                try:
+                    share.write(next(iter(segment([image]))), job, key, image)
+                except _PER_IMAGE_ERRORS as e_alone:
+                    share.fail(job, e_alone)
+    if bar:
+        bar.close()
+    return share.counts
+
+
+@dataclass
+class _Share:
+    """A process's share of the images as `run` goes through it: the images read and not yet written (`pending`:
+    job, key, image), what was done, the progress shown."""
+
+    dest: Destinations
+    settings: dict
+    digest: str
+    resume: bool
+    log: Callable[[str], None]
+    bar: ProgressBar | None
+    counts: Counts = field(default_factory=Counts)
+    pending: deque[tuple[ImageJob, str, np.ndarray]] = field(default_factory=deque)
+    done: int = 0
+
+    def images(self, queue: Iterator[ImageJob]) -> Iterator[np.ndarray]:
+        """The images of `queue` still to segment, each read as it is asked for; complete and unreadable ones are
+        counted on the way."""
+        for job in queue:
+            entry = self._read(job)
+            if entry is not None:
+                self.pending.append(entry)
+                yield entry[2]
+            entry = None
+
+    def _read(self, job: ImageJob) -> tuple[ImageJob, str, np.ndarray] | None:
+        """The job with its outputs' key and its image, or None where it is complete or cannot be read."""
         try:
             if job.error:
                 raise ImageError(job.error)
@@ -175,30 +237,47 @@ def run(segment: Callable, jobs: list[ImageJob], dest: Destinations, settings: d
                 raise ImageError(f"{job.path} is not a regular file" if job.path.exists() else
                                  f"{job.path} does not exist")
             check_header(job.path)  # a junk file is refused before it is read whole
-            key = image_key(digest, job.path)
-            image = None if resume and is_complete(dest, job, key) else to_rgb_uint8(job.path)
-            if image is not None:
-                _write(segment(image), image, job, dest, key, settings)
-                counts.segmented += 1
-            else:
-                _remove_leftovers(dest, job)
-                counts.complete += 1
-        except (ImageError, OutputConflict, OSError, MemoryError, torch.OutOfMemoryError) as e:  # this image only
-            if isinstance(e, OSError) and e.errno in _FATAL_WRITE_ERRORS:
-                raise OSError(e.errno, f"{e.strerror} while writing the outputs of {job.name}: make room or "
-                              "choose another --out, then run the same command again (complete images are "
-                              "kept)") from e
-            counts.unreadable += 1
-            if bar and bar.tty:
-                bar.stream.write("\n")
-            reason = _reason(e)
-            log(shown(f"skipped: {reason}" if str(job.path) in reason else f"skipped {job.path}: {reason}"))
-        image = None
-        if bar:
-            bar.update(done, counts.segmented, job.name)
-    if bar:
-        bar.close()
-    return counts
+            key = image_key(self.digest, job.path)
+            if self.resume and is_complete(self.dest, job, key):
+                _remove_leftovers(self.dest, job)
+                self.counts.complete += 1
+                self._shown(job)
+                return None
+            return job, key, to_rgb_uint8(job.path)
+        except _PER_IMAGE_ERRORS as e:
+            self.fail(job, e)
+            return None
+
+    def write(self, seg, job: ImageJob, key: str, image: np.ndarray) -> None:
+        """An image's outputs (a failure to write them fails this image only, unless no later image could be
+        written either)."""
+        try:
+            _write(seg, image, job, self.dest, key, self.settings)
+        except _PER_IMAGE_ERRORS as e:
+            self.fail(job, e)
+            return
+        self.counts.segmented += 1
+        self._shown(job)
+
+    def fail(self, job: ImageJob, e: Exception) -> None:
+        """The image is skipped with its reason logged; a full or read-only disk stops the run."""
+        if isinstance(e, StopRun):
+            raise e
+        if isinstance(e, OSError) and e.errno in _FATAL_WRITE_ERRORS:
+            raise StopRun(e.errno, f"{e.strerror} while writing the outputs of {job.name}: make room or "
+                          "choose another --out, then run the same command again (complete images are "
+                          "kept)") from e
+        self.counts.unreadable += 1
+        if self.bar and self.bar.tty:
+            self.bar.stream.write("\n")
+        reason = _reason(e)
+        self.log(shown(f"skipped: {reason}" if str(job.path) in reason else f"skipped {job.path}: {reason}"))
+        self._shown(job)
+
+    def _shown(self, job: ImageJob) -> None:
+        self.done += 1
+        if self.bar:
+            self.bar.update(self.done, self.counts.segmented, job.name)
 
 
 def _write(seg, image, job: ImageJob, dest: Destinations, key: str, settings: dict) -> None:

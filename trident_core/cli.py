@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -192,7 +194,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     tr = build_trident(args, params)
     tr.text(classes)
     release_text_tower(tr.clip)
-    tr.release_weights = True  # the peak holds one stage's weights (residency.py)
+    tr.release_weights = True  # the CPU's peak holds one stage's weights (residency.py)
+    per_forward = functools.partial(tr.frames_per_forward, params)  # several images per forward on a GPU
     t0 = time.perf_counter()
     last = {"stage": ""}
 
@@ -201,8 +204,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
             _log(f"[{time.perf_counter() - t0:6.1f}s] {stage}")
             last["stage"] = stage
 
-    def segment(image: np.ndarray):
-        return tr.segment(image, classes, params, progress if single else lambda _stage: None)
+    def segment(images: Iterable[np.ndarray]) -> Iterator:
+        """Each image's segmentation, in order; on a GPU consecutive images of one size share forwards."""
+        return tr.segment_frames(images, classes, params, progress if single else lambda _stage: None,
+                                 per_forward=per_forward)
 
     counts = run(segment, jobs, dest,
                  _settings(tr, classes, params) | _instances_settings(args), rank=rank,

@@ -230,26 +230,34 @@ class Trident:
     def segment_frames(self, images: Iterable[object], classes: str | ClassList, params: Params = DEFAULT_PARAMS,
                        progress: Progress = _noop,
                        after_classify: Callable[[Segmentation], Segmentation] | None = None,
-                       per_forward: int = 1) -> Iterator[Segmentation]:
+                       per_forward: int | Callable[[tuple[int, int]], int] = 1) -> Iterator[Segmentation]:
         """`segment` of each image in order, yielded as each is done. With `per_forward` > 1 (a GPU's choice,
-        `frames_per_forward`) up to that many consecutive frames of one size share their forwards: their
-        windows through DINO and CLIP and their tiles through SAM's encoder (equal to one frame at a time within
-        the dtype's rounding); the aggregation, classification and refinement run per frame. One at a time where
-        weights are released between stages (`release_weights`)."""
-        if per_forward <= 1 or self.release_weights:
+        `frames_per_forward`; or that choice for a group's image size (H, W)) up to that many consecutive frames
+        of one size share their forwards: their windows through DINO and CLIP and their tiles through SAM's
+        encoder (equal to one frame at a time within the dtype's rounding); the aggregation, classification and
+        refinement run per frame. Where the choice is 1, frames go one at a time through `segment` (weights
+        released between stages where `release_weights` says so). Images are read as they are needed: at most
+        one group ahead of the result yielded."""
+        if not callable(per_forward) and per_forward <= 1:
             for image in images:
                 yield self.segment(image, classes, params, progress, after_classify)
             return
-        require_sam(self.sam, params)
+        limit = per_forward if callable(per_forward) else lambda _size: per_forward
         cl = parse_classes(classes) if isinstance(classes, str) else classes
         group: list[np.ndarray] = []
+        count = 1  # the current group's share of one forward
         for image in images:
             img = to_rgb_uint8(image)
             if group and img.shape != group[0].shape:
                 yield from self._segment_group(group, cl, params, progress, after_classify)
                 group = []
+            if not group:
+                count = limit(img.shape[:2])
+                if count <= 1:
+                    yield self.segment(img, cl, params, progress, after_classify)
+                    continue
             group.append(img)
-            if len(group) == per_forward:
+            if len(group) >= count:
                 yield from self._segment_group(group, cl, params, progress, after_classify)
                 group = []
         if group:
@@ -258,6 +266,7 @@ class Trident:
     def _segment_group(self, imgs: list[np.ndarray], cl: ClassList, params: Params, progress: Progress,
                        after_classify: Callable[[Segmentation], Segmentation] | None) -> Iterator[Segmentation]:
         """Frames of one size: their windows and SAM encodings in shared forwards, then each frame's segment."""
+        require_sam(self.sam, params)
         text = self.text(cl, progress)
         progress("text")
         wfs = compute_frame_window_features(self.clip, self.dino, imgs, params.windows, progress)
