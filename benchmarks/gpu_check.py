@@ -5,7 +5,8 @@ Sections, each timed and recorded even when another fails: the golden tests on t
 labels against float32 on the benchmark cases; benchmark.py's throughput (batch 1, float16, with and without
 refinement, peak memory); GPU memory back to its baseline after a run and over 20 repeated calls; a frame batch
 through Trident Segment's node code (ComfyUI absent) against one frame at a time, with its peak memory against
-one shared forward's frames; images/s for batches of 1, 8 and 32 at 448x448 and 1024x1024. The checkpoints are random
+one shared forward's frames; the command line on a folder of frames (sharing forwards) against one image per
+forward; images/s for batches of 1, 8 and 32 at 448x448 and 1024x1024. The checkpoints are random
 full-size ones built here (no network). `--device cpu --dry-run` runs every section on small models and sizes,
 frames sharing forwards two at a time as on a GPU.
 
@@ -266,9 +267,50 @@ def rates(plan: Plan, paths: dict[str, Path]) -> dict:
             "rows": rows, "target": target_verdict(rows)}
 
 
+def folder(plan: Plan, paths: dict[str, Path]) -> dict:
+    """The command line on a folder of frames (images of one size share forwards as the device chooses) against
+    the same folder one image per forward: labels, seconds (the models' loading included) and peak memory."""
+    from PIL import Image
+
+    cli, trident = core("cli"), core("pipeline").Trident
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_folder_"))
+    (work / "in").mkdir()
+    size = plan.sizes[0]
+    for k, frame in enumerate((frames(size, plan.frames) * 255).round().to(torch.uint8).numpy()):
+        Image.fromarray(frame).save(work / "in" / f"{k:03d}.png")
+
+    def segment(out: str) -> int:
+        return cli.main(["segment", str(work / "in"), "--classes", benchmark.CLASSES, "--no-refine", "--clip",
+                         str(paths["clip"]), "--dino", str(paths["dino"]), "--sam", str(paths["sam"]),
+                         "--no-download", "--device", plan.device.type, "--precision", plan.low,
+                         "--save-npz", f"{work / out}/",
+                         *(["--short-side", str(plan.short_side)] if plan.short_side else [])])
+
+    shared = trident.frames_per_forward
+    trident.frames_per_forward = lambda _self, _params, _size, _free=None: 1
+    try:
+        rc_one, seconds_one, peak_one = timed(plan.device, lambda: segment("one"))
+    finally:
+        trident.frames_per_forward = shared
+    rc, seconds, peak = timed(plan.device, lambda: segment("shared"))
+    same = total = 0
+    for one in sorted((work / "one").glob("*.npz")):
+        with np.load(one) as a, np.load(work / "shared" / one.name) as b:
+            same += int((a["labels"] == b["labels"]).sum())
+            total += a["labels"].size
+    m = {"images": plan.frames, "size": list(size), "refine": False, "precision": plan.low, "exit_codes": [rc_one, rc],
+         "label_agreement_pct": round(100 * same / max(total, 1), 4) if total else None,
+         "seconds_one_per_forward": seconds_one, "seconds_shared": seconds,
+         "peak_mb_one_per_forward": peak_one, "peak_mb_shared": peak}
+    agree = rc == rc_one == 0 and total == plan.frames * size[0] * size[1] and \
+        m["label_agreement_pct"] >= FRAME_AGREEMENT_PCT
+    m["status"] = "PASS" if agree else "FAIL"
+    return m
+
+
 SECTIONS: dict[str, Callable[[Plan, dict[str, Path]], dict]] = {
     "golden": golden, "agreement": agreement, "throughput": throughput, "memory": memory,
-    "frame_batch": frame_batch, "rates": rates}
+    "frame_batch": frame_batch, "folder": folder, "rates": rates}
 
 
 # -------------------------------------------------------------------------------------------------- summary

@@ -37,6 +37,8 @@ def test_dry_run_covers_every_section(tmp_path):
     frames = sections["frame_batch"]
     assert frames["frames"] == 3 and frames["label_agreement_pct"] == 100.0 and frames["status"] == "PASS"
     assert frames["frames_per_forward"] == 2  # the dry run: frames share forwards as on a GPU
+    folder = sections["folder"]  # the command line sharing forwards two at a time, against one at a time
+    assert folder["exit_codes"] == [0, 0] and folder["label_agreement_pct"] == 100.0 and folder["status"] == "PASS"
     assert sections["rates"]["frames_per_forward"] == {"64x96": 2}
     assert [(r["batch"], r["images"]) for r in sections["rates"]["rows"]] == [(1, 2), (2, 2), (3, 3)]
     md = (tmp_path / "out" / "gpu_check.md").read_text()
