@@ -82,12 +82,12 @@ def check_precision(args: argparse.Namespace) -> None:
 
 def build_trident(args: argparse.Namespace, params):
     """Load the models named by the arguments; SAM (and its download) only when `params` use it."""
-    from .devices import resolve_device, resolve_dtype
+    from .devices import resolve_device
     from .download import cache_dir
     from .pipeline import Trident, bf16_flip_cost, needs_sam
 
+    check_precision(args)  # (its callers checked it first: here too, before any download)
     device = resolve_device(args.device)
-    resolve_dtype(args.precision, device)  # a precision refused here: before any download
     allow = not args.no_download
     roles = ("clip", "dino", "sam") if needs_sam(params) else ("clip", "dino")
     paths = {r: _model_file(getattr(args, r), r, allow) for r in roles}
