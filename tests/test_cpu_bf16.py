@@ -409,8 +409,32 @@ def _damage_copy(copy, damage: str) -> None:
     torch.save(sd, copy)
 
 
-@pytest.mark.parametrize("damage", ["link", "other tensors", "linked folder", "full disk", "folder is a file",
-                                    *DAMAGED_COPIES])
+class _FillingDisk:
+    """A file on a disk that is full after 16 KB: a later write raises ENOSPC, which PyTorch's zip writer turns
+    into a RuntimeError ("unexpected pos"), not an OSError."""
+
+    def __init__(self, f):
+        self.f, self.left = f, 16 << 10
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if n > self.left:
+            raise OSError(28, "No space left on device")
+        self.left -= n
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("damage", ["link", "other tensors", "linked folder", "full disk", "disk filling",
+                                    "folder is a file", *DAMAGED_COPIES])
 def test_a_converted_copy_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_path, damage, caplog, monkeypatch):
     """The converted copy is a cache: a link is neither read nor written through (a new copy replaces the link
     itself), a copy holding other tensors, or damaged in any way (cut to a byte, bytes flipped inside a tensor,
@@ -445,6 +469,11 @@ def test_a_converted_copy_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_
     elif damage == "linked folder":
         (tmp_path / "real").mkdir()
         cache.symlink_to(tmp_path / "real")
+    elif damage == "disk filling":
+        from trident_core.models import conversion
+
+        fdopen = os.fdopen
+        monkeypatch.setattr(conversion.os, "fdopen", lambda *a, **k: _FillingDisk(fdopen(*a, **k)))
     else:
         def full(*_a, **_k):
             raise OSError(28, "No space left on device")
@@ -462,7 +491,7 @@ def test_a_converted_copy_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_
         assert all(t.layout == torch.strided and t.is_contiguous() for t in again.values())
     if damage == "linked folder":
         assert not any(f.name.startswith("sam-") for f in (tmp_path / "real").iterdir())
-    if damage == "full disk":
+    if damage in ("full disk", "disk filling"):
         assert not list(cache.glob("sam-*"))
     assert not [f for f in os.listdir(tmp_path) if "partial" in f]
 

@@ -173,8 +173,9 @@ def test_a_damaged_marker_in_a_folder_run_is_redone_not_fatal(small_ckpts, photo
     out = tmp_path / "out"
     assert main(["segment", str(root), *_models(small_ckpts), "--out", str(out)]) == 0
     good = {name: _tree(out / name) for name in ("a.png", "b.png", "c.png")}
-    (out / "a.png" / "trident.json").write_text("[" * 100000 + "]" * 100000)
-    (out / "b.png" / "trident.json").write_bytes(b"\x00\x01 not json")
+    marker = (out / "a.png" / "trident.json").read_bytes()
+    (out / "a.png" / "trident.json").write_bytes(marker[:len(marker) // 2])  # cut short
+    (out / "b.png" / "trident.json").write_bytes(marker[:14] + b"[" * 100000 + b"\x00\x01 not json")  # garbled
     capsys.readouterr()
     assert main(["segment", str(root), *_models(small_ckpts), "--out", str(out)]) == 0
     assert "2 segmented in" in capsys.readouterr().err

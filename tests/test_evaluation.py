@@ -404,16 +404,21 @@ def test_resume_refuses_another_config_and_no_resume_starts_over(tmp_path):
 
 
 @pytest.mark.filterwarnings(NOT_OFFICIAL)
-@pytest.mark.parametrize("damage", ["truncated", "deep_meta", "done_as_text", "negative_counts", "nan_time",
-                                    "config_not_an_object", "done_twice"])
+@pytest.mark.parametrize("damage", ["truncated", "cut_before_its_meta", "deep_meta", "done_as_text",
+                                    "negative_counts", "nan_time", "config_not_an_object", "done_twice"])
 def test_a_damaged_resume_state_starts_over(tmp_path, damage, capsys):
     pairs = make_cityscapes(tmp_path, 3)
     out = tmp_path / "run.json"
     with pytest.raises(Interrupt):
         evaluate(counting_predict(N_CITY, [], 2), city_dataset(tmp_path), result_json=out, save_every=100)
     state = tmp_path / "run.state-rank0of1.npz"
-    if damage == "truncated":
+    if damage == "truncated":  # its central directory lost; its first member, the meta, still whole
+        state.write_bytes(state.read_bytes()[:-100])
+    elif damage == "cut_before_its_meta":  # nothing left proves it ours: left for the user to move away
         state.write_bytes(state.read_bytes()[:200])
+        with pytest.raises(ValueError, match="is not a state Trident wrote: move it away"):
+            evaluate(counting_predict(N_CITY, []), city_dataset(tmp_path), result_json=out, progress=False)
+        return
     else:
         with np.load(state) as data:
             arrays = dict(data)

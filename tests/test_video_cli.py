@@ -129,8 +129,9 @@ def test_bad_clips_and_options_are_one_line(small_ckpts, clip_frames, tmp_path, 
     frames = frame_folder(clip_frames, tmp_path / "frames")
     assert "overlay.mp4 is not a file Trident wrote" in run(str(frames), "--video", "--out", str(taken))
     assert (taken / "overlay.mp4").read_bytes() == b"the user's own video"
-    (taken / "trident.json").write_text("{damaged")  # a marker that cannot be read proves nothing
-    assert "overlay.mp4 is not a file Trident wrote" in run(str(frames), "--video", "--out", str(taken))
+    (taken / "trident.json").write_text("{damaged")  # a marker that cannot be read proves nothing, nor is it ours
+    assert "trident.json is not a marker Trident wrote" in run(str(frames), "--video", "--out", str(taken))
+    assert (taken / "overlay.mp4").read_bytes() == b"the user's own video"
     own = tmp_path / "own"
     own.mkdir()
     with VideoWriter(own / "overlay.mp4", 12.0, (48, 64)) as w:  # the clip itself where an output would go

@@ -268,13 +268,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a preset on its validation set (data-parallel under torchrun)."""
     from .checkpoints import file_sha256
     from .evaluation import build_dataset, evaluate, init_distributed
+    from .evaluation.runner import check_outputs_free
 
     check_precision(args)
     if args.out:
         from .paths import require_output_file
 
         require_output_file(args.out, "--out")
-    _rank, _world, device = init_distributed()
+    rank, world, device = init_distributed()
+    if args.out:
+        check_outputs_free(Path(args.out), rank, world)  # before the models load
     if args.device == "auto":
         args.device = str(device)
     dataset = build_dataset(args.preset, args.data_root)

@@ -24,6 +24,7 @@ OUTPUT_IMAGES = (LABELS_COLOR, OVERLAY, LABELS)  # beside the marker
 OUTPUT_FOLDERS = (MASKS, INSTANCES)  # of numbered files, beside the marker
 _NUMBERED = re.compile(r"(\d{3,})_(.*)\.(png|mp4)", re.DOTALL)  # masks/NNN_<class>.png or .mp4, instances/ alike
 _FRAME_PNG = re.compile(r"\d{6,}\.png")  # a clip's PNG frames: masks/NNN_<class>/000000.png
+MARKER_START = b'{\n "files": ['  # how every marker begins (sorted keys, "files" first): a damaged one still does
 SIGNATURE = ("Software", "ComfyUI-Trident")  # a text chunk in every PNG we write
 
 

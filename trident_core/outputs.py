@@ -22,6 +22,7 @@ from .marker import (
     LABELS,
     LABELS_COLOR,
     MARKER,
+    MARKER_START,
     MASKS,
     OVERLAY,
     SIGNATURE,
@@ -33,6 +34,7 @@ from .marker import (
     signed_png,
     write_marker,
 )
+from .zip_head import leading_array
 
 OVERLAY_PNG_LEVEL = 1  # zlib level of the photo-like overlay: 2.6x faster to write than PIL's 6, 15 % larger
 
@@ -153,8 +155,8 @@ def save_npz(seg, path: str | os.PathLike, key: str | None = None, protected: fr
     not one of the `protected` paths (the inputs)."""
     arrays = npz_arrays(seg)
     path = Path(path)
-    if key is not None:
-        arrays["run_key"] = lambda: np.array(key)
+    if key is not None:  # the key first: what is left of a file cut short still proves it ours
+        arrays = {"run_key": lambda: np.array(key), **arrays}
         check_npz_replaceable(path, protected)
     remove_partials(path)
     with atomic_file(path) as f:
@@ -179,23 +181,19 @@ def _npz_run_key(path: Path) -> str | None:
 
 
 def _replaceable_npz(path: Path) -> bool:
-    """An npz a run wrote (it holds a run_key), or what is left of one: empty, or a zip cut short or damaged that
-    no longer opens. A readable npz of someone else's, or any other file, is not."""
+    """An npz a run wrote (it holds a run_key), or what is left of one cut short or damaged: its first member, the
+    run key a run writes first, still in place. Anything else (an empty file, another zip, a checkpoint half
+    downloaded, a readable npz of someone else's) is not ours to replace."""
     if not is_regular(path):
         return False
-    if _npz_run_key(path) is not None or path.stat().st_size == 0:
-        return True
-    import zipfile
+    return _npz_run_key(path) is not None or _leading_run_key(path)
 
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            return False
-    try:
-        with zipfile.ZipFile(path):
-            pass
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        return True
-    return False
+
+def _leading_run_key(path: Path) -> bool:
+    """Whether the file begins with the run key a run writes first (read from the member's local header, which a
+    file cut short keeps)."""
+    key = leading_array(path, "run_key.npy", 4096)
+    return key is not None and key.ndim == 0 and key.dtype.kind == "U"
 
 
 def check_npz_replaceable(path: Path, protected: frozenset[str] = frozenset()) -> None:
@@ -278,8 +276,9 @@ def _not_a_folder(final: Path, name: str) -> Path | None:
 
 
 def check_marker_replaceable(folder: Path) -> None:
-    """Refuse a `trident.json` in `folder` that is not a marker of ours: a link, a folder, a pipe, or a JSON file
-    of the user's (one without a marker's "key" and "files"). A marker that no longer parses is ours, damaged."""
+    """Refuse a `trident.json` in `folder` that is not a marker of ours: a link, a folder, a pipe, a JSON file of
+    the user's (one without a marker's "key" and "files") or any other file. A marker that no longer parses is
+    ours, damaged, only where it still begins as every marker does."""
     path = folder / MARKER
     if not os.path.lexists(path):
         return
@@ -289,9 +288,10 @@ def check_marker_replaceable(folder: Path) -> None:
     try:
         data = jsonfile.read(path)
     except jsonfile.JsonFileError:
-        return
+        with open(path, "rb") as f:
+            data = {"key": "", "files": []} if f.read(len(MARKER_START)) == MARKER_START else None
     if not (isinstance(data, dict) and {"key", "files"} <= data.keys()):
-        raise OutputConflict(f"{path} is not a marker Trident wrote (a JSON file of yours?): move it away or choose "
+        raise OutputConflict(f"{path} is not a marker Trident wrote (a file of yours?): move it away or choose "
                              "another --out")
 
 

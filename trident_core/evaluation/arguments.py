@@ -17,7 +17,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="folder holding the datasets in MMSegmentation's layout (VOCdevkit/, coco_stuff164k/, cityscapes/, "
         "ade/ADEChallengeData2016/, coco_object/)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (smoke tests)")
+    parser.add_argument("--limit", type=_at_least_one, default=None, metavar="N",
+                        help="evaluate only the first N images (smoke tests)")
     parser.add_argument(
         "--refine",
         action=argparse.BooleanOptionalAction,
@@ -37,3 +38,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="ignore and delete the resume state of a previous run with the same --out",
     )
     return parser
+
+
+def _at_least_one(text: str) -> int:
+    """A count of images: a whole number, at least 1 (no images would give no metrics)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: evaluate at least 1 image") from None
+    return value

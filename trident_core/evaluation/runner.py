@@ -23,6 +23,7 @@ import numpy as np
 from .. import jsonfile
 from ..atomic import atomic_file, write_atomic
 from ..paths import require_output_file
+from ..zip_head import leading_array
 from .datasets import Sample, SegDataset, load_image_rgb
 from .distributed import all_reduce, rank_and_world
 from .metrics import IGNORE_INDEX, compute_metrics, confusion_matrix, format_table, percent
@@ -62,8 +63,8 @@ def evaluate(
     names = tuple(class_names)
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for {num_classes} classes")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (no images give no metrics), got {limit}")
     if save_every < 1:
         raise ValueError(f"save_every must be >= 1, got {save_every}")
     total = len(dataset) if limit is None else min(limit, len(dataset))
@@ -80,6 +81,7 @@ def evaluate(
     out = Path(result_json) if result_json is not None else None
     if out is not None:
         require_output_file(out, "result_json (--out)")
+        check_outputs_free(out, rank, world)
     state = _State(out, rank, world, meta) if out else None
     empty = np.zeros((num_classes, num_classes + 1), np.int64)
     # (confusion, indices done) is swapped as one object: an interrupt can never save one without the other.
@@ -149,12 +151,40 @@ def evaluate(
     return result
 
 
+def check_outputs_free(out: Path, rank: int = 0, world: int = 1) -> None:
+    """Refuse a result file, or this rank's resume state beside it, that is there and not one an evaluation wrote
+    (a file of the user's under that name would be replaced)."""
+    if os.path.lexists(out) and not _is_result(out):
+        raise ValueError(f"--out {out} is there and is not a result Trident's eval wrote: move it away or choose "
+                         "another file name")
+    state = _State.path_of(out, rank, world)
+    if os.path.lexists(state) and not (_is_state(state) or _ours_cut_short(state)):
+        raise ValueError(f"{state} (where eval keeps its resume state for --out {out}) is there and is not a state "
+                         "Trident wrote: move it away or choose another --out")
+
+
+def _is_result(path: Path) -> bool:
+    """Whether `path` is a regular file holding a result JSON as `evaluate` writes it."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        data = jsonfile.read(path)
+    except jsonfile.JsonFileError:
+        return False
+    return isinstance(data, dict) and {"preset", "num_images", "mIoU", "confusion_matrix"} <= data.keys()
+
+
 class _State:
     """One rank's resumable progress, kept in ``<stem>.state-rank<r>of<W>.npz`` beside the result JSON."""
 
     def __init__(self, out: Path, rank: int, world: int, meta: dict[str, Any]) -> None:
         self.out, self.rank, self.world, self.meta = out, rank, world, meta
-        self.path = out.with_name(f"{out.stem}.state-rank{rank}of{world}.npz")
+        self.path = self.path_of(out, rank, world)
+
+    @staticmethod
+    def path_of(out: Path, rank: int, world: int) -> Path:
+        """Where rank `rank` of `world` keeps its state for the result file `out`."""
+        return out.with_name(f"{out.stem}.state-rank{rank}of{world}.npz")
 
     def _others(self) -> list[Path]:
         """State files of ``out`` written by runs with another number of processes (files of that name pattern
@@ -222,12 +252,12 @@ class _State:
     def save(self, confusion: np.ndarray, done: Sequence[int], predict_s: float) -> None:
         """Atomically replace the state file with the current progress."""
         with atomic_file(self.path) as f:
-            np.savez(
+            np.savez(  # meta first: what is left of a state cut short still proves it ours (`_ours_cut_short`)
                 f,
+                meta=np.array(json.dumps(self.meta, sort_keys=True)),
                 confusion=confusion,
                 done=np.asarray(done, np.int64),
                 predict_s=np.float64(predict_s),
-                meta=np.array(json.dumps(self.meta, sort_keys=True)),
             )
 
 
@@ -246,6 +276,21 @@ def _is_state(path: Path, max_member: int | None = None) -> bool:
         return False
     return ({i.filename for i in infos} == _STATE_MEMBERS and all(i.compress_type == zipfile.ZIP_STORED for i in infos)
             and (max_member is None or all(i.file_size <= max_member for i in infos)))
+
+
+def _ours_cut_short(path: Path) -> bool:
+    """Whether `path` begins as a state `_State.save` writes (its meta, first, a JSON object with the run's keys):
+    a damaged state of ours, which `load` reports and starts over from."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    meta = leading_array(path, "meta.npy")
+    if meta is None or meta.ndim != 0 or meta.dtype.kind != "U":
+        return False
+    try:
+        saved = jsonfile.parse(str(meta))
+    except jsonfile.JsonFileError:
+        return False
+    return isinstance(saved, dict) and {"preset", "config", "images_sha1"} <= saved.keys()
 
 
 def _config(text: object) -> dict:

@@ -140,7 +140,10 @@ def _write(copy: Path, out: dict[str, torch.Tensor], want: Want) -> dict[str, to
         remove_entry(tmp)  # (a link planted at the temporary name is removed, never written through: O_EXCL)
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666),
                        "wb") as f:
-            torch.save(out, f)
+            try:
+                torch.save(out, f)
+            except RuntimeError as e:  # PyTorch's zip writer reports a full disk so ("unexpected pos ...")
+                raise OSError(f"the copy could not be written ({str(e).splitlines()[0] if str(e) else e!r})") from e
         release(out.values())  # the pages of tensors kept as the file had them, read by the saving
         written = _read(tmp, want)
         if written is None or not _equal_released(written, out):

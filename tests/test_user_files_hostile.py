@@ -1,0 +1,169 @@
+"""The command line against a hostile user's review of 2026-12-03 (H<n> its findings): files of the user's that
+only looked like ours (a zip cut short at --save-npz, a trident.json that is not JSON, an existing file at eval's
+--out or its resume state) are refused and left as they were, where a damaged file of ours is still replaced; eval
+refuses to evaluate no images."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trident_core.cli import main
+
+CLASSES = "sky, tree"
+
+
+def _models(ckpts) -> list[str]:
+    return ["--clip", str(ckpts["clip"]), "--dino", str(ckpts["dino"]), "--sam", str(ckpts["sam"]), "--device",
+            "cpu", "--no-download", "--no-refine", "--short-side", "64"]
+
+
+def _image(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("TRIDENT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _errors(capsys) -> list[str]:
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+
+
+def _cut_zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("notes.txt", "x" * 9000)
+    path.write_bytes(path.read_bytes()[:-30])  # its central directory cut short: the zip no longer opens
+    return path
+
+
+def _half_checkpoint(path: Path) -> Path:
+    torch.save({"w": torch.zeros(4096)}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a download cut short
+    return path
+
+
+# H1 ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [_cut_zip, _half_checkpoint, lambda p: p.write_bytes(b"") and p],
+                         ids=["zip cut short", "checkpoint cut short", "empty file"])
+def test_h1_save_npz_onto_a_users_damaged_zip_is_refused(small_ckpts, tmp_path, capsys, make):
+    """H1: any file starting like a zip that no longer opens (or an empty one) was taken for what is left of an npz
+    of ours and replaced: a half-downloaded .pth named at --save-npz was lost."""
+    target = tmp_path / "mine.pth"
+    make(target)
+    before = target.read_bytes()
+    rc = main(["segment", str(_image(tmp_path / "a.png")), *_models(small_ckpts), "--classes", CLASSES,
+               "--save-npz", str(target)])
+    assert rc == 2 and "a file Trident did not write is there" in _errors(capsys)[0]
+    assert target.read_bytes() == before
+
+
+def test_h1_an_npz_of_ours_cut_short_is_still_replaced(small_ckpts, tmp_path, capsys):
+    """Its first member is the run key (written first), which a file cut short keeps: the proof it is ours."""
+    img, npz = _image(tmp_path / "a.png"), tmp_path / "r.npz"
+    args = ["segment", str(img), *_models(small_ckpts), "--classes", CLASSES, "--save-npz", str(npz)]
+    assert main(args) == 0
+    with zipfile.ZipFile(npz) as z:
+        assert z.namelist()[0] == "run_key.npy"
+    whole = npz.read_bytes()
+    npz.write_bytes(whole[:len(whole) // 3])
+    assert main(args) == 0
+    with np.load(npz) as z:
+        assert {"labels", "probs", "run_key"} <= set(z.files)
+
+
+# H2 ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("clip", [False, True], ids=["image", "clip"])
+def test_h2_a_users_trident_json_that_is_not_json_is_left_alone(small_ckpts, tmp_path, capsys, clip):
+    """H2: a trident.json that does not parse (a hand-written config with a comment) was taken for a damaged marker
+    of ours and replaced."""
+    out = tmp_path / "proj"
+    out.mkdir()
+    mine = b'// my config\n{"a": [1, 2,],}\n'
+    (out / "trident.json").write_bytes(mine)
+    if clip:
+        frames = tmp_path / "frames"
+        for k in range(2):
+            _image(frames / f"{k:03d}.png")
+        args = ["segment", str(frames), "--video"]
+    else:
+        args = ["segment", str(_image(tmp_path / "a.png"))]
+    rc = main([*args, *_models(small_ckpts), "--classes", CLASSES, "--out", str(out)])
+    assert rc == 2 and "is not a marker Trident wrote" in _errors(capsys)[0]
+    assert (out / "trident.json").read_bytes() == mine and sorted(p.name for p in out.iterdir()) == ["trident.json"]
+
+
+def test_h2_markers_begin_as_the_damage_check_expects(small_ckpts, tmp_path):
+    from trident_core.marker import MARKER_START
+
+    out = tmp_path / "out"
+    assert main(["segment", str(_image(tmp_path / "a.png")), *_models(small_ckpts), "--classes", CLASSES,
+                 "--out", str(out)]) == 0
+    assert (out / "trident.json").read_bytes().startswith(MARKER_START)
+
+
+# H3, H8 --------------------------------------------------------------------------------------------------------
+def _tiny_cityscapes(root: Path) -> Path:
+    stem = "aachen/aachen_000000_000019"
+    img = root / "cityscapes/leftImg8bit/val" / f"{stem}_leftImg8bit.png"
+    lab = root / "cityscapes/gtFine/val" / f"{stem}_gtFine_labelTrainIds.png"
+    _image(img)
+    lab.parent.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 19, (48, 64)).astype(np.uint8)).save(lab)
+    return root
+
+
+def _eval(ckpts, root: Path, out: Path, *more: str) -> list[str]:
+    return ["eval", "--preset", "city_scapes", "--data-root", str(root), "--out", str(out), *_models(ckpts)[:9],
+            *more]
+
+
+def test_h3_eval_out_onto_a_users_file_is_refused_before_the_models_load(small_ckpts, tmp_path, capsys,
+                                                                          monkeypatch):
+    """H3: eval --out replaced any file there, and wrote its resume state over a file of that name beside it."""
+    import trident_core.cli as cli
+
+    monkeypatch.setattr(cli, "build_trident", lambda *a: pytest.fail("models loaded"))
+    root = _tiny_cityscapes(tmp_path / "data")
+    mine = tmp_path / "myresult.json"
+    mine.write_text('{"my": "own results"}')
+    assert main(_eval(small_ckpts, root, mine)) == 2
+    assert "is not a result Trident's eval wrote" in _errors(capsys)[0]
+    assert mine.read_text() == '{"my": "own results"}'
+    state = tmp_path / "r.state-rank0of1.npz"
+    state.write_bytes(b"MY DATA")
+    assert main(_eval(small_ckpts, root, tmp_path / "r.json")) == 2
+    assert "is not a state Trident wrote" in _errors(capsys)[0]
+    assert state.read_bytes() == b"MY DATA" and not (tmp_path / "r.json").exists()
+
+
+def test_h3_eval_replaces_its_own_result(small_ckpts, tmp_path, capsys):
+    import json
+
+    root, out = _tiny_cityscapes(tmp_path / "data"), tmp_path / "r.json"
+    assert main(_eval(small_ckpts, root, out)) == 0
+    first = json.loads(out.read_text())
+    assert main(_eval(small_ckpts, root, out, "--no-resume")) == 0  # a rerun over its own result
+    assert json.loads(out.read_text())["mIoU"] == first["mIoU"]
+
+
+@pytest.mark.parametrize(("limit", "said"), [("0", "evaluate at least 1 image"), ("-1", "evaluate at least 1 image"),
+                                             ("two", "'two' is not a whole number")])
+def test_h8_eval_of_no_images_is_refused_at_once(small_ckpts, tmp_path, capsys, monkeypatch, limit, said):
+    """H8: --limit 0 printed NaN metrics and exited 0; --limit -1 was refused only after the models loaded."""
+    import trident_core.cli as cli
+
+    monkeypatch.setattr(cli, "build_trident", lambda *a: pytest.fail("models loaded"))
+    with pytest.raises(SystemExit) as e:
+        main(_eval(small_ckpts, tmp_path, tmp_path / "r.json", "--limit", limit))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--limit" in err[0] and said in err[0]
