@@ -167,3 +167,26 @@ def test_h8_eval_of_no_images_is_refused_at_once(small_ckpts, tmp_path, capsys, 
         main(_eval(small_ckpts, tmp_path, tmp_path / "r.json", "--limit", limit))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--limit" in err[0] and said in err[0]
+
+
+# H7 ------------------------------------------------------------------------------------------------------------
+def test_h7_a_folder_run_takes_the_users_images_beside_outputs_and_leaves_out_only_what_a_marker_lists(
+        small_ckpts, tmp_path, capsys):
+    """H7: any labels.png, overlay.png or masks/*.png beside any trident.json was taken for an output and left
+    out (the user's own images lost from the run, exit 0), while a clip's PNG frames (masks/NNN_cls/000000.png)
+    were segmented as images."""
+    from trident_core.image_list import gather
+
+    pics = tmp_path / "pics"
+    mine = [_image(pics / name) for name in ("cat.png", "labels.png", "masks/dog.png")]
+    frames = tmp_path / "frames"
+    for k in range(2):
+        _image(frames / f"{k:03d}.png")
+    assert main(["segment", str(frames), "--video", *_models(small_ckpts), "--classes", CLASSES, "--out", str(pics),
+                 "--png-frames"]) == 0
+    written = [p for p in pics.rglob("*.png") if p not in mine]
+    assert any(p.parent.parent.name == "masks" for p in written)  # the clip's PNG frames are there
+    jobs, _single = gather([str(pics)])
+    assert sorted(j.path for j in jobs) == sorted(mine)
+    jobs, _single = gather([str(pics / "**" / "*.png")])
+    assert sorted(j.path for j in jobs) == sorted(mine)

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .marker import MARKER, OUTPUT_FOLDERS, OUTPUT_IMAGES
+from .marker import MARKER, OUTPUT_FOLDERS, read_marker
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                     ".pbm", ".pnm", ".gif")
@@ -44,12 +44,26 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _is_output(path: Path) -> bool:
-    """A file `segment` wrote: one of its image files beside its completion marker, or in the masks/ or
-    instances/ folder of one (other images beside a marker are the user's, e.g. with `--out` the image's folder)."""
-    if path.name in OUTPUT_IMAGES and (path.parent / MARKER).is_file():
-        return True
-    return path.parent.name in OUTPUT_FOLDERS and (path.parent.parent / MARKER).is_file()
+class _Outputs:
+    """Which files earlier runs wrote: those a completion marker lists (an image's files beside it, its masks/ and
+    instances/, a clip's PNG frames under masks/). Anything else is the user's, also beside a marker (e.g. with
+    `--out` the images' folder) or under a marker that cannot be read. Each folder's marker is read once."""
+
+    def __init__(self) -> None:
+        self._listed: dict[Path, frozenset[str]] = {}
+
+    def __contains__(self, path: Path) -> bool:
+        for depth, folder in enumerate(path.parents[:3]):
+            rel = "/".join(path.parts[-depth - 1:])  # the name the marker of `folder` would list
+            if (depth == 0 or path.parts[-depth - 1] in OUTPUT_FOLDERS) and rel in self._files(folder):
+                return True
+        return False
+
+    def _files(self, folder: Path) -> frozenset[str]:
+        if folder not in self._listed:
+            marker = read_marker(folder) if (folder / MARKER).is_file() else None
+            self._listed[folder] = marker.files if marker is not None and marker.files is not None else frozenset()
+        return self._listed[folder]
 
 
 def _walk(folder: Path, unreadable: list[OSError]) -> list[Path]:
@@ -72,7 +86,8 @@ def _folder_images(folder: Path) -> list[Found]:
     skipped)."""
     unreadable: list[OSError] = []
     named = sorted(p for p in _walk(folder, unreadable) if _is_image(p) and not _hidden(p, folder))
-    found = [p for p in named if p.is_file() and not _is_output(p)]
+    outputs = _Outputs()
+    found = [p for p in named if p.is_file() and p not in outputs]
     odd = [(p, _not_a_file(p)) for p in named if not p.is_file()]  # reported and counted as skipped
     if not found and not unreadable and not odd:
         raise InputError(f"no images in folder {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} files, also in "
@@ -100,7 +115,8 @@ def _glob_images(pattern: str, base: Path | None = None) -> list[Found]:
     """The files a glob pattern matches (earlier runs' outputs left out), each with the pattern's fixed folder
     (`base` when the pattern's own folder part was escaped)."""
     matches = sorted(_absolute(m) for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
-    matches = [m for m in matches if _is_image(m) and not _is_output(m)]
+    outputs = _Outputs()
+    matches = [m for m in matches if _is_image(m) and m not in outputs]
     if not matches:
         raise InputError(f"no image file matches the pattern {pattern!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     root = base if base is not None else _glob_root(pattern)
