@@ -190,3 +190,30 @@ def test_h7_a_folder_run_takes_the_users_images_beside_outputs_and_leaves_out_on
     assert sorted(j.path for j in jobs) == sorted(mine)
     jobs, _single = gather([str(pics / "**" / "*.png")])
     assert sorted(j.path for j in jobs) == sorted(mine)
+
+
+# H6 ------------------------------------------------------------------------------------------------------------
+def test_h6_a_clip_or_out_path_opencv_cannot_take_is_one_line_not_a_crash(small_ckpts, tmp_path):
+    """H6: OpenCV's video reader and writer crash the process (SIGSEGV, no message) on a path whose bytes are not
+    UTF-8; images already went through PIL there. Run in a child process: a crash must not take the tests."""
+    import os
+    import subprocess
+    import sys
+
+    from trident_core.video_io import VideoWriter
+
+    good = tmp_path / "clip.mp4"
+    with VideoWriter(good, 12.0, (48, 64)) as w:
+        for k in range(3):
+            w.write(np.full((48, 64, 3), 40 * k, np.uint8))
+    odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/vid\xfe.mp4"))
+    odd.write_bytes(good.read_bytes())
+    cases = {"clip": [odd, "--out", tmp_path / "o1"],
+             "out": [good, "--out", Path(os.fsdecode(os.fsencode(tmp_path) + b"/out\xff"))]}
+    for what, (clip, *out) in cases.items():
+        proc = subprocess.run([sys.executable, "-m", "trident_core", "segment", clip, *map(str, out),
+                               *_models(small_ckpts), "--classes", CLASSES],
+                              capture_output=True, env={**os.environ, "TRIDENT_CACHE": str(tmp_path / "cache")})
+        err = proc.stderr.decode("utf-8", "backslashreplace").strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1 and "not UTF-8" in err[0], (what, proc.returncode, err)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("o")) == []  # no --out made

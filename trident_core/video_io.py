@@ -178,7 +178,18 @@ def _animated_frames(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             yield f"{path}: frame {k}", frame
 
 
+def check_opencv_path(path: Path, what: str) -> None:
+    """Refuse a path OpenCV's video reader and writer would crash on (bytes that are not UTF-8 in its name or its
+    folders'), in one line, before they are given it."""
+    try:
+        os.fspath(Path(path).absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise VideoError(f"{what} {os.fspath(path)!r}: its path has bytes that are not UTF-8, which OpenCV's video "
+                         "reader and writer cannot take; rename it (or the folders on its way)") from None
+
+
 def _capture(path: Path) -> cv2.VideoCapture:
+    check_opencv_path(path, "the video")
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # our one line, not FFmpeg's
     try:
@@ -234,6 +245,7 @@ class VideoWriter:
         self.tmp = partial_name(self.path).with_name(partial_name(self.path).name + self.path.suffix)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         h, w = self.size
+        check_opencv_path(self.tmp, "the video")
         self._writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h),
                                        isColor=color)
         if not self._writer.isOpened():

@@ -28,7 +28,7 @@ import numpy as np
 from .atomic import fresh_folder, partial_name, remove_partials, write_atomic
 from .marker import INSTANCES, MASKS, OVERLAY_VIDEO, TRACKS_JSON, TRACKS_VIDEO
 from .outputs import check_planned, numbered, place_outputs
-from .video_io import FOLDER_FPS, FrameFolder, VideoWriter, frame_files, is_clip, open_clip
+from .video_io import FOLDER_FPS, FrameFolder, VideoWriter, check_opencv_path, frame_files, is_clip, open_clip
 
 
 def add_video_arguments(ap: argparse.ArgumentParser) -> None:
@@ -189,6 +189,7 @@ def segment_video(args: argparse.Namespace) -> int:
     path = _check_args(args)
     clip = open_clip(path, args.fps or FOLDER_FPS)  # an unreadable clip is an error before the models load
     out = Path(args.out)
+    check_opencv_path(out, "--out")
     require_output_folder(out, "--out")
     classes = classes_from_args(args)
     params = params_from_args(args)
