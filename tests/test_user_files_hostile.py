@@ -217,3 +217,24 @@ def test_h6_a_clip_or_out_path_opencv_cannot_take_is_one_line_not_a_crash(small_
         err = proc.stderr.decode("utf-8", "backslashreplace").strip().splitlines()
         assert proc.returncode == 2 and len(err) == 1 and "not UTF-8" in err[0], (what, proc.returncode, err)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("o")) == []  # no --out made
+
+
+# H9 ------------------------------------------------------------------------------------------------------------
+def test_h9_a_slideshow_clip_is_written_and_a_rate_near_zero_refused_at_once(small_ckpts, tmp_path, capsys):
+    """H9: --fps 0.001 (or a slideshow of 2000 s per frame, no --fps) passed the checks, then failed after the models
+    loaded, blaming the encoder."""
+    from trident_core.video_io import MIN_FPS, open_clip
+
+    gif = tmp_path / "slides.gif"
+    frames = [Image.fromarray(np.full((48, 64, 3), 60 * k, np.uint8)) for k in range(3)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=600_000)  # 10 minutes a frame
+    assert open_clip(gif).fps == MIN_FPS
+    out = tmp_path / "out"
+    assert main(["segment", str(gif), "--out", str(out), *_models(small_ckpts), "--classes", CLASSES]) == 0
+    assert open_clip(out / "overlay.mp4").frames == 3
+    capsys.readouterr()
+    for fps in ("0.001", "1e-300", "5000"):
+        assert main(["segment", str(gif), "--out", str(tmp_path / "o"), "--fps", fps, *_models(small_ckpts),
+                     "--classes", CLASSES]) == 2
+        err = capsys.readouterr().err
+        assert "--fps must be a frame rate from 0.1 to 1000" in err and "models loaded" not in err

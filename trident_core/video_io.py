@@ -28,6 +28,7 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
 ANIMATED_EXTENSIONS = (".gif", ".webp")
 FOLDER_FPS = 24.0  # a folder of frames has no frame rate of its own
 DEFAULT_FPS = 10.0  # an animated image without frame durations
+MIN_FPS, MAX_FPS = 0.1, 1000.0  # the rates videos are written at (MPEG-4's time base fails for a rate near 0)
 
 
 class VideoError(ImageError):
@@ -159,7 +160,7 @@ def _animated_info(path: Path) -> tuple[float, int]:
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise VideoError(f"{path}: cannot read it as an animated image ({e})") from e
     _check_pixels(path, w, h)
-    return (1000.0 / duration if duration else DEFAULT_FPS), count
+    return _writable(1000.0 / duration if duration else DEFAULT_FPS), count
 
 
 def _animated_frames(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -211,7 +212,13 @@ def _video_info(path: Path) -> tuple[float, int]:
     finally:
         cap.release()
     _check_pixels(path, w, h)
-    return (fps if fps and np.isfinite(fps) and fps > 0 else FOLDER_FPS), count
+    return _writable(fps if fps and np.isfinite(fps) and fps > 0 else FOLDER_FPS), count
+
+
+def _writable(fps: float) -> float:
+    """A clip's own frame rate within the rates its outputs can be written at (a slideshow GIF of 2000 s per
+    frame: 0.1)."""
+    return min(MAX_FPS, max(MIN_FPS, fps))
 
 
 def _video_frames(path: Path) -> Iterator[tuple[str, np.ndarray]]:

@@ -28,7 +28,17 @@ import numpy as np
 from .atomic import fresh_folder, partial_name, remove_partials, write_atomic
 from .marker import INSTANCES, MASKS, OVERLAY_VIDEO, TRACKS_JSON, TRACKS_VIDEO
 from .outputs import check_planned, numbered, place_outputs
-from .video_io import FOLDER_FPS, FrameFolder, VideoWriter, check_opencv_path, frame_files, is_clip, open_clip
+from .video_io import (
+    FOLDER_FPS,
+    MAX_FPS,
+    MIN_FPS,
+    FrameFolder,
+    VideoWriter,
+    check_opencv_path,
+    frame_files,
+    is_clip,
+    open_clip,
+)
 
 
 def add_video_arguments(ap: argparse.ArgumentParser) -> None:
@@ -45,7 +55,8 @@ def add_video_arguments(ap: argparse.ArgumentParser) -> None:
                     help="clips with --instances: frames an object may be missing and keep its id (default: "
                          "%(default)s)")
     ap.add_argument("--png-frames", action="store_true", help="clips: the mask videos' frames as PNG files too")
-    ap.add_argument("--fps", type=float, help="clips: frame rate of the videos written (default: the clip's own; "
+    ap.add_argument("--fps", type=float, help="clips: frame rate of the videos written, from "
+                                              f"{MIN_FPS:g} to {MAX_FPS:g} (default: the clip's own, within those; "
                                               f"{FOLDER_FPS:g} for a folder of frames)")
 
 
@@ -72,8 +83,8 @@ def _check_args(args: argparse.Namespace) -> Path:
         raise ValueError("a clip's outputs go to a folder: give --out DIR")
     check_strength(args.smooth)
     check_max_gap(args.max_gap)
-    if args.fps is not None and not (0 < args.fps <= 1000):
-        raise ValueError(f"--fps must be a frame rate above 0 and at most 1000, not {args.fps}")
+    if args.fps is not None and not (MIN_FPS <= args.fps <= MAX_FPS):
+        raise ValueError(f"--fps must be a frame rate from {MIN_FPS:g} to {MAX_FPS:g}, not {args.fps}")
     return path
 
 
