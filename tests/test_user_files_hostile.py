@@ -238,3 +238,86 @@ def test_h9_a_slideshow_clip_is_written_and_a_rate_near_zero_refused_at_once(sma
                      "--classes", CLASSES]) == 2
         err = capsys.readouterr().err
         assert "--fps must be a frame rate from 0.1 to 1000" in err and "models loaded" not in err
+
+
+# smaller findings ----------------------------------------------------------------------------------------------
+def _frames(folder: Path, sizes: list[tuple[int, int]]) -> Path:
+    for k, (h, w) in enumerate(sizes):
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((h, w, 3), 50 + 40 * k, np.uint8)).save(folder / f"{k:03d}.png")
+    return folder
+
+
+def test_a_failed_clip_run_leaves_no_out_folder_it_made(small_ckpts, tmp_path, capsys):
+    frames = _frames(tmp_path / "frames", [(48, 64), (48, 64), (40, 64)])  # the last frame of another size
+    out = tmp_path / "new" / "out"
+    assert main(["segment", str(frames), "--video", "--out", str(out), *_models(small_ckpts), "--classes",
+                 CLASSES]) == 2
+    assert "002.png is 64x40 pixels" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_full_disk_in_a_clip_run_says_what_to_do(small_ckpts, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import trident_core.video_run as video_run
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(video_run, "place_outputs", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["segment", str(_frames(tmp_path / "frames", [(48, 64)] * 2)), "--video", "--out", str(out),
+                 *_models(small_ckpts), "--classes", CLASSES]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and "No space left on device while writing the clip's outputs: make room" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # a folder of the user's stays, as it was
+
+
+@pytest.mark.parametrize(("extra", "said"), [(["--smooth", "0.5"], "--smooth is for clips"),
+                                             (["--png-frames"], "--png-frames is for clips"),
+                                             (["--fps", "3"], "--fps is for clips"),
+                                             (["--max-gap", "3"], "--max-gap is for clips")])
+def test_options_only_a_clip_takes_are_refused_for_images(small_ckpts, tmp_path, capsys, extra, said):
+    assert main(["segment", str(_image(tmp_path / "a.png")), "--out", str(tmp_path / "o"), *_models(small_ckpts),
+                 "--classes", CLASSES, *extra]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and said in err[0] and not (tmp_path / "o").exists()
+
+
+def test_a_clip_among_images_is_named(small_ckpts, tmp_path, capsys):
+    from trident_core.video_io import VideoWriter
+
+    clip = tmp_path / "c.mp4"
+    with VideoWriter(clip, 12.0, (48, 64)) as w:
+        for k in range(2):
+            w.write(np.full((48, 64, 3), 40 * k, np.uint8))
+    assert main(["segment", str(_image(tmp_path / "a.png")), str(clip), "--out", str(tmp_path / "o"),
+                 *_models(small_ckpts), "--classes", CLASSES]) == 2
+    assert "c.mp4 is a clip: segment each clip with its own command" in _errors(capsys)[0]
+
+
+@pytest.mark.parametrize(("device", "ok"), [("CPU", True), (" Cpu ", True), ("gpu", False), ("xla", False)])
+def test_device_names_ignore_case_and_a_wrong_one_is_one_line(small_ckpts, tmp_path, capsys, device, ok):
+    args = _models(small_ckpts)
+    args[args.index("--device") + 1] = device
+    rc = main(["segment", str(_image(tmp_path / "a.png")), "--out", str(tmp_path / "o"), *args, "--classes",
+               CLASSES])
+    err = _errors(capsys)
+    if ok:
+        assert rc == 0 and not err
+    else:
+        assert rc == 2 and len(err) == 1 and "cpu, cuda" in err[0] and "Expected one of" not in err[0]
+
+
+def test_pamr_dilations_beyond_reason_are_refused_before_the_models_load(small_ckpts, tmp_path, capsys,
+                                                                          monkeypatch):
+    import trident_core.cli as cli
+
+    monkeypatch.setattr(cli, "build_trident", lambda *a: pytest.fail("models loaded"))
+    for dilations in ("100000", ",".join(["2"] * 9)):
+        assert main(["segment", str(_image(tmp_path / "a.png")), "--out", str(tmp_path / "o"), *_models(small_ckpts),
+                     "--classes", CLASSES, "--pamr-steps", "10", "--pamr-dilations", dilations]) == 2
+        assert "pamr_dilations must be 1 to 8 whole numbers from 1 to 256" in _errors(capsys)[0]

@@ -164,11 +164,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .image_list import gather
     from .outputs import planned_files
     from .paths import require_output_file, require_output_folder
-    from .video_run import is_video_run, segment_video
+    from .video_run import check_image_run, is_video_run, segment_video
 
     check_precision(args)
     if is_video_run(args):
         return segment_video(args)
+    check_image_run(args)
     out = Path(args.out) if args.out else None
     npz = Path(args.save_npz) if args.save_npz else None
     jobs, single = gather(args.images)

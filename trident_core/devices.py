@@ -39,9 +39,16 @@ def default_device() -> torch.device:
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """`None`/"auto" picks the default device; anything else is checked to exist."""
+    if isinstance(device, str):
+        device = device.strip().lower()
     if device is None or device == "auto":
         return default_device()
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not one: use auto, cpu, cuda, cuda:N (the N-th GPU) or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: Trident runs on cpu, cuda or mps (or auto, which chooses)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):

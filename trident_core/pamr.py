@@ -21,6 +21,7 @@ NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 
 WINDOW = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1))
 DEFAULT_DILATIONS = (8, 16)
 MAX_STEPS = 100
+MAX_DILATION, MAX_DILATIONS = 256, 8  # pixels; how many (the reference's: 8 and 16)
 BLOCK_BYTES = 256 << 20
 
 
@@ -28,9 +29,11 @@ def check_pamr(steps: int, dilations: Sequence[int]) -> None:
     """Refuse steps outside 0..MAX_STEPS and dilations that are not positive integers."""
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS:
         raise ValueError(f"pamr_steps must be an integer from 0 (off) to {MAX_STEPS}, got {steps!r}")
-    if not dilations or any(not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 1
-                            for d in dilations):
-        raise ValueError(f"pamr_dilations must be positive integers such as 8,16, got {tuple(dilations)!r}")
+    if not dilations or len(dilations) > MAX_DILATIONS or any(
+            not isinstance(d, (int, np.integer)) or isinstance(d, bool) or not 1 <= d <= MAX_DILATION
+            for d in dilations):
+        raise ValueError(f"pamr_dilations must be 1 to {MAX_DILATIONS} whole numbers from 1 to {MAX_DILATION} "
+                         f"such as 8,16, got {tuple(dilations)!r}")
 
 
 def parse_dilations(text: str) -> tuple[int, ...]:

@@ -15,12 +15,14 @@ it, a run that fails leaves --out as it was."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ from .video_io import (
     FOLDER_FPS,
     MAX_FPS,
     MIN_FPS,
+    Clip,
     FrameFolder,
     VideoWriter,
     check_opencv_path,
@@ -63,6 +66,23 @@ def add_video_arguments(ap: argparse.ArgumentParser) -> None:
 def is_video_run(args: argparse.Namespace) -> bool:
     """Whether the arguments name a clip: --video, or one video file / animated GIF or WebP."""
     return bool(args.video) or (len(args.images) == 1 and is_clip(args.images[0]))
+
+
+def check_image_run(args: argparse.Namespace) -> None:
+    """Refuse, for a run of images, the options only a clip takes (they would be silently ignored) and a clip
+    among the images (it would be skipped as no image)."""
+    from .tracking import DEFAULT_MAX_GAP
+
+    given = [name for name, on in (("--smooth", args.smooth), ("--png-frames", args.png_frames),
+                                   ("--fps", args.fps is not None), ("--max-gap", args.max_gap != DEFAULT_MAX_GAP))
+             if on]
+    if given:
+        raise ValueError(f"{given[0]} is for clips (a video file, an animated GIF or WebP, or a folder of frames with "
+                         "--video); these inputs are images")
+    clips = [name for name in args.images if is_clip(name)]
+    if clips:
+        raise ValueError(f"{clips[0]} is a clip: segment each clip with its own command (images and clips do not "
+                         "mix)")
 
 
 def _check_args(args: argparse.Namespace) -> Path:
@@ -188,20 +208,37 @@ class _ClipWriters:
 
 
 def segment_video(args: argparse.Namespace) -> int:
-    """Segment a clip frame by frame and write its outputs (see the module's docstring)."""
-    from .batch import ProgressBar, settings_key
-    from .cli import _settings, build_trident, classes_from_args, params_from_args, release_text_tower
-    from .flow import Flow, FlowStream
-    from .instances import check_min_area, object_classes
+    """Segment a clip frame by frame and write its outputs (see the module's docstring). A run that fails leaves
+    --out as it was: a folder it made is removed again if still empty; a full disk says what to do."""
     from .paths import require_output_folder
-    from .temporal import TemporalSmoother
-    from .tracking import ObjectTracker
 
     path = _check_args(args)
     clip = open_clip(path, args.fps or FOLDER_FPS)  # an unreadable clip is an error before the models load
     out = Path(args.out)
     check_opencv_path(out, "--out")
+    made = not os.path.lexists(out)
     require_output_folder(out, "--out")
+    try:
+        return _segment_clip(args, path, clip, out)
+    except BaseException as e:
+        if made:
+            with suppress(OSError):
+                out.rmdir()  # (only if empty: a concurrent run's files stay)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"{e.strerror} while writing the clip's outputs: make room or choose another "
+                          "--out, then run the same command again (nothing was placed in --out)") from e
+        raise
+
+
+def _segment_clip(args: argparse.Namespace, path: Path, clip: Clip, out: Path) -> int:
+    """`segment_video` once the clip is open and --out exists."""
+    from .batch import ProgressBar, settings_key
+    from .cli import _settings, build_trident, classes_from_args, params_from_args, release_text_tower
+    from .flow import Flow, FlowStream
+    from .instances import check_min_area, object_classes
+    from .temporal import TemporalSmoother
+    from .tracking import ObjectTracker
+
     classes = classes_from_args(args)
     params = params_from_args(args)
     wanted = object_classes(classes, args.instances) if args.instances is not None else None
