@@ -321,3 +321,17 @@ def test_pamr_dilations_beyond_reason_are_refused_before_the_models_load(small_c
         assert main(["segment", str(_image(tmp_path / "a.png")), "--out", str(tmp_path / "o"), *_models(small_ckpts),
                      "--classes", CLASSES, "--pamr-steps", "10", "--pamr-dilations", dilations]) == 2
         assert "pamr_dilations must be 1 to 8 whole numbers from 1 to 256" in _errors(capsys)[0]
+
+
+def test_a_rerun_keeps_the_empty_folders_a_user_made_among_the_outputs(small_ckpts, tmp_path, capsys):
+    """An output folder was replaced whole when every file in it was listed, though the user had made empty
+    folders in it (not files: no listing saw them)."""
+    root, out = tmp_path / "in", tmp_path / "res"
+    _image(root / "a.png")
+    args = ["segment", str(root), "--out", str(out), *_models(small_ckpts), "--classes", CLASSES]
+    assert main(args) == 0
+    (out / "a.png" / "my_empty_dir").mkdir()
+    (out / "a.png" / "masks" / "my_sub").mkdir()
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "a.png" / "my_empty_dir").is_dir() and (out / "a.png" / "masks" / "my_sub").is_dir()
+    assert "1 segmented" in capsys.readouterr().err and (out / "a.png" / "labels.png").is_file()

@@ -236,13 +236,25 @@ def _files(folder: Path) -> set[str]:
 
 
 def _all_ours(folder: Path, marker: Marker | None, protected: frozenset[str]) -> bool:
-    """Whether everything in the existing folder is provably ours (its marker lists it) and holds no input, so the
-    whole folder may be replaced at once."""
+    """Whether everything in the existing folder is provably ours (its marker lists it; a sub-folder holds a file
+    it lists, so no empty folder of the user's is there) and holds no input, so the whole folder may be replaced
+    at once."""
     if marker is None or marker.files is None:
         return False
     entries = _files(folder)
+    ours = {parent.as_posix() for name in marker.files for parent in Path(name).parents if parent.parts}
     real = os.path.realpath(folder) + os.sep
-    return entries <= marker.files | {MARKER} and not any(p.startswith(real) for p in protected)
+    return (entries <= marker.files | {MARKER} and _folders(folder) <= ours
+            and not any(p.startswith(real) for p in protected))
+
+
+def _folders(folder: Path) -> set[str]:
+    """Every sub-folder under `folder` (links to folders are entries, not followed), relative, '/'-separated."""
+    found = set()
+    for top, dirs, _names in os.walk(folder):
+        rel = Path(top).relative_to(folder)
+        found |= {(rel / d).as_posix() for d in dirs if not os.path.islink(Path(top) / d)}
+    return found
 
 
 def _check_free(final: Path, name: str, marker: Marker | None, protected: frozenset[str]) -> None:
