@@ -335,3 +335,25 @@ def test_a_rerun_keeps_the_empty_folders_a_user_made_among_the_outputs(small_ckp
     assert main([*args, "--overwrite"]) == 0
     assert (out / "a.png" / "my_empty_dir").is_dir() and (out / "a.png" / "masks" / "my_sub").is_dir()
     assert "1 segmented" in capsys.readouterr().err and (out / "a.png" / "labels.png").is_file()
+
+
+# H5 ------------------------------------------------------------------------------------------------------------
+def test_h5_a_recursive_glob_over_links_back_up_ends(tmp_path, monkeypatch):
+    """H5: glob.glob's ** follows links to folders without end: two links back up made `s/**/*.png` exponential
+    (a hang, memory growing, no output). Each real folder is entered once now, as for a folder given."""
+    import threading
+
+    from trident_core.image_list import gather
+
+    s = tmp_path / "s"
+    _image(s / "sub" / "a.png")
+    (s / "sub" / "up").symlink_to("..")
+    (s / "self").symlink_to("../s")
+    monkeypatch.chdir(tmp_path)
+    got = []
+    t = threading.Thread(target=lambda: got.append(gather(["s/**/*.png"])), daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the glob did not end"
+    jobs, _single = got[0]
+    assert [j.path.resolve() for j in jobs] == [(s / "sub" / "a.png").resolve()]

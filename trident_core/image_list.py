@@ -3,6 +3,7 @@ path relative to the inputs' common folder (so equal file names in different fol
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from dataclasses import dataclass
@@ -111,10 +112,42 @@ def _glob_root(pattern: str) -> Path:
     return _absolute(Path(*fixed)) if fixed else Path.cwd()
 
 
+def _glob(pattern: str) -> list[str]:
+    """`glob.glob(pattern, recursive=True)`, except that `**` enters each real folder once: glob follows links to
+    folders without end (two links back up make it exponential, a hang with no output)."""
+    if "**" not in pattern:
+        return glob.glob(pattern, recursive=True)
+    parts = Path(pattern).parts
+    fixed = next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))
+    root, wanted = (Path(*parts[:fixed]) if fixed else Path(".")), parts[fixed:]
+    found, seen = [], set()
+    for top, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        rel = Path(top).relative_to(root).parts
+        found += [os.path.join(top, n) for n in names if _matches((*rel, n), wanted)]
+    return found
+
+
+def _matches(names: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Whether the path components `names` match the glob components `pattern` as glob does: `**` any number of
+    components, other wildcards within one; hidden names only where the pattern's component starts with '.'."""
+    if not pattern:
+        return not names
+    if pattern[0] == "**":
+        return any(_matches(names[k:], pattern[1:]) for k in range(len(names) + 1)
+                   if not any(n.startswith(".") for n in names[:k]))
+    return (bool(names) and (pattern[0].startswith(".") or not names[0].startswith("."))
+            and fnmatch.fnmatchcase(names[0], pattern[0]) and _matches(names[1:], pattern[1:]))
+
+
 def _glob_images(pattern: str, base: Path | None = None) -> list[Found]:
     """The files a glob pattern matches (earlier runs' outputs left out), each with the pattern's fixed folder
     (`base` when the pattern's own folder part was escaped)."""
-    matches = sorted(_absolute(m) for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+    matches = sorted(_absolute(m) for m in _glob(pattern) if os.path.isfile(m))
     outputs = _Outputs()
     matches = [m for m in matches if _is_image(m) and m not in outputs]
     if not matches:
@@ -144,7 +177,7 @@ def _list_file(arg: str) -> list[Found]:
         pattern = entry if os.path.isabs(entry) else os.path.join(glob.escape(str(base)), entry)
         if full.is_dir():
             found += _folder_images(full)
-        elif not full.exists() and _GLOB_CHARS & set(entry) and glob.glob(pattern, recursive=True):
+        elif not full.exists() and _GLOB_CHARS & set(entry) and _glob(pattern):
             found += _glob_images(pattern, base)
         else:  # a file, or a missing one (a pattern matching nothing too): reported when read
             found.append((full, full.parent, None))
