@@ -357,3 +357,21 @@ def test_h5_a_recursive_glob_over_links_back_up_ends(tmp_path, monkeypatch):
     assert not t.is_alive(), "the glob did not end"
     jobs, _single = got[0]
     assert [j.path.resolve() for j in jobs] == [(s / "sub" / "a.png").resolve()]
+
+
+@pytest.mark.parametrize("pattern", ["**/*.png", "a/**/*.png", "a/**", "**/.h/*.png", "a/**/c/*.jpg", "**",
+                                     "a/*/*.png", "*.png"])
+def test_h5_recursive_globs_match_what_glob_matches_without_links(tmp_path, monkeypatch, pattern):
+    import glob
+    import os
+
+    from trident_core.image_list import _glob
+
+    for rel in ("a/x.png", "a/b/y.png", "a/.h/z.png", ".top/w.png", "a/b/c/v.jpg", "q.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    for pat in (pattern, str(tmp_path / pattern)):
+        mine = sorted(os.path.normpath(p) for p in _glob(pat) if os.path.isfile(p))
+        theirs = sorted(os.path.normpath(p) for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
+        assert mine == theirs and mine, pat
