@@ -441,10 +441,17 @@ def _fake_jobs(tmp_path: Path, photo: np.ndarray, n: int):
     return jobs
 
 
-def _groups_of_three(poisoned: int):
-    """A `segment(images)` sharing forwards three images at a time: a group of several runs out of memory, an
-    image alone is its own result, the `poisoned` one (its first pixel's value) runs out of memory even alone."""
+class _Activations:
+    """What a shared forward holds on the device (a stand-in)."""
+
+
+def _groups_of_three(poisoned: int, held: list):
+    """A `segment(images)` sharing forwards three images at a time: a group of several runs out of memory holding
+    its `_Activations` (a weak reference to them appended to `held`), an image alone is its own result (asserting
+    the failed group's activations are gone), the `poisoned` one (its first pixel's value) runs out of memory even
+    alone."""
     import itertools
+    import weakref
 
     import torch
 
@@ -452,7 +459,10 @@ def _groups_of_three(poisoned: int):
         it = iter(images)
         while group := list(itertools.islice(it, 3)):
             if len(group) > 1:
+                activations = _Activations()
+                held.append(weakref.ref(activations))
                 raise torch.OutOfMemoryError("CUDA out of memory")
+            assert all(ref() is None for ref in held), "a failed forward's activations kept through the retries"
             if group[0][0, 0, 0] == poisoned:
                 raise torch.OutOfMemoryError("CUDA out of memory (alone)")
             yield group[0]
@@ -468,9 +478,10 @@ def test_a_shared_forward_that_fails_is_retried_image_by_image(tmp_path, photo, 
     monkeypatch.setattr(batch, "_write", lambda seg, image, job, *a: written.append((job.name, seg)))
     poisoned = np.array(Image.open(jobs[1].path))[0, 0, 0]
     assert all(np.array(Image.open(j.path))[0, 0, 0] != poisoned for j in jobs if j is not jobs[1])
-    counts = batch.run(_groups_of_three(poisoned), jobs, batch.Destinations(None, None, False), {}, resume=False,
+    held = []
+    counts = batch.run(_groups_of_three(poisoned, held), jobs, batch.Destinations(None, None, False), {}, resume=False,
                        log=logged.append, show_progress=False)
-    assert (counts.segmented, counts.unreadable) == (3, 1)
+    assert (counts.segmented, counts.unreadable) == (3, 1) and len(held) == 1
     assert [name for name, _ in written] == ["0.png", "2.png", "3.png"]
     for name, seg in written:  # each result written with its own image
         assert np.array_equal(seg, np.array(Image.open(tmp_path / name)))

@@ -179,6 +179,7 @@ def run(segment: Callable[[Iterable[np.ndarray]], Iterator], jobs: list[ImageJob
     share = _Share(dest, settings, settings_key(settings), resume, log, bar)
     queue = iter(mine)
     while True:
+        failed, reason = [], ""
         try:
             for seg in segment(share.images(queue)):
                 share.write(seg, *share.pending.popleft())
@@ -192,12 +193,14 @@ def run(segment: Callable[[Iterable[np.ndarray]], Iterator], jobs: list[ImageJob
             if len(failed) == 1:
                 share.fail(failed[0][0], e)
                 continue
-            log(f"{len(failed)} images sharing a forward failed ({_reason(e)}): each again alone")
-            for job, key, image in failed:
-                try:
-                    share.write(next(iter(segment([image]))), job, key, image)
-                except _PER_IMAGE_ERRORS as e_alone:
-                    share.fail(job, e_alone)
+            reason = _reason(e)
+        # (out of the except clause: the failed forward's tensors, held by its traceback, are freed first)
+        share.say(f"{len(failed)} images sharing a forward failed ({reason}): each again alone")
+        for job, key, image in failed:
+            try:
+                share.write(next(iter(segment([image]))), job, key, image)
+            except _PER_IMAGE_ERRORS as e_alone:
+                share.fail(job, e_alone)
     if bar:
         bar.close()
     return share.counts
@@ -268,11 +271,15 @@ class _Share:
                           "choose another --out, then run the same command again (complete images are "
                           "kept)") from e
         self.counts.unreadable += 1
+        reason = _reason(e)
+        self.say(f"skipped: {reason}" if str(job.path) in reason else f"skipped {job.path}: {reason}")
+        self._shown(job)
+
+    def say(self, text: str) -> None:
+        """A line of the log (on a line of its own below a progress bar drawn in place)."""
         if self.bar and self.bar.tty:
             self.bar.stream.write("\n")
-        reason = _reason(e)
-        self.log(shown(f"skipped: {reason}" if str(job.path) in reason else f"skipped {job.path}: {reason}"))
-        self._shown(job)
+        self.log(shown(text))
 
     def _shown(self, job: ImageJob) -> None:
         self.done += 1
