@@ -170,3 +170,22 @@ def test_trident_segment_node_shares_forwards_where_told(loaded, photo, monkeypa
     for a, b in zip(shared, one):
         assert (a.labels == b.labels).float().mean() >= 0.999
         assert torch.allclose(a.probs, b.probs, atol=2e-5)
+
+
+@pytest.mark.parametrize("per_forward", [1, lambda size: 1], ids=["int", "choice per size"])
+def test_one_frame_per_forward_holds_no_image_while_the_next_is_read(small_trident, photo, per_forward):
+    """The command line's images (a choice per size, 1 on the CPU) and the nodes' frames: the previous image is
+    gone when the next one is read (a 20000x20000 image would otherwise be held twice)."""
+    refs = []
+
+    def images():
+        for k in range(3):
+            assert all(r() is None for r in refs), f"image {len(refs) - 1} still held while image {k} is read"
+            img = np.ascontiguousarray(photo[:64, 10 * k:10 * k + 96])
+            refs.append(weakref.ref(img))
+            yield img
+            del img
+
+    for seg in small_trident.segment_frames(images(), CLASSES, Params(), per_forward=per_forward):
+        del seg
+    assert len(refs) == 3

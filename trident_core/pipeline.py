@@ -241,6 +241,7 @@ class Trident:
         if not callable(per_forward) and per_forward <= 1:
             for image in images:
                 yield self.segment(image, classes, params, progress, after_classify)
+                del image  # (not held while the next one is read)
             return
         limit = per_forward if callable(per_forward) else lambda _size: per_forward
         cl = parse_classes(classes) if isinstance(classes, str) else classes
@@ -248,16 +249,18 @@ class Trident:
         count = 1  # the current group's share of one forward
         for image in images:
             img = to_rgb_uint8(image)
+            del image
             if group and img.shape != group[0].shape:
                 yield from self._segment_group(group, cl, params, progress, after_classify)
                 group = []
             if not group:
                 count = limit(img.shape[:2])
-                if count <= 1:
-                    yield self.segment(img, cl, params, progress, after_classify)
-                    continue
-            group.append(img)
-            if len(group) >= count:
+            if count <= 1:
+                yield self.segment(img, cl, params, progress, after_classify)
+            else:
+                group.append(img)
+            del img  # (the group holds what it needs; nothing else held while the next image is read)
+            if group and len(group) >= count:
                 yield from self._segment_group(group, cl, params, progress, after_classify)
                 group = []
         if group:
