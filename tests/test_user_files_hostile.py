@@ -254,7 +254,7 @@ def test_a_failed_clip_run_leaves_no_out_folder_it_made(small_ckpts, tmp_path, c
     assert main(["segment", str(frames), "--video", "--out", str(out), *_models(small_ckpts), "--classes",
                  CLASSES]) == 2
     assert "002.png is 64x40 pixels" in capsys.readouterr().err
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()  # nor the folder made on the way
 
 
 def test_a_full_disk_in_a_clip_run_says_what_to_do(small_ckpts, tmp_path, capsys, monkeypatch):
@@ -375,3 +375,58 @@ def test_h5_recursive_globs_match_what_glob_matches_without_links(tmp_path, monk
         mine = sorted(os.path.normpath(p) for p in _glob(pat) if os.path.isfile(p))
         theirs = sorted(os.path.normpath(p) for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
         assert mine == theirs and mine, pat
+
+
+def test_h7_outputs_under_a_damaged_marker_inside_the_input_folder_are_still_left_out(small_ckpts, tmp_path, capsys):
+    """--out inside the images' folder, a marker there cut short: its signed PNGs are still outputs, not inputs
+    (taken as inputs, they stopped the whole rerun as images lying where it writes), and the image is redone."""
+    root = tmp_path / "d"
+    _image(root / "a.png")
+    args = ["segment", str(root), "--out", str(root / "out"), *_models(small_ckpts), "--classes", CLASSES]
+    assert main(args) == 0
+    marker = root / "out" / "a.png" / "trident.json"
+    marker.write_bytes(marker.read_bytes()[:40])
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "1 segmented" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["a link reaches the folder first", "a hidden link reaches it first"])
+def test_h5_a_folder_reached_through_a_link_first_is_still_searched_by_its_own_path(tmp_path, monkeypatch, layout):
+    """Each real folder entered once (in listing order) lost the matches of its own path when a link (one that
+    the pattern does not match, or a hidden one) reached it first."""
+    from trident_core.image_list import gather
+
+    s = tmp_path / "s"
+    if layout == "a link reaches the folder first":
+        img, pattern = _image(s / "cats" / "c.png"), "s/**/cats/*.png"
+        (s / "aaa").mkdir()
+        (s / "aaa" / "link").symlink_to("../cats")
+    else:
+        img, pattern = _image(s / "photos" / "p.png"), "s/**/*.png"
+        (s / ".alias").symlink_to("photos")
+    monkeypatch.chdir(tmp_path)
+    for arg in (pattern, "s"):
+        jobs, _single = gather([arg])
+        assert [j.path.resolve() for j in jobs] == [img.resolve()], arg
+    assert gather([pattern])[0][0].name == img.relative_to(s).as_posix()  # by its own path, as the pattern says
+
+
+@pytest.mark.parametrize("shape", [(10**12,), (4,)])
+def test_h1_a_run_key_member_with_a_crafted_shape_allocates_nothing(tmp_path, shape):
+    """A file whose run_key.npy declares a huge (or any non-scalar) shape: not ours, and checking it makes no
+    array of that shape (numpy's reader would try to allocate 36 TiB first)."""
+    import io
+
+    from trident_core.outputs import OutputConflict, check_npz_replaceable
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<U10", "fortran_order": False, "shape": shape})
+    target = tmp_path / "x.npz"
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("run_key.npy", header.getvalue() + b"x" * 160)
+    for cut in (None, -30):  # whole, and cut short (its first member read from its local header)
+        if cut:
+            target.write_bytes(target.read_bytes()[:cut])
+        with pytest.raises(OutputConflict, match="a file Trident did not write"):
+            check_npz_replaceable(target)

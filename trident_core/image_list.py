@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .marker import MARKER, OUTPUT_FOLDERS, read_marker
+from .marker import MARKER, OUTPUT_FOLDERS, is_output_name, read_marker, signed_png
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                     ".pbm", ".pnm", ".gif")
@@ -47,37 +47,59 @@ def _hidden(path: Path, root: Path) -> bool:
 
 class _Outputs:
     """Which files earlier runs wrote: those a completion marker lists (an image's files beside it, its masks/ and
-    instances/, a clip's PNG frames under masks/). Anything else is the user's, also beside a marker (e.g. with
-    `--out` the images' folder) or under a marker that cannot be read. Each folder's marker is read once."""
+    instances/, a clip's PNG frames under masks/); under a marker that cannot be read (damaged, or from before
+    markers listed their files), PNGs with an output's name that carry Trident's signature. Anything else is the
+    user's, also beside a marker (e.g. with `--out` the images' folder). Each folder's marker is read once."""
 
     def __init__(self) -> None:
-        self._listed: dict[Path, frozenset[str]] = {}
+        self._listed: dict[Path, frozenset[str] | None] = {}
 
     def __contains__(self, path: Path) -> bool:
         for depth, folder in enumerate(path.parents[:3]):
+            if depth and path.parts[-depth - 1] not in OUTPUT_FOLDERS:
+                continue
             rel = "/".join(path.parts[-depth - 1:])  # the name the marker of `folder` would list
-            if (depth == 0 or path.parts[-depth - 1] in OUTPUT_FOLDERS) and rel in self._files(folder):
+            listed = self._files(folder)
+            ours = (rel in listed) if listed is not None else (is_output_name(rel) and signed_png(path))
+            if ours:
                 return True
         return False
 
-    def _files(self, folder: Path) -> frozenset[str]:
+    def _files(self, folder: Path) -> frozenset[str] | None:
+        """The files the marker in `folder` lists (none without a marker), None for one that cannot be read."""
         if folder not in self._listed:
             marker = read_marker(folder) if (folder / MARKER).is_file() else None
-            self._listed[folder] = marker.files if marker is not None and marker.files is not None else frozenset()
+            self._listed[folder] = frozenset() if marker is None else marker.files
         return self._listed[folder]
 
 
-def _walk(folder: Path, unreadable: list[OSError]) -> list[Path]:
-    """Every file under `folder`, following symbolic links to folders (a dataset linked in) but entering each real
-    folder once (a link back up is no loop); sub-folders that cannot be listed go to `unreadable`."""
-    files, seen = [], set()
-    for top, dirs, names in os.walk(folder, followlinks=True, onerror=unreadable.append):
+def _walk(folder: Path, unreadable: list[OSError], skip_hidden: bool = True) -> list[Path]:
+    """Every file under `folder`, following symbolic links to folders (a dataset linked in) except back into a
+    folder on the way to them (a loop), so a folder reached by two ways is searched by both (whichever name the
+    user sees for its images is kept later, the first in order); hidden sub-folders are skipped with
+    `skip_hidden`, sub-folders that cannot be listed go to `unreadable`."""
+    files: list[Path] = []
+    stack: list[tuple[Path, frozenset[str]]] = [(folder, frozenset())]
+    while stack:
+        top, chain = stack.pop()
         real = os.path.realpath(top)
-        if real in seen:
-            dirs.clear()
+        if real in chain:
             continue
-        seen.add(real)
-        files += [Path(top) / n for n in names]
+        try:
+            with os.scandir(top) as it:
+                entries = list(it)
+        except OSError as e:
+            unreadable.append(e)
+            continue
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # (follows links)
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                files.append(Path(entry.path))
+            elif not (skip_hidden and entry.name.startswith(".")):
+                stack.append((Path(entry.path), chain | {real}))
     return files
 
 
@@ -113,35 +135,28 @@ def _glob_root(pattern: str) -> Path:
 
 
 def _glob(pattern: str) -> list[str]:
-    """`glob.glob(pattern, recursive=True)`, except that `**` enters each real folder once: glob follows links to
-    folders without end (two links back up make it exponential, a hang with no output)."""
+    """`glob.glob(pattern, recursive=True)`, except that `**` does not follow a link back into a folder on its way
+    (glob follows links to folders without end: two links back up made it exponential, a hang with no output)."""
     if "**" not in pattern:
         return glob.glob(pattern, recursive=True)
     parts = Path(pattern).parts
     fixed = next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))
     root, wanted = (Path(*parts[:fixed]) if fixed else Path(".")), parts[fixed:]
-    found, seen = [], set()
-    for top, dirs, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(top)
-        if real in seen:
-            dirs.clear()
-            continue
-        seen.add(real)
-        rel = Path(top).relative_to(root).parts
-        found += [os.path.join(top, n) for n in names if _matches((*rel, n), wanted)]
-    return found
+    return [os.fspath(f) for f in _walk(root, [], skip_hidden=False)
+            if _matches(f.relative_to(root).parts, wanted)]
 
 
 def _matches(names: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
     """Whether the path components `names` match the glob components `pattern` as glob does: `**` any number of
-    components, other wildcards within one; hidden names only where the pattern's component starts with '.'."""
+    components, other wildcards within one (case as the system compares names); hidden names only where the
+    pattern's component starts with '.'."""
     if not pattern:
         return not names
     if pattern[0] == "**":
         return any(_matches(names[k:], pattern[1:]) for k in range(len(names) + 1)
                    if not any(n.startswith(".") for n in names[:k]))
     return (bool(names) and (pattern[0].startswith(".") or not names[0].startswith("."))
-            and fnmatch.fnmatchcase(names[0], pattern[0]) and _matches(names[1:], pattern[1:]))
+            and fnmatch.fnmatch(names[0], pattern[0]) and _matches(names[1:], pattern[1:]))
 
 
 def _glob_images(pattern: str, base: Path | None = None) -> list[Found]:
