@@ -34,7 +34,7 @@ from .marker import (
     signed_png,
     write_marker,
 )
-from .zip_head import leading_array
+from .zip_head import leading_text, npy_text
 
 OVERLAY_PNG_LEVEL = 1  # zlib level of the photo-like overlay: 2.6x faster to write than PIL's 6, 15 % larger
 
@@ -173,9 +173,7 @@ def _npz_run_key(path: Path) -> str | None:
             info = zf.getinfo("run_key.npy")
             if info.file_size > 1024:
                 return None
-            with zf.open(info) as f:
-                key = np.lib.format.read_array(f, allow_pickle=False)
-        return str(key) if key.ndim == 0 and key.dtype.kind == "U" else None
+            return npy_text(zf.read(info))
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
         return None
 
@@ -192,8 +190,7 @@ def _replaceable_npz(path: Path) -> bool:
 def _leading_run_key(path: Path) -> bool:
     """Whether the file begins with the run key a run writes first (read from the member's local header, which a
     file cut short keeps)."""
-    key = leading_array(path, "run_key.npy", 4096)
-    return key is not None and key.ndim == 0 and key.dtype.kind == "U"
+    return leading_text(path, "run_key.npy", 4096) is not None
 
 
 def check_npz_replaceable(path: Path, protected: frozenset[str] = frozenset()) -> None:

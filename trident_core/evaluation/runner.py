@@ -23,7 +23,7 @@ import numpy as np
 from .. import jsonfile
 from ..atomic import atomic_file, write_atomic
 from ..paths import require_output_file
-from ..zip_head import leading_array
+from ..zip_head import leading_text
 from .datasets import Sample, SegDataset, load_image_rgb
 from .distributed import all_reduce, rank_and_world
 from .metrics import IGNORE_INDEX, compute_metrics, confusion_matrix, format_table, percent
@@ -283,11 +283,11 @@ def _ours_cut_short(path: Path) -> bool:
     a damaged state of ours, which `load` reports and starts over from."""
     if not path.is_file() or path.is_symlink():
         return False
-    meta = leading_array(path, "meta.npy")
-    if meta is None or meta.ndim != 0 or meta.dtype.kind != "U":
+    meta = leading_text(path, "meta.npy")
+    if meta is None:
         return False
     try:
-        saved = jsonfile.parse(str(meta))
+        saved = jsonfile.parse(meta)
     except jsonfile.JsonFileError:
         return False
     return isinstance(saved, dict) and {"preset", "config", "images_sha1"} <= saved.keys()
