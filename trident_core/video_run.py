@@ -216,17 +216,17 @@ def segment_video(args: argparse.Namespace) -> int:
     clip = open_clip(path, args.fps or FOLDER_FPS)  # an unreadable clip is an error before the models load
     out = Path(args.out)
     check_opencv_path(out, "--out")
-    made = not os.path.lexists(out)
+    made = [p for p in (out.absolute(), *out.absolute().parents) if not os.path.lexists(p)]  # deepest first
     require_output_folder(out, "--out")
     try:
         return _segment_clip(args, path, clip, out)
     except BaseException as e:
-        if made:
-            with suppress(OSError):
-                out.rmdir()  # (only if empty: a concurrent run's files stay)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        with suppress(OSError):
+            for folder in made:
+                folder.rmdir()  # (only if empty: a concurrent run's files stay, and the folders above them)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise OSError(e.errno, f"{e.strerror} while writing the clip's outputs: make room or choose another "
-                          "--out, then run the same command again (nothing was placed in --out)") from e
+                          "--out, then run the same command again") from e
         raise
 
 
