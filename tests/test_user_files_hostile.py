@@ -430,3 +430,26 @@ def test_h1_a_run_key_member_with_a_crafted_shape_allocates_nothing(tmp_path, sh
             target.write_bytes(target.read_bytes()[:cut])
         with pytest.raises(OutputConflict, match="a file Trident did not write"):
             check_npz_replaceable(target)
+
+
+def test_a_broken_video_is_our_one_line_without_ffmpegs(small_ckpts, tmp_path):
+    """FFmpeg printed its own line ("moov atom not found") before ours."""
+    import os
+    import subprocess
+    import sys
+
+    from trident_core.video_io import VideoWriter
+
+    good = tmp_path / "clip.mp4"
+    with VideoWriter(good, 12.0, (48, 64)) as w:
+        for k in range(3):
+            w.write(np.full((48, 64, 3), 40 * k, np.uint8))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(good.read_bytes()[:64])  # its header only: no moov atom
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"}
+    proc = subprocess.run([sys.executable, "-m", "trident_core", "segment", str(broken), "--out", str(tmp_path / "o"),
+                           *_models(small_ckpts), "--classes", CLASSES], capture_output=True, text=True,
+                          env={**env, "TRIDENT_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {broken}: cannot open it as a video (not a video, or a container/codec this OpenCV cannot read; "
+        "convert it to H.264 .mp4 or to a folder of PNG frames)"], proc.stderr

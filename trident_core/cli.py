@@ -361,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> NoReturn:
     """The command's entry point (`trident`, `python -m trident_core`): main(), then the process ends at once with
     its streams flushed. Nothing of ours is left open by then (outputs are written and renamed, the process group
-    is gone), while tearing down the imported libraries' modules would take most of a second."""
+    is gone), while tearing down the imported libraries' modules would take most of a second. FFmpeg's own log
+    lines are off (a broken video gets our one line only) unless OPENCV_FFMPEG_LOGLEVEL says otherwise."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # (AV_LOG_QUIET; read when OpenCV first opens a video)
     code = main()
     timing = sys.modules.get(f"{__package__}.kernels.timing")  # loaded with the models, if they were
     if timing is not None:
