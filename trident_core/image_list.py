@@ -86,7 +86,7 @@ def _walk(folder: Path, unreadable: list[OSError], skip_hidden: bool = True) -> 
         if real in chain:
             continue
         try:
-            with os.scandir(top) as it:
+            with os.scandir(os.fspath(top)) as it:
                 entries = list(it)
         except OSError as e:
             unreadable.append(e)
