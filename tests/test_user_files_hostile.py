@@ -453,3 +453,14 @@ def test_a_broken_video_is_our_one_line_without_ffmpegs(small_ckpts, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {broken}: cannot open it as a video (not a video, or a container/codec this OpenCV cannot read; "
         "convert it to H.264 .mp4 or to a folder of PNG frames)"], proc.stderr
+
+
+def test_instances_before_the_only_image_says_so(tmp_path, capsys):
+    """`segment --classes sky --out o --instances a.png`: --instances (its classes optional) takes the image, and
+    argparse said only that IMAGE is required."""
+    img = _image(tmp_path / "a.png")
+    with pytest.raises(SystemExit) as e:
+        main(["segment", "--classes", CLASSES, "--out", str(tmp_path / "o"), "--instances", str(img)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert "required: IMAGE" in err[0] and f"--instances took '{img}'" in err[0] and "after the images" in err[0]

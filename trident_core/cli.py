@@ -29,8 +29,21 @@ def _log(msg: str) -> None:
 class OneLineParser(argparse.ArgumentParser):
     """argparse's parser whose errors are one line (what is wrong, where the help is), not its usage block."""
 
+    argv: list[str] = []  # what this parser was given (a sub-command's parser: the arguments after its name)
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's signature)
+        self.argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} -h` lists the options)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._took_an_input()} (`{self.prog} -h` lists the options)\n")
+
+    def _took_an_input(self) -> str:
+        """Where `--instances` (its classes optional) took the only image for its classes, that said."""
+        argv = self.argv
+        if "--instances" in argv[:-1] and os.path.exists(taken := argv[argv.index("--instances") + 1]):
+            return f"; --instances took {taken!r} for its class names: put --instances after the images"
+        return ""
 
 
 def _model_file(value: str | None, role: str, allow_download: bool) -> Path:
