@@ -464,3 +464,21 @@ def test_instances_before_the_only_image_says_so(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1
     assert "required: IMAGE" in err[0] and f"--instances took '{img}'" in err[0] and "after the images" in err[0]
+
+
+def test_a_float_tiff_reads_as_its_values_and_one_with_nan_is_refused(tmp_path):
+    """OpenCV cast a float TIFF's samples to 8 bits unscaled: a 0..1 image came out black (segmented, exit 0), NaN
+    and infinity as 0 or 255."""
+    from trident_core.image import ImageError, read_image
+
+    values = np.random.default_rng(0).random((32, 48)).astype(np.float32)
+    Image.fromarray(values).save(tmp_path / "unit.tiff")
+    want = np.clip(np.rint(values * 255), 0, 255).astype(np.uint8)
+    got = read_image(tmp_path / "unit.tiff")
+    assert got.shape == (32, 48, 3) and all(np.array_equal(got[..., c], want) for c in range(3))
+    Image.fromarray(values * 255).save(tmp_path / "bytes.tiff")  # 0..255 floats: as they are
+    assert np.array_equal(read_image(tmp_path / "bytes.tiff")[..., 0], want)
+    values[5, 5] = np.nan
+    Image.fromarray(values).save(tmp_path / "nan.tiff")
+    with pytest.raises(ImageError, match="not numbers"):
+        read_image(tmp_path / "nan.tiff")

@@ -93,6 +93,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     same orientation handling) for what OpenCV cannot read. A file that does not decode completely (cut short by
     an interrupted download or copy, which OpenCV's JPEG reader fills in with grey) is an ImageError."""
     check_header(path)
+    floats = _float_samples(path)
+    if floats is not None:
+        return floats
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a broken file gets our one line only
     try:
@@ -110,6 +113,29 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot read image {os.fspath(path)!r}: {e}") from e
+
+
+def _float_samples(path: str | os.PathLike) -> np.ndarray | None:
+    """A grey image of float samples (a float TIFF: PIL's mode "F") as RGB uint8, its values 0..1 (or, if any is
+    above 1, 0..255) scaled to 0..255; None for any other image. OpenCV casts such samples to 8 bits unscaled, so a
+    0..1 image came out black, and NaN or infinite samples as 0 or 255: those are refused."""
+    from PIL import Image, ImageOps
+
+    try:
+        with warnings.catch_warnings(), _truncation_is_an_error():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                if im.mode != "F":
+                    return None
+                values = np.asarray(ImageOps.exif_transpose(im), dtype=np.float32)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # (the decoders will say)
+    if not np.isfinite(values).all():
+        raise ImageError(f"cannot read image {os.fspath(path)!r}: some of its float samples are not numbers (NaN "
+                         "or infinite); save it without them")
+    scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+    grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
 
 
 @contextmanager
