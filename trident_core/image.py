@@ -92,10 +92,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as RGB uint8, decoded as the reference does (OpenCV, EXIF orientation applied); PIL (with the
     same orientation handling) for what OpenCV cannot read. A file that does not decode completely (cut short by
     an interrupted download or copy, which OpenCV's JPEG reader fills in with grey) is an ImageError."""
-    check_header(path)
-    floats = _float_samples(path)
-    if floats is not None:
-        return floats
+    if check_header(path) == "F":  # float samples, which OpenCV would cast unscaled
+        return _float_samples(path)
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a broken file gets our one line only
     try:
@@ -115,21 +113,19 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageError(f"cannot read image {os.fspath(path)!r}: {e}") from e
 
 
-def _float_samples(path: str | os.PathLike) -> np.ndarray | None:
+def _float_samples(path: str | os.PathLike) -> np.ndarray:
     """A grey image of float samples (a float TIFF: PIL's mode "F") as RGB uint8, its values 0..1 (or, if any is
-    above 1, 0..255) scaled to 0..255; None for any other image. OpenCV casts such samples to 8 bits unscaled, so a
-    0..1 image came out black, and NaN or infinite samples as 0 or 255: those are refused."""
+    above 1, 0..255) scaled to 0..255. OpenCV casts such samples to 8 bits unscaled, so a 0..1 image came out
+    black, and NaN or infinite samples as 0 or 255: those are refused."""
     from PIL import Image, ImageOps
 
     try:
         with warnings.catch_warnings(), _truncation_is_an_error():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
-                if im.mode != "F":
-                    return None
                 values = np.asarray(ImageOps.exif_transpose(im), dtype=np.float32)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None  # (the decoders will say)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot read image {os.fspath(path)!r}: {e}") from e
     if not np.isfinite(values).all():
         raise ImageError(f"cannot read image {os.fspath(path)!r}: some of its float samples are not numbers (NaN "
                          "or infinite); save it without them")
@@ -172,7 +168,7 @@ def _check_complete(path: str | os.PathLike) -> None:
                          f"damaged, e.g. by an interrupted download or copy): {e}") from e
 
 
-def check_header(path: str | os.PathLike) -> None:
+def check_header(path: str | os.PathLike) -> str | None:
     """Refuse, from its first bytes, a file that is no image either decoder knows, and an image whose header
     declares more than MAX_PIXELS (a small file can declare a huge image, which OpenCV would decode whole first),
     before anything reads the whole file."""
@@ -182,19 +178,20 @@ def check_header(path: str | os.PathLike) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (size warnings, odd EXIF: the decoders' turn comes next)
             with Image.open(path) as im:
-                w, h = im.size
+                (w, h), mode = im.size, im.mode
     except Image.DecompressionBombError:
-        w = h = None
+        w = h = mode = None
     except Image.UnidentifiedImageError as e:  # (formats only OpenCV knows, e.g. Radiance HDR, declare sizes
         # nothing checks before OpenCV decodes them whole)
         raise ImageError(f"cannot read image {os.fspath(path)!r}: not an image format Trident reads (PNG, JPEG, "
                          "WebP, BMP, TIFF, GIF, PPM/PGM)") from e
     except (OSError, ValueError, SyntaxError):  # broken: the decoders will say
-        return
+        return None
     if w is None or w * h > MAX_PIXELS:
         size = "far more" if w is None else f"{w}x{h} pixels, more"
         raise ImageError(f"{os.fspath(path)} declares {size} than {MAX_PIXELS // 10**6} megapixels; downscale it "
                          "first")
+    return mode
 
 
 def _utf8(text: str) -> bool:

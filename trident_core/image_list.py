@@ -127,11 +127,17 @@ def _not_a_file(path: Path) -> str:
     return f"{path} is not a regular file (a folder, pipe or device): not read"
 
 
-def _glob_root(pattern: str) -> Path:
-    """The folder part of a pattern before its first wildcard ("photos/*/x.png" -> "photos")."""
+def _split(pattern: str) -> tuple[Path, tuple[str, ...]]:
+    """A pattern's folder part before its first wildcard ("." if none) and the components from there on
+    ("photos/*/x.png" -> "photos", ("*", "x.png"))."""
     parts = Path(pattern).parts
-    fixed = parts[:next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))]
-    return _absolute(Path(*fixed)) if fixed else Path.cwd()
+    fixed = next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))
+    return (Path(*parts[:fixed]) if fixed else Path(".")), parts[fixed:]
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder part of a pattern before its first wildcard, absolute ("photos/*/x.png" -> "photos")."""
+    return _absolute(_split(pattern)[0])
 
 
 def _glob(pattern: str) -> list[str]:
@@ -139,9 +145,7 @@ def _glob(pattern: str) -> list[str]:
     (glob follows links to folders without end: two links back up made it exponential, a hang with no output)."""
     if "**" not in pattern:
         return glob.glob(pattern, recursive=True)
-    parts = Path(pattern).parts
-    fixed = next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))
-    root, wanted = (Path(*parts[:fixed]) if fixed else Path(".")), parts[fixed:]
+    root, wanted = _split(pattern)
     return [os.fspath(f) for f in _walk(root, [], skip_hidden=False)
             if _matches(f.relative_to(root).parts, wanted)]
 

@@ -184,13 +184,7 @@ def _replaceable_npz(path: Path) -> bool:
     downloaded, a readable npz of someone else's) is not ours to replace."""
     if not is_regular(path):
         return False
-    return _npz_run_key(path) is not None or _leading_run_key(path)
-
-
-def _leading_run_key(path: Path) -> bool:
-    """Whether the file begins with the run key a run writes first (read from the member's local header, which a
-    file cut short keeps)."""
-    return leading_text(path, "run_key.npy", 4096) is not None
+    return _npz_run_key(path) is not None or leading_text(path, "run_key.npy", 4096) is not None
 
 
 def check_npz_replaceable(path: Path, protected: frozenset[str] = frozenset()) -> None:
@@ -223,13 +217,21 @@ Extra = Callable[[object, np.ndarray, Path], None]
 """More files of one segmentation written beside the images (e.g. its objects), into the same temporary folder."""
 
 
-def _files(folder: Path) -> set[str]:
-    """Every entry under `folder` that is not a folder (files, links, pipes), relative and '/'-separated."""
-    found = set()
-    for top, dirs, names in os.walk(folder):  # (links to folders are entries, not followed)
+def _tree(folder: Path) -> tuple[set[str], set[str]]:
+    """Under `folder`, relative and '/'-separated: every entry that is not a folder (files, links, pipes; links to
+    folders are entries, not followed) and every sub-folder."""
+    files, folders = set(), set()
+    for top, dirs, names in os.walk(folder):
         rel = Path(top).relative_to(folder)
-        found |= {(rel / n).as_posix() for n in names + [d for d in dirs if os.path.islink(Path(top) / d)]}
-    return found
+        linked = [d for d in dirs if os.path.islink(Path(top) / d)]
+        files |= {(rel / n).as_posix() for n in names + linked}
+        folders |= {(rel / d).as_posix() for d in dirs if d not in linked}
+    return files, folders
+
+
+def _files(folder: Path) -> set[str]:
+    """Every entry under `folder` that is not a folder (`_tree`)."""
+    return _tree(folder)[0]
 
 
 def _all_ours(folder: Path, marker: Marker | None, protected: frozenset[str]) -> bool:
@@ -238,20 +240,11 @@ def _all_ours(folder: Path, marker: Marker | None, protected: frozenset[str]) ->
     at once."""
     if marker is None or marker.files is None:
         return False
-    entries = _files(folder)
+    entries, folders = _tree(folder)
     ours = {parent.as_posix() for name in marker.files for parent in Path(name).parents if parent.parts}
     real = os.path.realpath(folder) + os.sep
-    return (entries <= marker.files | {MARKER} and _folders(folder) <= ours
+    return (entries <= marker.files | {MARKER} and folders <= ours
             and not any(p.startswith(real) for p in protected))
-
-
-def _folders(folder: Path) -> set[str]:
-    """Every sub-folder under `folder` (links to folders are entries, not followed), relative, '/'-separated."""
-    found = set()
-    for top, dirs, _names in os.walk(folder):
-        rel = Path(top).relative_to(folder)
-        found |= {(rel / d).as_posix() for d in dirs if not os.path.islink(Path(top) / d)}
-    return found
 
 
 def _check_free(final: Path, name: str, marker: Marker | None, protected: frozenset[str]) -> None:
