@@ -18,7 +18,7 @@ from trident_core.devices import FRAME_BYTES, MAX_FRAMES_PER_FORWARD, frames_per
 from trident_core.kernels.sam_attention import query_band
 from trident_core.models import SamModel
 from trident_core.pipeline import compute_frame_window_features, compute_window_features, encode_frames
-from trident_core.window_features import WINDOW_CHUNK
+from trident_core.window_features import window_chunk
 
 models, loaded = test_nodes.models, test_nodes.loaded  # the node tests' fixtures
 CLASSES = "sky, person; astronaut, flag"
@@ -58,13 +58,14 @@ def test_shared_forwards_equal_one_frame_at_a_time(small_trident, photo, monkeyp
         _agree(seg, small_trident.segment(frame, CLASSES, params))
 
 
-def test_windows_of_several_frames_keep_each_frames_own_similarity_mean(small_trident, photo):
+def test_windows_of_several_frames_keep_each_frames_own_similarity_mean(small_trident, photo, monkeypatch):
     """Chunks that mix two frames' windows (the proxy attention's mean is per frame): each frame's tokens as
-    `compute_window_features` gives them alone."""
+    `compute_window_features` gives them alone. (A GPU's eight windows per frame per forward.)"""
     frames = _frames(photo)[:3]
     config = Params().windows
+    monkeypatch.setattr(pipeline, "window_chunk", lambda _device: 8)
     together = compute_frame_window_features(small_trident.clip, small_trident.dino, frames, config)
-    n, chunk = len(together[0].plan), WINDOW_CHUNK * len(frames)
+    n, chunk = len(together[0].plan), 8 * len(frames)
     assert any(s // n != (min(len(frames) * n, s + chunk) - 1) // n for s in range(0, len(frames) * n, chunk))
     for wf, frame in zip(together, frames):
         alone = compute_window_features(small_trident.clip, small_trident.dino, frame, config)
@@ -189,3 +190,27 @@ def test_one_frame_per_forward_holds_no_image_while_the_next_is_read(small_tride
     for seg in small_trident.segment_frames(images(), CLASSES, Params(), per_forward=per_forward):
         del seg
     assert len(refs) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_window_forwards_of_two_equal_one_forward_of_every_window(small_ckpts, photo, dtype):
+    """On the CPU DINO and CLIP take two windows per forward (their activations stay in the cache): each window's
+    tokens equal those of one forward over all of an image's windows, bit for bit, in float32 and in bf16."""
+    from trident_core.image import clip_input
+    from trident_core.models import load_clip, load_dino
+    from trident_core.window_features import frame_window_features
+    from trident_core.windows import plan_windows
+
+    clip, dino = load_clip(small_ckpts["clip"], "cpu", dtype), load_dino(small_ckpts["dino"], "cpu", dtype)
+    config = Params().windows
+    image = np.ascontiguousarray(photo[:150, :200])
+    x = clip_input(image, config.short_side, clip.patch_size, config.window, config.long_cap)
+    plan = plan_windows(tuple(x.shape[-2:]), config.window, config.stride)
+    assert window_chunk(clip.device) == 2 and len(plan) > 2 and window_chunk(torch.device("cuda")) == 8
+    calls = []
+    hook = clip.model.visual.conv1.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
+    got = compute_window_features(clip, dino, image, config)
+    hook.remove()
+    whole = frame_window_features(clip, dino, [x], plan, config, image_size=image.shape[:2], chunk=len(plan))[0]
+    assert calls == [2] * (len(plan) // 2) + [1] * (len(plan) % 2)
+    assert torch.equal(got.tokens, whole.tokens)

@@ -24,7 +24,7 @@ from .refine import refine
 from .residency import release, trim_heap
 from .sam_tiles import SamTileEncodings, SamTiling, encode_frame_tiles
 from .text import encode_classes
-from .window_features import WINDOW_CHUNK, WindowFeatures, frame_window_features
+from .window_features import WindowFeatures, frame_window_features, window_chunk
 from .windows import plan_windows
 
 Progress = Callable[[str], None]
@@ -47,7 +47,7 @@ def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, con
 def compute_frame_window_features(clip: ClipModel, dino: DinoModel, images: Sequence[object], config: WindowConfig,
                                   progress: Progress = _noop, after_dino: Callable[[], None] | None = None
                                   ) -> list[WindowFeatures]:
-    """`compute_window_features` of several frames of one size, each forward carrying WINDOW_CHUNK windows per
+    """`compute_window_features` of several frames of one size, each forward carrying `window_chunk` windows per
     frame (`frame_window_features`)."""
     if config.window % clip.patch_size or config.window % dino.patch_size:
         raise ValueError(f"window {config.window} must be a multiple of CLIP's patch ({clip.patch_size}) and "
@@ -56,7 +56,7 @@ def compute_frame_window_features(clip: ClipModel, dino: DinoModel, images: Sequ
     xs = [clip_input(img, config.short_side, clip.patch_size, config.window, config.long_cap) for img in imgs]
     plan = plan_windows(tuple(xs[0].shape[-2:]), config.window, config.stride)
     return frame_window_features(clip, dino, xs, plan, config, image_size=imgs[0].shape[:2],
-                                 chunk=WINDOW_CHUNK * len(xs), on_chunk=lambda: progress("windows"),
+                                 chunk=window_chunk(clip.device) * len(xs), on_chunk=lambda: progress("windows"),
                                  after_dino=after_dino)
 
 

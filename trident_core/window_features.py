@@ -17,6 +17,15 @@ from .models import ClipModel, DinoModel
 from .windows import WindowPlan
 
 WINDOW_CHUNK = 8
+CPU_WINDOW_CHUNK = 2
+
+
+def window_chunk(device: torch.device) -> int:
+    """Windows per DINO and CLIP forward on `device`. On the CPU two: each layer's activations then stay a few MB,
+    in the cache and reused from the heap, where eight windows' came as fresh memory, page by page (AMD Zen 5,
+    voc21 at 1024x1024: CLIP's tower 1.44 -> 1.22 s in float32 and 1.18 -> 1.04 s in bf16; each window's values
+    are the same bit for bit). Elsewhere WINDOW_CHUNK, which keeps a GPU busy."""
+    return CPU_WINDOW_CHUNK if device.type == "cpu" else WINDOW_CHUNK
 
 
 @dataclass(frozen=True, eq=False)
