@@ -9,6 +9,7 @@ from collections import namedtuple
 
 import torch
 
+from ..trident_core.classes import named_classes
 from ..trident_core.flow import FlowStream
 from ..trident_core.image import to_rgb_uint8
 from ..trident_core.instances import (
@@ -19,7 +20,6 @@ from ..trident_core.instances import (
     crop_region,
     find_largest_instances,
     mask_stack,
-    object_classes,
 )
 from ..trident_core.render import render_tracks
 from ..trident_core.tracking import DEFAULT_MAX_GAP, MAX_GAP_LIMIT, ObjectTracker, check_max_gap
@@ -145,21 +145,20 @@ class TridentInstances(io.ComfyNode):
         check_crop_factor(crop_factor)
         check_max_objects(max_objects)
         check_max_gap(max_gap)
-        wanted = object_classes(segmentation[0].classes, classes)
+        wanted = named_classes(segmentation[0].classes, classes)
         tracker = ObjectTracker(wanted, segmentation[0].classes.names, min_area, max_gap) if track_objects else None
         flows = FlowStream()
+        cut: list[int] = []  # per frame that had more than max_objects objects: how many were dropped
 
         def one(b: int, seg: object, _progress: object) -> list[Instance]:
             if tuple(seg.image_size) != size:
                 raise ValueError(f"the image is {size[1]}x{size[0]}, the segmentation {seg.image_size[1]}x"
                                  f"{seg.image_size[0]}: connect the segmented image")
             probs = seg.probs
-            objects, dropped = find_largest_instances(seg.labels, object_classes(seg.classes, classes),
+            objects, dropped = find_largest_instances(seg.labels, named_classes(seg.classes, classes),
                                                       seg.classes.names, min_area, probs, b, max_objects)
             if dropped:
-                logging.warning("Trident Instances: frame %d: kept the %d largest of %d objects, dropped %d smaller "
-                                "ones (raise max_objects to keep more)", b, max_objects, max_objects + dropped,
-                                dropped)
+                cut.append(dropped)
             if tracker is not None:
                 if list(seg.classes.names) != tracker.class_names:
                     raise ValueError(f"frame {b} was segmented with other classes than frame 0: connect one "
@@ -169,6 +168,10 @@ class TridentInstances(io.ComfyNode):
             return objects
 
         objects = [o for frame in each_image(one, range(len(segmentation)), segmentation) for o in frame]
+        if cut:  # one line for the clip, not one per frame
+            logging.warning("Trident Instances: kept the %d largest objects of each frame, dropped %d smaller ones in "
+                            "%d of %d frame(s) (raise max_objects to keep more)", max_objects, sum(cut), len(cut),
+                            len(segmentation))
         dev = intermediate_device()
         masks = mask_stack(objects, size)
         segs = (size, [_seg(o, image, size, crop_factor) for o in objects])

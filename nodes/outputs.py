@@ -7,7 +7,7 @@ from itertools import accumulate
 import numpy as np
 import torch
 
-from ..trident_core.classes import class_indices
+from ..trident_core.classes import named_classes
 from ..trident_core.image import to_rgb_uint8
 from ..trident_core.render import masks_for, preview
 from . import sockets as T
@@ -27,18 +27,19 @@ class SegmentationToMasks(io.ComfyNode):
         return T.schema(
             "TridentSegmentationToMasks", "Trident Segmentation to Masks",
             ("Turns a segmentation into MASKs at the image's size: the union of the classes you name (for "
-             "inpainting, compositing...) and every class as its own mask."),
+             "inpainting, compositing...) and each of them as its own mask."),
             inputs=[
                 T.SEGMENTATION.Input("segmentation", tooltip=T.SEGMENTATION_TIP),
                 io.String.Input("classes", default="person",
                                 tooltip="Names of the classes to put in the mask, separated by commas or line breaks "
-                                        "(any synonym, any case). Empty = every class."),
+                                        "(any synonym, any case). Empty = every class but the background."),
                 io.Boolean.Input("invert", default=False,
                                  tooltip="Invert the mask (everything but those classes)."),
             ],
             outputs=[T.output(io.Mask, "mask", "The union of the named classes, one mask per batch image [B, H, W]."),
-                     T.output(io.Mask, "class_masks", "One mask per class in class order, for each batch image in "
-                                                      "turn [B x classes, H, W].")])
+                     T.output(io.Mask, "class_masks", "One mask per named class, in the segmentation's class order, "
+                                                      "for each batch image in turn [B x named classes, H, W] (not "
+                                                      "inverted).")])
 
     @classmethod
     def execute(cls, segmentation: list, classes: str, invert: bool) -> io.NodeOutput:
@@ -47,16 +48,18 @@ class SegmentationToMasks(io.ComfyNode):
         if any(tuple(seg.image_size) != size for seg in segmentation):
             raise ValueError("the segmentations have different sizes; a MASK batch needs one size")
         dev = intermediate_device()
-        # filled frame by frame: a batch of frames never holds its masks twice (a list and the stacked copy)
+        # filled frame by frame: a batch of frames never holds its masks twice (a list and the stacked copy); only the
+        # named classes' masks (a 150-class list over a clip: every class's would be 150 masks a frame)
+        wanted = [named_classes(seg.classes, classes) for seg in segmentation]
         unions = torch.empty((len(segmentation), *size), device=dev)
-        first_rows = list(accumulate((len(seg.classes) for seg in segmentation), initial=0))
+        first_rows = list(accumulate((len(w) for w in wanted), initial=0))
         per_class = torch.empty((first_rows[-1], *size), device=dev)
 
         def one(b: int, seg: object, row: int, _progress: object) -> None:
-            union = masks_for(seg.labels, class_indices(seg.classes, classes))
+            union = masks_for(seg.labels, wanted[b])
             unions[b] = 1.0 - union if invert else union
-            for k in range(len(seg.classes)):
-                per_class[row + k] = masks_for(seg.labels, [k])
+            for j, k in enumerate(wanted[b]):
+                per_class[row + j] = masks_for(seg.labels, [k])
 
         each_image(one, range(len(segmentation)), segmentation, first_rows[:-1])
         return io.NodeOutput(unions, per_class)

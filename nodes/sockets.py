@@ -81,10 +81,16 @@ def images(image: torch.Tensor, name: str = "image") -> torch.Tensor:
     if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"the '{name}' input has shape {list(image.shape)}, not an IMAGE batch [batch, height, width, "
                          "channels] with 1, 3 or 4 channels: connect an IMAGE output (e.g. Load Image)")
+    if image.device.type == "meta":
+        raise ValueError(f"the '{name}' input holds no pixel values (a tensor on the 'meta' device): connect an IMAGE "
+                         "output (e.g. Load Image)")
+    if image.shape[0] and 0 in image.shape[1:3]:
+        raise ValueError(f"the '{name}' input's images are empty ({image.shape[2]}x{image.shape[1]} pixels): connect "
+                         "images of at least 1x1 pixel")
     if image.is_floating_point() and image.numel():  # the whole batch at once: frame k's fault is not met late
         if not torch.isfinite(image).all():
             raise ValueError(f"the '{name}' input contains NaN or infinite values: fix the node that made it")
-        check_float_range(float(image.max()))
+        check_float_range(float(image.max()), float(image.min()))
     if image.shape[0] == 0:
         raise ValueError(f"the '{name}' input is an IMAGE batch of 0 images: connect a node that gives at least one "
                          "image (e.g. Load Image)")

@@ -46,8 +46,9 @@ W, A, C, R = P.windows, P.aggregation, P.classification, P.refinement  # each st
 CLASSES_TIP = ("Class names separated by commas or line breaks; ';' between synonyms of one class, e.g. 'sky, "
                "horse; pony, grass'. All are foreground classes. Pixels where no class is confident are left "
                "unlabeled (or get the background class when there is one).")
-BACKGROUND_TIP = ("Optional names of a background class (label 0), e.g. 'sky; wall; floor': pixels under the "
-                  "probability threshold then get the background instead of no label.")
+BACKGROUND_TIP = ("Optional names of one background class (label 0), e.g. 'sky; wall; floor' (commas work too: "
+                  "all are that one class): pixels under the probability threshold then get the background instead "
+                  "of no label.")
 IMAGE_TIP = ("The image(s) to segment; a batch (video frames) is processed frame by frame, each frame's "
              "intermediates freed before the next.")
 SAM_TILES_TIP = ("SAM encodes the image in rows x cols tiles: 1x1 the whole image (the method's default), 1x2 "
@@ -72,7 +73,9 @@ DINO_TIP = "The DINO model from Trident Load DINO."
 
 
 def _batch(image: torch.Tensor, n: int, what: str) -> None:
-    """Refuse an image batch that does not match the batch a previous stage was run on."""
+    """Refuse an image batch that is not one (`sockets.images`) or does not match the batch a previous stage was
+    run on."""
+    T.images(image)
     if image.shape[0] != n:
         raise ValueError(f"the image batch has {image.shape[0]} image(s) but the {what} was made from {n}; "
                          "connect the same image")

@@ -86,7 +86,7 @@ def test_inputs_that_name_nothing_are_one_clear_error(tmp_path, capsys):
         gather([str(tmp_path / "nope.png")])
     with pytest.raises(InputError, match="image list .* not found"):
         gather([f"@{tmp_path / 'nope.txt'}"])
-    assert main(["segment", str(tmp_path / "empty"), "--classes", "a", "--out", str(tmp_path / "o")]) == 2
+    assert main(["segment", str(tmp_path / "empty"), "--classes", "a, b", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no images in folder" in err[0] and "empty" in err[0]
 

@@ -163,7 +163,7 @@ def test_an_image_batch_of_zero_images_is_one_line(loaded, images):
     clip, dino, sam = loaded
     empty = images[:0]
     with pytest.raises(ValueError, match="IMAGE batch of 0 images"):
-        run("TridentSegment", image=empty, clip=clip, dino=dino, sam=sam, classes="sky", preset="default",
+        run("TridentSegment", image=empty, clip=clip, dino=dino, sam=sam, classes="sky, grass", preset="default",
             refine=False, sam_tiles="preset")
     with pytest.raises(ValueError, match="IMAGE batch of 0 images"):
         run("TridentSegmentationToMasks", segmentation=[], classes="", invert=False)
@@ -187,7 +187,7 @@ def test_segment_out_that_cannot_be_written_fails_before_computing(small_ckpts, 
     blocker.write_bytes(b"keep me")
     for args in (["--out", str(blocker)], ["--out", str(blocker / "sub")], ["--save-npz", str(blocker / "r.npz")],
                  ["--out", "/proc/trident_out"]):
-        rc, err = _cli(capsys, "segment", str(png), "--classes", "sky", *args, *_model_args(small_ckpts))
+        rc, err = _cli(capsys, "segment", str(png), "--classes", "sky, grass", *args, *_model_args(small_ckpts))
         assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {args[0]} ") and args[1] in err[0], err
     assert blocker.read_bytes() == b"keep me"
 
@@ -203,7 +203,8 @@ def test_a_cache_folder_that_is_a_file_is_one_line(png, tmp_path, capsys, monkey
     blocker = tmp_path / "cache"
     blocker.write_bytes(b"")
     monkeypatch.setenv("TRIDENT_CACHE", str(blocker))
-    rc, err = _cli(capsys, "segment", str(png), "--classes", "sky", "--out", str(tmp_path / "o"), "--no-download")
+    rc, err = _cli(capsys, "segment", str(png), "--classes", "sky, grass", "--out", str(tmp_path / "o"),
+                   "--no-download")
     assert rc == 2 and len(err) == 1 and f"{blocker} is a file, not a folder" in err[0] and "TRIDENT_CACHE" in err[0]
 
 
@@ -258,7 +259,7 @@ def test_a_lone_frame_or_channels_first_tensor_is_no_image_batch(loaded, images)
     clip, dino, sam = loaded
     for wrong in (images[0], images[:1].permute(0, 3, 1, 2)):
         with pytest.raises(ValueError, match="not an IMAGE batch"):
-            run("TridentSegment", image=wrong, clip=clip, dino=dino, sam=sam, classes="sky", preset="default",
+            run("TridentSegment", image=wrong, clip=clip, dino=dino, sam=sam, classes="sky, grass", preset="default",
                 refine=False, sam_tiles="preset")
 
 
@@ -291,9 +292,44 @@ def test_image_batches_with_nan_or_0_to_255_values_are_refused_before_any_frame(
     monkeypatch.setattr(pipeline.Trident, "segment", lambda *a, **k: pytest.fail("a frame was segmented"))
     for bad, message in ((nan_last, "NaN"), (images[:2] * 255, "divide by 255")):
         with pytest.raises(ValueError, match=message):
-            run("TridentSegment", image=bad, clip=clip, dino=dino, sam=sam, classes="sky", preset="default",
+            run("TridentSegment", image=bad, clip=clip, dino=dino, sam=sam, classes="sky, grass", preset="default",
                 refine=False, sam_tiles="preset")
     to_rgb = core("image").to_rgb_uint8
     assert to_rgb(np.full((4, 4, 3), 1.2, np.float32)).max() == 255
     with pytest.raises(ValueError, match="divide by 255"):
         to_rgb(np.full((4, 4, 3), 200.0, np.float32))
+
+
+def test_a_minus_one_to_one_image_empty_frames_and_meta_tensors_are_refused_in_one_line(loaded, images):
+    """A -1..1 image was clipped to black in its darker half; empty frames and meta tensors gave a SAM tiling or
+    a torch error."""
+    clip, dino, sam = loaded
+    to_rgb = core("image").to_rgb_uint8
+    assert to_rgb(np.full((4, 4, 3), -0.1, np.float32)).max() == 0  # a little undershoot is fine
+    with pytest.raises(ValueError, match=r"go down to -1.*\(x \+ 1\) / 2"):
+        to_rgb(np.linspace(-1, 1, 48, dtype=np.float32).reshape(4, 4, 3))
+    for bad, message in ((images[:1] * 2 - 1, r"\(x \+ 1\) / 2"), (images[:1, :0], "images are empty"),
+                         (torch.empty(1, 8, 8, 3, device="meta"), "'meta' device")):
+        with pytest.raises(ValueError, match=message):
+            run("TridentSegment", image=bad, clip=clip, dino=dino, sam=sam, classes="sky, grass", preset="default",
+                refine=False, sam_tiles="preset")
+
+
+@pytest.fixture(scope="module")
+def chain_fm(loaded, images):
+    """A feature map of one image (no SAM) and encoded classes."""
+    clip, dino, _ = loaded
+    (classes,) = run("TridentEncodeClasses", clip=clip, classes="sky, person")
+    (wf,) = run("TridentWindowFeatures", image=images[:1], clip=clip, dino=dino, short_side=448, window=336,
+                stride=224)
+    fm, _ = run("TridentSpliceAggregate", window_features=wf, image=images[:1], correlation="none",
+                paradigm="segment_then_splice", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
+    return fm, classes
+
+
+def test_classify_takes_only_an_image_batch(chain_fm, images):
+    """A lone [H, W, C] frame into Classify was counted as H images ("the image batch has 64 image(s)")."""
+    fm, classes = chain_fm
+    with pytest.raises(ValueError, match=r"not an IMAGE batch \[batch, height, width, channels\]"):
+        run("TridentClassify", feature_map=fm, classes=classes, logit_scale=40.0, prob_thd=0.0, image=images[0],
+            pamr_steps=1)

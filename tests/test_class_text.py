@@ -8,7 +8,7 @@ from importlib import resources
 
 import pytest
 
-from trident_core.classes import load_class_file, parse_classes
+from trident_core.classes import ClassListError, load_class_file, parse_classes
 from trident_core.cli import classes_from_args
 from trident_core.presets import get_preset
 
@@ -50,6 +50,36 @@ def test_typed_names_leave_the_preset_background():
     cl = get_preset("voc21").class_list("sky, person, tree")
     assert cl.classes[1:] == (("sky",), ("person",), ("tree",))
     assert cl.classes[0] == tuple(n for n in _preset_background("voc21") if n not in ("sky", "tree"))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: parse_classes("person"), lambda: parse_classes(" person; human ,"), lambda: parse_classes(["sky"]),
+    lambda: get_preset("default").class_list("person"), lambda: get_preset("ade20k").class_list("wall"),
+    lambda: get_preset("voc21").class_list("; ".join(_preset_background("voc21")))])  # every background name typed
+def test_one_class_is_refused_it_would_label_every_pixel(make):
+    """A softmax over one class is 1 everywhere: "person" alone made every pixel person, presented as success."""
+    with pytest.raises(ClassListError, match=r"one class \(.*\) would label every pixel: .*name what else is in the "
+                                             r"image too, e\.g\. '.*, background'"):
+        make()
+
+
+def test_one_class_with_a_background_is_two_classes(tmp_path):
+    assert parse_classes("person", background="sky").names == ["sky", "person"]
+    assert get_preset("voc21").class_list("person").names[1:] == ["person"]  # the preset's background is class 0
+    f = tmp_path / "one.txt"
+    f.write_text("sky\n", encoding="utf-8")
+    with pytest.raises(ClassListError, match="would label every pixel"):
+        load_class_file(str(f))
+    f.write_text("background\nsky\n", encoding="utf-8")
+    assert load_class_file(str(f), background_first=True).names == ["background", "sky"]
+
+
+def test_a_background_typed_with_commas_is_one_class():
+    """The background widget is one class: "sky, wall" was one name "sky, wall" beside a class "sky"."""
+    assert parse_classes("person, dog", background="sky, wall\nfloor; ceiling").classes[0] == (
+        "sky", "wall", "floor", "ceiling")
+    with pytest.raises(ClassListError, match="'sky' appears in classes 1 and 2"):
+        parse_classes("sky, person", background="sky, wall")
 
 
 def test_preset_without_background_keeps_typed_list():

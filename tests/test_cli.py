@@ -49,7 +49,7 @@ def test_segment_then_splice_without_refinement_needs_no_sam(small_ckpts, photo,
 
 def test_missing_model_without_download(tmp_path, capsys, photo):
     Image.fromarray(photo).save(tmp_path / "x.png")
-    rc = main(["segment", str(tmp_path / "x.png"), "--classes", "a", "--clip", str(tmp_path / "nope.safetensors"),
+    rc = main(["segment", str(tmp_path / "x.png"), "--classes", "a, b", "--clip", str(tmp_path / "nope.safetensors"),
                "--no-download", "--out", str(tmp_path)])
     assert rc == 2
     assert "nope.safetensors" in capsys.readouterr().err

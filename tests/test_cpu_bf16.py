@@ -122,8 +122,8 @@ def test_command_line_refuses_before_touching_a_model_file(native, tmp_path, cap
     from PIL import Image
 
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(img)
-    rc = main(["segment", str(img), "--classes", "sky", "--precision", "bf16", "--device", "cpu", "--no-download",
-               "--clip", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "out")])
+    rc = main(["segment", str(img), "--classes", "sky, grass", "--precision", "bf16", "--device", "cpu",
+               "--no-download", "--clip", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "precision bf16" in err[0] and "use fp32" in err[0], err  # not the file
     assert not (tmp_path / "out").exists()  # a refused run makes no output folder
@@ -132,7 +132,7 @@ def test_command_line_refuses_before_touching_a_model_file(native, tmp_path, cap
     for argv in (["segment", str(img), "--out", str(tmp_path / "deep" / "er")],
                  ["segment", str(clip), "--out", str(tmp_path / "video")],
                  ["eval", "--preset", "voc21", "--data-root", str(tmp_path), "--out", str(tmp_path / "ev" / "r.json")]):
-        rc = main([*argv, *(["--classes", "sky"] if argv[0] == "segment" else []), "--precision", "bf16",
+        rc = main([*argv, *(["--classes", "sky, grass"] if argv[0] == "segment" else []), "--precision", "bf16",
                    "--device", "cpu", "--no-download"])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and "precision bf16" in err[0], (argv, err)

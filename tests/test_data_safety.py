@@ -79,10 +79,10 @@ def test_our_own_files_from_an_earlier_run_are_replaced_and_stale_ones_removed(s
     assert main(["segment", str(img), *_models(small_ckpts), "--out", str(out), "--instances", "--min-area",
                  "1"]) == 0
     assert (out / "instances.json").is_file()
-    assert main(["segment", str(img), *_models(small_ckpts)[:-3], "--classes", "sky", "--out", str(out)]) == 0
+    assert main(["segment", str(img), *_models(small_ckpts)[:-3], "--classes", "sky, grass", "--out", str(out)]) == 0
     tree = _tree(out)
     assert not (out / "instances.json").exists() and not (out / "instances").exists()
-    assert {k for k in tree if k.startswith("masks/")} == {"masks/000_sky.png", "masks/cat.png"}
+    assert {k for k in tree if k.startswith("masks/")} == {"masks/000_sky.png", "masks/001_grass.png", "masks/cat.png"}
 
 
 def test_an_input_is_never_an_output(small_ckpts, photo, tmp_path, cache, capsys):

@@ -93,8 +93,8 @@ def test_f3_non_ascii_class_names_resume_and_clean_up(small_ckpts, tmp_path, cac
     capsys.readouterr()
     assert _seg(small_ckpts, tmp_path / "in", "--out", out, classes="café, tree") == 0
     assert "1 already complete" in capsys.readouterr().err
-    assert _seg(small_ckpts, tmp_path / "in", "--out", out, classes="sky") == 0
-    assert sorted(p.name for p in (out / "a.png" / "masks").iterdir()) == ["000_sky.png"]
+    assert _seg(small_ckpts, tmp_path / "in", "--out", out, classes="sky, grass") == 0
+    assert sorted(p.name for p in (out / "a.png" / "masks").iterdir()) == ["000_sky.png", "001_grass.png"]
 
 
 # F4 ------------------------------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_f6_files_behind_a_linked_masks_folder_are_not_replaced_or_deleted(small
     (out / "masks").rmdir()
     (out / "masks").symlink_to(user, target_is_directory=True)
     _seg(small_ckpts, img, "--out", out, "--overwrite")
-    _seg(small_ckpts, img, "--out", out, "--overwrite", classes="dog")
+    _seg(small_ckpts, img, "--out", out, "--overwrite", classes="dog, cat")
     assert (user / "000_sky.png").is_file() and (user / "000_sky.png").read_bytes() == b"USER SKY"
 
 

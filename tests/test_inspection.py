@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -92,9 +94,19 @@ def test_point_to_pixels():
     assert point_to_pixels(0.5, 0.25, "fraction", (100, 200)) == (100, 25)
     assert point_to_pixels(1.0, 1.0, "fraction", (100, 200)) == (199, 99)
     assert point_to_pixels(150.7, 20.2, "pixels", (100, 200)) == (150, 20)
-    assert point_to_pixels(5000, 5000, "pixels", (100, 200)) == (199, 99)
+    assert point_to_pixels(199.9, 0, "pixels", (100, 200)) == (199, 0)
     with pytest.raises(ValueError):
         point_to_pixels(0, 0, "inches", (10, 10))
+
+
+@pytest.mark.parametrize(("x", "y", "units", "said"), [
+    (120, 40, "fraction", "set units to 'pixels'"),  # pixels typed with units left at fraction: was the corner
+    (-0.1, 0.5, "fraction", "not a fraction"),
+    (5000, 5000, "pixels", "outside the 200x100 image: give x from 0 to 199 and y from 0 to 99"),
+    (200, 10, "pixels", "outside"), (10, -1, "pixels", "outside")])
+def test_a_point_outside_the_image_is_refused_not_moved_to_its_edge(x, y, units, said):
+    with pytest.raises(ValueError, match=re.escape(said)):
+        point_to_pixels(x, y, units, (100, 200))
 
 
 @pytest.fixture(scope="module")

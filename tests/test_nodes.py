@@ -354,7 +354,7 @@ def test_custom_preset_is_the_default_with_the_values_shown_under_it(loaded, ima
                                                                Params().update(refine=True, **changed))
     assert torch.equal(custom[0].labels, direct.labels) and not torch.equal(custom[0].labels, default[0].labels)
     segment = node_classes()["TridentSegment"]
-    assert segment.validate_inputs(classes="sky", preset={"preset": "custom", "short_side": None}) is True
+    assert segment.validate_inputs(classes="sky, grass", preset={"preset": "custom", "short_side": None}) is True
     assert "no class names" in segment.validate_inputs(classes="", preset={"preset": "custom"}, background="")
 
 
@@ -408,17 +408,29 @@ def test_segment_then_splice_needs_no_sam_and_mismatches_are_refused(chain, load
 def test_masks_union_synonyms_invert_and_per_class(chain):
     segs = chain["refined"]
     mask, per_class = run("TridentSegmentationToMasks", segmentation=segs, classes="ASTRONAUT, flag", invert=False)
-    assert mask.shape == (2, 64, 192) and per_class.shape == (6, 64, 192) and mask.dtype == torch.float32
+    assert mask.shape == (2, 64, 192) and per_class.shape == (4, 64, 192) and mask.dtype == torch.float32
     for b, seg in enumerate(segs):
         assert torch.equal(mask[b], ((seg.labels == 1) | (seg.labels == 2)).float())
-        for k in range(3):
-            assert torch.equal(per_class[b * 3 + k], (seg.labels == k).float())
+        for j, k in enumerate((1, 2)):  # the named classes only, in class order
+            assert torch.equal(per_class[b * 2 + j], (seg.labels == k).float())
     inverted, _ = run("TridentSegmentationToMasks", segmentation=segs, classes="person; flag", invert=True)
     assert torch.equal(inverted, 1 - mask)
-    everything, _ = run("TridentSegmentationToMasks", segmentation=segs, classes="", invert=False)
+    everything, every_class = run("TridentSegmentationToMasks", segmentation=segs, classes="", invert=False)
     assert torch.equal(everything, torch.stack([(s.labels >= 0).float() for s in segs]))
+    assert torch.equal(every_class, torch.stack([(s.labels == k).float() for s in segs for k in range(3)]))
     with pytest.raises(core("classes").ClassListError, match="'dog'"):
         run("TridentSegmentationToMasks", segmentation=segs, classes="dog", invert=False)
+
+
+def test_masks_of_every_class_leave_out_the_background(chain, loaded):
+    """Empty `classes` with a background class: the union and the masks of the other classes (as Trident
+    Instances counts them); the background was an all-white mask of the whole image."""
+    (classes,) = run("TridentEncodeClasses", clip=loaded[0], classes="person; astronaut, flag", background="sky")
+    (segs,) = run("TridentClassify", feature_map=chain["fm"], classes=classes, logit_scale=40.0, prob_thd=0.0)
+    assert segs[0].classes.has_background and segs[0].classes.names == ["sky", "person", "flag"]
+    mask, per_class = run("TridentSegmentationToMasks", segmentation=segs, classes="", invert=False)
+    assert torch.equal(mask, torch.stack([(s.labels >= 1).float() for s in segs]))
+    assert torch.equal(per_class, torch.stack([(s.labels == k).float() for s in segs for k in (1, 2)]))
 
 
 def test_preview_colours_overlay_and_legend(chain, images):

@@ -209,6 +209,9 @@ def test_bad_settings_and_inputs_are_refused():
         sm(segmentation(probs[1], classes), None)
     with pytest.raises(ValueError, match="one size"):
         sm(segmentation(probs[1][:, :10], classes), translation_flow((10, 96), 0, 0))
+    with pytest.raises(ValueError, match="the frames smoothing follows are 96x50 pixels, the segmentation 96x72: "
+                                         "connect the segmented frames"):  # (it quoted the segmentation's size twice)
+        sm(segmentation(probs[1], classes), translation_flow((50, 96), 0, 0))
     seg = segmentation(probs[1], classes)
     refined = Segmentation(seg.labels, seg.probs, seg.grid_logits, classes, seg.image_size, seg.labels, seg.probs)
     with pytest.raises(ValueError, match="before SAM refinement"):

@@ -84,10 +84,12 @@ def test_object_info_keeps_the_classic_declaration(node_type, empty_model_folder
     old_opt, new_opt = (_settings(old["input"].get("optional", {})), _settings(new["input"].get("optional", {})))
     _prefix(list(old_opt.items()), list(new_opt.items()), f"{node_type} optional inputs")
     _prefix(old["input_order"].get("optional", []), new["input_order"].get("optional", []), node_type)
-    for key in ("output", "output_is_list", "output_name", "output_tooltips"):
+    for key in ("output", "output_is_list", "output_name"):
         _prefix(old[key], new[key], f"{node_type} {key}")
+    assert len(new["output_tooltips"]) == len(new["output"]) and all(new["output_tooltips"])  # (text: may be reworded)
     rest = {k for k in old if k not in ("input", "input_order", "output", "output_is_list", "output_name",
-                                        "output_tooltips")}
+                                        "output_tooltips", "description")}
+    assert new["description"]
     assert {k: new[k] for k in rest} == {k: old[k] for k in rest}
     assert set(new) == set(old)
 

@@ -184,6 +184,19 @@ def test_a_marker_is_believed_only_for_names_a_clip_run_writes(name, ours):
     assert is_output_name(name) is ours
 
 
+def _without_confidence(value: object) -> object:
+    """tracks.json without its confidences (float32 rounding may differ with frames sharing forwards)."""
+    if isinstance(value, dict):
+        return {k: _without_confidence(v) for k, v in value.items() if k != "confidence"}
+    return [_without_confidence(v) for v in value] if isinstance(value, list) else value
+
+
+def _confidences(value: object) -> list[float]:
+    if isinstance(value, dict):
+        return [value.get("confidence", 0.0)] + [c for v in value.values() for c in _confidences(v)]
+    return [c for v in value for c in _confidences(v)] if isinstance(value, list) else []
+
+
 def test_frames_sharing_forwards_write_what_one_frame_at_a_time_writes(small_ckpts, clip_frames, tmp_path, monkeypatch):
     """A clip run where frames share forwards (as on a GPU; forced here, 3 at a time over 4 frames): the same masks,
     objects and tracks as one frame at a time, the smoothing and the tracker fed each frame's own flow in order."""
@@ -203,6 +216,8 @@ def test_frames_sharing_forwards_write_what_one_frame_at_a_time_writes(small_ckp
     one, shared = tmp_path / "one", tmp_path / "shared"
     for name in ("000_disc", "001_square"):
         assert np.array_equal(pngs(one / "masks" / name), pngs(shared / "masks" / name))
-    assert json.loads((one / "tracks.json").read_text()) == json.loads((shared / "tracks.json").read_text())
+    alone, together = (json.loads((d / "tracks.json").read_text()) for d in (one, shared))
+    assert _without_confidence(alone) == _without_confidence(together)  # ids, classes, frames, boxes, areas
+    assert np.allclose(_confidences(alone), _confidences(together), atol=1e-5)  # (a kernel timed per batch shape)
     assert sorted(p.name for p in (one / "instances").iterdir()) == sorted(p.name
                                                                            for p in (shared / "instances").iterdir())

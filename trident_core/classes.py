@@ -55,17 +55,19 @@ def split_typed(text: str) -> list[str]:
     return re.split(r"[,\r\n]", text)
 
 
-def parse_classes(text: str | list[str] | tuple[str, ...], background: str | None = None) -> ClassList:
+def parse_classes(text: str | list[str] | tuple[str, ...], background: str | None = None,
+                  several: bool = True) -> ClassList:
     """Parse a class list as people type it.
 
     A string is typed text: commas and line breaks separate classes, `;` separates synonyms of one class
     ("sky, horse; pony, grass": three classes, the second with two names). A list holds one class per entry
-    (commas are then part of a name, as in class files). `background`, when given (e.g. "sky; wall; floor"),
-    becomes class 0 with those names."""
+    (commas are then part of a name, as in class files). `background`, when given (e.g. "sky; wall; floor", or
+    typed with commas: "sky, wall, floor"), becomes class 0 with those names: one class whatever separates them.
+    `several=False` lets one class through (a preset adds its background to it: `check_several` then)."""
     entries = split_typed(text) if isinstance(text, str) else list(text)
     classes = [syn for syn in (_split_synonyms(e) for e in entries) if syn]
-    bg = _split_synonyms(background) if background else ()
-    return _class_list(classes, bg)
+    bg = tuple(n for e in split_typed(background) for n in _split_synonyms(e)) if background else ()
+    return _class_list(classes, bg, several=several)
 
 
 def parse_class_lines(lines: list[str], background_first: bool = False) -> ClassList:
@@ -83,9 +85,11 @@ def load_class_file(path: str, background_first: bool = False) -> ClassList:
     return parse_class_lines(read_class_file(path), background_first)
 
 
-def _class_list(classes: list[tuple[str, ...]], background: tuple[str, ...], unique: bool = True) -> ClassList:
+def _class_list(classes: list[tuple[str, ...]], background: tuple[str, ...], unique: bool = True,
+                several: bool = True) -> ClassList:
     """Foreground classes (and a background class 0 when `background` has names), checked for usability; with
-    `unique`, each name may appear once (typed text: a repeated name is a slip)."""
+    `unique`, each name may appear once (typed text: a repeated name is a slip); with `several`, at least two
+    classes (`check_several`)."""
     if not classes:
         raise ClassListError("no class names given: type class names separated by commas or on separate lines, "
                              "e.g. 'sky, horse, grass' (use ';' between synonyms of one class: 'horse; pony')")
@@ -102,7 +106,18 @@ def _class_list(classes: list[tuple[str, ...]], background: tuple[str, ...], uni
                 raise ClassListError(f"class name {name!r} appears {where}; each name may appear once. "
                                      "Merge them into one class with ';' between synonyms, or remove one.")
             seen[key] = i
-    return ClassList(tuple(classes), bool(background))
+    cl = ClassList(tuple(classes), bool(background))
+    return check_several(cl) if several else cl
+
+
+def check_several(cl: ClassList) -> ClassList:
+    """`cl` if it has two classes or more; one class would label every pixel (its probability is always 1)."""
+    if len(cl) == 1:
+        name = cl.names[0]
+        raise ClassListError(f"one class ({'; '.join(cl.classes[0])}) would label every pixel: each pixel gets the "
+                             f"most likely of the classes named, so name what else is in the image too, e.g. "
+                             f"'{name}, background' or '{name}, sky, grass'")
+    return cl
 
 
 def read_class_file(path: str) -> list[str]:
@@ -139,3 +154,10 @@ def class_indices(classes: ClassList, text: str) -> list[int]:
         raise ClassListError(f"class name(s) {', '.join(map(repr, unknown))} not in the segmentation's classes: "
                              f"{', '.join('; '.join(c) for c in classes.classes)}")
     return sorted({lookup[n] for n in wanted})
+
+
+def named_classes(classes: ClassList, text: str) -> list[int]:
+    """Indices of the classes named in `text` (`class_indices`); empty text: every class but the background."""
+    if text.strip():
+        return class_indices(classes, text)
+    return list(range(1 if classes.has_background else 0, len(classes)))

@@ -240,12 +240,13 @@ def _instances_writer(args: argparse.Namespace, classes: ClassList):
     """With --instances, the writer of each image's objects (instances/ and instances.json); checked first."""
     if args.instances is None:
         return None
-    from .instances import check_max_objects, check_min_area, find_largest_instances, object_classes, write_instances
+    from .classes import named_classes
+    from .instances import check_max_objects, check_min_area, find_largest_instances, write_instances
 
     if not args.out:
         raise ValueError("--instances writes its masks under --out: give --out DIR")
     try:
-        wanted = object_classes(classes, args.instances)
+        wanted = named_classes(classes, args.instances)
     except ValueError as e:
         if os.path.exists(args.instances):  # `--instances IMAGE ...`: argparse took an image for the classes
             raise ValueError(f"--instances took {args.instances!r} for class names, but it is a file or folder: "
@@ -327,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     seg.add_argument("--classes", help='class names: "sky, horse; pony, grass" (commas or line breaks between '
                      'classes) or a class file (one class per line, commas part of a name; line 0 is the '
                      'background with voc21, context60, coco_object)')
-    seg.add_argument("--background", help='names of a background class (label 0), e.g. "sky; wall"')
+    seg.add_argument("--background", help='names of one background class (label 0), e.g. "sky; wall" (or "sky, '
+                                           'wall": one class)')
     seg.add_argument("--out", help="folder for labels_color.png, overlay.png, labels.png and masks/ (several "
                                    "images: one sub-folder per image, named by its path)")
     seg.add_argument("--save-npz", help="npz with logits, probs, labels, class_names (several images: a folder)")

@@ -23,6 +23,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 64_000_000
 FLOAT_PEAK = 2.0  # float images above this are taken for 0..255 ones (a little overshoot, e.g. from upscaling, is fine)
+FLOAT_LOW = -0.5  # and below this for -1..1 ones
 
 
 class ImageError(ValueError):
@@ -63,7 +64,7 @@ def to_rgb_uint8(image: object) -> np.ndarray:
         if not np.isfinite(f).all():
             raise ImageError("the image contains NaN or infinite values")
         if np.issubdtype(arr.dtype, np.floating):
-            check_float_range(float(f.max(initial=0.0)))
+            check_float_range(float(f.max(initial=0.0)), float(f.min(initial=0.0)))
             f = f * 255.0  # float images are 0..1 (ComfyUI's IMAGE)
         arr = np.clip(np.rint(f), 0, 255).astype(np.uint8)
     c = arr.shape[2]
@@ -74,11 +75,15 @@ def to_rgb_uint8(image: object) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def check_float_range(peak: float) -> None:
-    """Refuse float pixel values far above 1: such an image is 0..255 (clipped to 0..1 it would be nearly white)."""
+def check_float_range(peak: float, low: float = 0.0) -> None:
+    """Refuse float pixel values far above 1 (a 0..255 image: clipped to 0..1 it would be nearly white) or far below
+    0 (a -1..1 image: clipped, its darker half would be black)."""
     if peak > FLOAT_PEAK:
         raise ImageError(f"float pixel values go up to {peak:.4g}, but float images are 0..1 (ComfyUI's IMAGE): "
                          "divide by 255 first")
+    if low < FLOAT_LOW:
+        raise ImageError(f"float pixel values go down to {low:.4g}, but float images are 0..1 (ComfyUI's IMAGE): "
+                         "a -1..1 image needs (x + 1) / 2 first")
 
 
 def require_size(image: np.ndarray, size: tuple[int, int], what: str) -> None:

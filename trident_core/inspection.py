@@ -72,8 +72,14 @@ def point_to_pixels(x: float, y: float, units: str, size: tuple[int, int]) -> tu
                          "of the width and height, or as pixels")
     h, w = size
     if units == "fraction":
+        if not (0 <= x <= 1 and 0 <= y <= 1):
+            raise ValueError(f"the point (x={x:g}, y={y:g}) is not a fraction of the width and height (0 to 1): "
+                             "set units to 'pixels' to give pixel positions")
         x, y = x * w, y * h
-    return min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
+    elif not (0 <= x < w and 0 <= y < h):
+        raise ValueError(f"the point (x={x:g}, y={y:g}) is outside the {w}x{h} image: give x from 0 to {w - 1} and y "
+                         f"from 0 to {h - 1}, or set units to 'fraction'")
+    return min(int(x), w - 1), min(int(y), h - 1)
 
 
 def inspection_encodings(encodings: SamTileEncodings | None, sam: SamModel, image: np.ndarray | None,

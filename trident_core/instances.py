@@ -14,7 +14,6 @@ import cv2
 import numpy as np
 import torch
 
-from .classes import ClassList, class_indices
 from .marker import INSTANCES, INSTANCES_JSON
 from .outputs import numbered, save_png
 
@@ -134,13 +133,6 @@ def _span(lo: int, hi: int, factor: float, limit: int) -> tuple[int, int]:
     length = min(limit, max(hi - lo, int(round((hi - lo) * factor))))
     start = min(max((lo + hi - length) // 2, 0), limit - length)
     return start, start + length
-
-
-def object_classes(classes: ClassList, text: str) -> list[int]:
-    """Indices of the classes named in `text` (any synonym); empty text: every class but the background."""
-    if text.strip():
-        return class_indices(classes, text)
-    return list(range(1 if classes.has_background else 0, len(classes)))
 
 
 def write_instances(objects: list[Instance], size: tuple[int, int], folder: Path) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 
-from .classes import ClassList, load_class_file, name_key, parse_classes, read_class_file
+from .classes import ClassList, check_several, load_class_file, name_key, parse_classes, read_class_file
 from .config import Params
 
 
@@ -27,10 +27,10 @@ class Preset:
             return self.classes()
         if background and background.strip() or not self.background:
             return parse_classes(text, background or None)
-        typed = parse_classes(text)
+        typed = parse_classes(text, several=False)
         taken = {name_key(n) for n in typed.queries}
         own = tuple(n for n in self.classes().classes[0] if name_key(n) not in taken)
-        return ClassList((own, *typed.classes), True) if own else typed
+        return ClassList((own, *typed.classes), True) if own else check_several(typed)
 
     def class_list_from_file(self, path: str, background: str | None = None) -> ClassList:
         """A class file's classes (one per line, commas part of a name). Line 0 is the background when the preset

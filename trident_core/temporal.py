@@ -52,7 +52,10 @@ class TemporalSmoother:
             if flow is None:
                 raise ValueError("temporal smoothing needs the flow from the previous frame on every frame after "
                                  "the first")
-            if tuple(flow.size) != tuple(cur.shape[:2]) or self._prev.shape != cur.shape:
+            if tuple(flow.size) != tuple(cur.shape[:2]):
+                raise ValueError(f"the frames smoothing follows are {flow.size[1]}x{flow.size[0]} pixels, the "
+                                 f"segmentation {cur.shape[1]}x{cur.shape[0]}: connect the segmented frames")
+            if self._prev.shape != cur.shape:
                 raise ValueError(f"frame of {cur.shape[1]}x{cur.shape[0]} pixels with {cur.shape[2]} classes after "
                                  f"one of {self._prev.shape[1]}x{self._prev.shape[0]} with {self._prev.shape[2]}: a "
                                  "clip's frames must have one size and one class list")

@@ -233,15 +233,16 @@ def segment_video(args: argparse.Namespace) -> int:
 def _segment_clip(args: argparse.Namespace, path: Path, clip: Clip, out: Path) -> int:
     """`segment_video` once the clip is open and --out exists."""
     from .batch import ProgressBar, settings_key
+    from .classes import named_classes
     from .cli import _settings, build_trident, classes_from_args, params_from_args, release_text_tower
     from .flow import Flow, FlowStream
-    from .instances import check_min_area, object_classes
+    from .instances import check_min_area
     from .temporal import TemporalSmoother
     from .tracking import ObjectTracker
 
     classes = classes_from_args(args)
     params = params_from_args(args)
-    wanted = object_classes(classes, args.instances) if args.instances is not None else None
+    wanted = named_classes(classes, args.instances) if args.instances is not None else None
     min_area = check_min_area(args.min_area)
     protected = _inputs(path)
     check_planned(out, clip_planned(classes.names, wanted is not None, args.png_frames), protected)
