@@ -115,10 +115,11 @@ def ready(*handles: ModelHandle) -> None:
 
 @dataclass(frozen=True, eq=False)
 class EncodedClasses:
-    """A class list and the CLIP text embeddings of its queries [Q, E]."""
+    """A class list, the CLIP text embeddings of its queries [Q, E] and that CLIP (`ClipModel.identity`)."""
 
     classes: ClassList
     text: torch.Tensor
+    made_by: str = ""
 
 
 @dataclass(frozen=True, eq=False)

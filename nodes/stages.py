@@ -9,7 +9,7 @@ import torch
 
 from ..trident_core.aggregation import FeatureMap
 from ..trident_core.classes import parse_classes
-from ..trident_core.classify import classify
+from ..trident_core.classify import check_embeddings, classify
 from ..trident_core.compact import CompactSegmentation, compact
 from ..trident_core.config import (
     CORRELATIONS,
@@ -21,7 +21,7 @@ from ..trident_core.config import (
     RefineConfig,
     WindowConfig,
 )
-from ..trident_core.image import to_rgb_uint8
+from ..trident_core.image import require_same_image, to_rgb_uint8
 from ..trident_core.pamr import MAX_STEPS as MAX_PAMR_STEPS
 from ..trident_core.pamr import parse_dilations
 from ..trident_core.pipeline import (
@@ -105,7 +105,8 @@ class EncodeClasses(io.ComfyNode):
     def execute(cls, clip: T.ModelHandle, classes: str, background: str = "") -> io.NodeOutput:
         cl = parse_classes(classes, background or None)
         T.ready(clip)
-        return io.NodeOutput(to_intermediate(T.EncodedClasses(cl, encode_classes(clip.model, cl, count_progress()))))
+        return io.NodeOutput(to_intermediate(T.EncodedClasses(cl, encode_classes(clip.model, cl, count_progress()),
+                                                                 clip.model.identity)))
 
 
 class WindowFeaturesNode(io.ComfyNode):
@@ -252,9 +253,13 @@ class Classify(io.ComfyNode):
                                  f"{setting} to 0")
         if image is not None:
             _batch(image, len(feature_map), "feature map")
+        for fm in T.items(feature_map, "feature map"):
+            check_embeddings(fm, classes.text, classes.classes, classes.made_by)
         config = params.classification
 
         def one(i: int, fm: object, _progress: object) -> CompactSegmentation:
+            if image is not None and (pamr_steps or temporal_smoothing):
+                require_same_image(to_rgb_uint8(image[i]), fm.image_digest, "feature map")
             pamr = pamr_for(image[i], params) if pamr_steps else None
             seg = classify(fm, classes.text, classes.classes, config, pamr)
             if temporal_smoothing:

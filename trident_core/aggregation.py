@@ -20,14 +20,16 @@ from .window_features import WindowFeatures, splice
 
 @dataclass(frozen=True, eq=False)
 class FeatureMap:
-    """Per-token image features in CLIP's embedding space, [E, h, w], for an image of `image_size` (H, W), and how
-    they were aggregated (`tiles`: the SAM tiling's rows x cols)."""
+    """Per-token image features in CLIP's embedding space, [E, h, w], for an image of `image_size` (H, W), how
+    they were aggregated (`tiles`: the SAM tiling's rows x cols) and the CLIP that made them (`ClipModel.identity`)."""
 
     features: torch.Tensor
     image_size: tuple[int, int]
     paradigm: str
     correlation: str
     tiles: tuple[int, int]
+    made_by: str = ""
+    image_digest: str = ""  # of the image (`image.image_digest`), where the window features had it
 
 
 @torch.no_grad()
@@ -59,10 +61,13 @@ def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | No
         projected = F.normalize(clip.project(wf.tokens), dim=-1)
         canvas = splice(WindowFeatures(projected, wf.token_grid, wf.plan, wf.patch_size, wf.image_size,
                                        wf.processed_size))
-        return FeatureMap(canvas, wf.image_size, paradigm, "none", (1, 1))
+        return FeatureMap(canvas, wf.image_size, paradigm, "none", (1, 1), clip.identity, wf.image_digest)
     if sam is None or encodings is None:
         raise ValueError("splice_then_segment needs SAM and its encoding of the image")
     encodings.check(sam, wf.image_size, "SAM encoding")
+    if wf.image_digest and encodings.image_digest and wf.image_digest != encodings.image_digest:
+        raise ValueError("the window features and SAM's encoding were made from two different images of the same "
+                         "size: connect the same image to Window Features and Splice & Aggregate")
     canvas = splice(wf)
     tiling = encodings.tiling
     tiles_out = []
@@ -74,7 +79,7 @@ def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | No
         if on_step:
             on_step()
     feats = _mosaic(tiles_out, *tiling.shape)
-    return FeatureMap(feats, wf.image_size, paradigm, correlation, tiling.shape)
+    return FeatureMap(feats, wf.image_size, paradigm, correlation, tiling.shape, clip.identity, wf.image_digest)
 
 
 def _mosaic(tiles: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:

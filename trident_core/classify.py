@@ -74,8 +74,12 @@ def labels_from_probs(probs: torch.Tensor, classes: ClassList, prob_thd: float) 
     return torch.where(best < prob_thd, torch.full_like(labels, low), labels)
 
 
-def check_embeddings(fm: FeatureMap, text: torch.Tensor, classes: ClassList) -> None:
-    """Refuse text embeddings that do not fit: one per query, of the feature map's size (the same CLIP)."""
+def check_embeddings(fm: FeatureMap, text: torch.Tensor, classes: ClassList, text_made_by: str = "") -> None:
+    """Refuse text embeddings that do not fit: one per query, of the feature map's size, from the same CLIP (where
+    both say which: `text_made_by` and the feature map's `made_by`)."""
+    if text_made_by and fm.made_by and text_made_by != fm.made_by:
+        raise ValueError(f"the classes were encoded by CLIP {text_made_by}, the feature map was made with CLIP "
+                         f"{fm.made_by}: use the same CLIP (one Trident Load CLIP) for both")
     if text.shape[0] != len(classes.queries):
         raise ValueError(f"{text.shape[0]} text embeddings for {len(classes.queries)} class names")
     if text.shape[1] != fm.features.shape[0]:
@@ -96,4 +100,5 @@ def classify(fm: FeatureMap, text: torch.Tensor, classes: ClassList, config: Cla
     probs = class_probs(logits, classes, config.logit_scale, overwrite=True)
     del logits  # (the probabilities were computed in its memory, or from it)
     labels = labels_from_probs(probs, classes, config.prob_thd)
-    return Segmentation(labels, probs, g, classes, fm.image_size)
+    return Segmentation(labels, probs, g, classes, fm.image_size,
+                        info={"image_digest": fm.image_digest} if fm.image_digest else {})

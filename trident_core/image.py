@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -73,6 +74,22 @@ def to_rgb_uint8(image: object) -> np.ndarray:
     elif c == 4:
         arr = arr[:, :, :3]
     return np.ascontiguousarray(arr)
+
+
+def image_digest(image: np.ndarray) -> str:
+    """A short digest of an RGB uint8 image's size and pixels: which image a stage's result was made from (another
+    image of the same size gave results that mix two images without a word)."""
+    h = hashlib.blake2b(repr(image.shape).encode(), digest_size=8)
+    h.update(np.ascontiguousarray(image).data)
+    return h.hexdigest()
+
+
+def require_same_image(image: np.ndarray, digest: str, what: str) -> None:
+    """Refuse an image of the same size as, but other pixels than, the one a stage's result (`what`) was made from
+    (`digest`: its `image_digest`; empty where unknown)."""
+    if digest and image_digest(image) != digest:
+        raise ImageError(f"the image is not the one the {what} was made from (another image of the same size): "
+                         "connect the image that was segmented")
 
 
 def check_float_range(peak: float, low: float = 0.0) -> None:

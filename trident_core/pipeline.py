@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -17,7 +18,7 @@ from .classes import ClassList, parse_classes
 from .classify import Segmentation, classify
 from .config import AggregateConfig, Params, WindowConfig
 from .devices import frames_per_forward, resolve_device, resolve_dtype
-from .image import clip_input, to_rgb_uint8
+from .image import clip_input, image_digest, to_rgb_uint8
 from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
 from .pamr import Pamr, pamr_guide
 from .refine import refine
@@ -55,9 +56,10 @@ def compute_frame_window_features(clip: ClipModel, dino: DinoModel, images: Sequ
     imgs = same_size([to_rgb_uint8(image) for image in images])
     xs = [clip_input(img, config.short_side, clip.patch_size, config.window, config.long_cap) for img in imgs]
     plan = plan_windows(tuple(xs[0].shape[-2:]), config.window, config.stride)
-    return frame_window_features(clip, dino, xs, plan, config, image_size=imgs[0].shape[:2],
-                                 chunk=window_chunk(clip.device) * len(xs), on_chunk=lambda: progress("windows"),
-                                 after_dino=after_dino)
+    wfs = frame_window_features(clip, dino, xs, plan, config, image_size=imgs[0].shape[:2],
+                                chunk=window_chunk(clip.device) * len(xs), on_chunk=lambda: progress("windows"),
+                                after_dino=after_dino)
+    return [dataclasses.replace(wf, image_digest=image_digest(img)) for wf, img in zip(wfs, imgs)]
 
 
 def same_size(imgs: list[np.ndarray]) -> list[np.ndarray]:

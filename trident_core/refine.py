@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .classify import Segmentation
 from .config import RefineConfig
-from .image import require_size, round_up_to
+from .image import require_same_image, require_size, round_up_to
 from .models import SamEncoding, SamModel
 
 
@@ -104,6 +104,7 @@ def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefineCo
     `encoding` is SAM's encoding of the whole image (its sides rounded up to 16) when one was made for the
     aggregation (1x1 tiles); without it, SAM encodes the image here."""
     require_size(image, seg.image_size, "segmentation")
+    require_same_image(image, seg.info.get("image_digest", ""), "segmentation")
     img16 = round_up_to(image, 16)
     if encoding is None:
         encoding = sam.encode(img16)
@@ -113,6 +114,7 @@ def refine(seg: Segmentation, sam: SamModel, image: np.ndarray, params: RefineCo
             raise ValueError(f"the SAM encoding is of a {encoding.original_size[1]}x{encoding.original_size[0]} "
                              f"image, not of this {image.shape[1]}x{image.shape[0]} one: connect the encoding of the "
                              "image that was segmented")
+        require_same_image(img16, encoding.image_digest, "SAM encoding")
     enc = encoding
     h, w = seg.image_size
     c = len(seg.classes)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .image import round_up_to
+from .image import image_digest, round_up_to
 from .models import SamEncoding, SamModel
 from .models.sam import PATCH
 
@@ -97,6 +97,7 @@ class SamTileEncodings:
 
     tiling: SamTiling
     encodings: tuple[SamEncoding, ...] = field(repr=False)
+    image_digest: str = ""  # of the image tiled (`image.image_digest`)
 
     @property
     def whole(self) -> SamEncoding | None:
@@ -123,4 +124,5 @@ def encode_frame_tiles(sam: SamModel, images: Sequence[np.ndarray], tiling: SamT
     padded = [round_up_to(image, PATCH) for image in images]
     per_tile = [sam.encode_many([np.ascontiguousarray(img16[y1:y2, x1:x2]) for img16 in padded])
                 for y1, y2, x1, x2 in tiling.boxes()]
-    return [SamTileEncodings(tiling, tuple(tile[f] for tile in per_tile)) for f in range(len(images))]
+    return [SamTileEncodings(tiling, tuple(tile[f] for tile in per_tile), image_digest(images[f]))
+            for f in range(len(images))]

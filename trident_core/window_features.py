@@ -38,6 +38,7 @@ class WindowFeatures:
     patch_size: int
     image_size: tuple[int, int]
     processed_size: tuple[int, int]
+    image_digest: str = ""  # of the image (`image.image_digest`), where the caller had it
 
 
 def crop_frame_windows(xs: Sequence[torch.Tensor], plan: WindowPlan, idx: range) -> torch.Tensor:

@@ -40,6 +40,12 @@ class ClipModel:
         return self.model.visual.conv1.weight.device
 
     @property
+    def identity(self) -> str:
+        """Which CLIP made text embeddings or image features: its architecture and file (another CLIP's embeddings
+        of the same width compare as noise)."""
+        return f"{self.arch} from {self.path}"
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype the image tower's products run in (bfloat16 where its matrices are pairs: `load_clip`)."""
         return self.model.visual.transformer.resblocks[0].mlp.c_fc.weight.dtype

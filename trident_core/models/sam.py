@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import SAM_HQ_EXTRAS, CheckpointError, expect_family, read_state_dict
-from ..image import ImageError
+from ..image import ImageError, image_digest
 from ..kernels import attention_probs, linear
 from .conversion import FLOAT32, LOW, converted
 from .loading import check_materialised, count_blocks, load_strict, on_meta, place
@@ -43,6 +43,7 @@ class SamEncoding:
     original_size: tuple[int, int]
     padded_grid: tuple[int, int]
     made_by: str = ""
+    image_digest: str = ""  # of the array encoded (`image.image_digest`)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -54,7 +55,7 @@ class SamEncoding:
         if self.q.device == torch.device(device):
             return self
         return SamEncoding(self.q.to(device), self.k.to(device), self.v.to(device), self.last_input.to(device),
-                           self.input_size, self.original_size, self.padded_grid, self.made_by)
+                           self.input_size, self.original_size, self.padded_grid, self.made_by, self.image_digest)
 
 
 @dataclass(eq=False)
@@ -117,10 +118,11 @@ class SamModel:
         heads = last.attn.num_heads
         q, k, v = qkv.reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * heads, h * w, -1)
         if b == 1:
-            return [SamEncoding(q, k, v, x, inputs[0][1], tuple(images[0].shape[:2]), (h, w), self.identity)]
+            return [SamEncoding(q, k, v, x, inputs[0][1], tuple(images[0].shape[:2]), (h, w), self.identity,
+                                image_digest(images[0]))]
         return [SamEncoding(q[i * heads:(i + 1) * heads].clone(), k[i * heads:(i + 1) * heads].clone(),
                             v[i * heads:(i + 1) * heads].clone(), x[i:i + 1].clone(), size,
-                            tuple(image.shape[:2]), (h, w), self.identity)
+                            tuple(image.shape[:2]), (h, w), self.identity, image_digest(image))
                 for i, (image, (_, size)) in enumerate(zip(images, inputs))]
 
     def _input(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
