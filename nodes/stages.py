@@ -21,7 +21,7 @@ from ..trident_core.config import (
     RefineConfig,
     WindowConfig,
 )
-from ..trident_core.image import require_same_image, to_rgb_uint8
+from ..trident_core.image import require_same_image, require_size, to_rgb_uint8
 from ..trident_core.pamr import MAX_STEPS as MAX_PAMR_STEPS
 from ..trident_core.pamr import parse_dilations
 from ..trident_core.pipeline import (
@@ -73,9 +73,7 @@ DINO_TIP = "The DINO model from Trident Load DINO."
 
 
 def _batch(image: torch.Tensor, n: int, what: str) -> None:
-    """Refuse an image batch that is not one (`sockets.images`) or does not match the batch a previous stage was
-    run on."""
-    T.images(image)
+    """Refuse an image batch that does not match the batch a previous stage was run on."""
     if image.shape[0] != n:
         raise ValueError(f"the image batch has {image.shape[0]} image(s) but the {what} was made from {n}; "
                          "connect the same image")
@@ -252,14 +250,16 @@ class Classify(io.ComfyNode):
                 raise ValueError(f"{what} needs the image: connect the segmented image to Trident Classify, or set "
                                  f"{setting} to 0")
         if image is not None:
-            _batch(image, len(feature_map), "feature map")
+            _batch(T.images(image), len(feature_map), "feature map")
         for fm in T.items(feature_map, "feature map"):
             check_embeddings(fm, classes.text, classes.classes, classes.made_by)
         config = params.classification
 
         def one(i: int, fm: object, _progress: object) -> CompactSegmentation:
             if image is not None and (pamr_steps or temporal_smoothing):
-                require_same_image(to_rgb_uint8(image[i]), fm.image_digest, "feature map")
+                img = to_rgb_uint8(image[i])
+                require_size(img, fm.image_size, "feature map")
+                require_same_image(img, fm.image_digest, "feature map")
             pamr = pamr_for(image[i], params) if pamr_steps else None
             seg = classify(fm, classes.text, classes.classes, config, pamr)
             if temporal_smoothing:

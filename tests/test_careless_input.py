@@ -113,6 +113,9 @@ def test_stage_results_of_one_image_are_refused_with_another_image_of_its_size(l
     with pytest.raises(ValueError, match="not the one the feature map was made from"):
         run("TridentClassify", feature_map=fm, classes=classes, logit_scale=40.0, prob_thd=0.0, image=b,
             pamr_steps=1)
+    with pytest.raises(ValueError, match="the image is 96x64 pixels but the feature map was made from a 192x64"):
+        run("TridentClassify", feature_map=fm, classes=classes, logit_scale=40.0, prob_thd=0.0, image=a[:, :, :96],
+            temporal_smoothing=0.5)  # (another size: said so, not "another image of the same size")
     (coarse,) = run("TridentClassify", feature_map=fm, classes=classes, logit_scale=40.0, prob_thd=0.0)
     refine = dict(coarse_thresh=0.2, minimal_area=225, mask_alpha=0.005, iou_thresh=0.8, mask_prompt_mode="reference")
     with pytest.raises(ValueError, match="not the one the segmentation was made from"):

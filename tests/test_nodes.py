@@ -405,18 +405,21 @@ def test_segment_then_splice_needs_no_sam_and_mismatches_are_refused(chain, load
 
 def test_classes_encoded_by_another_clip_of_the_same_width_are_refused(chain, loaded, models, tmp_path):
     """Another CLIP's text embeddings of the same width compared as noise (21.7 % of the labels moved) without a
-    word; the same CLIP loaded again (another loader node) is the same CLIP."""
-    import shutil
+    word; the same CLIP loaded again (another loader node, a link to its file) is the same CLIP."""
+    from factory import small_clip_state
+    from safetensors.torch import save_file
 
     other_file = tmp_path / "other_clip.safetensors"
-    shutil.copyfile(loaded[0].model.path, other_file)
+    save_file(small_clip_state(seed=7), str(other_file))
     other = core("models").load_clip(other_file)
     (cl,) = run("TridentEncodeClasses", clip=type(loaded[0])(other, loaded[0].patcher), classes=CLASSES)
     assert cl.text.shape == chain["classes"].text.shape
     with pytest.raises(ValueError, match=r"the classes were encoded by CLIP .*other_clip\.safetensors, the feature "
                                          r"map was made with CLIP .*: use the same CLIP"):
         run("TridentClassify", feature_map=chain["fm"], classes=cl, logit_scale=40.0, prob_thd=0.0)
-    again = core("models").load_clip(loaded[0].model.path)
+    link = tmp_path / "same_clip.safetensors"
+    link.symlink_to(loaded[0].model.path)
+    again = core("models").load_clip(link)
     (same,) = run("TridentEncodeClasses", clip=type(loaded[0])(again, loaded[0].patcher), classes=CLASSES)
     (segs,) = run("TridentClassify", feature_map=chain["fm"], classes=same, logit_scale=40.0, prob_thd=0.0)
     assert torch.equal(segs[0].labels, chain["coarse"][0].labels)

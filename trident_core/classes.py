@@ -111,7 +111,8 @@ def _class_list(classes: list[tuple[str, ...]], background: tuple[str, ...], uni
 
 
 def check_several(cl: ClassList) -> ClassList:
-    """`cl` if it has two classes or more; one class would label every pixel (its probability is always 1)."""
+    """`cl` if it has two classes or more: one class would label every pixel (its probability is 1, or with n
+    synonyms at least 1/n: nothing tells it from anything else)."""
     if len(cl) == 1:
         name = cl.names[0]
         raise ClassListError(f"one class ({'; '.join(cl.classes[0])}) would label every pixel: each pixel gets the "

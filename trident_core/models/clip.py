@@ -41,9 +41,9 @@ class ClipModel:
 
     @property
     def identity(self) -> str:
-        """Which CLIP made text embeddings or image features: its architecture and file (another CLIP's embeddings
-        of the same width compare as noise)."""
-        return f"{self.arch} from {self.path}"
+        """Which CLIP made text embeddings or image features: its architecture and file, links resolved (another
+        CLIP's embeddings of the same width compare as noise)."""
+        return f"{self.arch} from {os.path.realpath(self.path)}"
 
     @property
     def dtype(self) -> torch.dtype:
