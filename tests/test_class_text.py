@@ -74,6 +74,20 @@ def test_one_class_with_a_background_is_two_classes(tmp_path):
     assert load_class_file(str(f), background_first=True).names == ["background", "sky"]
 
 
+def test_the_command_line_refuses_one_class_before_it_makes_an_output_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from trident_core.cli import main
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (32, 24)).save(img)
+    out = tmp_path / "new" / "out"
+    assert main(["segment", str(img), "--classes", "person", "--out", str(out), "--no-download"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one class (person) would label every pixel" in err[0]
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_background_typed_with_commas_is_one_class():
     """The background widget is one class: "sky, wall" was one name "sky, wall" beside a class "sky"."""
     assert parse_classes("person, dog", background="sky, wall\nfloor; ceiling").classes[0] == (

@@ -190,14 +190,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
         to_rgb_uint8(jobs[0].path)  # an unreadable single image is an error before the models load
     elif npz is not None and npz.suffix.lower() == ".npz":
         raise ValueError(f"--save-npz {npz}: with several images, give a folder (each image's npz goes there)")
+    classes = classes_from_args(args)  # (a class list refused before any output folder is made)
+    params = params_from_args(args)
     if out is not None:
         require_output_folder(args.out, "--out")
     if npz is not None and (not single or args.save_npz.endswith(("/", os.sep)) or npz.is_dir()):
         require_output_folder(args.save_npz, "--save-npz")  # (one image into a folder: FOLDER/<image name>.npz)
     elif npz is not None:
         require_output_file(args.save_npz, "--save-npz", "result.npz")
-    classes = classes_from_args(args)
-    params = params_from_args(args)
     extra = _instances_writer(args, classes)
     dest = Destinations(out, npz, single, extra, tuple(planned_files(classes.names, extra is not None)),
                         frozenset(os.path.realpath(job.path) for job in jobs))
