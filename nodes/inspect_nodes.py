@@ -123,7 +123,7 @@ class InspectPointAffinity(io.ComfyNode):
 
         def one(b: int, fm: object, enc: object, _progress: object) -> tuple[torch.Tensor, torch.Tensor]:
             tiles = inspection_encodings(enc, sam.model, to_rgb_uint8(image[b]) if same_batch else None,
-                                         fm.image_size)
+                                         fm.image_size, fm.image_digest)
             point = point_to_pixels(x, y, units, fm.image_size)
             amap = point_affinity(tiles, sam.model, fm.image_size, point, correlation, cos_fac, refine_neg_cos)
             return mark_point(heat_rgb(amap), point), amap

@@ -126,6 +126,12 @@ def test_stage_results_of_one_image_are_refused_with_another_image_of_its_size(l
         run("TridentSamRefine", segmentation=coarse, sam=sam, image=a, sam_encoding=enc_b, **refine)
     (refined,) = run("TridentSamRefine", segmentation=coarse, sam=sam, image=a, sam_encoding=enc, **refine)
     assert refined[0].refined
+    point = dict(sam=sam, x=0.5, y=0.5, units="fraction", correlation="affinity", cos_fac=1.2, refine_neg_cos=True)
+    with pytest.raises(ValueError, match="not the one the feature map was made from"):
+        run("TridentInspectPointAffinity", feature_map=fm, image=b, **point)
+    with pytest.raises(ValueError, match="SAM encoding is of another image than the feature map's"):
+        run("TridentInspectPointAffinity", feature_map=fm, sam_encoding=enc_b, **point)
+    assert run("TridentInspectPointAffinity", feature_map=fm, image=a, **point)[1].shape == (1, 64, 192)
 
 
 def test_sam_refine_refuses_an_image_of_another_size(loaded, images, tiled):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .classes import ClassListError, class_indices
 from .classify import Segmentation
 from .config import AggregateConfig
-from .image import require_size
+from .image import require_same_image, require_size
 from .models import SamModel
 from .sam_affinity import affinity_rows
 from .sam_tiles import SamTileEncodings, SamTiling, encode_tiles
@@ -83,15 +83,20 @@ def point_to_pixels(x: float, y: float, units: str, size: tuple[int, int]) -> tu
 
 
 def inspection_encodings(encodings: SamTileEncodings | None, sam: SamModel, image: np.ndarray | None,
-                         image_size: tuple[int, int]) -> SamTileEncodings:
+                         image_size: tuple[int, int], digest: str = "") -> SamTileEncodings:
     """The image's SAM tile encodings as Splice & Aggregate made them; without them (not connected, or a
-    segment_then_splice feature map), SAM's encoding (one tile) of the segmented image."""
+    segment_then_splice feature map), SAM's encoding (one tile) of the segmented image. `digest`: the feature
+    map's `image_digest` (empty where unknown): encodings or an image of another picture are refused."""
     if encodings is not None:
+        if digest and encodings.image_digest and encodings.image_digest != digest:
+            raise ValueError("the SAM encoding is of another image than the feature map's: connect both outputs of "
+                             "the same Splice & Aggregate")
         return encodings
     if image is None:
         raise ValueError("no SAM encoding to explain: connect the image that was segmented to 'image', or Splice & "
                          "Aggregate's sam_encoding output to 'sam_encoding'")
     require_size(image, image_size, "feature map")
+    require_same_image(image, digest, "feature map")
     return encode_tiles(sam, image, SamTiling(1, 1, tuple(image_size)))
 
 
