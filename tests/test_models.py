@@ -173,3 +173,40 @@ def test_the_small_test_checkpoints_are_the_same_in_every_process(tmp_path):
         a, b = torch.load(here[role], weights_only=True), torch.load(tmp_path / "there" / here[role].name,
                                                                       weights_only=True)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
+
+
+@pytest.mark.parametrize("wrap", ["teacher", "student", "alone"])
+def test_dinos_training_checkpoints_load_their_backbone(small_ckpts, tmp_path, wrap):
+    """DINO's training checkpoint holds teacher and student, each `backbone.*` beside its projection `head.*`
+    (the student's under DDP's `module.`): refused before as "matches no known model" or "holds no tensors"."""
+    plain = torch.load(small_ckpts["dino"], weights_only=True)
+    head = {"head.mlp.0.weight": torch.randn(8, 64), "head.last_layer.weight_g": torch.ones(16, 1)}
+    teacher = {**{f"backbone.{k}": v for k, v in plain.items()}, **head}
+    student = {f"module.{k}": v.clone() for k, v in teacher.items()}
+    obj = {"teacher": teacher, "student": student, "epoch": 100} if wrap == "teacher" else (
+        {"student": student, "epoch": 3} if wrap == "student" else teacher)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(obj, path)
+    got = load_dino(path).model.state_dict()
+    want = load_dino(small_ckpts["dino"]).model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize(("role", "drop"), [
+    ("clip", "text_projection"), ("dino", "pos_embed"), ("dino", "blocks.0.mlp.fc1.weight"),
+    ("sam", "image_encoder.blocks.1.attn.rel_pos_h")])
+def test_a_checkpoint_missing_a_tensor_its_shape_is_read_from_is_one_line(small_ckpts, tmp_path, role, drop):
+    """A bare KeyError before (the shape is read off the file before the strict load names what is missing)."""
+    from safetensors.torch import load_file, save_file
+
+    from trident_core.checkpoints import CheckpointError
+
+    src = small_ckpts[role]
+    sd = load_file(str(src)) if src.suffix == ".safetensors" else torch.load(src, weights_only=True)
+    assert drop in sd
+    sd.pop(drop)
+    path = tmp_path / f"{role}.safetensors"
+    save_file(sd, str(path))
+    loader = {"clip": load_clip, "dino": load_dino, "sam": load_sam}[role]
+    with pytest.raises(CheckpointError, match=f"lacks the tensor '{drop}' of a .* checkpoint: is the file complete"):
+        loader(path)

@@ -150,3 +150,21 @@ def test_refinement_without_a_kept_mask_makes_no_full_size_maps(small_trident, p
     assert none.info["regions_rejected"] > 0 and none.probs is seg.probs and not made
     kept = refine(seg, small_trident.sam, photo, RefineConfig(iou_thresh=0.0, minimal_area=100))
     assert kept.info["regions_kept"] > 0 and made == [seg.probs.shape]
+
+
+def test_the_library_takes_class_lists_as_lists_and_refuses_one_image_to_segment_frames(small_trident, tmp_path):
+    """A list of class names was an AttributeError deep in text.py; one image given to segment_frames was iterated
+    row by row (64 "frames" of 80x3 pixels); a string path character by character."""
+    from PIL import Image
+
+    img = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    by_text = small_trident.segment(img, "sky, grass")
+    by_list = small_trident.segment(img, ["sky", "grass"])
+    assert torch.equal(by_text.labels, by_list.labels) and by_list.classes.names == ["sky", "grass"]
+    assert torch.equal(small_trident.text("sky, grass"), small_trident.text(["sky", "grass"]))
+    Image.fromarray(img).save(tmp_path / "a.png")
+    for one in (img, torch.from_numpy(img), str(tmp_path / "a.png"), tmp_path / "a.png", Image.fromarray(img)):
+        with pytest.raises(ValueError, match="segment_frames takes several images .* for one image use segment"):
+            list(small_trident.segment_frames(one, "sky, grass"))
+    frames = list(small_trident.segment_frames(img[None], ["sky", "grass"]))
+    assert len(frames) == 1 and torch.equal(frames[0].labels, by_text.labels)

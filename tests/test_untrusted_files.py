@@ -161,3 +161,19 @@ def test_a_torchscript_archive_with_a_hostile_pickle_is_refused(tmp_path):
         read_state_dict(path)
     _one_line(str(e.value), path)
     assert not target.exists() and "which a weights file never needs" in str(e.value)
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:4b7e\nsize 598583303\n", "a Git LFS pointer"),
+    (b"<!DOCTYPE html>\n<html><body>Rate limit exceeded</body></html>", "a web page or an error message"),
+    (b'{"error": "Repository not found"}', "a web page or an error message")])
+def test_text_where_a_checkpoint_should_be_is_named_for_what_it_is(tmp_path, text, said):
+    """A Git LFS pointer (after cloning a model repository without LFS) or a saved error page was reported as a
+    file of "pickled Python objects" refused for safety."""
+    from trident_core.checkpoints import CheckpointError, read_state_dict
+
+    for name in ("model.safetensors", "model.pth"):
+        (tmp_path / name).write_bytes(text)
+        with pytest.raises(CheckpointError, match=said) as e:
+            read_state_dict(tmp_path / name)
+        assert "pickled" not in str(e.value)

@@ -7,6 +7,8 @@ import os
 import pickle
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: missing, corrupt, unsafe or of the wrong model."""
 
 
-_WRAPPER_KEYS = ("state_dict", "model", "teacher", "module")
+_WRAPPER_KEYS = ("state_dict", "model", "teacher", "module", "student")
 _PREFIXES = ("module.", "backbone.")
 
 
@@ -66,6 +68,14 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return _backbone(sd)
+
+
+def _backbone(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A training checkpoint's backbone (DINO's teacher or student: `backbone.*` beside its projection `head.*`)
+    as a plain ViT's tensors; any other dict as it is."""
+    if any(k.startswith("backbone.") for k in sd) and all(k.startswith(("backbone.", "head.")) for k in sd):
+        return {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     return sd
 
 
@@ -97,6 +107,29 @@ def _unpickler_reason(e: pickle.UnpicklingError) -> str:
     return lines[after] if after is not None and after < len(lines) else (lines[0] if lines else type(e).__name__)
 
 
+@contextmanager
+def complete(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Around reading a model's shape off its tensors: a tensor the file lacks is one line naming it (it was a bare
+    KeyError)."""
+    try:
+        yield
+    except KeyError as e:
+        raise CheckpointError(f"{path}: lacks the tensor {e.args[0]!r} of a {what} checkpoint: is the file complete "
+                              "and of a supported architecture? Use the official file") from None
+
+
+def _refuse_text(p: Path) -> None:
+    """Refuse the text files that stand where a checkpoint should be (else "pickled Python objects" was said)."""
+    with open(p, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(f"{p}: a Git LFS pointer (a small text file standing for the weights), not the "
+                              "weights: fetch the file itself ('git lfs pull' in its repository, or download it)")
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"{\"error", b"{\"message")):
+        raise CheckpointError(f"{p}: a web page or an error message, not a checkpoint (a failed download?): delete "
+                              "it and download the file again")
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a .safetensors / .pth / .pt / .bin file on the CPU without executing pickled code."""
     p = Path(path)
@@ -104,6 +137,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {p}")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: the file is empty; delete it and download it again")
+    _refuse_text(p)
     try:
         if _is_safetensors(p):
             from safetensors.torch import load_file

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL.Image import Image as PILImage
 
 from .aggregation import FeatureMap, splice_and_aggregate
 from .classes import ClassList, parse_classes
@@ -126,6 +127,11 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
+def _class_list(classes: str | list[str] | tuple[str, ...] | ClassList) -> ClassList:
+    """A ClassList as given, or parsed from typed text (a string) or one class per entry (a list)."""
+    return classes if isinstance(classes, ClassList) else parse_classes(classes)
+
+
 def needs_sam(params: Params) -> bool:
     """Whether these parameters use SAM: the splice-then-segment aggregation or the refinement (the
     segment-then-splice baseline without refinement runs on CLIP and DINO alone)."""
@@ -174,12 +180,14 @@ class Trident:
         `aggregation`: the one these models will run, which can keep SAM float32 (`sam_dtype`)."""
         dev = resolve_device(device)
         dtype = resolve_dtype(precision, dev)
+        cache = None if cache is None else Path(cache)
         return cls(load_clip(clip, dev, dtype, cache=cache), load_dino(dino, dev, dtype, cache),
                    load_sam(sam, dev, sam_dtype(dtype, dev, aggregation), cache) if sam is not None else None)
 
-    def text(self, classes: ClassList, progress: Progress = _noop) -> torch.Tensor:
+    def text(self, classes: str | list[str] | ClassList, progress: Progress = _noop) -> torch.Tensor:
         """Query embeddings (cached per name on the CLIP model); `progress` gets "text NN%" in steps of 10 %."""
-        return encode_classes(self.clip, classes, lambda done, total: progress(f"text {done * 10 // total * 10}%"))
+        return encode_classes(self.clip, _class_list(classes),
+                              lambda done, total: progress(f"text {done * 10 // total * 10}%"))
 
     def _after_dino(self) -> None:
         """DINO's weights and the heap its activations freed, given back before CLIP runs (release_weights)."""
@@ -187,13 +195,13 @@ class Trident:
         trim_heap()
 
     @torch.no_grad()
-    def segment(self, image: object, classes: str | ClassList, params: Params = DEFAULT_PARAMS,
+    def segment(self, image: object, classes: str | list[str] | ClassList, params: Params = DEFAULT_PARAMS,
                 progress: Progress = _noop,
                 after_classify: Callable[[Segmentation], Segmentation] | None = None) -> Segmentation:
         """Label map, probabilities and raw logits of one image (path, PIL, array or tensor, HxWxC);
         `after_classify` (e.g. a video's temporal smoothing) takes the classification before SAM refines it."""
         require_sam(self.sam, params)
-        cl = parse_classes(classes) if isinstance(classes, str) else classes
+        cl = _class_list(classes)
         img = to_rgb_uint8(image)
         pamr = pamr_for(img, params)
         text = self.text(cl, progress)
@@ -229,7 +237,8 @@ class Trident:
         tiles = SamTiling.of(params.aggregation.sam_tiles, image_size) if params.aggregation.uses_sam else None
         return frames_per_forward(self.clip.device, free_bytes, tiles.rows * tiles.cols if tiles else 1)
 
-    def segment_frames(self, images: Iterable[object], classes: str | ClassList, params: Params = DEFAULT_PARAMS,
+    def segment_frames(self, images: Iterable[object], classes: str | list[str] | ClassList,
+                       params: Params = DEFAULT_PARAMS,
                        progress: Progress = _noop,
                        after_classify: Callable[[Segmentation], Segmentation] | None = None,
                        per_forward: int | Callable[[tuple[int, int]], int] = 1) -> Iterator[Segmentation]:
@@ -240,13 +249,16 @@ class Trident:
         refinement run per frame. Where the choice is 1, frames go one at a time through `segment` (weights
         released between stages where `release_weights` says so). Images are read as they are needed: at most
         one group ahead of the result yielded."""
+        if isinstance(images, (str, bytes, os.PathLike, PILImage)) or getattr(images, "ndim", 4) != 4:
+            raise ValueError("segment_frames takes several images (a list, an iterable or a batch [N, H, W, C]); "
+                             "for one image use segment")
         if not callable(per_forward) and per_forward <= 1:
             for image in images:
                 yield self.segment(image, classes, params, progress, after_classify)
                 del image  # (not held while the next one is read)
             return
         limit = per_forward if callable(per_forward) else lambda _size: per_forward
-        cl = parse_classes(classes) if isinstance(classes, str) else classes
+        cl = _class_list(classes)
         group: list[np.ndarray] = []
         count = 1  # the current group's share of one forward
         for image in images:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints import CheckpointError, expect_family, read_state_dict
+from ..checkpoints import CheckpointError, complete, expect_family, read_state_dict
 from ..posembed import interpolate_pos_embed
 from .conversion import FLOAT32, LO, PAIR, Layout, all_low, converted
 from .loading import check_materialised, count_blocks, load_strict, on_meta, place
@@ -199,7 +199,8 @@ def load_clip(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
     expect_family(sd, "clip", path)
     for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):  # TorchScript extras
         sd.pop(key, None)
-    arch, cfg = _clip_config(sd)
+    with complete(path, "CLIP"):
+        arch, cfg = _clip_config(sd)
     qg = arch in OPENAI_ARCHS if quick_gelu is None else quick_gelu
     model = on_meta(lambda: open_clip.CLIP(**cfg, quick_gelu=qg))
     layout = _bf16_layout(cfg["vision_cfg"]["layers"]) if dtype == torch.bfloat16 else all_low

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints import expect_family, read_state_dict
+from ..checkpoints import complete, expect_family, read_state_dict
 from ..posembed import interpolate_pos_embed
 from .conversion import converted
 from .loading import check_materialised, count_blocks, load_strict, on_meta, place
@@ -57,11 +57,12 @@ def load_dino(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
     sd = read_state_dict(path)
     expect_family(sd, "dino", path)
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    dim = sd["cls_token"].shape[-1]
-    patch = sd["patch_embed.proj.weight"].shape[-1]
-    depth = count_blocks(sd, "blocks.")
-    grid = round(math.sqrt(sd["pos_embed"].shape[1] - 1))
-    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    with complete(path, "DINO ViT"):
+        dim = sd["cls_token"].shape[-1]
+        patch = sd["patch_embed.proj.weight"].shape[-1]
+        depth = count_blocks(sd, "blocks.")
+        grid = round(math.sqrt(sd["pos_embed"].shape[1] - 1))
+        mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
     heads = max(1, dim // 64)
     model = on_meta(lambda: VisionTransformer(
         img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoints import SAM_HQ_EXTRAS, CheckpointError, expect_family, read_state_dict
+from ..checkpoints import SAM_HQ_EXTRAS, CheckpointError, complete, expect_family, read_state_dict
 from ..image import ImageError, image_digest
 from ..kernels import attention_probs, linear
 from .conversion import FLOAT32, LOW, converted
@@ -80,8 +80,9 @@ class SamModel:
 
     @property
     def identity(self) -> str:
-        """Which SAM made an encoding: its architecture and file (another SAM cannot decode or explain it)."""
-        return f"{self.arch} from {self.path}"
+        """Which SAM made an encoding: its architecture and file, links resolved (another SAM cannot decode or
+        explain it)."""
+        return f"{self.arch} from {os.path.realpath(self.path)}"
 
     def check_encoding(self, enc: SamEncoding, what: str) -> None:
         """Refuse an encoding made by another SAM (its tokens mean nothing to this one)."""
@@ -219,10 +220,12 @@ def load_sam(path: str | os.PathLike, device: torch.device | str = "cpu", dtype:
     sd = read_state_dict(path)
     expect_family(sd, "sam", path)
     sd = {k: v for k, v in sd.items() if not k.startswith(SAM_HQ_EXTRAS)}
-    dim = sd["image_encoder.patch_embed.proj.weight"].shape[0]
-    depth = count_blocks(sd, "image_encoder.blocks.")
-    head_dim = sd[f"image_encoder.blocks.{depth - 1}.attn.rel_pos_h"].shape[1]
-    global_idx = [i for i in range(depth) if sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * 64 - 1]
+    with complete(path, "SAM"):
+        dim = sd["image_encoder.patch_embed.proj.weight"].shape[0]
+        depth = count_blocks(sd, "image_encoder.blocks.")
+        head_dim = sd[f"image_encoder.blocks.{depth - 1}.attn.rel_pos_h"].shape[1]
+        global_idx = [i for i in range(depth)
+                      if sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * 64 - 1]
     if depth - 1 not in global_idx:
         raise CheckpointError(f"{path}: the last SAM encoder block must use global attention")
     model = on_meta(lambda: _build_sam(encoder_embed_dim=dim, encoder_depth=depth, encoder_num_heads=dim // head_dim,
