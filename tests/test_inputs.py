@@ -148,3 +148,27 @@ def test_image_files_are_read_like_the_reference(tmp_path, photo):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ImageError, match="cannot read image"):
         to_rgb_uint8(tmp_path / "bad.png")
+
+
+def test_16_bit_and_float_images_given_as_objects_read_as_their_files_do(tmp_path):
+    """A 16-bit PNG opened by PIL (mode I;16) or OpenCV (uint16), or a float image as a PIL object (mode F), came
+    out white or black (clipped at 255); other integers beyond 0..255 and complex values are refused."""
+    import cv2
+    from PIL import Image
+
+    from trident_core.image import ImageError, to_rgb_uint8
+
+    ramp = np.linspace(0, 65535, 24, dtype=np.float64).round().astype(np.uint16).reshape(4, 6)
+    cv2.imwrite(str(tmp_path / "g16.png"), ramp)
+    from_file = to_rgb_uint8(tmp_path / "g16.png")
+    want = np.rint(ramp / 257.0).astype(np.uint8)  # independent: 65535 -> 255 linearly
+    assert np.abs(from_file[..., 0].astype(int) - want).max() <= 1
+    for obj in (Image.open(tmp_path / "g16.png"), cv2.imread(str(tmp_path / "g16.png"), cv2.IMREAD_UNCHANGED), ramp,
+                torch.from_numpy(ramp.astype(np.int32))[..., None].expand(4, 6, 3)):
+        got = to_rgb_uint8(obj) if not isinstance(obj, torch.Tensor) else to_rgb_uint8(obj.numpy().astype(np.uint16))
+        assert np.array_equal(got[..., 0], want) and np.array_equal(got[..., 2], want)
+    values = np.linspace(0, 1, 24, dtype=np.float32).reshape(4, 6)
+    assert np.array_equal(to_rgb_uint8(Image.fromarray(values))[..., 1], np.rint(values * 255).astype(np.uint8))
+    for bad in (np.full((4, 4), 300, np.int32), np.full((4, 4), -5, np.int16), np.full((4, 4), 0.5 + 0j)):
+        with pytest.raises(ImageError):
+            to_rgb_uint8(bad)

@@ -32,13 +32,17 @@ class ImageError(ValueError):
 
 
 def to_rgb_uint8(image: object) -> np.ndarray:
-    """HxWx3 uint8 RGB from a path, PIL image, numpy array or torch tensor (HxW, HxWxC; uint8 or float 0..1).
+    """HxWx3 uint8 RGB from a path, PIL image, numpy array or torch tensor (HxW, HxWxC; uint8, uint16 (16-bit:
+    0..65535) or float 0..1; other integers 0..255).
 
     Gray images are repeated to three channels and an alpha channel is dropped. A batch must be split first."""
+    sixteen = False  # 16-bit samples (a uint16 array, PIL's "I;16" and "I" modes, which 16-bit PNGs open as)
     if isinstance(image, (str, os.PathLike)):
         image = read_image(image)
     elif hasattr(image, "convert") and hasattr(image, "mode"):  # PIL
-        image = np.asarray(image.convert("RGB"))
+        sixteen = image.mode.startswith("I")
+        # 16-bit and float samples as their values (convert("RGB") clips them to 255: white, or black for 0..1)
+        image = np.asarray(image if sixteen or image.mode == "F" else image.convert("RGB"))
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         if image.is_floating_point():
@@ -59,7 +63,7 @@ def to_rgb_uint8(image: object) -> np.ndarray:
         raise ImageError(f"the image has {arr.shape[0]}x{arr.shape[1]} pixels, more than {MAX_PIXELS // 10**6} "
                          "megapixels; downscale it first")
     if arr.dtype != np.uint8:
-        if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+        if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
             raise ImageError(f"unsupported image dtype {arr.dtype}")
         f = arr.astype(np.float32)
         if not np.isfinite(f).all():
@@ -67,6 +71,14 @@ def to_rgb_uint8(image: object) -> np.ndarray:
         if np.issubdtype(arr.dtype, np.floating):
             check_float_range(float(f.max(initial=0.0)), float(f.min(initial=0.0)))
             f = f * 255.0  # float images are 0..1 (ComfyUI's IMAGE)
+        else:
+            low, peak = float(f.min(initial=0.0)), float(f.max(initial=0.0))
+            top = 65535 if sixteen or arr.dtype == np.uint16 else 255
+            if low < 0 or peak > top:
+                raise ImageError(f"integer pixel values go from {low:g} to {peak:g}: give 8-bit (0..255) or 16-bit "
+                                 "(uint16, 0..65535) samples, or floats 0..1")
+            if top == 65535:
+                f = f / 257.0  # 16-bit to 8-bit (65535 -> 255), as OpenCV reads a 16-bit file
         arr = np.clip(np.rint(f), 0, 255).astype(np.uint8)
     c = arr.shape[2]
     if c in (1, 2):  # gray (+ alpha)
