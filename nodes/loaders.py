@@ -98,8 +98,9 @@ class LoadClip(_Loader):
     SOCKET = T.CLIP
     SOCKET_TIP = "The CLIP model (open_clip ViT) Trident classifies with."
     ABOUT = ("Loads a CLIP ViT (open_clip state dict or OpenAI's ViT-B-16.pt) for Trident: its text tower encodes the "
-             "class names, its image tower gives the window features. OpenAI weights run with QuickGELU as they were "
-             "trained.")
+             "class names, its image tower gives the window features. It runs with the activation its weights were "
+             "trained with, read off the file's name (quickgelu, openai, metaclip, dfn: QuickGELU; laion, datacomp: "
+             "GELU; else by architecture).")
 
 
 class LoadDino(_Loader):

@@ -210,3 +210,28 @@ def test_a_checkpoint_missing_a_tensor_its_shape_is_read_from_is_one_line(small_
     loader = {"clip": load_clip, "dino": load_dino, "sam": load_sam}[role]
     with pytest.raises(CheckpointError, match=f"lacks the tensor '{drop}' of a .* checkpoint: is the file complete"):
         loader(path)
+
+
+@pytest.mark.parametrize(("name", "quick"), [
+    ("ViT-B-16_openai_open_clip_model.safetensors", True),  # the pack's own download
+    ("ViT-B-16_laion2b_s34b_b88k.safetensors", False),  # trained with GELU: it ran with QuickGELU
+    ("laion/CLIP-ViT-B-16-laion2B-s34B-b88K/open_clip_model.safetensors", False),  # Hugging Face's folder says it
+    ("ViT-B-32-quickgelu_laion400m_e32.safetensors", True),  # open_clip's -quickgelu LAION models
+    ("ViT-H-14-378-quickgelu_dfn5b.safetensors", True), ("metaclip_fullcc/open_clip_model.safetensors", True),
+    ("datacomp_xl_s13b_b90k.safetensors", False), ("my_clip.safetensors", True)])  # nothing said: by architecture
+def test_the_activation_follows_what_the_files_name_says_of_its_training(name, quick):
+    """QuickGELU was chosen by architecture alone: every ViT-B-16 (LAION's too) ran with it, every ViT-H-14 (DFN's,
+    MetaCLIP's QuickGELU ones too) without. Here for a ViT-B-16 (an architecture OpenAI released)."""
+    from trident_core.models.clip import trained_with_quick_gelu
+
+    assert trained_with_quick_gelu(f"/models/open_clip/{name}", "ViT-B-16") is quick
+
+
+def test_the_loaded_clip_runs_the_activation_its_name_says(small_ckpts, tmp_path):
+    for name, quick in (("tiny_laion2b.safetensors", False), ("tiny-quickgelu.safetensors", True),
+                        ("tiny.safetensors", False)):  # (not an OpenAI architecture: GELU)
+        (tmp_path / name).symlink_to(small_ckpts["clip"])
+        clip = load_clip(tmp_path / name)
+        assert clip.quick_gelu is quick
+        assert (type(clip.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU") is quick
+        assert load_clip(tmp_path / name, quick_gelu=not quick).quick_gelu is not quick  # the library's override

@@ -46,20 +46,21 @@ def test_second_model_reads_the_embeddings_instead_of_encoding(small_ckpts, tmp_
 
 def test_the_key_holds_the_clip_content_templates_dtype_and_device(small_ckpts, tmp_path):
     tmpl = ClipModel.templates()
-    base = text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES, tmpl, torch.float32, "cpu")
-    assert base == text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES, tmpl, torch.float32, "cpu")
-    others = [text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES[::-1], tmpl, torch.float32, "cpu"),
-              text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES, tmpl[:-1], torch.float32, "cpu"),
-              text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES, tmpl, torch.float16, "cpu"),
-              text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES, tmpl, torch.float32, "cuda")]
-    assert len({base, *others}) == 5
+    base = text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES, tmpl, torch.float32, "cpu", True)
+    assert base == text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES, tmpl, torch.float32, "cpu", True)
+    others = [text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES[::-1], tmpl, torch.float32, "cpu", True),
+              text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES, tmpl[:-1], torch.float32, "cpu", True),
+              text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES, tmpl, torch.float16, "cpu", True),
+              text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES, tmpl, torch.float32, "cuda", True),
+              text_cache.cache_file(tmp_path, str(small_ckpts["clip"]), NAMES, tmpl, torch.float32, "cpu", False)]
+    assert len({base, *others}) == 6  # (the same file run with GELU: other features)
     copy = tmp_path / "copy.safetensors"  # the same content under another name: the same key
     shutil.copy(small_ckpts["clip"], copy)
-    assert text_cache.cache_file(tmp_path, str(copy), NAMES, tmpl, torch.float32, "cpu") == base
+    assert text_cache.cache_file(tmp_path, str(copy), NAMES, tmpl, torch.float32, "cpu", True) == base
     data = bytearray(copy.read_bytes())  # one byte changed: another key
     data[-1] ^= 1
     copy.write_bytes(bytes(data))
-    assert text_cache.cache_file(tmp_path, str(copy), NAMES, tmpl, torch.float32, "cpu") != base
+    assert text_cache.cache_file(tmp_path, str(copy), NAMES, tmpl, torch.float32, "cpu", True) != base
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_shape", "nan"])
@@ -89,7 +90,8 @@ def test_a_cache_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_path, dam
         folder.write_bytes(b"not a folder")
     else:
         clip = _clip(small_ckpts["clip"], folder)
-        path = text_cache.cache_file(folder, str(small_ckpts["clip"]), NAMES, clip.templates(), torch.float32, "cpu")
+        path = text_cache.cache_file(folder, str(small_ckpts["clip"]), NAMES, clip.templates(), torch.float32, "cpu",
+                                     clip.quick_gelu)
         folder.mkdir(exist_ok=True)
         if damage == "file_is_a_folder":
             path.mkdir()

@@ -50,7 +50,7 @@ def encode_names(clip: ClipModel, names: list[str], on_progress: NameProgress | 
         check_length(clip, todo)
         tmpl = clip.templates()
         disk = None if clip.disk_cache is None else text_cache.cache_file(
-            clip.disk_cache, clip.path, todo, tmpl, clip.text_dtype, clip.device.type)
+            clip.disk_cache, clip.path, todo, tmpl, clip.text_dtype, clip.device.type, clip.quick_gelu)
         emb = None if disk is None else text_cache.load(disk, todo, clip.embed_dim)
         if emb is None:
             tokens = _tokens(clip, [t(n) for n in todo for t in tmpl])

@@ -1,9 +1,9 @@
 """Text embeddings kept on disk between runs, so a second run with the same classes skips CLIP's text encoder.
 
-A cache file is keyed by the CLIP file's content (size and SHA-256, see file_digest.py), the names, the prompt
-templates, the dtype and the device kind. Files are written atomically (safetensors, no pickle); one that cannot be
-read or does not fit is ignored and rewritten, and a cache folder that cannot be written only costs the encoding
-again next time (caches.py)."""
+A cache file is keyed by the CLIP file's content (size and SHA-256, see file_digest.py), its activation (QuickGELU
+or GELU: the same file runs either way), the names, the prompt templates, the dtype and the device kind. Files are
+written atomically (safetensors, no pickle); one that cannot be read or does not fit is ignored and rewritten, and a
+cache folder that cannot be written only costs the encoding again next time (caches.py)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from .file_digest import file_digest
 
 
 def cache_file(folder: Path, clip_path: str, names: list[str], templates: list[Callable[[str], str]],
-               dtype: torch.dtype, device_kind: str) -> Path:
-    """Where the embeddings of `names` made with this CLIP file, templates, dtype and device kind are kept."""
-    key = json.dumps([file_digest(clip_path, folder), names, [t("{}") for t in templates], str(dtype), device_kind])
+               dtype: torch.dtype, device_kind: str, quick_gelu: bool) -> Path:
+    """Where the embeddings of `names` made with this CLIP file and activation, templates, dtype and device kind are
+    kept."""
+    key = json.dumps([file_digest(clip_path, folder), names, [t("{}") for t in templates], str(dtype), device_kind,
+                      *(["quick_gelu"] if quick_gelu else [])])
     return folder / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
 
 

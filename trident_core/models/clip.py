@@ -21,6 +21,23 @@ from .precision import attach_pairs, linear32, norm32, use_pairs
 
 # Architectures OpenAI released; their weights were trained with QuickGELU (open_clip's plain configs use GELU).
 OPENAI_ARCHS = {"ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"}
+# Words in a weight file's name (or its folder's: Hugging Face repositories name the training there) that say how
+# it was trained: open_clip's "-quickgelu" models, OpenAI's, MetaCLIP's and DFN's with QuickGELU; LAION's,
+# DataComp's and CommonPool's with GELU (a ViT-B-16 of LAION-2B run with QuickGELU gives other features).
+QUICK_GELU_WORDS = ("quickgelu", "quick_gelu", "openai", "metaclip", "dfn")
+GELU_WORDS = ("laion", "datacomp", "commonpool")
+
+
+def trained_with_quick_gelu(path: str | os.PathLike, arch: str) -> bool:
+    """Whether a CLIP file's weights were trained with QuickGELU: by the words of its name and its folder's name
+    where they say (QUICK_GELU_WORDS before GELU_WORDS), else by its architecture (OpenAI's)."""
+    p = Path(path)
+    for name in (p.name.lower(), p.parent.name.lower()):
+        if any(w in name for w in QUICK_GELU_WORDS):
+            return True
+        if any(w in name for w in GELU_WORDS):
+            return False
+    return arch in OPENAI_ARCHS
 
 
 @dataclass(eq=False)
@@ -191,8 +208,9 @@ def load_clip(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
               quick_gelu: bool | None = None, cache: Path | None = None) -> ClipModel:
     """Load a CLIP ViT from an open_clip state dict (.safetensors/.bin/.pt) or OpenAI's TorchScript file.
 
-    `quick_gelu=None` uses QuickGELU for the architectures OpenAI released (their weights need it) and GELU
-    otherwise (e.g. LAION's ViT-H-14). `cache`: a folder where a bfloat16 copy is kept (`conversion.converted`)."""
+    `quick_gelu=None` uses QuickGELU where the file's name says its weights were trained with it, or for the
+    architectures OpenAI released where it says nothing (`trained_with_quick_gelu`), else GELU (e.g. LAION's).
+    `cache`: a folder where a bfloat16 copy is kept (`conversion.converted`)."""
     import open_clip
 
     sd = read_state_dict(path)
@@ -201,7 +219,7 @@ def load_clip(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
         sd.pop(key, None)
     with complete(path, "CLIP"):
         arch, cfg = _clip_config(sd)
-    qg = arch in OPENAI_ARCHS if quick_gelu is None else quick_gelu
+    qg = trained_with_quick_gelu(path, arch) if quick_gelu is None else quick_gelu
     model = on_meta(lambda: open_clip.CLIP(**cfg, quick_gelu=qg))
     layout = _bf16_layout(cfg["vision_cfg"]["layers"]) if dtype == torch.bfloat16 else all_low
     sd = converted(sd, path, "clip", dtype, layout, cache)
