@@ -127,3 +127,13 @@ def test_every_preset_list_loads(name):
     p = get_preset(name)
     text = resources.files("trident_core").joinpath("data", p.class_file).read_text(encoding="utf-8")
     assert len(p.classes()) == len([ln for ln in text.splitlines() if ln.strip()])
+
+
+@pytest.mark.parametrize("bad", [("sky", "grass"), (), ((),), (("sky",), ("",)), "sky, grass", ((1, 2),)])
+def test_a_class_list_built_by_hand_in_another_layout_is_refused(bad):
+    """("sky", "grass") was read as the classes s, k, y and g, r, a, s, s; () failed deep in torch.stack."""
+    from trident_core.classes import ClassList
+
+    with pytest.raises(ClassListError, match="tuple of tuples of names"):
+        ClassList(bad)
+    assert ClassList((("sky",), ("grass", "lawn"))).queries == ["sky", "grass", "lawn"]

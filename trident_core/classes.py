@@ -26,6 +26,14 @@ class ClassList:
     classes: tuple[tuple[str, ...], ...]
     has_background: bool = False
 
+    def __post_init__(self) -> None:
+        """Refuse a layout that would be read wrongly: ("sky", "grass") was taken for classes s, k, y and g, r, ..."""
+        if (not isinstance(self.classes, (tuple, list)) or not self.classes
+                or any(isinstance(c, str) or not c or not all(isinstance(n, str) and n.strip() for n in c)
+                       for c in self.classes)):
+            raise ClassListError(f"ClassList takes classes as a tuple of tuples of names, not {self.classes!r}: "
+                                 "use parse_classes('sky, grass') or ClassList((('sky',), ('grass', 'lawn')))")
+
     @property
     def names(self) -> list[str]:
         """One display name per class: its first synonym."""
