@@ -9,7 +9,7 @@ import torch
 
 from ..trident_core.aggregation import FeatureMap
 from ..trident_core.classes import parse_classes
-from ..trident_core.classify import check_embeddings, classify
+from ..trident_core.classify import classify
 from ..trident_core.compact import CompactSegmentation, compact
 from ..trident_core.config import (
     CORRELATIONS,
@@ -251,8 +251,6 @@ class Classify(io.ComfyNode):
                                  f"{setting} to 0")
         if image is not None:
             _batch(T.images(image), len(feature_map), "feature map")
-        for fm in T.items(feature_map, "feature map"):
-            check_embeddings(fm, classes.text, classes.classes, classes.made_by)
         config = params.classification
 
         def one(i: int, fm: object, _progress: object) -> CompactSegmentation:
@@ -261,7 +259,7 @@ class Classify(io.ComfyNode):
                 require_size(img, fm.image_size, "feature map")
                 require_same_image(img, fm.image_digest, "feature map")
             pamr = pamr_for(image[i], params) if pamr_steps else None
-            seg = classify(fm, classes.text, classes.classes, config, pamr)
+            seg = classify(fm, classes.text, classes.classes, config, pamr, classes.made_by)
             if temporal_smoothing:
                 seg = smoother(seg, to_rgb_uint8(image[i]))
             return to_intermediate(compact(seg, logit_scale, prob_thd))

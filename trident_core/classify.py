@@ -89,10 +89,11 @@ def check_embeddings(fm: FeatureMap, text: torch.Tensor, classes: ClassList, tex
 
 @torch.no_grad()
 def classify(fm: FeatureMap, text: torch.Tensor, classes: ClassList, config: ClassifyConfig,
-             pamr: Pamr | None = None) -> Segmentation:
-    """Labels and probabilities at the image's size from a feature map and the query embeddings; with `pamr` (built
-    from `config`'s PAMR settings), the upsampled logits are refined by PAMR before the softmax (as the reference)."""
-    check_embeddings(fm, text, classes)
+             pamr: Pamr | None = None, text_made_by: str = "") -> Segmentation:
+    """Labels and probabilities at the image's size from a feature map and the query embeddings (made by the CLIP
+    `text_made_by`, where known: `check_embeddings`); with `pamr` (built from `config`'s PAMR settings), the
+    upsampled logits are refined by PAMR before the softmax (as the reference)."""
+    check_embeddings(fm, text, classes, text_made_by)
     g = grid_logits(fm, text)
     logits = upsample(g, fm.image_size)
     if pamr is not None and pamr.steps:

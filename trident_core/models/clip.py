@@ -16,7 +16,7 @@ from torch import nn
 from ..checkpoints import CheckpointError, complete, expect_family, read_state_dict
 from ..posembed import interpolate_pos_embed
 from .conversion import FLOAT32, LO, PAIR, Layout, all_low, converted
-from .loading import check_materialised, count_blocks, load_strict, on_meta, place
+from .loading import check_materialised, count_blocks, load_strict, model_identity, on_meta, place
 from .precision import attach_pairs, linear32, norm32, use_pairs
 
 # Architectures OpenAI released; their weights were trained with QuickGELU (open_clip's plain configs use GELU).
@@ -60,7 +60,7 @@ class ClipModel:
     def identity(self) -> str:
         """Which CLIP made text embeddings or image features: its architecture and file, links resolved (another
         CLIP's embeddings of the same width compare as noise)."""
-        return f"{self.arch} from {os.path.realpath(self.path)}"
+        return model_identity(self.arch, self.path)
 
     @property
     def dtype(self) -> torch.dtype:

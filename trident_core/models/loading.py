@@ -13,6 +13,12 @@ from .. import kernels
 from ..checkpoints import CheckpointError
 
 
+def model_identity(arch: str, path: str | os.PathLike) -> str:
+    """Which model made a stage's result: its architecture and file, links resolved (another model's results of the
+    same shape mean nothing to this one)."""
+    return f"{arch} from {os.path.realpath(path)}"
+
+
 def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike, what: str) -> None:
     """load_state_dict(strict=True) with an error that says which file does not fit which model."""
     try:

@@ -7,6 +7,7 @@ the refinement asks for the image embedding, and the mask decoder on point + box
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from ..checkpoints import SAM_HQ_EXTRAS, CheckpointError, complete, expect_famil
 from ..image import ImageError, image_digest
 from ..kernels import attention_probs, linear
 from .conversion import FLOAT32, LOW, converted
-from .loading import check_materialised, count_blocks, load_strict, on_meta, place
+from .loading import check_materialised, count_blocks, load_strict, model_identity, on_meta, place
 from .precision import linear32, norm32
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -54,8 +55,8 @@ class SamEncoding:
         """The encoding with its tensors on `device` (itself when they are there)."""
         if self.q.device == torch.device(device):
             return self
-        return SamEncoding(self.q.to(device), self.k.to(device), self.v.to(device), self.last_input.to(device),
-                           self.input_size, self.original_size, self.padded_grid, self.made_by, self.image_digest)
+        return dataclasses.replace(self, q=self.q.to(device), k=self.k.to(device), v=self.v.to(device),
+                                   last_input=self.last_input.to(device))
 
 
 @dataclass(eq=False)
@@ -82,7 +83,7 @@ class SamModel:
     def identity(self) -> str:
         """Which SAM made an encoding: its architecture and file, links resolved (another SAM cannot decode or
         explain it)."""
-        return f"{self.arch} from {os.path.realpath(self.path)}"
+        return model_identity(self.arch, self.path)
 
     def check_encoding(self, enc: SamEncoding, what: str) -> None:
         """Refuse an encoding made by another SAM (its tokens mean nothing to this one)."""
