@@ -119,8 +119,9 @@ class SamModel:
         b, h, w, _ = qkv.shape
         heads = last.attn.num_heads
         q, k, v = qkv.reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * heads, h * w, -1)
-        if b == 1:
-            return [SamEncoding(q, k, v, x, inputs[0][1], tuple(images[0].shape[:2]), (h, w), self.identity,
+        if b == 1:  # (each its own dense tensor: the affinity multiplies every head's k and v rows many times)
+            return [SamEncoding(q.contiguous(), k.contiguous(), v.contiguous(), x, inputs[0][1],
+                                tuple(images[0].shape[:2]), (h, w), self.identity,
                                 image_digest(images[0]))]
         return [SamEncoding(q[i * heads:(i + 1) * heads].clone(), k[i * heads:(i + 1) * heads].clone(),
                             v[i * heads:(i + 1) * heads].clone(), x[i:i + 1].clone(), size,
