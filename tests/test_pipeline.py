@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trident_core import Params, parse_classes
+from trident_core import Params, Trident, parse_classes
 from trident_core.aggregation import splice_and_aggregate
 from trident_core.classify import classify
 from trident_core.config import AggregateConfig, ClassifyConfig, RefineConfig
@@ -168,3 +168,38 @@ def test_the_library_takes_class_lists_as_lists_and_refuses_one_image_to_segment
             list(small_trident.segment_frames(one, "sky, grass"))
     frames = list(small_trident.segment_frames(img[None], ["sky", "grass"]))
     assert len(frames) == 1 and torch.equal(frames[0].labels, by_text.labels)
+
+
+@pytest.mark.parametrize(("call", "said"), [
+    (lambda t, img: t.segment(img, "sky, grass", None), "params must be a trident_core.Params"),
+    (lambda t, img: t.segment(img, "sky, grass", {"refine": True}), "params must be a trident_core.Params"),
+    (lambda t, img: t.segment(img, "sky, grass", Params(), "log"), "progress must be a function"),
+    (lambda t, img: t.segment(img, 5), "classes must be typed text .* or a list of names"),
+    (lambda t, img: t.segment(img, ["sky", 3]), "classes must be typed text .* or a list of names"),
+    (lambda t, img: t.text(None), "classes must be typed text"),
+    (lambda t, img: list(t.segment_frames([img, img], "sky, grass", per_forward="2")), "per_forward must be a whole"),
+    (lambda t, img: list(t.segment_frames([img, img], "sky, grass", per_forward=2.5)), "per_forward must be a whole"),
+    (lambda t, img: list(t.segment_frames([img, img], "sky, grass", per_forward=0)), "per_forward must be a whole"),
+    (lambda t, img: list(t.segment_frames([img, img], "sky, grass", None)), "params must be"),
+], ids=["params-none", "params-dict", "progress-str", "classes-int", "classes-mixed", "text-none", "per-forward-str",
+        "per-forward-float", "per-forward-0", "frames-params-none"])
+def test_library_arguments_of_the_wrong_kind_are_one_line(small_trident, call, said):
+    """None, dicts and strings where the library takes Params, a function or a frame count were Python errors deep
+    inside (AttributeError: 'NoneType' object has no attribute 'classification', '<=' not supported ...)."""
+    img = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    with pytest.raises((TypeError, ValueError), match=said):
+        call(small_trident, img)
+
+
+def test_per_forward_takes_numpy_whole_numbers(small_trident):
+    """A frame count from numpy (np.int64) is a whole number: the same frames as one at a time."""
+    img = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    got = list(small_trident.segment_frames([img, img], "sky, grass", per_forward=np.int64(2)))
+    assert len(got) == 2 and torch.equal(got[0].labels, small_trident.segment(img, "sky, grass").labels)
+
+
+def test_from_files_refuses_a_path_of_the_wrong_kind(small_ckpts):
+    with pytest.raises(TypeError, match="cache must be a file path"):
+        Trident.from_files(small_ckpts["clip"], small_ckpts["dino"], cache=3)
+    with pytest.raises(TypeError, match="clip must be a file path"):
+        Trident.from_files(None, small_ckpts["dino"])

@@ -72,6 +72,11 @@ def parse_classes(text: str | list[str] | tuple[str, ...], background: str | Non
     (commas are then part of a name, as in class files). `background`, when given (e.g. "sky; wall; floor", or
     typed with commas: "sky, wall, floor"), becomes class 0 with those names: one class whatever separates them.
     `several=False` lets one class through (a preset adds its background to it: `check_several` then)."""
+    if not (isinstance(text, str) or isinstance(text, (list, tuple)) and all(isinstance(e, str) for e in text)):
+        raise TypeError(f"classes must be typed text ('sky, grass') or a list of names (['sky', 'grass']), not "
+                        f"{type(text).__name__}")
+    if background is not None and not isinstance(background, str):
+        raise TypeError(f"background must be text ('sky; wall'), not {type(background).__name__}")
     entries = split_typed(text) if isinstance(text, str) else list(text)
     classes = [syn for syn in (_split_synonyms(e) for e in entries) if syn]
     bg = tuple(n for e in split_typed(background) for n in _split_synonyms(e)) if background else ()

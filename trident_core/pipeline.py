@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -132,6 +133,23 @@ def _class_list(classes: str | list[str] | tuple[str, ...] | ClassList) -> Class
     return classes if isinstance(classes, ClassList) else parse_classes(classes)
 
 
+def check_call(params: object, progress: object) -> None:
+    """One clear line for parameters of the wrong kind given to the library (a dict, None, a string)."""
+    if not isinstance(params, Params):
+        raise TypeError(f"params must be a trident_core.Params (Params(), Params().update(refine=True) or "
+                        f"get_preset(name).params), not {type(params).__name__}")
+    if not callable(progress):
+        raise TypeError(f"progress must be a function taking one string (or left out), not {type(progress).__name__}")
+
+
+def check_per_forward(per_forward: object) -> None:
+    """`segment_frames`' per_forward: a whole number of frames, at least 1, or a function of the image size."""
+    if not (callable(per_forward) or isinstance(per_forward, numbers.Integral) and not isinstance(per_forward, bool)
+            and per_forward >= 1):
+        raise ValueError(f"per_forward must be a whole number of frames, 1 or more (or a function of the image "
+                         f"size giving one), not {per_forward!r}")
+
+
 def needs_sam(params: Params) -> bool:
     """Whether these parameters use SAM: the splice-then-segment aggregation or the refinement (the
     segment-then-splice baseline without refinement runs on CLIP and DINO alone)."""
@@ -180,12 +198,16 @@ class Trident:
         `aggregation`: the one these models will run, which can keep SAM float32 (`sam_dtype`)."""
         dev = resolve_device(device)
         dtype = resolve_dtype(precision, dev)
+        for name, value in (("clip", clip), ("dino", dino), ("sam", sam), ("cache", cache)):
+            if not isinstance(value, (str, os.PathLike)) and (value is not None or name in ("clip", "dino")):
+                raise TypeError(f"{name} must be a file path (a string or a Path), not {type(value).__name__}")
         cache = None if cache is None else Path(cache)
         return cls(load_clip(clip, dev, dtype, cache=cache), load_dino(dino, dev, dtype, cache),
                    load_sam(sam, dev, sam_dtype(dtype, dev, aggregation), cache) if sam is not None else None)
 
     def text(self, classes: str | list[str] | ClassList, progress: Progress = _noop) -> torch.Tensor:
         """Query embeddings (cached per name on the CLIP model); `progress` gets "text NN%" in steps of 10 %."""
+        check_call(DEFAULT_PARAMS, progress)
         return encode_classes(self.clip, _class_list(classes),
                               lambda done, total: progress(f"text {done * 10 // total * 10}%"))
 
@@ -200,6 +222,7 @@ class Trident:
                 after_classify: Callable[[Segmentation], Segmentation] | None = None) -> Segmentation:
         """Label map, probabilities and raw logits of one image (path, PIL, array or tensor, HxWxC);
         `after_classify` (e.g. a video's temporal smoothing) takes the classification before SAM refines it."""
+        check_call(params, progress)
         require_sam(self.sam, params)
         cl = _class_list(classes)
         img = to_rgb_uint8(image)
@@ -252,6 +275,8 @@ class Trident:
         if isinstance(images, (str, bytes, os.PathLike, PILImage)) or getattr(images, "ndim", 4) != 4:
             raise ValueError("segment_frames takes several images (a list, an iterable or a batch [N, H, W, C]); "
                              "for one image use segment")
+        check_call(params, progress)
+        check_per_forward(per_forward)
         if not callable(per_forward) and per_forward <= 1:
             for image in images:
                 yield self.segment(image, classes, params, progress, after_classify)
