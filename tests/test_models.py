@@ -79,6 +79,31 @@ def test_architectures_are_read_off_the_files(small_ckpts):
     assert sam.model.image_encoder.blocks[1].window_size == 0 and sam.model.image_encoder.blocks[0].window_size == 14
 
 
+def test_a_clip_of_no_known_config_says_its_head_width_is_a_guess(small_ckpts, tmp_path, caplog):
+    """Heads are not in a checkpoint's tensors: a CLIP matching none of open_clip's configs runs 64-wide heads,
+    which it now says; a known architecture says nothing."""
+    with caplog.at_level("WARNING", logger="trident_core.models.clip"):
+        load_clip(small_ckpts["clip"])
+    assert "matches none of open_clip's model configs: its attention heads are taken as 64 wide" in caplog.text
+    caplog.clear()
+    torch.save(open_clip.create_model("ViT-B-32-quickgelu").state_dict(), tmp_path / "b32.bin")
+    with caplog.at_level("WARNING", logger="trident_core.models.clip"):
+        load_clip(tmp_path / "b32.bin")
+    assert "matches none" not in caplog.text
+
+
+def test_a_resnet_clip_is_named_and_another_layout_is_not_called_resnet(tmp_path):
+    from trident_core.checkpoints import CheckpointError
+
+    sd = open_clip.create_model("RN50").state_dict()
+    torch.save(sd, tmp_path / "rn50.bin")
+    with pytest.raises(CheckpointError, match="only ViT CLIP models are supported .*has a ResNet image tower"):
+        load_clip(tmp_path / "rn50.bin")
+    torch.save({k: v for k, v in sd.items() if not k.startswith("visual.layer")}, tmp_path / "odd.bin")
+    with pytest.raises(CheckpointError, match="only ViT CLIP models are supported .*has no ViT image tower"):
+        load_clip(tmp_path / "odd.bin")
+
+
 def test_known_openai_architecture_gets_quickgelu(tmp_path):
     sd = open_clip.create_model("ViT-B-32-quickgelu").state_dict()
     torch.save(sd, tmp_path / "b32.bin")

@@ -5,6 +5,7 @@ out-projection, the final projection into the joint space, and the text tower on
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from ..posembed import interpolate_pos_embed
 from .conversion import FLOAT32, LO, PAIR, Layout, all_low, converted
 from .loading import check_materialised, count_blocks, load_strict, model_identity, on_meta, place
 from .precision import attach_pairs, linear32, norm32, use_pairs
+
+logger = logging.getLogger(__name__)
 
 # Architectures OpenAI released; their weights were trained with QuickGELU (open_clip's plain configs use GELU).
 OPENAI_ARCHS = {"ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"}
@@ -158,7 +161,9 @@ def _clip_config(sd: dict[str, torch.Tensor]) -> tuple[str, dict]:
     import open_clip
 
     if "visual.proj" not in sd:
-        raise CheckpointError("only ViT CLIP models are supported (this checkpoint has a ResNet image tower)")
+        kind = "a ResNet image tower" if "visual.layer1.0.conv1.weight" in sd else "no ViT image tower"
+        raise CheckpointError(f"only ViT CLIP models are supported (this checkpoint has {kind}); use e.g. "
+                              "ViT-B-16 (OpenAI's ViT-B-16.pt)")
     vision = dict(
         width=sd["visual.conv1.weight"].shape[0],
         layers=count_blocks(sd, "visual.transformer.resblocks."),
@@ -185,6 +190,9 @@ def _clip_config(sd: dict[str, torch.Tensor]) -> tuple[str, dict]:
     vision["head_width"] = 64
     text["heads"] = max(1, text["width"] // 64)
     arch = f"ViT-w{vision['width']}-L{vision['layers']}-p{vision['patch_size']}"
+    logger.warning("CLIP %s matches none of open_clip's model configs: its attention heads are taken as 64 wide "
+                   "(a checkpoint's tensors do not say); if its segmentations look wrong, use one of open_clip's "
+                   "ViT models", arch)
     return arch, dict(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text)
 
 
