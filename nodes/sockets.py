@@ -45,9 +45,11 @@ def output(socket: object, name: str, tooltip: str, is_list: bool = False) -> ob
     return socket.Output(f"{name}_out", display_name=name, tooltip=tooltip, is_output_list=is_list)
 
 
-def short_side_input(tooltip: str, optional: bool = False) -> object:
-    """The short side the image is scaled to, with Window Features' default and range."""
-    return io.Int.Input("short_side", default=WindowConfig().short_side, min=112, max=2048, step=16, tooltip=tooltip,
+def short_side_input(tooltip: str, optional: bool = False, same: bool = False) -> object:
+    """The short side the image is scaled to, with Window Features' default and range; with `same`, 0 (the
+    default) means the one the connected result was made at."""
+    default, low = (0, 0) if same else (WindowConfig().short_side, 112)
+    return io.Int.Input("short_side", default=default, min=low, max=2048, step=16, tooltip=tooltip,
                         optional=optional)
 
 

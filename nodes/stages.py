@@ -29,6 +29,7 @@ from ..trident_core.pipeline import (
     compute_feature_map,
     compute_window_features,
     encode_image,
+    guide_params,
     pamr_for,
     require_sam,
 )
@@ -226,8 +227,8 @@ class Classify(io.ComfyNode):
                              optional=True),
                 io.String.Input("pamr_dilations", default=",".join(map(str, C.pamr_dilations)),
                                 tooltip="PAMR's neighbour distances in pixels, comma-separated (8,16).", optional=True),
-                T.short_side_input("The short side the window features used (PAMR's guide is the image at this "
-                                   "scale, as the reference's).", optional=True),
+                T.short_side_input("PAMR's guide is the image at this short side, as the reference's: 0 (default) "
+                                   "= the one Window Features used.", optional=True, same=True),
                 smoothing_input(),
             ],
             outputs=[T.output(T.SEGMENTATION, "segmentation",
@@ -240,9 +241,9 @@ class Classify(io.ComfyNode):
     @classmethod
     def execute(cls, feature_map: list, classes: T.EncodedClasses, logit_scale: float, prob_thd: float,
                 image: torch.Tensor | None = None, pamr_steps: int = 0, pamr_dilations: str = "8,16",
-                short_side: int = W.short_side, temporal_smoothing: float = 0.0) -> io.NodeOutput:
+                short_side: int = 0, temporal_smoothing: float = 0.0) -> io.NodeOutput:
         params = P.update(logit_scale=logit_scale, prob_thd=prob_thd, pamr_steps=pamr_steps,
-                          pamr_dilations=parse_dilations(pamr_dilations), short_side=short_side)
+                          pamr_dilations=parse_dilations(pamr_dilations), short_side=short_side or None)
         smoother = FrameSmoother(temporal_smoothing, prob_thd)
         for need, what, setting in ((pamr_steps, "PAMR", "pamr_steps"),
                                     (temporal_smoothing, "temporal smoothing", "temporal_smoothing")):
@@ -258,7 +259,7 @@ class Classify(io.ComfyNode):
                 img = to_rgb_uint8(image[i])
                 require_size(img, fm.image_size, "feature map")
                 require_same_image(img, fm.image_digest, "feature map")
-            pamr = pamr_for(image[i], params) if pamr_steps else None
+            pamr = pamr_for(image[i], guide_params(params, fm, short_side)) if pamr_steps else None
             seg = classify(fm, classes.text, classes.classes, config, pamr, classes.made_by)
             if temporal_smoothing:
                 seg = smoother(seg, to_rgb_uint8(image[i]))

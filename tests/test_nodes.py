@@ -321,6 +321,25 @@ def test_pamr_input_on_classify_and_segment(chain, loaded, images):
             image=images, pamr_steps=2, pamr_dilations="8;16")
 
 
+def test_classify_guides_pamr_at_the_scale_window_features_used(loaded, images):
+    """Window Features at short_side 336: Classify's PAMR guide follows it by default (it took 448 unless set by
+    hand), as Trident Segment and the library run the same settings; a short side typed in is still used."""
+    clip, dino, sam = loaded
+    Params, Trident = core("config").Params, core("pipeline").Trident
+    (classes,) = run("TridentEncodeClasses", clip=clip, classes=CLASSES)
+    (wf,) = run("TridentWindowFeatures", image=images, clip=clip, dino=dino, short_side=336, window=336, stride=224)
+    (fm,) = run("TridentSpliceAggregate", window_features=wf, sam=sam, image=images, correlation="affinity",
+                paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)[:1]
+    settings = dict(feature_map=fm, classes=classes, logit_scale=40.0, prob_thd=0.0, image=images, pamr_steps=2)
+    (same,) = run("TridentClassify", **settings)
+    (typed,) = run("TridentClassify", **settings, short_side=448)
+    params = Params().update(short_side=336, stride=224, pamr_steps=2)
+    direct = Trident(clip.model, dino.model, sam.model).segment(images[1], CLASSES, params)
+    assert torch.equal(direct.labels, same[1].labels.long())
+    assert torch.allclose(direct.probs, same[1].probs, atol=1e-3)
+    assert not torch.allclose(typed[1].probs, same[1].probs, atol=1e-3)
+
+
 def test_trident_segment_presets_background_and_tiles(loaded, images):
     clip, dino, sam = loaded
     (voc,) = run("TridentSegment", image=images[:1], clip=clip, dino=dino, sam=sam, classes="", preset="voc20",

@@ -70,6 +70,21 @@ def _settings(section: dict) -> dict:
             for name, decl in section.items()}
 
 
+# Widget settings changed on purpose since the classic release, each only widening what a saved value may be (so
+# every saved workflow still loads and runs as before): Classify's short_side 0 = the one Window Features used.
+CHANGED_SINCE_CLASSIC = {("TridentClassify", "optional", "short_side"): {"default": 0, "min": 0}}
+
+
+def _with_changes(node_type: str, where: str, settings: dict) -> dict:
+    """The classic settings with the changes listed above applied (each a lower minimum, never a higher one)."""
+    out = json.loads(json.dumps(settings))
+    for (node, section, name), change in CHANGED_SINCE_CLASSIC.items():
+        if (node, section) == (node_type, where):
+            assert change.get("min", out[name][1]["min"]) <= out[name][1]["min"]
+            out[name][1].update(change)
+    return out
+
+
 def _prefix(old: list, new: list, what: str) -> None:
     assert new[:len(old)] == old, f"{what}: {old} must stay the start of {new}"
 
@@ -81,7 +96,8 @@ def test_object_info_keeps_the_classic_declaration(node_type, empty_model_folder
     assert _settings(new["input"]["required"]) == _settings(old["input"]["required"])
     assert list(new["input"]["required"]) == old["input_order"]["required"]
     assert all(decl[1].get("tooltip") for decl in new["input"]["required"].values())
-    old_opt, new_opt = (_settings(old["input"].get("optional", {})), _settings(new["input"].get("optional", {})))
+    old_opt = _with_changes(node_type, "optional", _settings(old["input"].get("optional", {})))
+    new_opt = _settings(new["input"].get("optional", {}))
     _prefix(list(old_opt.items()), list(new_opt.items()), f"{node_type} optional inputs")
     _prefix(old["input_order"].get("optional", []), new["input_order"].get("optional", []), node_type)
     for key in ("output", "output_is_list", "output_name"):

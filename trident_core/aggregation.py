@@ -30,6 +30,7 @@ class FeatureMap:
     tiles: tuple[int, int]
     made_by: str = ""
     image_digest: str = ""  # of the image (`image.image_digest`), where the window features had it
+    scale: tuple[int, int] = (0, 0)  # the window features' first resize (short_side, long_cap): PAMR's guide scale
 
 
 @torch.no_grad()
@@ -61,7 +62,7 @@ def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | No
         projected = F.normalize(clip.project(wf.tokens), dim=-1)
         canvas = splice(WindowFeatures(projected, wf.token_grid, wf.plan, wf.patch_size, wf.image_size,
                                        wf.processed_size))
-        return FeatureMap(canvas, wf.image_size, paradigm, "none", (1, 1), clip.identity, wf.image_digest)
+        return FeatureMap(canvas, wf.image_size, paradigm, "none", (1, 1), clip.identity, wf.image_digest, wf.scale)
     if sam is None or encodings is None:
         raise ValueError("splice_then_segment needs SAM and its encoding of the image")
     encodings.check(sam, wf.image_size, "SAM encoding")
@@ -79,7 +80,8 @@ def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | No
         if on_step:
             on_step()
     feats = _mosaic(tiles_out, *tiling.shape)
-    return FeatureMap(feats, wf.image_size, paradigm, correlation, tiling.shape, clip.identity, wf.image_digest)
+    return FeatureMap(feats, wf.image_size, paradigm, correlation, tiling.shape, clip.identity, wf.image_digest,
+                      wf.scale)
 
 
 def _mosaic(tiles: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:

@@ -61,7 +61,8 @@ def compute_frame_window_features(clip: ClipModel, dino: DinoModel, images: Sequ
     wfs = frame_window_features(clip, dino, xs, plan, config, image_size=imgs[0].shape[:2],
                                 chunk=window_chunk(clip.device) * len(xs), on_chunk=lambda: progress("windows"),
                                 after_dino=after_dino)
-    return [dataclasses.replace(wf, image_digest=image_digest(img)) for wf, img in zip(wfs, imgs)]
+    scale = (config.short_side, config.long_cap)
+    return [dataclasses.replace(wf, image_digest=image_digest(img), scale=scale) for wf, img in zip(wfs, imgs)]
 
 
 def same_size(imgs: list[np.ndarray]) -> list[np.ndarray]:
@@ -162,6 +163,14 @@ def require_sam(sam: object | None, params: Params) -> None:
         what = "SAM refinement" if params.refine else f"the {params.aggregation.paradigm} paradigm"
         raise ValueError(f"{what} needs a SAM model (e.g. sam_vit_b_01ec64.pth); give one, or choose the "
                          "segment_then_splice paradigm without refinement, which runs without SAM")
+
+
+def guide_params(params: Params, fm: FeatureMap, short_side: int = 0) -> Params:
+    """`params` with PAMR's guide at the scale the feature map's windows were made at (where it knows it), unless
+    `short_side` names another."""
+    if short_side or not fm.scale[0]:
+        return params
+    return params.update(short_side=fm.scale[0], long_cap=fm.scale[1])
 
 
 def pamr_for(image: object, params: Params) -> Pamr | None:

@@ -39,6 +39,7 @@ class WindowFeatures:
     image_size: tuple[int, int]
     processed_size: tuple[int, int]
     image_digest: str = ""  # of the image (`image.image_digest`), where the caller had it
+    scale: tuple[int, int] = (0, 0)  # S0's first resize (short_side, long_cap), where the caller had it
 
 
 def crop_frame_windows(xs: Sequence[torch.Tensor], plan: WindowPlan, idx: range) -> torch.Tensor:
