@@ -173,6 +173,17 @@ def test_preview_with_and_without_legend():
         preview(labels, ["sky", "grass"], np.zeros((2, 4, 3), np.uint8))
 
 
+def test_legend_draws_accented_names_without_question_marks():
+    """OpenCV's font draws ASCII only: "café" came out as "caf??" (UTF-8 bytes); its accents are dropped now, and
+    the legend equals the one of the plain name."""
+    from trident_core.render import drawable, legend
+
+    assert drawable("café") == "cafe" and drawable("Straße") == "Strasse" and drawable("Ærø") == "AEro"
+    assert drawable("árbol; niño") == "arbol; nino" and drawable("猫") == "?"
+    assert np.array_equal(legend(["café", "niño"], 400), legend(["cafe", "nino"], 400))
+    assert not np.array_equal(legend(["café"], 400), legend(["caf"], 400))
+
+
 def test_presets_are_bundles_of_stage_configs():
     p = get_preset("city_scapes").params
     assert p.aggregation == AggregateConfig(sam_tiles="1x2", cos_fac=3.0, refine_neg_cos=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import unicodedata
 
 import numpy as np
 import torch
@@ -33,6 +34,18 @@ def overlay(image: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.nda
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+_LETTERS = str.maketrans({"ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE", "ł": "l",
+                          "Ł": "L", "đ": "d", "Đ": "D", "þ": "th", "ð": "d"})  # (no accent to drop: NFKD keeps them)
+
+
+def drawable(name: str) -> str:
+    """A name as OpenCV's Hershey font can draw it (ASCII): accents dropped ("café" -> "cafe"), letters it has no
+    form for (CJK, Cyrillic) as "?", which the font would draw anyway."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", name.translate(_LETTERS))
+                    if not unicodedata.combining(c))
+    return plain.encode("ascii", "replace").decode("ascii")
+
+
 def legend(names: list[str], width: int, row: int = 22) -> np.ndarray:
     """A strip listing each class name next to its colour (uint8 HxWx3), to put under a colour map."""
     import cv2
@@ -45,7 +58,8 @@ def legend(names: list[str], width: int, row: int = 22) -> np.ndarray:
     for i, name in enumerate(names):
         y, x = 3 + (i // per_line) * row, (i % per_line) * cell + 4
         img[y + 3:y + row - 3, x:x + 16] = pal[i]
-        cv2.putText(img, name[:24], (x + 22, y + row - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, drawable(name)[:24], (x + 22, y + row - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
+                    cv2.LINE_AA)
     return img
 
 
