@@ -613,3 +613,40 @@ def test_ade847_split_file_is_used_when_present(tmp_path):
     (root / "validation.txt").write_text("b\na\n")
     with pytest.warns(UserWarning, match="official split"):
         assert build_dataset("ade847", tmp_path).names == ["b", "a"]
+
+
+# ------------------------------------------------------------------------------------ a researcher's review (eval)
+
+
+@pytest.mark.filterwarnings(NOT_OFFICIAL)
+def test_a_label_value_beyond_the_classes_names_its_file(tmp_path):
+    """The error said only "label values [21] are outside [0, 21)": which of 5000 files was not said."""
+    pairs = make_cityscapes(tmp_path, 3)
+    bad = np.array(Image.open(pairs[1][1]))
+    bad[0, 0] = N_CITY
+    write_label(pairs[1][1], bad)
+    with pytest.raises(ValueError, match=rf"{pairs[1][1].name}: label values \[{N_CITY}\] are outside"):
+        evaluate(fake_predict(N_CITY), city_dataset(tmp_path), progress=False)
+
+
+def test_linked_city_folders_are_read_as_mmseg_lists_them_and_a_link_loop_ends(tmp_path):
+    """os.walk skipped linked folders: a Cityscapes copy with linked cities lost them without a word."""
+    pairs = make_cityscapes(tmp_path / "real", 4)
+    root = tmp_path / "data" / CITY
+    for part in ("leftImg8bit/val", "gtFine/val"):
+        (root / part).mkdir(parents=True)
+        for city in ("aachen", "bonn"):
+            (root / part / city).symlink_to(tmp_path / "real" / CITY / part / city, target_is_directory=True)
+    (tmp_path / "real" / CITY / "leftImg8bit/val/bonn/loop").symlink_to("..", target_is_directory=True)
+    with pytest.warns(UserWarning):
+        linked = build_dataset("city_scapes", tmp_path / "data")
+    assert len(linked) == len(pairs) == 4
+    assert [Path(p).name for p in linked.image_paths] == [img.name for img, _ in pairs]
+
+
+@pytest.mark.filterwarnings(NOT_OFFICIAL)
+def test_the_result_says_whether_the_split_is_the_official_one_and_where_its_data_is(tmp_path, monkeypatch):
+    make_cityscapes(tmp_path, 2)
+    monkeypatch.chdir(tmp_path)
+    result = evaluate(fake_predict(N_CITY), city_dataset(Path(".")), progress=False)
+    assert result["official_split"] is False and result["dataset_root"] == str(tmp_path / CITY)

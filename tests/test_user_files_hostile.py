@@ -156,6 +156,64 @@ def test_h3_eval_replaces_its_own_result(small_ckpts, tmp_path, capsys):
     assert json.loads(out.read_text())["mIoU"] == first["mIoU"]
 
 
+def test_eval_resumes_by_the_models_contents_and_refuses_another_class_list(small_ckpts, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A resume compared the model paths as typed (the same file by another spelling was "a different run") but not
+    the class names prompted (a changed class file was resumed into one result); the result names both."""
+    import json
+    import shutil
+
+    import trident_core.evaluation as ev
+    from trident_core.classes import ClassList
+    from trident_core.presets import Preset
+
+    root, out = _tiny_cityscapes(tmp_path / "data"), tmp_path / "r.json"
+    _image(root / "cityscapes/leftImg8bit/val/bonn/bonn_000000_000019_leftImg8bit.png")
+    (root / "cityscapes/gtFine/val/bonn").mkdir()
+    shutil.copy(root / "cityscapes/gtFine/val/aachen/aachen_000000_000019_gtFine_labelTrainIds.png",
+                root / "cityscapes/gtFine/val/bonn/bonn_000000_000019_gtFine_labelTrainIds.png")
+    real_evaluate = ev.evaluate
+
+    def one_then_stop(predict, *a, **k):  # interrupted after its first image, its state kept
+        calls = []
+
+        def counted(image):
+            if calls:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return predict(image)
+        return real_evaluate(counted, *a, **k, save_every=1)
+
+    monkeypatch.setattr(ev, "evaluate", one_then_stop)
+    assert main(_eval(small_ckpts, root, out)) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: the images done are kept in the resume state beside --out" in err and "a clip" not in err
+    monkeypatch.setattr(ev, "evaluate", real_evaluate)
+    monkeypatch.chdir(small_ckpts["clip"].parent)
+    spelled = _eval(small_ckpts, root, out)
+    spelled[spelled.index("--clip") + 1] = f"./{small_ckpts['clip'].name}"
+    assert main(spelled) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["timings"]["images_this_run"] == 1  # the other image came from the state
+    assert result["config"]["classes"][0][0] == "road" and result["models"]["clip"] == str(small_ckpts["clip"])
+    assert "clip" not in result["config"]  # (paths are not compared; their contents are, by sha256)
+    assert main(_eval(small_ckpts, root, out)) == 0  # again: its own complete result, replaced
+    monkeypatch.setattr(ev, "evaluate", one_then_stop)
+    assert main(_eval(small_ckpts, root, out, "--no-resume")) == 130
+    monkeypatch.setattr(ev, "evaluate", real_evaluate)
+    monkeypatch.setattr(Preset, "classes", lambda self: ClassList(tuple((f"class {i}",) for i in range(19))))
+    assert main(_eval(small_ckpts, root, out)) == 2
+    assert "is from a different run (config: classes differ)" in _errors(capsys)[0]
+
+
+def test_eval_on_part_of_a_split_warns_in_one_line(small_ckpts, tmp_path, capsys):
+    root, out = _tiny_cityscapes(tmp_path / "data"), tmp_path / "r.json"
+    assert main(_eval(small_ckpts, root, out)) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "official split" in ln]
+    assert len(warned) == 1 and warned[0].startswith("warning: city_scapes: 1 images under")
+    assert "UserWarning" not in warned[0] and ".py:" not in warned[0]
+
+
 @pytest.mark.parametrize(("limit", "said"), [("0", "evaluate at least 1 image"), ("-1", "evaluate at least 1 image"),
                                              ("two", "'two' is not a whole number")])
 def test_h8_eval_of_no_images_is_refused_at_once(small_ckpts, tmp_path, capsys, monkeypatch, limit, said):

@@ -7,6 +7,7 @@ import functools
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -24,6 +25,12 @@ def _log(msg: str) -> None:
     from .batch import shown
 
     print(shown(msg), file=sys.stderr, flush=True)
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """warnings.showwarning for the command line: "warning: <message>" on one line."""
+    _log(f"warning: {message}")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -306,15 +313,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def predict(image: np.ndarray) -> np.ndarray:
         return tr.segment(image, classes, params).labels.cpu().numpy()
 
-    # A resume state belongs to this exact run: the models' contents (not just their paths), parameters, precision
-    # and kind of device (whose rounding differs).
+    # A resume state belongs to this exact run: the models' contents (whatever their paths are called), the class
+    # names prompted, parameters, precision and kind of device (whose rounding differs). The result also names the
+    # model files (absolute paths), which a resume does not compare.
     models = {"clip": tr.clip.path, "dino": tr.dino.path, **({"sam": tr.sam.path} if tr.sam else {})}
-    config = {"params": params.flat(), **models,
+    config = {"params": params.flat(), "classes": [list(c) for c in classes.classes],
+              "background": classes.has_background,
               **{f"{role}_sha256": file_sha256(path) for role, path in models.items()},
               "precision": str(tr.clip.dtype), "device": tr.clip.device.type}
     # tables use the dataset's own class names (the prompts' first synonyms differ)
     evaluate(predict, dataset, dataset.num_classes, limit=args.limit, result_json=args.out, resume=args.resume,
-             config=config, ignore_index=dataset.ignore_index)
+             config=config, ignore_index=dataset.ignore_index,
+             about={"models": {role: os.path.abspath(path) for role, path in models.items()}})
     return 0
 
 
@@ -361,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--min-area must be a whole number of pixels >= 1, not {args.min_area}")
     if args.command == "segment" and args.max_objects < 1:
         ap.error(f"--max-objects must be a whole number >= 1, not {args.max_objects}")
+    shown_before, warnings.showwarning = warnings.showwarning, _warning_line  # (one line, not file and source)
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as e:  # a write error too (a full disk): one line, not a traceback
@@ -368,9 +379,15 @@ def main(argv: list[str] | None = None) -> int:
         _finish_distributed()
         return 2
     except KeyboardInterrupt:
-        _log("interrupted: the outputs already complete are kept; run the same command again to go on (a clip "
-             "starts again from its first frame)")
+        if args.command == "eval":
+            _log("interrupted: " + ("the images done are kept in the resume state beside --out; run the same "
+                                    "command again to go on" if args.out else "nothing is kept without --out"))
+        else:
+            _log("interrupted: the outputs already complete are kept; run the same command again to go on (a clip "
+                 "starts again from its first frame)")
         return 130
+    finally:
+        warnings.showwarning = shown_before
 
 
 def run() -> NoReturn:

@@ -131,7 +131,7 @@ class SegDataset(Sequence[Sample]):
 
     def __init__(self, preset: DatasetPreset, data_root: str | os.PathLike[str]) -> None:
         self.preset = preset
-        self.root = _resolve_root(preset, Path(data_root).expanduser())
+        self.root = _resolve_root(preset, Path(os.path.abspath(Path(data_root).expanduser())))
         img_dir, seg_dir = self.root / preset.img_dir, self.root / preset.seg_dir
         split = self.root / preset.split_file if preset.split_file else None
         if split is not None and preset.split_optional and not split.is_file():
@@ -140,7 +140,8 @@ class SegDataset(Sequence[Sample]):
         self.image_paths = [img_dir / (n + preset.img_suffix) for n in self.names]
         self.label_paths = [seg_dir / (n + preset.seg_suffix) for n in self.names]
         _check_files(preset, self.image_paths if split is not None else [], self.label_paths)
-        if len(self.names) != preset.expected_size:
+        self.official = len(self.names) == preset.expected_size
+        if not self.official:
             warnings.warn(
                 f"{preset.name}: {len(self.names)} images under {self.root}, the official split has "
                 f"{preset.expected_size}; numbers will not be comparable to published ones",
@@ -222,8 +223,14 @@ def _read_split(path: Path) -> list[str]:
 
 def _scan(img_dir: Path, preset: DatasetPreset) -> list[str]:
     """Names (relative path minus suffix) of the non-hidden images under ``img_dir``, sorted like mmseg by path."""
-    found = []
-    for dirpath, _, filenames in os.walk(img_dir):
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(img_dir, followlinks=True):  # (linked city folders, as mmengine)
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a folder reached again through a link (a loop, or a second link): read once
+            dirnames.clear()
+            continue
+        seen.add(real)
+        dirnames.sort()  # (in order: a folder is read under its first name, whatever order the disk lists)
         found += [os.path.join(dirpath, f) for f in filenames if f.endswith(preset.img_suffix) and f[0] != "."]
     if not found:
         raise FileNotFoundError(f"{preset.name}: no *{preset.img_suffix} images under {img_dir}")

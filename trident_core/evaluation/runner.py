@@ -44,13 +44,15 @@ def evaluate(
     class_names: Sequence[str] | None = None,
     config: Mapping[str, Any] | None = None,
     ignore_index: int = IGNORE_INDEX,
+    about: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``predict(rgb HxWx3 uint8) -> HxW class indices`` on ``dataset``; returns the result dict.
 
     ``num_classes``/``class_names`` default to the dataset's when it is a :class:`SegDataset`. ``limit`` keeps
     the first images only. With ``result_json`` rank 0 writes the result there, and every rank keeps a state file
     ``<stem>.state-rank<r>of<W>.npz`` beside it that ``resume`` continues from; ``config`` (JSON-able settings
-    of the segmenter) is stored in both, and a state written under another config or image list is refused.
+    of the segmenter) is stored in both, and a state written under another config or image list is refused;
+    ``about`` (JSON-able, e.g. the model files' paths) is written into the result only.
     Rank and world size come from ``torch.distributed`` when it is initialised. Every rank returns the result.
     """
     rank, world = rank_and_world()
@@ -105,7 +107,12 @@ def evaluate(
             predict_s += time.perf_counter() - t0
             if pred.shape != sample.label.shape:
                 raise ValueError(f"{sample.name}: prediction shape {pred.shape} != label shape {sample.label.shape}")
-            tally = (tally[0] + confusion_matrix(pred, sample.label, num_classes, ignore_index), (*tally[1], index))
+            try:
+                counts = confusion_matrix(pred, sample.label, num_classes, ignore_index)
+            except ValueError as e:  # (which image: a dataset has thousands)
+                where = seg.label_paths[index] if seg else sample.name
+                raise ValueError(f"{where}: {e}") from None
+            tally = (tally[0] + counts, (*tally[1], index))
             if state and count % save_every == 0:
                 state.save(*tally, predict_s)
             if progress:
@@ -127,6 +134,7 @@ def evaluate(
         "preset": preset,
         "dataset_root": str(seg.root) if seg else None,
         "num_images": total,
+        "official_split": seg.official if seg else None,  # every image of the published split (comparable numbers)
         "num_classes": num_classes,
         "classes": list(names),
         "mIoU": percent(metrics.miou),
@@ -137,6 +145,7 @@ def evaluate(
         "confusion_matrix": conf.tolist(),
         "world_size": world,
         "config": dict(config) if config is not None else None,
+        **(dict(about) if about else {}),
         "timings": {
             "wall_s": round(wall, 3),
             "images_this_run": int(n_new),
