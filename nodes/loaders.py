@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..trident_core.devices import CPU_BF16_TRADE, PRECISIONS, resolve_dtype
-from ..trident_core.download import DEFAULT_FILES, ModelFileMissing, ensure_file
+from ..trident_core.download import DEFAULT_FILES, ModelFileMissing, ensure_file, writable_folder
 from ..trident_core.models import load_clip, load_dino, load_sam
 from . import sockets as T
 from .comfy_bridge import (
@@ -24,14 +24,15 @@ from .comfy_bridge import (
 
 
 def resolve_model_file(role: str, name: str, allow_download: bool) -> Path:
-    """The selected file's path; a known file that is absent is downloaded into the role's first folder."""
+    """The selected file's path; a known file that is absent is downloaded into the role's first folder that can
+    be written (an extra_model_paths folder on a read-only drive comes first where it is listed)."""
     found = find_model_file(role, name)
     if found is not None:
         return found
     folders = model_folders(role)
     try:
-        return ensure_file(Path(name).name, folders[0], allow_download=None if allow_download else False,
-                           progress=count_progress())
+        return ensure_file(Path(name).name, writable_folder(folders), allow_download=None if allow_download else False,
+                           progress=count_progress(), role=role)
     except ModelFileMissing as e:
         where = ", ".join(str(f) for f in folders)
         raise ModelFileMissing(f"{e} (ComfyUI model folder '{FOLDERS[role]}': {where})") from e

@@ -1,13 +1,23 @@
 """Trident: training-free open-vocabulary semantic segmentation with CLIP, DINO and SAM (arXiv 2411.09219).
 
-Pure PyTorch; no ComfyUI import. `Trident.from_files(clip, dino, sam).segment(image, "sky, horse, grass")`."""
+Pure PyTorch; no ComfyUI import. `Trident.from_files(clip, dino, sam).segment(image, "sky, horse, grass")`.
+The names below are imported when first used, so the `trident` command can check its dependencies first."""
 
-from .classes import UNLABELED, ClassList, ClassListError, parse_classes
-from .classify import Segmentation
-from .config import Params
-from .pipeline import Trident
-from .presets import PRESETS, get_preset
+from __future__ import annotations
 
-__all__ = ["PRESETS", "UNLABELED", "ClassList", "ClassListError", "Params", "Segmentation", "Trident", "get_preset",
-           "parse_classes"]
+from importlib import import_module
+
+_EXPORTS = {"UNLABELED": "classes", "ClassList": "classes", "ClassListError": "classes", "parse_classes": "classes",
+            "Segmentation": "classify", "Params": "config", "Trident": "pipeline", "PRESETS": "presets",
+            "get_preset": "presets"}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """The public names, each from its module on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

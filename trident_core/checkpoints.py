@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -102,9 +103,15 @@ def _torch_load_quiet(p: Path) -> object:
 def _unpickler_reason(e: pickle.UnpicklingError) -> str:
     """What the safe unpickler refused (e.g. "Unsupported global: GLOBAL posix.system"), without PyTorch's preamble
     suggesting weights_only=False."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    after = next((i + 1 for i, line in enumerate(lines) if line.endswith("WeightsUnpickler error:")), None)
-    return lines[after] if after is not None and after < len(lines) else (lines[0] if lines else type(e).__name__)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # (PyTorch's message holds terminal colour codes)
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return f"it refers to {named.group(1)}"
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if operand:
+        return f"it uses pickle instructions a weights file never needs (operand {operand.group(1)})"
+    after = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return after.group(1).strip() if after else "it holds Python objects besides tensors"
 
 
 @contextmanager

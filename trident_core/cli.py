@@ -59,9 +59,12 @@ def _model_file(value: str | None, role: str, allow_download: bool) -> Path:
 
     if value and Path(value).is_file():
         return Path(value)
+    if value and Path(value).is_dir():
+        raise ValueError(f"--{role} {value} is a folder: give the checkpoint file in it (e.g. "
+                         f"{Path(value) / DEFAULT_FILES[role]})")
     name = Path(value).name if value else DEFAULT_FILES[role]
     folder = Path(value).parent if value and Path(value).parent != Path("") else cache_dir()
-    return ensure_file(name, folder, allow_download=allow_download)
+    return ensure_file(name, folder, allow_download=allow_download, role=role)
 
 
 def add_model_arguments(ap: argparse.ArgumentParser, preset_and_refine: bool = True) -> None:

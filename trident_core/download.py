@@ -44,6 +44,9 @@ _TRUTHY = {"1", "true", "yes", "on"}
 _OFF_SWITCHES = ("TRIDENT_NO_DOWNLOAD", "HF_HUB_OFFLINE")
 _TEMP = re.compile(r"^.+\.part-(\d+)-[0-9a-f]{8}$")
 _STALE_AFTER = 3600.0  # seconds without a write after which a temporary file is abandoned whatever its process
+# ... and after which one whose process is not seen is: a live download writes every few seconds (each read waits
+# 30 s at most), and the process may live in another container sharing the folder, where its number means nothing
+_UNSEEN_AFTER = 300.0
 
 
 class DownloadError(RuntimeError):
@@ -259,7 +262,7 @@ def _install(tmp: Path, dest: Path, size: int) -> None:
     except OSError as exc:  # Windows refuses to replace a file another process holds open.
         if not (dest.is_file() and dest.stat().st_size == size):
             raise DownloadError(f"Could not move the downloaded {tmp} to {dest}: {exc}") from exc
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def _process_alive(pid: int) -> bool:
@@ -270,14 +273,15 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:
-        return True  # it exists but belongs to another user
+    except (OSError, OverflowError, ValueError):
+        return True  # it exists but belongs to another user; or no process number at all (not a file of ours)
     return True
 
 
 def remove_abandoned_temporaries(folder: Path) -> None:
     """Delete the temporary files of downloads that were killed (SIGKILL, power loss): those whose process is
-    gone or that nobody wrote to for an hour. A live download's file is kept."""
+    gone and that nobody wrote to for five minutes, or for an hour whatever their process. A live download's file
+    is kept, also one of another container sharing the folder (whose process this one cannot see)."""
     try:
         entries = list(folder.iterdir())
     except OSError:
@@ -285,12 +289,25 @@ def remove_abandoned_temporaries(folder: Path) -> None:
     for entry in entries:
         match = _TEMP.match(entry.name)
         try:
-            if match and (not _process_alive(int(match.group(1)))
-                          or time.time() - entry.stat().st_mtime > _STALE_AFTER):
+            idle = time.time() - entry.stat().st_mtime if match else 0.0
+            if match and (idle > _STALE_AFTER or idle > _UNSEEN_AFTER and not _process_alive(int(match.group(1)))):
                 entry.unlink()
                 logger.info("Removed %s, left by an interrupted download", entry)
         except OSError:
             continue  # removed meanwhile by another process, or not ours to remove
+
+
+def writable_folder(folders: list[Path]) -> Path:
+    """The first of `folders` a download can go into (one that is there and writable, or can be made), else the
+    first (whose error then says what is wrong)."""
+    for folder in folders:
+        if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK):
+            return folder
+        if not folder.exists() and not folder.is_symlink():
+            ancestor = next((p for p in folder.parents if p.exists()), None)
+            if ancestor is not None and ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK):
+                return folder
+    return folders[0]
 
 
 def prepare_folder(folder: Path) -> None:
@@ -319,7 +336,13 @@ def download(url: str, dest: str | os.PathLike[str], expected_size: int | None =
     report = progress or stderr_progress(dest.name)
     tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        with open(tmp, "xb") as out:
+        try:
+            out = open(tmp, "xb")
+        except OSError as exc:
+            raise DownloadError(f"The model folder {dest.parent} cannot be written ({exc.strerror or exc}): point "
+                                "TRIDENT_CACHE (or the folder setting) at a folder you can write, or put "
+                                f"{dest.name} there by hand.") from exc
+        with out:
             size = _fetch(url, out, expected_size, sha256, report, timeout)
             out.flush()
             os.fsync(out.fileno())
@@ -355,20 +378,34 @@ def _family_check(record: ModelFile, url: str) -> Callable[[Path], None]:
     return check
 
 
+def _by_hand(record: ModelFile) -> str:
+    """Where to get a known file by hand and the name to save it under (a URL's own name may differ)."""
+    url = record.urls[0]
+    named = "" if url.rsplit("/", 1)[-1] == record.filename else f", save it as {record.filename}"
+    return f"Download it by hand from {url}{named} and put it in that folder"
+
+
 def ensure_file(name_or_filename: str, folder: str | os.PathLike[str], allow_download: bool | None = None,
-                progress: ProgressFn | None = None, mirror: str | None = None) -> Path:
+                progress: ProgressFn | None = None, mirror: str | None = None, role: Role | None = None) -> Path:
     """Return the path of a model file in ``folder``, first downloading a known one if it is missing and allowed.
 
-    ``name_or_filename`` is a :data:`MODELS` key or a filename; ``mirror`` is passed to :func:`resolve_url`.
+    ``name_or_filename`` is a :data:`MODELS` key or a filename; ``mirror`` is passed to :func:`resolve_url`;
+    ``role``, where given, refuses a known file of another model before anything is downloaded.
     Raises :class:`ModelFileMissing` when the file is absent and cannot or may not be downloaded, and
     :class:`DownloadError` when every source failed.
     """
     folder = Path(folder)
     record = find_model(name_or_filename)
     path = folder / (record.filename if record else name_or_filename)
+    if record is not None and role is not None and record.role != role:
+        raise ModelFileMissing(f"{record.filename} is {record.description}, not a {role.upper()} model: give a "
+                               f"{role.upper()} file, e.g. {DEFAULT_FILES[role]}")
     if path.is_file():
         remove_abandoned_temporaries(folder)
         return path
+    if path.is_symlink():
+        raise ModelFileMissing(f"{path} is a link to {os.readlink(path)}, which is not a file (a drive not mounted?): "
+                               "make it reachable, or remove the link to download the file")
     if folder.exists() and not folder.is_dir():
         raise ModelFileMissing(f"The model folder {folder} is a file, not a folder, so {path.name} cannot be there: "
                                "point TRIDENT_CACHE (or the folder setting) at a folder, or remove that file.")
@@ -378,8 +415,8 @@ def ensure_file(name_or_filename: str, folder: str | os.PathLike[str], allow_dow
                                f"{', '.join(sorted(m.filename for m in MODELS.values()))}")
     blocker = _download_blocker(allow_download)
     if blocker is not None:
-        raise ModelFileMissing(f"Model file {record.filename} ({record.description}) is not in {folder}. Download it "
-                               f"from {record.urls[0]} and put it in that folder, or allow automatic download "
+        raise ModelFileMissing(f"Model file {record.filename} ({record.description}) is not in {folder}. "
+                               f"{_by_hand(record)}, or allow automatic download "
                                f"({blocker}; enable the download option and unset "
                                f"{' / '.join(_OFF_SWITCHES)}).")
     failures = []
@@ -391,5 +428,5 @@ def ensure_file(name_or_filename: str, folder: str | os.PathLike[str], allow_dow
         except DownloadError as exc:
             logger.warning("%s", exc)
             failures.append(str(exc))
-    raise DownloadError(f"Could not download {record.filename} into {folder}: {' | '.join(failures)}. Download it by "
-                        f"hand from {record.urls[0]} and put it in that folder.")
+    raise DownloadError(f"Could not download {record.filename} into {folder}: {' | '.join(failures)}. "
+                        f"{_by_hand(record)}.")

@@ -23,6 +23,7 @@ _DTYPES = {
     "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
+MAX_CODE_BYTES = 16 << 20  # a scripted class's source (OpenAI's CLIP: a few KB per file)
 _CLASS = re.compile(r"^class (\w+)\(Module\):\n((?:[ \t]+.*\n|\n)*)", re.MULTILINE)
 _LIST = re.compile(r"^  __(parameters|buffers)__ = (\[.*\])$", re.MULTILINE)
 
@@ -74,7 +75,12 @@ class _Unpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:80]} in the archive's data.pkl")
         _, kind, key, _location, numel = pid
         if key not in self._storages:
-            raw = bytearray(self._zf.read(f"{self._prefix}data/{key}"))
+            name = f"{self._prefix}data/{key}"
+            size = self._zf.getinfo(name).file_size
+            if size != numel * kind.dtype.itemsize:
+                raise pickle.UnpicklingError(f"the archive's record {name} holds {size} bytes, not the "
+                                             f"{numel} elements its tensor names")
+            raw = bytearray(self._zf.read(name))
             flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
             self._storages[key] = flat.view(kind.dtype)[:numel] if kind.dtype != torch.uint8 else flat[:numel]
         return self._storages[key]
@@ -85,9 +91,13 @@ def _class_members(zf: zipfile.ZipFile, prefix: str, qualname: str) -> list[str]
     None when the file does not list them."""
     module, _, name = qualname.rpartition(".")
     try:
-        text = zf.read(f"{prefix}code/{module.replace('.', '/')}.py").decode("utf-8")
+        info = zf.getinfo(f"{prefix}code/{module.replace('.', '/')}.py")
     except KeyError:
         return None
+    if info.file_size > MAX_CODE_BYTES:  # (compressed, as PyTorch writes code: read only what is plausible)
+        raise pickle.UnpicklingError(f"the archive's {info.filename} holds {info.file_size} bytes of code, more "
+                                     "than a model's class ever has")
+    text = zf.read(info).decode("utf-8")
     for match in _CLASS.finditer(text):
         if match.group(1) == name:
             found = {kind: ast.literal_eval(names) for kind, names in _LIST.findall(match.group(2))}
@@ -120,6 +130,11 @@ def read_torchscript_state_dict(zf: zipfile.ZipFile) -> dict[str, torch.Tensor]:
     """The parameters and buffers of a TorchScript archive, as `torch.jit.load(...).state_dict()` names them.
 
     Raises pickle.UnpicklingError for anything but plain modules holding tensors."""
+    packed = next((i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED
+                   and ("/data/" in i.filename or i.filename.endswith("data.pkl"))), None)
+    if packed is not None:  # (PyTorch stores its tensors and pickle as they are: a compressed one may unpack to
+        raise pickle.UnpicklingError(  # any size)
+            f"the archive's record {packed} is compressed, which PyTorch never writes")
     pickles = [n for n in zf.namelist() if PurePosixPath(n).name == "data.pkl" and n.count("/") == 1]
     if len(pickles) != 1:
         raise pickle.UnpicklingError("the archive has no single <name>/data.pkl")
