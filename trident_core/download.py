@@ -4,8 +4,8 @@ A download streams into a uniquely named temporary file next to its destination,
 server's Content-Length, the expected size and the SHA-256 where the publisher gives them and, for a known model
 file, parsed as a checkpoint of the expected model; only then is it renamed into place atomically: no reader
 ever sees a partial or wrong file, and two processes fetching the same file both end with a valid copy. A web
-page sent instead of the file is refused. Temporary files left by a killed process (their process is gone, or
-they were not written to for an hour) are removed by the next download into that folder. Nothing here touches
+page sent instead of the file is refused. Temporary files left by a killed process (not written to for five
+minutes and their process not seen, or for an hour) are removed by the next download into that folder. Nothing here touches
 the network at import time; only the standard library is used (the checkpoint check imports torch when it runs).
 
 Environment variables:
