@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trident_core import Params, Trident, parse_classes
+from trident_core import ClassList, Params, Trident, parse_classes
 from trident_core.aggregation import splice_and_aggregate
 from trident_core.classify import classify
 from trident_core.config import AggregateConfig, ClassifyConfig, RefineConfig
@@ -177,12 +177,13 @@ def test_the_library_takes_class_lists_as_lists_and_refuses_one_image_to_segment
     (lambda t, img: t.segment(img, 5), "classes must be typed text .* or a list of names"),
     (lambda t, img: t.segment(img, ["sky", 3]), "classes must be typed text .* or a list of names"),
     (lambda t, img: t.text(None), "classes must be typed text"),
+    (lambda t, img: t.segment(img, ClassList((("sky",),))), "one class .* would label every pixel"),
     (lambda t, img: list(t.segment_frames([img, img], "sky, grass", per_forward="2")), "per_forward must be a whole"),
     (lambda t, img: list(t.segment_frames([img, img], "sky, grass", per_forward=2.5)), "per_forward must be a whole"),
     (lambda t, img: list(t.segment_frames([img, img], "sky, grass", per_forward=0)), "per_forward must be a whole"),
     (lambda t, img: list(t.segment_frames([img, img], "sky, grass", None)), "params must be"),
-], ids=["params-none", "params-dict", "progress-str", "classes-int", "classes-mixed", "text-none", "per-forward-str",
-        "per-forward-float", "per-forward-0", "frames-params-none"])
+], ids=["params-none", "params-dict", "progress-str", "classes-int", "classes-mixed", "text-none",
+        "one-class-list", "per-forward-str", "per-forward-float", "per-forward-0", "frames-params-none"])
 def test_library_arguments_of_the_wrong_kind_are_one_line(small_trident, call, said):
     """None, dicts and strings where the library takes Params, a function or a frame count were Python errors deep
     inside (AttributeError: 'NoneType' object has no attribute 'classification', '<=' not supported ...)."""

@@ -5,8 +5,9 @@ server's Content-Length, the expected size and the SHA-256 where the publisher g
 file, parsed as a checkpoint of the expected model; only then is it renamed into place atomically: no reader
 ever sees a partial or wrong file, and two processes fetching the same file both end with a valid copy. A web
 page sent instead of the file is refused. Temporary files left by a killed process (not written to for five
-minutes and their process not seen, or for an hour) are removed by the next download into that folder. Nothing here touches
-the network at import time; only the standard library is used (the checkpoint check imports torch when it runs).
+minutes and their process not seen, or for an hour) are removed by the next download into that folder. Nothing
+here touches the network at import time; only the standard library is used (the checkpoint check imports torch
+when it runs).
 
 Environment variables:
     TRIDENT_NO_DOWNLOAD=1     never download (``HF_HUB_OFFLINE=1`` does the same)

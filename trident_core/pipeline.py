@@ -16,7 +16,7 @@ import torch
 from PIL.Image import Image as PILImage
 
 from .aggregation import FeatureMap, splice_and_aggregate
-from .classes import ClassList, parse_classes
+from .classes import ClassList, check_several, parse_classes
 from .classify import Segmentation, classify
 from .config import AggregateConfig, Params, WindowConfig
 from .devices import frames_per_forward, resolve_device, resolve_dtype
@@ -130,8 +130,9 @@ def _warn_once(message: str) -> None:
 
 
 def _class_list(classes: str | list[str] | tuple[str, ...] | ClassList) -> ClassList:
-    """A ClassList as given, or parsed from typed text (a string) or one class per entry (a list)."""
-    return classes if isinstance(classes, ClassList) else parse_classes(classes)
+    """A ClassList as given (two classes or more, as a parsed one), or parsed from typed text (a string) or one
+    class per entry (a list)."""
+    return check_several(classes) if isinstance(classes, ClassList) else parse_classes(classes)
 
 
 def check_call(params: object, progress: object) -> None:
