@@ -14,6 +14,7 @@ from ..trident_core.compact import CompactSegmentation, compact
 from ..trident_core.config import (
     CORRELATIONS,
     MASK_PROMPT_MODES,
+    MIN_SHORT_SIDE,
     PARADIGMS,
     SAM_TILE_CHOICES,
     AggregateConfig,
@@ -228,14 +229,18 @@ class Classify(io.ComfyNode):
                 io.String.Input("pamr_dilations", default=",".join(map(str, C.pamr_dilations)),
                                 tooltip="PAMR's neighbour distances in pixels, comma-separated (8,16).", optional=True),
                 T.short_side_input("PAMR's guide is the image at this short side, as the reference's: 0 (default) "
-                                   "= the one Window Features used.", optional=True, same=True),
+                                   f"= the one Window Features used, else {MIN_SHORT_SIDE} or more.", optional=True,
+                                   same=True),
                 smoothing_input(),
             ],
             outputs=[T.output(T.SEGMENTATION, "segmentation",
                               "Labels and class probabilities at the image's size, one per batch image.")])
 
     @classmethod
-    def validate_inputs(cls, pamr_dilations: str | None = None) -> bool | str:
+    def validate_inputs(cls, pamr_dilations: str | None = None, short_side: int | None = None) -> bool | str:
+        if short_side and short_side < MIN_SHORT_SIDE:  # (the widget steps by 16 from 0: one click up is 16)
+            return (f"short_side {short_side}: 0 (the one Window Features used) or a short side of at least "
+                    f"{MIN_SHORT_SIDE} for PAMR's guide")
         return pamr_dilations is None or T.refusal(lambda: parse_dilations(pamr_dilations))
 
     @classmethod

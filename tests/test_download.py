@@ -515,6 +515,26 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path: Path, monkeypatch
     assert "\n" not in str(info.value) and ".part-" not in str(info.value)
 
 
+def test_a_folder_that_cannot_be_written_is_one_line_from_ensure_file(server: Server, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """ensure_file logged it and wrapped it in "Could not download ...": two lines, the advice twice."""
+    _register(monkeypatch, "/files/ckpt.pth", sha256=None)
+    real_open = open
+
+    def refused(file: object, *a: object, **k: object) -> object:
+        if ".part-" in str(file):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr("builtins.open", refused)
+    with caplog.at_level("WARNING"), pytest.raises(DownloadError) as info:
+        ensure_file("test_model", tmp_path, mirror=server.base)
+    message = str(info.value)
+    assert message.startswith(f"The model folder {tmp_path} cannot be written") and "Could not download" not in message
+    assert message.count("TRIDENT_CACHE") == 1 and not caplog.records and server.hits == []
+
+
 def test_the_first_writable_folder_is_chosen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from trident_core.download import writable_folder
 

@@ -650,3 +650,7 @@ def test_the_result_says_whether_the_split_is_the_official_one_and_where_its_dat
     monkeypatch.chdir(tmp_path)
     result = evaluate(fake_predict(N_CITY), city_dataset(Path(".")), progress=False)
     assert result["official_split"] is False and result["dataset_root"] == str(tmp_path / CITY)
+    whole = city_dataset(Path("."))
+    whole.official = True  # (as a folder holding the published split's number of images is)
+    assert evaluate(fake_predict(N_CITY), whole, progress=False)["official_split"] is True
+    assert evaluate(fake_predict(N_CITY), whole, limit=1, progress=False)["official_split"] is False  # part of it

@@ -265,3 +265,25 @@ def test_the_command_without_opencv_says_how_to_install_it(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         'error: Trident needs OpenCV: pip install "trident-seg[opencv]" (or an OpenCV you have already, e.g. '
         "opencv-python-headless)"], r.stderr
+
+
+def test_the_lazy_package_still_gives_its_submodules_and_lists_its_names():
+    """Importing the public names on first use lost `trident_core.pipeline` (no import of it ran) and dir()'s names."""
+    code = ("import trident_core as t, sys; assert 'trident_core.pipeline' not in sys.modules; "
+            "print(t.pipeline.Trident is t.Trident, 'Trident' in dir(t), hasattr(t, 'nope'), hasattr(t, '_x'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and r.stdout.split() == ["True", "True", "False", "False"], r.stderr
+
+
+def test_the_command_shows_logged_warnings_as_warning_lines(small_ckpts, tmp_path):
+    """A logged warning (here: the small test CLIP matches no open_clip config) reached the terminal as a bare line,
+    unlike the command's own "warning: ..." and "error: ..." lines."""
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "x.png")
+    r = subprocess.run([sys.executable, "-m", "trident_core", "segment", str(tmp_path / "x.png"), "--classes", "a, b",
+                        "--out", str(tmp_path / "out"), "--device", "cpu", "--no-download", "--no-refine",
+                        *(f"--{role}={small_ckpts[role]}" for role in ("clip", "dino", "sam"))],
+                       capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+                       env={**os.environ, "TRIDENT_CACHE": str(tmp_path / "cache")})
+    (line,) = [ln for ln in r.stderr.splitlines() if "matches none of open_clip" in ln]
+    assert r.returncode == 0 and line.startswith("warning: CLIP "), r.stderr

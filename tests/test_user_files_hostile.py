@@ -207,11 +207,23 @@ def test_eval_resumes_by_the_models_contents_and_refuses_another_class_list(smal
 
 
 def test_eval_on_part_of_a_split_warns_in_one_line(small_ckpts, tmp_path, capsys):
+    """The command (run() wraps main() so) shows a warning as one line; main() called from Python leaves the
+    caller's warning handling alone (recorded warnings stay recorded)."""
+    import warnings
+
+    from trident_core.cli import one_line_warnings
+
     root, out = _tiny_cityscapes(tmp_path / "data"), tmp_path / "r.json"
-    assert main(_eval(small_ckpts, root, out)) == 0
+    with one_line_warnings():
+        assert main(_eval(small_ckpts, root, out)) == 0
     warned = [ln for ln in capsys.readouterr().err.splitlines() if "official split" in ln]
     assert len(warned) == 1 and warned[0].startswith("warning: city_scapes: 1 images under")
     assert "UserWarning" not in warned[0] and ".py:" not in warned[0]
+    with warnings.catch_warnings(record=True) as recorded:
+        warnings.simplefilter("always")
+        assert main(_eval(small_ckpts, root, out, "--no-resume")) == 0
+    assert any("official split" in str(w.message) for w in recorded)
+    assert "official split" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("limit", "said"), [("0", "evaluate at least 1 image"), ("-1", "evaluate at least 1 image"),

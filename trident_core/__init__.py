@@ -6,6 +6,7 @@ The names below are imported when first used, so the `trident` command can check
 from __future__ import annotations
 
 from importlib import import_module
+from importlib.util import find_spec
 
 _EXPORTS = {"UNLABELED": "classes", "ClassList": "classes", "ClassListError": "classes", "parse_classes": "classes",
             "Segmentation": "classify", "Params": "config", "Trident": "pipeline", "PRESETS": "presets",
@@ -15,9 +16,17 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    """The public names, each from its module on first use."""
-    if name not in _EXPORTS:
+    """The public names, each from its module on first use; a submodule (`trident_core.pipeline`) as an eager
+    package would have it."""
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif not name.startswith("_") and find_spec(f"{__name__}.{name}") is not None:
+        value = import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import logging
 import os
 import sys
 import time
@@ -31,6 +33,32 @@ def _warning_line(message: Warning | str, category: type[Warning], filename: str
                   file: object = None, line: str | None = None) -> None:
     """warnings.showwarning for the command line: "warning: <message>" on one line."""
     _log(f"warning: {message}")
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Python's warnings and the package's logged warnings shown as "warning: <message>" lines while the command
+    runs (run() only: a caller of main() keeps its own handling of both, e.g. recording them)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_LineFormatter())
+    package = logging.getLogger(__package__)
+    shown_before, warnings.showwarning = warnings.showwarning, _warning_line
+    package.addHandler(handler)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        warnings.showwarning = shown_before
+
+
+class _LineFormatter(logging.Formatter):
+    """A logged record as the command line's own lines: "warning: ...", like its "error: ..."."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from .batch import shown
+
+        return shown(f"{record.levelname.lower()}: {record.getMessage()}")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -374,7 +402,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--min-area must be a whole number of pixels >= 1, not {args.min_area}")
     if args.command == "segment" and args.max_objects < 1:
         ap.error(f"--max-objects must be a whole number >= 1, not {args.max_objects}")
-    shown_before, warnings.showwarning = warnings.showwarning, _warning_line  # (one line, not file and source)
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as e:  # a write error too (a full disk): one line, not a traceback
@@ -389,8 +416,6 @@ def main(argv: list[str] | None = None) -> int:
             _log("interrupted: the outputs already complete are kept; run the same command again to go on (a clip "
                  "starts again from its first frame)")
         return 130
-    finally:
-        warnings.showwarning = shown_before
 
 
 def run() -> NoReturn:
@@ -399,7 +424,8 @@ def run() -> NoReturn:
     is gone), while tearing down the imported libraries' modules would take most of a second. FFmpeg's own log
     lines are off (a broken video gets our one line only) unless OPENCV_FFMPEG_LOGLEVEL says otherwise."""
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # (AV_LOG_QUIET; read when OpenCV first opens a video)
-    code = main()
+    with one_line_warnings():
+        code = main()
     timing = sys.modules.get(f"{__package__}.kernels.timing")  # loaded with the models, if they were
     if timing is not None:
         timing.flush()  # what was timed last (os._exit runs no exit handlers)

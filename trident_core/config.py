@@ -46,6 +46,9 @@ def check_mode(name: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
 
 
+MIN_SHORT_SIDE = 32  # the smallest short side an image is scaled to (WindowConfig's range)
+
+
 @dataclass(frozen=True)
 class WindowConfig:
     """S0, S2-S4: the image's scale, the sliding windows, and DINO's proxy attention (gamma, beta)."""
@@ -58,7 +61,7 @@ class WindowConfig:
     beta: float = 1.2
 
     def __post_init__(self) -> None:
-        _check_ranges(self, {"short_side": (32, 8192, True), "long_cap": (32, 16384, True),
+        _check_ranges(self, {"short_side": (MIN_SHORT_SIDE, 8192, True), "long_cap": (32, 16384, True),
                              "window": (32, 4096, True)})
         _check_range(self, "stride", 1, self.window, True,
                      " (the window): a larger stride leaves gaps between windows")

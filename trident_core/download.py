@@ -54,6 +54,10 @@ class DownloadError(RuntimeError):
     """A download failed (HTTP error, dropped connection, wrong size or hash); no file was left behind."""
 
 
+class FolderNotWritable(DownloadError):
+    """The model folder cannot be made or written: no source would do better, so it is raised as it is."""
+
+
 class ModelFileMissing(FileNotFoundError):
     """A model file is absent and cannot be downloaded; the message says where to get it and where to put it."""
 
@@ -317,7 +321,7 @@ def prepare_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         what = "is a file, not a folder" if folder.is_file() else f"cannot be created ({exc.strerror or exc})"
-        raise DownloadError(f"The model folder {folder} {what}: point TRIDENT_CACHE (or the folder setting) at a "
+        raise FolderNotWritable(f"The model folder {folder} {what}: point TRIDENT_CACHE (or the folder setting) at a "
                             "folder you can write, or remove what is in the way.") from exc
 
 
@@ -340,7 +344,7 @@ def download(url: str, dest: str | os.PathLike[str], expected_size: int | None =
         try:
             out = open(tmp, "xb")
         except OSError as exc:
-            raise DownloadError(f"The model folder {dest.parent} cannot be written ({exc.strerror or exc}): point "
+            raise FolderNotWritable(f"The model folder {dest.parent} cannot be written ({exc.strerror or exc}): point "
                                 "TRIDENT_CACHE (or the folder setting) at a folder you can write, or put "
                                 f"{dest.name} there by hand.") from exc
         with out:
@@ -426,6 +430,8 @@ def ensure_file(name_or_filename: str, folder: str | os.PathLike[str], allow_dow
         logger.info("Downloading %s from %s into %s", record.filename, source, folder)
         try:
             return download(source, path, record.size, record.sha256, progress, check=_family_check(record, source))
+        except FolderNotWritable:
+            raise  # (the same for every source: one line, not "could not download" around it)
         except DownloadError as exc:
             logger.warning("%s", exc)
             failures.append(str(exc))

@@ -134,7 +134,8 @@ def evaluate(
         "preset": preset,
         "dataset_root": str(seg.root) if seg else None,
         "num_images": total,
-        "official_split": seg.official if seg else None,  # every image of the published split (comparable numbers)
+        # every image of the published split, all of them evaluated (comparable numbers; not with --limit)
+        "official_split": (seg.official and total == len(seg)) if seg else None,
         "num_classes": num_classes,
         "classes": list(names),
         "mIoU": percent(metrics.miou),
