@@ -321,8 +321,8 @@ def prepare_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         what = "is a file, not a folder" if folder.is_file() else f"cannot be created ({exc.strerror or exc})"
-        raise FolderNotWritable(f"The model folder {folder} {what}: point TRIDENT_CACHE (or the folder setting) at a "
-                            "folder you can write, or remove what is in the way.") from exc
+        raise FolderNotWritable(f"The model folder {folder} {what}: point TRIDENT_CACHE (or the folder setting) at "
+                                "a folder you can write, or remove what is in the way.") from exc
 
 
 def download(url: str, dest: str | os.PathLike[str], expected_size: int | None = None, sha256: str | None = None,

@@ -140,6 +140,11 @@ def check_call(params: object, progress: object) -> None:
     if not isinstance(params, Params):
         raise TypeError(f"params must be a trident_core.Params (Params(), Params().update(refine=True) or "
                         f"get_preset(name).params), not {type(params).__name__}")
+    check_progress(progress)
+
+
+def check_progress(progress: object) -> None:
+    """One clear line for a progress callback that cannot be called."""
     if not callable(progress):
         raise TypeError(f"progress must be a function taking one string (or left out), not {type(progress).__name__}")
 
@@ -217,7 +222,7 @@ class Trident:
 
     def text(self, classes: str | list[str] | ClassList, progress: Progress = _noop) -> torch.Tensor:
         """Query embeddings (cached per name on the CLIP model); `progress` gets "text NN%" in steps of 10 %."""
-        check_call(DEFAULT_PARAMS, progress)
+        check_progress(progress)
         return encode_classes(self.clip, _class_list(classes),
                               lambda done, total: progress(f"text {done * 10 // total * 10}%"))
 
