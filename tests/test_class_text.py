@@ -4,6 +4,7 @@ reference's rule: one class per line, commas part of a name), and the background
 from __future__ import annotations
 
 import argparse
+import re
 from importlib import resources
 
 import pytest
@@ -61,6 +62,15 @@ def test_one_class_is_refused_it_would_label_every_pixel(make):
     with pytest.raises(ClassListError, match=r"one class \(.*\) would label every pixel: .*name what else is in the "
                                              r"image too, e\.g\. '.*, background'"):
         make()
+
+
+@pytest.mark.parametrize("one", ["sky", "background", "Grass", "person; sky"])
+def test_the_one_class_advice_gives_class_lists_that_work(one):
+    """The advice was "'sky, background' or 'sky, sky, grass'" for sky: a list refused for its duplicate."""
+    with pytest.raises(ClassListError) as info:
+        parse_classes(one)
+    examples = re.findall(r"'([^']*)'", str(info.value).split("e.g.")[1])
+    assert len(examples) == 2 and all(len(parse_classes(e)) >= 2 for e in examples)
 
 
 def test_one_class_with_a_background_is_two_classes(tmp_path):
