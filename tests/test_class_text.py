@@ -64,7 +64,8 @@ def test_one_class_is_refused_it_would_label_every_pixel(make):
         make()
 
 
-@pytest.mark.parametrize("one", ["sky", "background", "Grass", "person; sky"])
+@pytest.mark.parametrize("one", ["sky", "background", "Grass", "person; sky",
+                                 "background; sky; grass; person; dog; car"])
 def test_the_one_class_advice_gives_class_lists_that_work(one):
     """The advice was "'sky, background' or 'sky, sky, grass'" for sky: a list refused for its duplicate."""
     with pytest.raises(ClassListError) as info:

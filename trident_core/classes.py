@@ -123,12 +123,15 @@ def _class_list(classes: list[tuple[str, ...]], background: tuple[str, ...], uni
     return check_several(cl) if several else cl
 
 
+_EXAMPLE_NAMES = ("background", "sky", "grass", "person", "dog", "car", "cat", "thing 1", "thing 2", "thing 3")
+
+
 def check_several(cl: ClassList) -> ClassList:
     """`cl` if it has two classes or more: one class would label every pixel (its probability is 1, or with n
     synonyms at least 1/n: nothing tells it from anything else)."""
     if len(cl) == 1:
         name, taken = cl.names[0], {name_key(n) for n in cl.classes[0]}
-        a, b, c = [n for n in ("background", "sky", "grass", "person", "dog", "car", "cat") if name_key(n) not in taken][:3]
+        a, b, c = [n for n in _EXAMPLE_NAMES if name_key(n) not in taken][:3]
         raise ClassListError(f"one class ({'; '.join(cl.classes[0])}) would label every pixel: each pixel gets the "
                              f"most likely of the classes named, so name what else is in the image too, e.g. "
                              f"'{name}, {a}' or '{name}, {b}, {c}'")
