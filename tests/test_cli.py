@@ -144,3 +144,24 @@ def test_option_values_ignore_case_and_a_wrong_one_is_one_line(tmp_path, monkeyp
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1, err
         assert names in err[0] and "error" in err[0] and "-h` lists the options" in err[0]
+
+
+def test_segment_shows_the_text_encodings_progress_once_per_step_and_not_from_the_cache(small_ckpts, photo,
+                                                                                         tmp_path, monkeypatch,
+                                                                                         capsys):
+    """Encoding a long class list takes minutes on a CPU: `segment` said nothing meanwhile (only `eval` did, with
+    a line per batch, each step repeated). Each step is one line now, and a cached list shows none."""
+    import trident_core.text as text
+
+    monkeypatch.setenv("TRIDENT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(text, "PROMPT_BATCH", 80)  # one name per batch: many batches per 10 % step
+    Image.fromarray(photo[:64, :64]).save(tmp_path / "x.png")
+    names = [f"thing {i}" for i in range(25)]
+    argv = ["segment", str(tmp_path / "x.png"), "--classes", ", ".join(names), "--clip", str(small_ckpts["clip"]),
+            "--dino", str(small_ckpts["dino"]), "--sam", str(small_ckpts["sam"]), "--no-refine", "--device", "cpu",
+            "--no-download"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    steps = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines() if "class names" in line]
+    assert steps == [f"text {p}% of 25 class names" for p in range(0, 101, 10)]
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert "class names" not in capsys.readouterr().err

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -27,6 +27,24 @@ def _log(msg: str) -> None:
     from .batch import shown
 
     print(shown(msg), file=sys.stderr, flush=True)
+
+
+def stage_logger(t0: float) -> Callable[[str], None]:
+    """Logs `[  1.2s] stage` (seconds since t0) once per stage: callers report the same stage many times."""
+    last = [""]
+
+    def log(stage: str) -> None:
+        if stage != last[0]:
+            _log(f"[{time.perf_counter() - t0:6.1f}s] {stage}")
+            last[0] = stage
+    return log
+
+
+def encode_text(tr, classes: ClassList) -> None:
+    """The class list's embeddings, with progress lines while names are encoded (minutes for large lists on a
+    CPU; nothing is shown when they all come from the cache)."""
+    log = stage_logger(time.perf_counter())
+    tr.text(classes, lambda stage: log(f"{stage} of {len(classes.queries)} class names"))
 
 
 def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -244,17 +262,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if args.device == "auto":
         args.device = str(device)
     tr = build_trident(args, params)
-    tr.text(classes)
+    encode_text(tr, classes)
     release_text_tower(tr.clip)
     tr.release_weights = True  # the CPU's peak holds one stage's weights (residency.py)
     per_forward = functools.partial(tr.frames_per_forward, params)  # several images per forward on a GPU
     t0 = time.perf_counter()
-    last = {"stage": ""}
-
-    def progress(stage: str) -> None:
-        if stage != last["stage"]:
-            _log(f"[{time.perf_counter() - t0:6.1f}s] {stage}")
-            last["stage"] = stage
+    progress = stage_logger(t0)
 
     def segment(images: Iterable[np.ndarray]) -> Iterator:
         """Each image's segmentation, in order; on a GPU consecutive images of one size share forwards."""
@@ -337,9 +350,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     classes = get_preset(args.preset).classes()
     params = params_from_args(args)
     tr = build_trident(args, params)
-    t0 = time.perf_counter()
-    tr.text(classes, lambda stage: _log(f"[{time.perf_counter() - t0:6.1f}s] {stage} of {len(classes.queries)} "
-                                        "class names"))
+    encode_text(tr, classes)
 
     def predict(image: np.ndarray) -> np.ndarray:
         return tr.segment(image, classes, params).labels.cpu().numpy()

@@ -234,7 +234,7 @@ def _segment_clip(args: argparse.Namespace, path: Path, clip: Clip, out: Path) -
     """`segment_video` once the clip is open and --out exists."""
     from .batch import ProgressBar, settings_key
     from .classes import named_classes
-    from .cli import _settings, build_trident, classes_from_args, params_from_args, release_text_tower
+    from .cli import _settings, build_trident, classes_from_args, encode_text, params_from_args, release_text_tower
     from .flow import Flow, FlowStream
     from .instances import check_min_area
     from .temporal import TemporalSmoother
@@ -247,7 +247,7 @@ def _segment_clip(args: argparse.Namespace, path: Path, clip: Clip, out: Path) -
     protected = _inputs(path)
     check_planned(out, clip_planned(classes.names, wanted is not None, args.png_frames), protected)
     tr = build_trident(args, params)
-    tr.text(classes)
+    encode_text(tr, classes)
     release_text_tower(tr.clip)
     per_forward = tr.frames_per_forward(params, clip.size)  # several frames per forward on a GPU; 1 on the CPU
     tr.release_weights = per_forward == 1  # the CPU's peak holds one stage's weights (residency.py)
