@@ -46,11 +46,12 @@ P = Params()
 W, A, C, R = P.windows, P.aggregation, P.classification, P.refinement  # each stage's defaults
 
 CLASSES_TIP = ("Class names separated by commas or line breaks; ';' between synonyms of one class, e.g. 'sky, "
-               "horse; pony, grass'. All are foreground classes. Pixels where no class is confident are left "
-               "unlabeled (or get the background class when there is one).")
+               "horse; pony, grass'. All are foreground classes. Each pixel gets its most likely class; under a "
+               "probability threshold (prob_thd: 0 in the default preset, 0.2 in voc21) it is left unlabeled (or "
+               "gets the background class when there is one).")
 BACKGROUND_TIP = ("Optional names of one background class (label 0), e.g. 'sky; wall; floor' (commas work too: "
-                  "all are that one class): pixels under the probability threshold then get the background instead "
-                  "of no label.")
+                  "all are that one class). It is one more class to choose from, and pixels under the probability "
+                  "threshold (prob_thd) get it instead of no label.")
 IMAGE_TIP = ("The image(s) to segment; a batch (video frames) is processed frame by frame, each frame's "
              "intermediates freed before the next.")
 SAM_TILES_TIP = ("SAM encodes the image in rows x cols tiles: 1x1 the whole image (the method's default), 1x2 "

@@ -16,8 +16,9 @@ import torch
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 CPU_BF16_ENV = "TRIDENT_CPU_BF16"  # "1" / "0": this CPU does / does not compute bfloat16 natively (overrides detection)
 # What bf16 on a native CPU trades (measured: docs/performance-bf16.md); the CLI's help and the loaders' tooltips.
-CPU_BF16_TRADE = ("measured 1.5x to 2.1x faster per image, not exact: labels equal to fp32's on 99.5 to 100 % of "
-                  "pixels (99 % after SAM refinement), probabilities within 0.01; with cos_fac 2 or more "
+CPU_BF16_TRADE = ("measured 1.4x to 2.1x faster per image (by CPU and host load), not exact: labels equal to "
+                  "fp32's on 99.5 to 100 % of pixels (about 98 % after SAM refinement: a mask passes or fails its "
+                  "thresholds whole), probabilities within 0.01; with cos_fac 2 or more "
                   "(city_scapes) SAM must stay fp32 for that (the command line keeps it so)")
 # CPU features that multiply bfloat16 in hardware: x86 AVX512-BF16 and AMX-BF16, Arm's BF16 (and SVE's) extension.
 BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
