@@ -72,6 +72,23 @@ def test_flow_of_a_large_frame_is_estimated_smaller_and_scaled_back():
     assert np.mean(np.abs(flow.source[..., 0] - (xs - 8))[inner] < 1.0) > 0.9
 
 
+@pytest.mark.parametrize("h,w", [(4, 64), (8, 600), (16, 2000), (2000, 16), (1, 1)])
+def test_thin_frames_have_a_flow(h, w):
+    """DIS refuses frames under 12 pixels on a side (a cv2.error after the models had loaded, for strips and
+    banners): they are padded for the flow, which keeps the frames' size."""
+    prev = photo(max(h, 2), max(w, 2))[:h, :w]
+    flow = estimate_flow(prev, shifted(prev, 1, 0))
+    assert flow.size == (h, w) and flow.visible.shape == (h, w)
+
+
+def test_a_thin_strips_flow_is_its_motion():
+    prev = photo(20, 300)
+    flow = estimate_flow(prev, shifted(prev, 3, 0))
+    ys, xs = np.mgrid[0:20, 0:300]
+    inner = (slice(4, 16), slice(12, 288))
+    assert np.mean(np.abs(flow.source[..., 0] - (xs - 3))[inner] < 0.5) > 0.9
+
+
 def test_flow_stream_and_size_check():
     stream = FlowStream()
     a = photo(48, 64)

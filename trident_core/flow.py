@@ -16,6 +16,7 @@ import numpy as np
 
 MAX_FLOW_SIDE = 512
 MIN_FLOW_SIDE = 16
+MIN_FLOW_SHORT = 32  # DIS fails on thinner frames (its pyramid needs both sides): they are padded for the flow
 FINEST_SIDE = 256  # DIS refines down to the coarsest pyramid level at least this long (finer ones cost 4x each)
 FB_ALPHA, FB_BETA = 0.01, 0.5  # consistent: |back + forward|^2 <= alpha (|back|^2 + |forward|^2) + beta (pixels^2)
 
@@ -53,6 +54,14 @@ def _grey(image: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(g, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
+def _pad_to(g: np.ndarray, side: int) -> np.ndarray:
+    """`g` with its last rows and columns repeated until both sides are at least `side` long."""
+    h, w = g.shape
+    if h >= side and w >= side:
+        return g
+    return cv2.copyMakeBorder(g, 0, max(0, side - h), 0, max(0, side - w), cv2.BORDER_REPLICATE)
+
+
 def _grid(h: int, w: int) -> np.ndarray:
     """[h, w, 2] float32 pixel coordinates (x, y)."""
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -68,11 +77,12 @@ def estimate_flow(prev: np.ndarray, cur: np.ndarray, max_side: int = MAX_FLOW_SI
     scale = min(1.0, max_side / max(h, w))
     scale = max(scale, MIN_FLOW_SIDE / max(h, w))  # DIS takes no smaller frames: tiny ones are upscaled
     a, b = _grey(prev, scale), _grey(cur, scale)
+    lh, lw = a.shape
+    a, b = _pad_to(a, MIN_FLOW_SHORT), _pad_to(b, MIN_FLOW_SHORT)
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     dis.setFinestScale(max(0, int(np.log2(max(a.shape) / FINEST_SIDE))))
-    back = dis.calc(b, a, None)  # current -> previous
-    forward = dis.calc(a, b, None)
-    lh, lw = back.shape[:2]
+    back = np.ascontiguousarray(dis.calc(b, a, None)[:lh, :lw])  # current -> previous
+    forward = np.ascontiguousarray(dis.calc(a, b, None)[:lh, :lw])
     src = _grid(lh, lw) + back
     fwd_there = cv2.remap(forward, src[..., 0], src[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     err = ((back + fwd_there) ** 2).sum(axis=2)
