@@ -139,6 +139,26 @@ def test_bad_clips_and_options_are_one_line(small_ckpts, clip_frames, tmp_path, 
             w.write(f)
     assert "would replace the input" in run(str(own / "overlay.mp4"), "--out", str(own))
     assert open_clip(own / "overlay.mp4").frames == len(clip_frames)
+    tiny = frame_folder([f[:4, :4] for f in clip_frames], tmp_path / "tiny")  # (the encoder aborted the process)
+    assert "frames of 4x4 pixels: too small for a video" in run(str(tiny), "--video", "--out", str(tmp_path / "o6"))
+    assert not (tmp_path / "o6").exists()
+
+
+def test_odd_sized_frames_give_videos_padded_by_one_and_say_so(small_ckpts, clip_frames, tmp_path, capsys):
+    """A 63x47 clip's videos were 62x46, its last row and column cut (a mask off by a pixel in a compositor)."""
+    frames = frame_folder([f[:47, :63] for f in clip_frames], tmp_path / "frames")
+    out = tmp_path / "out"
+    assert main(["segment", str(frames), "--video", "--classes", CLASSES, "--out", str(out), "--png-frames",
+                 *models(small_ckpts)]) == 0
+    assert ("note: the frames are 63x47; the videos are 64x48 (MPEG-4 takes even sizes: the last row and column "
+            "repeated), the PNG frames 63x47") in capsys.readouterr().err
+    for video in [out / "overlay.mp4", *(out / "masks").glob("*.mp4")]:
+        assert open_clip(video).size == (48, 64)
+    for folder in (p for p in (out / "masks").iterdir() if p.is_dir()):
+        png = pngs(folder)
+        assert png.shape[1:] == (47, 63)
+        back = np.stack(list(open_clip(folder.with_suffix(".mp4"))))[..., 0] >= 128
+        assert np.array_equal(back[:, :47, :63], png) and np.array_equal(back[:, 47, :63], png[:, 46])
 
 
 def test_a_frame_of_another_size_stops_the_run_leaving_out_as_it_was(small_ckpts, clip_frames, tmp_path, capsys):

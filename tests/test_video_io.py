@@ -59,6 +59,41 @@ def test_animated_images_are_clips(frames, tmp_path, ext):
     assert not is_clip(single)
 
 
+@pytest.mark.parametrize("ext", [".gif", ".webp"])
+def test_an_animations_frame_rate_is_its_frames_over_its_length(frames, tmp_path, ext):
+    """A GIF holding its first frame for 2 s then 40 ms per frame lasts 2.2 s: its fps came from the first frame
+    alone (0.5 fps: a 12 s video)."""
+    path = tmp_path / f"a{ext}"
+    pil = [Image.fromarray(f) for f in frames]
+    pil[0].save(path, save_all=True, append_images=pil[1:], duration=[2000] + [40] * 5, loop=0)
+    clip = open_clip(path)
+    assert clip.frames == 6 and clip.fps == pytest.approx(6 / 2.2)
+
+
+@pytest.mark.parametrize("size", [(47, 65), (48, 17), (17, 16)])
+def test_odd_sized_frames_keep_their_last_row_and_column(size, tmp_path):
+    """MPEG-4 takes even sizes: an odd frame's video was cut by its last row or column (a mask one pixel off the
+    image it masks). It is padded by one now, that row or column repeated."""
+    h, w = size
+    mask = np.zeros(size, np.uint8)
+    mask[-1, :] = mask[:, -1] = 255
+    with VideoWriter(tmp_path / "m.mp4", 10.0, size, color=False) as vw:
+        for _ in range(3):
+            vw.write(mask)
+    back = list(open_clip(tmp_path / "m.mp4"))
+    assert len(back) == 3 and back[0].shape[:2] == (h + h % 2, w + w % 2)
+    grey = back[0][..., 0] >= 128
+    assert grey[:h, w - 1].all() and grey[h - 1, :w].all() and not grey[:h - 1, :w - 1].any()
+
+
+@pytest.mark.parametrize("size", [(4, 4), (20, 4), (1, 64)])
+def test_frames_too_small_for_a_video_are_refused_before_the_encoder(size, tmp_path):
+    """OpenCV's MPEG-4 encoder aborted the whole process (free(): invalid next size) on 4x4 grey frames."""
+    with pytest.raises(ValueError, match="too small for a video"):
+        VideoWriter(tmp_path / "m.mp4", 10.0, size, color=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_folder_is_read_in_natural_order(frames, tmp_path):
     for k, f in enumerate(frames):
         Image.fromarray(f).save(tmp_path / f"frame{k * 5}.png")  # frame0, frame5, frame10, ...

@@ -155,12 +155,23 @@ def _animated_info(path: Path) -> tuple[float, int]:
             w, h = im.size
             if w * h <= MAX_PIXELS:  # (refused below, before a frame is decoded)
                 im.load()  # (WebP tells a frame's duration once it is decoded)
-            duration = im.info.get("duration") or 0
             count = getattr(im, "n_frames", 1)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+            duration = _total_duration(im, count) if w * h <= MAX_PIXELS else 0
+    except (OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise VideoError(f"{path}: cannot read it as an animated image ({e})") from e
     _check_pixels(path, w, h)
-    return _writable(1000.0 / duration if duration else DEFAULT_FPS), count
+    return _writable(1000.0 * count / duration if duration else DEFAULT_FPS), count
+
+
+def _total_duration(im, count: int) -> float:
+    """The animation's length in milliseconds, every frame's duration summed (a GIF often holds its first frame
+    for seconds: the first frame's duration alone made its video many times too long)."""
+    total = 0.0
+    for i in range(count):
+        im.seek(i)
+        im.load()  # (WebP tells a frame's duration once it is decoded)
+        total += im.info.get("duration") or 0
+    return total
 
 
 def _animated_frames(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -241,17 +252,34 @@ def _check_pixels(path: Path, w: int, h: int) -> None:
                          "the clip first")
 
 
+MIN_VIDEO_SIDE = 16  # OpenCV's MPEG-4 encoder crashes the process on some smaller frames (4x4 grey)
+
+
+def check_video_size(size: tuple[int, int], what: str) -> None:
+    """Refuse frames of `size` (H, W) that a video cannot hold."""
+    if min(size) < MIN_VIDEO_SIDE:
+        raise ValueError(f"{what} has frames of {size[1]}x{size[0]} pixels: too small for a video (at least "
+                         f"{MIN_VIDEO_SIDE}x{MIN_VIDEO_SIDE}); scale it up first")
+
+
+def video_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The (H, W) a video of frames of `size` has: MPEG-4 takes even sizes only (an odd one was cut by a row or
+    column), so an odd side is padded by one, its last row or column repeated."""
+    return size[0] + size[0] % 2, size[1] + size[1] % 2
+
+
 class VideoWriter:
-    """A video file written frame by frame (RGB or grey uint8 frames of one size), under a temporary name until
-    `close()` has read it back whole (OpenCV's encoder reports no write error: a full disk would leave a video
-    cut short); `abort()` (or leaving a `with` block by an exception) removes it."""
+    """A video file written frame by frame (RGB or grey uint8 frames of one size, padded to `video_size`), under a
+    temporary name until `close()` has read it back whole (OpenCV's encoder reports no write error: a full disk
+    would leave a video cut short); `abort()` (or leaving a `with` block by an exception) removes it."""
 
     def __init__(self, path: Path, fps: float, size: tuple[int, int], color: bool = True) -> None:
+        check_video_size(size, f"the video {path}")
         self.path, self.size, self.color, self.count = Path(path), tuple(size), color, 0
         remove_partials(self.path)
         self.tmp = partial_name(self.path).with_name(partial_name(self.path).name + self.path.suffix)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        h, w = self.size
+        h, w = video_size(self.size)
         check_opencv_path(self.tmp, "the video")
         self._writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h),
                                        isColor=color)
@@ -263,6 +291,9 @@ class VideoWriter:
         if frame.shape[:2] != self.size:
             raise ValueError(f"a {frame.shape[1]}x{frame.shape[0]} frame for the {self.size[1]}x{self.size[0]} "
                              f"video {self.path}")
+        (h, w), (vh, vw) = self.size, video_size(self.size)
+        if (vh, vw) != (h, w):
+            frame = cv2.copyMakeBorder(frame, 0, vh - h, 0, vw - w, cv2.BORDER_REPLICATE)
         self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) if self.color else frame)
         self.count += 1
 
@@ -271,6 +302,9 @@ class VideoWriter:
         try:
             cap = _capture(self.tmp)
             readable = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            if (int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))) != video_size(
+                    self.size):
+                readable = 0  # (not the video written)
             cap.release()
         except VideoError:
             readable = 0

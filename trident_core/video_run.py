@@ -38,9 +38,11 @@ from .video_io import (
     FrameFolder,
     VideoWriter,
     check_opencv_path,
+    check_video_size,
     frame_files,
     is_clip,
     open_clip,
+    video_size,
 )
 
 
@@ -214,6 +216,7 @@ def segment_video(args: argparse.Namespace) -> int:
 
     path = _check_args(args)
     clip = open_clip(path, args.fps or FOLDER_FPS)  # an unreadable clip is an error before the models load
+    check_video_size(clip.size, f"the clip {path}")
     out = Path(args.out)
     check_opencv_path(out, "--out")
     made = [p for p in (out.absolute(), *out.absolute().parents) if not os.path.lexists(p)]  # deepest first
@@ -259,6 +262,11 @@ def _segment_clip(args: argparse.Namespace, path: Path, clip: Clip, out: Path) -
     tracker = ObjectTracker(wanted, classes.names, min_area, args.max_gap) if wanted is not None else None
     flows = FlowStream() if tracker is not None or args.smooth else None
     remove_partials(out / "outputs")
+    if video_size(clip.size) != clip.size:
+        (h, w), (vh, vw) = clip.size, video_size(clip.size)
+        print(f"note: the frames are {w}x{h}; the videos are {vw}x{vh} (MPEG-4 takes even sizes: the last "
+              f"{'row' if vh != h else 'column'}{' and column' if vh != h and vw != w else ''} repeated)"
+              f"{f', the PNG frames {w}x{h}' if args.png_frames else ''}", file=sys.stderr)
     tmp = fresh_folder(partial_name(out / "outputs"))
     writers = None
     try:
