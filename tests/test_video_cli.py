@@ -139,6 +139,12 @@ def test_bad_clips_and_options_are_one_line(small_ckpts, clip_frames, tmp_path, 
             w.write(f)
     assert "would replace the input" in run(str(own / "overlay.mp4"), "--out", str(own))
     assert open_clip(own / "overlay.mp4").frames == len(clip_frames)
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "instances").write_text("the user's notes")  # (found only after the whole clip was segmented)
+    assert "instances is not a folder Trident wrote" in run(str(frames), "--video", "--instances", "--out",
+                                                            str(blocked))
+    assert (blocked / "instances").read_text() == "the user's notes"
     tiny = frame_folder([f[:4, :4] for f in clip_frames], tmp_path / "tiny")  # (the encoder aborted the process)
     assert "frames of 4x4 pixels: too small for a video" in run(str(tiny), "--video", "--out", str(tmp_path / "o6"))
     assert not (tmp_path / "o6").exists()

@@ -255,10 +255,7 @@ def _check_free(final: Path, name: str, marker: Marker | None, protected: frozen
     if os.path.realpath(dest) in protected:
         raise OutputConflict(f"the output {dest} would replace the input image {os.path.realpath(dest)}: choose "
                              "another --out")
-    linked = _not_a_folder(final, name)
-    if linked is not None:
-        raise OutputConflict(f"{linked} is not a folder Trident wrote (a file or a link): move it away or choose "
-                             "another --out")
+    _check_folders_on_the_way(final, name)
     if not os.path.lexists(dest):
         return
     listed = marker is not None and marker.files is not None and name in marker.files
@@ -266,6 +263,14 @@ def _check_free(final: Path, name: str, marker: Marker | None, protected: frozen
     if not (is_regular(dest) and ours):
         raise OutputConflict(f"{dest} is not a file Trident wrote (no {MARKER} there lists it): move it away or "
                              "choose another --out")
+
+
+def _check_folders_on_the_way(final: Path, name: str) -> None:
+    """Refuse output `name` where a folder on its way is a file or a link."""
+    linked = _not_a_folder(final, name)
+    if linked is not None:
+        raise OutputConflict(f"{linked} is not a folder Trident wrote (a file or a link): move it away or choose "
+                             "another --out")
 
 
 def _not_a_folder(final: Path, name: str) -> Path | None:
@@ -375,11 +380,14 @@ def save_flat(seg, image: np.ndarray, out: Path, key: str, settings: dict, extra
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_planned(final: Path, planned: list[str], protected: frozenset[str]) -> None:
-    """Refuse, before any work, outputs that would land on an input image or on a file Trident did not write."""
+def check_planned(final: Path, planned: list[str], protected: frozenset[str], folders: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, outputs that would land on an input image or on a file Trident did not write, and
+    `folders` (whose files are named once found, e.g. a clip's objects) that are files or links."""
     if not final.is_dir():
         return
     check_marker_replaceable(final)
     marker = read_marker(final)
     for name in planned:
         _check_free(final, name, marker, protected)
+    for folder in folders:
+        _check_folders_on_the_way(final, f"{folder}/-")

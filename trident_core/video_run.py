@@ -248,7 +248,8 @@ def _segment_clip(args: argparse.Namespace, path: Path, clip: Clip, out: Path) -
     wanted = named_classes(classes, args.instances) if args.instances is not None else None
     min_area = check_min_area(args.min_area)
     protected = _inputs(path)
-    check_planned(out, clip_planned(classes.names, wanted is not None, args.png_frames), protected)
+    check_planned(out, clip_planned(classes.names, wanted is not None, args.png_frames), protected,
+                  (INSTANCES,) if wanted is not None else ())
     tr = build_trident(args, params)
     encode_text(tr, classes)
     release_text_tower(tr.clip)
