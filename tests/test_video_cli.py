@@ -247,3 +247,17 @@ def test_frames_sharing_forwards_write_what_one_frame_at_a_time_writes(small_ckp
     assert np.allclose(_confidences(alone), _confidences(together), atol=1e-5)  # (a kernel timed per batch shape)
     assert sorted(p.name for p in (one / "instances").iterdir()) == sorted(p.name
                                                                            for p in (shared / "instances").iterdir())
+
+
+def test_videos_given_as_images_are_named_as_clips(clip_frames, tmp_path, capsys):
+    """A glob of videos said only "no image file matches", a video of an unknown kind only "not an image format"."""
+    for name in ("a.mp4", "b.mp4"):
+        with VideoWriter(tmp_path / name, 12.0, (48, 64)) as w:
+            for f in clip_frames:
+                w.write(f)
+    (tmp_path / "c.mpg").write_bytes((tmp_path / "a.mp4").read_bytes())
+    common = ["--classes", CLASSES, "--out", str(tmp_path / "out"), "--clip", "none.pt", "--no-download"]
+    assert main(["segment", str(tmp_path / "*.mp4"), *common]) == 2
+    assert "2 video clip(s) do: give one clip per command" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "c.mpg"), *common]) == 2
+    assert "video clips: .mp4 .webm" in capsys.readouterr().err

@@ -217,8 +217,11 @@ def check_header(path: str | os.PathLike) -> str | None:
         w = h = mode = None
     except Image.UnidentifiedImageError as e:  # (formats only OpenCV knows, e.g. Radiance HDR, declare sizes
         # nothing checks before OpenCV decodes them whole)
+        from .video_io import VIDEO_EXTENSIONS
+
         raise ImageError(f"cannot read image {os.fspath(path)!r}: not an image format Trident reads (PNG, JPEG, "
-                         "WebP, BMP, TIFF, GIF, PPM/PGM)") from e
+                         f"WebP, BMP, TIFF, GIF, PPM/PGM; video clips: {' '.join(VIDEO_EXTENSIONS)}, one per "
+                         "command)") from e
     except (OSError, ValueError, SyntaxError):  # broken: the decoders will say
         return None
     if w is None or w * h > MAX_PIXELS:

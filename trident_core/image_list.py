@@ -166,11 +166,16 @@ def _matches(names: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
 def _glob_images(pattern: str, base: Path | None = None) -> list[Found]:
     """The files a glob pattern matches (earlier runs' outputs left out), each with the pattern's fixed folder
     (`base` when the pattern's own folder part was escaped)."""
-    matches = sorted(_absolute(m) for m in _glob(pattern) if os.path.isfile(m))
+    matches_all = sorted(_absolute(m) for m in _glob(pattern) if os.path.isfile(m))
     outputs = _Outputs()
-    matches = [m for m in matches if _is_image(m) and m not in outputs]
+    matches = [m for m in matches_all if _is_image(m) and m not in outputs]
     if not matches:
-        raise InputError(f"no image file matches the pattern {pattern!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        from .video_io import is_clip
+
+        clips = sum(1 for m in matches_all if is_clip(m))
+        hint = f"; {clips} video clip(s) do: give one clip per command" if clips else ""
+        raise InputError(f"no image file matches the pattern {pattern!r} (looked for {', '.join(IMAGE_EXTENSIONS)}"
+                         f"{hint})")
     root = base if base is not None else _glob_root(pattern)
     return [(m, root, None) for m in matches]
 
