@@ -261,3 +261,18 @@ def test_videos_given_as_images_are_named_as_clips(clip_frames, tmp_path, capsys
     assert "2 video clip(s) do: give one clip per command" in capsys.readouterr().err
     assert main(["segment", str(tmp_path / "c.mpg"), *common]) == 2
     assert "video clips: .mp4 .webm" in capsys.readouterr().err
+
+
+def test_videos_in_a_folder_of_images_are_named_not_skipped_silently(clip_frames, tmp_path, capsys, caplog):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    with VideoWriter(folder / "a.mp4", 12.0, (48, 64)) as w:
+        for f in clip_frames:
+            w.write(f)
+    common = ["--classes", CLASSES, "--out", str(tmp_path / "out"), "--clip", "none.pt", "--no-download"]
+    assert main(["segment", str(folder), *common]) == 2
+    assert "1 video clip(s) there are not images: give each clip as its own command" in capsys.readouterr().err
+    Image.fromarray(clip_frames[0]).save(folder / "x.png")
+    assert main(["segment", str(folder), *common]) == 2  # (the made-up CLIP file, after the inputs)
+    assert "none.pt" in capsys.readouterr().err
+    assert f"{folder}: 1 video clip(s) there are not images" in caplog.text  # (`trident` shows it as one line)

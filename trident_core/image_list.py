@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from .marker import MARKER, OUTPUT_FOLDERS, is_output_name, read_marker, signed_
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                     ".pbm", ".pnm", ".gif")
 _GLOB_CHARS = set("*?[")
+logger = logging.getLogger(__name__)
 
 
 Found = tuple[Path, Path, "str | None"]  # an image, the folder its name is relative to, why it cannot be read
@@ -107,14 +109,22 @@ def _folder_images(folder: Path) -> list[Found]:
     """Image files under `folder` (recursively, sorted, named relative to it), without hidden files and earlier
     runs' outputs; a sub-folder that cannot be listed comes as itself with the reason (reported and counted as
     skipped)."""
+    from .video_io import VIDEO_EXTENSIONS
+
     unreadable: list[OSError] = []
-    named = sorted(p for p in _walk(folder, unreadable) if _is_image(p) and not _hidden(p, folder))
+    walked = [p for p in _walk(folder, unreadable) if not _hidden(p, folder)]
+    named = sorted(p for p in walked if _is_image(p))
     outputs = _Outputs()
     found = [p for p in named if p.is_file() and p not in outputs]
     odd = [(p, _not_a_file(p)) for p in named if not p.is_file()]  # reported and counted as skipped
+    videos = sum(1 for p in walked if p.suffix.lower() in VIDEO_EXTENSIONS and p not in outputs)
+    left_out = (f"{videos} video clip(s) there are not images: give each clip as its own command (a folder of "
+                "frames as one clip: --video)")
     if not found and not unreadable and not odd:
         raise InputError(f"no images in folder {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} files, also in "
-                         "sub-folders); give a folder that holds images")
+                         f"sub-folders); {left_out if videos else 'give a folder that holds images'}")
+    if videos:
+        logger.warning("%s: %s", folder, left_out)
     return [(p, folder, None) for p in found] + [(p, folder, why) for p, why in odd] + [
         (_absolute(e.filename), folder, f"cannot list the folder {e.filename} ({e.strerror}): its images are left out")
         for e in unreadable if e.filename and not _hidden(_absolute(e.filename), folder)]
