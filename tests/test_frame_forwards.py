@@ -170,7 +170,9 @@ def test_trident_segment_node_shares_forwards_where_told(loaded, photo, monkeypa
     assert groups == [2, 1] and len(shared) == len(one) == 3
     for a, b in zip(shared, one):
         assert (a.labels == b.labels).float().mean() >= 0.999
-        assert torch.allclose(a.probs, b.probs, atol=2e-5)
+        # smoothed probabilities are kept in float16 (compact.py): float32's rounding of another batch (1e-6, seen
+        # under load) can cross a float16 rounding boundary, one float16 step (2^-11 at 0.6) apart
+        assert torch.allclose(a.probs, b.probs, atol=2e-5, rtol=2 ** -10)
 
 
 @pytest.mark.parametrize("per_forward", [1, lambda size: 1], ids=["int", "choice per size"])
