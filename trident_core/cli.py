@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from .config import CORRELATIONS, MASK_PROMPT_MODES, PARADIGMS
 from .devices import CPU_BF16_TRADE, PRECISIONS
 from .presets import PRESETS, get_preset
 from .video_run import add_video_arguments
+
+if TYPE_CHECKING:  # (the commands import the pipeline and its models as they run)
+    from .pipeline import Trident
 
 
 def _log(msg: str) -> None:
@@ -40,7 +43,7 @@ def stage_logger(t0: float) -> Callable[[str], None]:
     return log
 
 
-def encode_text(tr, classes: ClassList) -> None:
+def encode_text(tr: Trident, classes: ClassList) -> None:
     """The class list's embeddings, with progress lines while names are encoded (minutes for large lists on a
     CPU; nothing is shown when they all come from the cache)."""
     log = stage_logger(time.perf_counter())

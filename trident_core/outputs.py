@@ -255,7 +255,7 @@ def _check_free(final: Path, name: str, marker: Marker | None, protected: frozen
     if os.path.realpath(dest) in protected:
         raise OutputConflict(f"the output {dest} would replace the input image {os.path.realpath(dest)}: choose "
                              "another --out")
-    _check_folders_on_the_way(final, name)
+    _check_folder(final, Path(name).parent)
     if not os.path.lexists(dest):
         return
     listed = marker is not None and marker.files is not None and name in marker.files
@@ -265,18 +265,18 @@ def _check_free(final: Path, name: str, marker: Marker | None, protected: frozen
                              "choose another --out")
 
 
-def _check_folders_on_the_way(final: Path, name: str) -> None:
-    """Refuse output `name` where a folder on its way is a file or a link."""
-    linked = _not_a_folder(final, name)
+def _check_folder(final: Path, folder: Path) -> None:
+    """Refuse outputs in `folder` (below `final`) where it, or a folder above it, is a file or a link."""
+    linked = _not_a_folder(final, folder)
     if linked is not None:
         raise OutputConflict(f"{linked} is not a folder Trident wrote (a file or a link): move it away or choose "
                              "another --out")
 
 
-def _not_a_folder(final: Path, name: str) -> Path | None:
-    """The first folder on the way from `final` to output `name` that is a link or not a folder (never written or
-    deleted through, whatever its depth), or None."""
-    for parent in reversed(Path(name).parents[:-1]):
+def _not_a_folder(final: Path, folder: Path) -> Path | None:
+    """The first of the folders from `final` down to `folder` (relative to it) that is a link or not a folder (never
+    written or deleted through, whatever its depth), or None."""
+    for parent in [*reversed(folder.parents[:-1]), folder] if folder.parts else []:
         if (final / parent).is_symlink() or (os.path.lexists(final / parent) and not (final / parent).is_dir()):
             return final / parent
     return None
@@ -325,11 +325,11 @@ def place_outputs(tmp: Path, final: Path, key: str, settings: dict, protected: f
         for name in sorted(new):
             _move_in(tmp, final, name)
         for name in sorted(old - new):
-            if is_regular(final / name) and _not_a_folder(final, name) is None:
+            if is_regular(final / name) and _not_a_folder(final, Path(name).parent) is None:
                 (final / name).unlink()
         for sub in sorted({parent for name in old - new for parent in Path(name).parents if parent.parts},
                           key=lambda p: -len(p.parts)):  # sub-folders left empty, the deepest first
-            if (final / sub).is_dir() and _not_a_folder(final, f"{sub}/-") is None and not any((final / sub).iterdir()):
+            if (final / sub).is_dir() and _not_a_folder(final, sub) is None and not any((final / sub).iterdir()):
                 (final / sub).rmdir()
         write_marker(final, key, settings, new, digests)
 
@@ -390,4 +390,4 @@ def check_planned(final: Path, planned: list[str], protected: frozenset[str], fo
     for name in planned:
         _check_free(final, name, marker, protected)
     for folder in folders:
-        _check_folders_on_the_way(final, f"{folder}/-")
+        _check_folder(final, Path(folder))
