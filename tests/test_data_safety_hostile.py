@@ -254,7 +254,7 @@ def test_f13_a_crafted_eval_resume_state_is_refused_in_one_line(tmp_path, overri
 
     out = tmp_path / "r.json"
     evaluate(pred, samples, 2, result_json=out, progress=False, config={"a": 1})
-    state = tmp_path / "r.state-rank0of1.npz"
+    state = tmp_path / "r.json.state-rank0of1.npz"
     good = dict(np.load(state))
     meta = json.loads(str(good["meta"]))
     bad = {"done_strings": {"done": np.array(["a", "b"])}, "predict_s_array": {"predict_s": np.array([1.0, 2.0])},
@@ -278,7 +278,7 @@ def test_f14_eval_no_resume_deletes_only_state_files_it_wrote(tmp_path):
 
     p = tmp_path / "0.png"
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(p)
-    mine = tmp_path / "r.state-rankings-of-2024.npz"
+    mine = tmp_path / "r.json.state-rankings-of-2024.npz"
     mine.write_bytes(b"MY DATA")
     evaluate(lambda im: np.zeros(im.shape[:2], np.int64), [Sample(p, np.zeros((4, 4), np.uint8), "0")], 2,
              result_json=tmp_path / "r.json", progress=False, resume=False)

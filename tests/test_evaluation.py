@@ -358,7 +358,7 @@ def test_resume_after_exception_gives_the_same_numbers(tmp_path):
     with pytest.raises(Interrupt):
         evaluate(counting_predict(N_CITY, calls, 3), city_dataset(tmp_path), result_json=out, save_every=100)
     assert len(calls) == 3 and not out.exists()
-    state = tmp_path / "run.state-rank0of1.npz"
+    state = tmp_path / "run.json.state-rank0of1.npz"
     with np.load(state) as data:
         assert data["done"].tolist() == [0, 1, 2]
         np.testing.assert_array_equal(data["confusion"], hand_expected(pairs[:3]))
@@ -390,17 +390,17 @@ def test_resume_refuses_another_config_and_no_resume_starts_over(tmp_path):
         evaluate(fake_predict(N_CITY), city_dataset(tmp_path), result_json=out, config={"refine": True}, limit=3)
     import shutil
 
-    shutil.copy(tmp_path / "run.state-rank0of1.npz", tmp_path / "run.state-rank1of2.npz")  # (as 2 processes left)
-    (tmp_path / "run.state-rankings-of-2024.npz").write_bytes(b"a file of the user's")  # not ours: never deleted
-    (tmp_path / "run.state-rank0of3.npz").write_bytes(b"")  # (an empty file of that name is no state either)
+    shutil.copy(tmp_path / "run.json.state-rank0of1.npz", tmp_path / "run.json.state-rank1of2.npz")  # (2 processes)
+    (tmp_path / "run.json.state-rankings-of-2024.npz").write_bytes(b"a file of the user's")  # not ours: never deleted
+    (tmp_path / "run.json.state-rank0of3.npz").write_bytes(b"")  # (an empty file of that name is no state either)
     with pytest.raises(ValueError, match="another number of processes"):
         evaluate(fake_predict(N_CITY), city_dataset(tmp_path), result_json=out, config={"refine": True})
     calls.clear()
     evaluate(counting_predict(N_CITY, calls), city_dataset(tmp_path), result_json=out, resume=False, progress=False)
     assert len(calls) == 4
-    assert not (tmp_path / "run.state-rank1of2.npz").exists()
-    assert (tmp_path / "run.state-rankings-of-2024.npz").read_bytes() == b"a file of the user's"
-    assert (tmp_path / "run.state-rank0of3.npz").exists()
+    assert not (tmp_path / "run.json.state-rank1of2.npz").exists()
+    assert (tmp_path / "run.json.state-rankings-of-2024.npz").read_bytes() == b"a file of the user's"
+    assert (tmp_path / "run.json.state-rank0of3.npz").exists()
 
 
 @pytest.mark.filterwarnings(NOT_OFFICIAL)
@@ -411,7 +411,7 @@ def test_a_damaged_resume_state_starts_over(tmp_path, damage, capsys):
     out = tmp_path / "run.json"
     with pytest.raises(Interrupt):
         evaluate(counting_predict(N_CITY, [], 2), city_dataset(tmp_path), result_json=out, save_every=100)
-    state = tmp_path / "run.state-rank0of1.npz"
+    state = tmp_path / "run.json.state-rank0of1.npz"
     if damage == "truncated":  # its central directory lost; its first member, the meta, still whole
         state.write_bytes(state.read_bytes()[:-100])
     elif damage == "cut_before_its_meta":  # nothing left proves it ours: left for the user to move away
@@ -471,7 +471,7 @@ def test_resume_after_hard_kill_uses_the_periodic_state(tmp_path):
     cmd = [sys.executable, str(script), str(tmp_path), str(out)]
     killed = subprocess.run([*cmd, "3"], env=env, capture_output=True, text=True, timeout=120)
     assert killed.returncode == 17, killed.stderr
-    with np.load(tmp_path / "k.state-rank0of1.npz") as data:
+    with np.load(tmp_path / "k.json.state-rank0of1.npz") as data:
         assert data["done"].tolist() == [0, 1]  # saved after 2 images; the 3rd was lost with the process
     done = subprocess.run([*cmd, "99"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -528,7 +528,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
         assert (seen["rank"], seen["world"], seen["device"]) == (rank, 2, "cpu")
         assert seen["seen"] == sums[rank::2]  # rank r takes images r, r+2, r+4
         assert seen["mIoU"] == r1["mIoU"]  # every rank gets the all-reduced result
-    assert (tmp_path / "two.state-rank0of2.npz").is_file() and (tmp_path / "two.state-rank1of2.npz").is_file()
+    assert (tmp_path / "two.json.state-rank0of2.npz").is_file() and (tmp_path / "two.json.state-rank1of2.npz").is_file()
 
 
 # ------------------------------------------------------------------------------------------- CLI / distributed
@@ -654,3 +654,145 @@ def test_the_result_says_whether_the_split_is_the_official_one_and_where_its_dat
     whole.official = True  # (as a folder holding the published split's number of images is)
     assert evaluate(fake_predict(N_CITY), whole, progress=False)["official_split"] is True
     assert evaluate(fake_predict(N_CITY), whole, limit=1, progress=False)["official_split"] is False  # part of it
+
+
+def make_voc(data_root: Path, labels: list[np.ndarray]) -> list[tuple[Path, Path]]:
+    """A tiny VOC2012 val set (JPEG images, palette label PNGs, its split file); (image, label) paths."""
+    voc = data_root / "VOCdevkit/VOC2012"
+    rng = np.random.default_rng(2)
+    pairs = []
+    for k, label in enumerate(labels):
+        img, lab = voc / "JPEGImages" / f"2007_{k:06d}.jpg", voc / "SegmentationClass" / f"2007_{k:06d}.png"
+        write_image(img, rng.integers(0, 256, size=(*label.shape, 3), dtype=np.uint8))
+        write_label(lab, label, palette=True)
+        pairs.append((img, lab))
+    (voc / "ImageSets/Segmentation").mkdir(parents=True, exist_ok=True)
+    (voc / "ImageSets/Segmentation/val.txt").write_text("".join(f"{img.stem}\n" for img, _ in pairs))
+    return pairs
+
+
+@pytest.mark.filterwarnings(NOT_OFFICIAL)
+def test_a_kept_state_serves_only_its_own_run_and_says_so(tmp_path, capsys):
+    """A finished run's state answered a rerun after its label maps changed (the old numbers, exit 0, not a word),
+    and `r.txt` took `r.json`'s state (both named by the stem)."""
+    import shutil
+
+    pairs = make_cityscapes(tmp_path / "a", 3)
+    out = tmp_path / "r.json"
+    first = evaluate(fake_predict(N_CITY), city_dataset(tmp_path / "a"), result_json=out, progress=False)
+    capsys.readouterr()
+    calls: list[int] = []
+    again = evaluate(counting_predict(N_CITY, calls), city_dataset(tmp_path / "a"), result_json=out, progress=False)
+    assert calls == [] and again["confusion_matrix"] == first["confusion_matrix"]
+    assert "resumed: 3 of the 3 images from" in capsys.readouterr().err
+    evaluate(counting_predict(N_CITY, calls), city_dataset(tmp_path / "a"), result_json=tmp_path / "r.txt",
+             progress=False)
+    assert len(calls) == 3  # its own state, not r.json's
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(ValueError, match=r"a different run \(--data-root, "):
+        evaluate(fake_predict(N_CITY), city_dataset(tmp_path / "b"), result_json=out, progress=False)
+    write_label(pairs[1][1], np.zeros(np.array(Image.open(pairs[1][1])).shape, np.uint8))
+    with pytest.raises(ValueError, match=r"image or label files \(sizes or modification times\) differ"):
+        evaluate(fake_predict(N_CITY), city_dataset(tmp_path / "a"), result_json=out, progress=False)
+    fresh = evaluate(fake_predict(N_CITY), city_dataset(tmp_path / "a"), result_json=out, resume=False,
+                     progress=False)
+    np.testing.assert_array_equal(np.array(fresh["confusion_matrix"]), hand_expected(pairs))
+    assert fresh["confusion_matrix"] != first["confusion_matrix"]
+
+
+@pytest.mark.filterwarnings(NOT_OFFICIAL)
+def test_a_smaller_limit_leaves_a_longer_runs_state_alone(tmp_path):
+    """--limit 1 after three of four images were done called the state damaged and wrote over it: the three were
+    lost, and the full command then refused the new state."""
+    pairs = make_cityscapes(tmp_path, 4)
+    out = tmp_path / "run.json"
+    with pytest.raises(Interrupt):
+        evaluate(counting_predict(N_CITY, [], 3), city_dataset(tmp_path), result_json=out, save_every=100)
+    state = tmp_path / "run.json.state-rank0of1.npz"
+    kept = state.read_bytes()
+    with pytest.raises(ValueError, match=r"num_images \(--limit\) differ"):
+        evaluate(fake_predict(N_CITY), city_dataset(tmp_path), result_json=out, limit=1, progress=False)
+    assert state.read_bytes() == kept
+    calls: list[int] = []
+    result = evaluate(counting_predict(N_CITY, calls), city_dataset(tmp_path), result_json=out, progress=False)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(np.array(result["confusion_matrix"]), hand_expected(pairs))
+
+
+@pytest.mark.filterwarnings(NOT_OFFICIAL)
+def test_no_labelled_pixel_is_an_error_not_nan_metrics(tmp_path):
+    """Every label ignored (255, or 0 under reduce_zero_label) gave mIoU NaN, null in the JSON, and exit 0."""
+    pairs = make_cityscapes(tmp_path / "city", 2)
+    for _, lab in pairs:
+        write_label(lab, np.full(np.array(Image.open(lab)).shape, 255, np.uint8))
+    with pytest.raises(ValueError, match="no labelled pixel in the 2 label maps") as e:
+        evaluate(fake_predict(N_CITY), city_dataset(tmp_path / "city"), progress=False)
+    assert "reduce_zero_label" not in str(e.value)
+    make_voc(tmp_path / "voc", [np.zeros((6, 8), np.uint8)] * 2)
+    with pytest.raises(ValueError, match="no labelled pixel.*or 0 under this preset's reduce_zero_label"):
+        evaluate(fake_predict(20), build_dataset("voc20", tmp_path / "voc"), progress=False)
+    make_voc(tmp_path / "voc1", [np.zeros((6, 8), np.uint8), np.full((6, 8), 3, np.uint8)])  # one labelled image
+    assert evaluate(fake_predict(20), build_dataset("voc20", tmp_path / "voc1"), progress=False)["aAcc"] is not None
+
+
+@pytest.mark.filterwarnings(NOT_OFFICIAL)
+def test_damaged_images_labels_and_split_files_are_named(tmp_path):
+    """A cut JPEG was scored as the grey OpenCV fills it with (exit 0); a cut or damaged label PNG and a split
+    file that is not UTF-8 gave errors that named no file; a byte-order mark became part of the first name."""
+    labels = [np.full((16, 16), k, np.uint8) for k in (1, 2)]
+    pairs = make_voc(tmp_path, labels)
+    split = tmp_path / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"
+    split.write_bytes(b"\xef\xbb\xbf" + split.read_bytes())
+    assert build_dataset("voc21", tmp_path).names == [img.stem for img, _ in pairs]
+    image, label = pairs[1]
+    whole = image.read_bytes()
+    image.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=f"{image.name}.*does not decode completely"):
+        evaluate(fake_predict(21), build_dataset("voc21", tmp_path), progress=False)
+    image.write_bytes(whole)
+    png = bytearray(label.read_bytes())
+    idat = png.index(b"IDAT")
+    png[idat + 6] ^= 0xFF  # a byte inside the image data: its chunk's CRC no longer matches
+    label.write_bytes(bytes(png))
+    with pytest.raises(ValueError, match=f"{label.name}.*a label map: extract or convert it again"):
+        evaluate(fake_predict(21), build_dataset("voc21", tmp_path), progress=False)
+    label.write_bytes(bytes(png[:40]))
+    with pytest.raises(ValueError, match=f"{label.name}"):
+        evaluate(fake_predict(21), build_dataset("voc21", tmp_path), progress=False)
+    split.write_bytes(b"2007_000000\n\xe9t\xe9\n")
+    with pytest.raises(ValueError, match=f"split file {split} is not UTF-8 text"):
+        build_dataset("voc21", tmp_path)
+
+
+@pytest.mark.filterwarnings(NOT_OFFICIAL)
+def test_sigterm_saves_the_images_done_and_ends_the_command_with_143(tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM ended the process at once: the images done since the last periodic save were lost."""
+    import signal
+
+    from trident_core import cli
+
+    make_cityscapes(tmp_path, 4)
+    out = tmp_path / "run.json"
+    calls: list[int] = []
+    inner = counting_predict(N_CITY, calls)
+
+    def predict(rgb: np.ndarray) -> np.ndarray:
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return inner(rgb)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(cli.Terminated), cli._sigterm_as_interrupt():
+        evaluate(predict, city_dataset(tmp_path), result_json=out, save_every=100, progress=False)
+    assert signal.getsignal(signal.SIGTERM) is before
+    with np.load(tmp_path / "run.json.state-rank0of1.npz") as data:
+        assert data["done"].tolist() == [0, 1]
+
+    def killed(_args: argparse.Namespace) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt the command")
+
+    monkeypatch.setattr(cli, "cmd_eval", killed)
+    assert cli.main(["eval", "--preset", "voc21", "--data-root", str(tmp_path), "--out", str(out)]) == 143
+    assert "terminated (SIGTERM): the images done are kept" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -7,7 +7,9 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -416,20 +418,44 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--min-area must be a whole number of pixels >= 1, not {args.min_area}")
     if args.command == "segment" and args.max_objects < 1:
         ap.error(f"--max-objects must be a whole number >= 1, not {args.max_objects}")
+    with _sigterm_as_interrupt():
+        try:
+            return args.func(args)
+        except (ValueError, OSError, RuntimeError) as e:  # a write error too (a full disk): one line, no traceback
+            _log(f"error: {e}")
+            _finish_distributed()
+            return 2
+        except KeyboardInterrupt as e:
+            how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            if args.command == "eval":
+                _log(f"{how}: " + ("the images done are kept in the resume state beside --out; run the same "
+                                   "command again to go on" if args.out else "nothing is kept without --out"))
+            else:
+                _log(f"{how}: the outputs already complete are kept; run the same command again to go on (a clip "
+                     "starts again from its first frame)")
+            return 143 if isinstance(e, Terminated) else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or torchrun ending the job) met as Ctrl+C is: what is done is saved on the way out."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread while a command runs (its default ends the process at once,
+    skipping every `finally`: an evaluation lost the images done since its last periodic save)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(_signum: int, _frame: object) -> None:
+        raise Terminated
+
+    before = signal.signal(signal.SIGTERM, terminate)
     try:
-        return args.func(args)
-    except (ValueError, OSError, RuntimeError) as e:  # a write error too (a full disk): one line, not a traceback
-        _log(f"error: {e}")
-        _finish_distributed()
-        return 2
-    except KeyboardInterrupt:
-        if args.command == "eval":
-            _log("interrupted: " + ("the images done are kept in the resume state beside --out; run the same "
-                                    "command again to go on" if args.out else "nothing is kept without --out"))
-        else:
-            _log("interrupted: the outputs already complete are kept; run the same command again to go on (a clip "
-                 "starts again from its first frame)")
-        return 130
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def run() -> NoReturn:

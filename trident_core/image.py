@@ -135,7 +135,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR) if os.path.isfile(path) and _utf8(str(path)) else None
     finally:
         cv2.utils.logging.setLogLevel(level)
-    _check_complete(path)
+    check_complete(path)
     if bgr is not None:
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     from PIL import Image, ImageOps
@@ -181,7 +181,7 @@ def _truncation_is_an_error() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
-def _check_complete(path: str | os.PathLike) -> None:
+def check_complete(path: str | os.PathLike) -> None:
     """Refuse a file whose data ends early or fails its checksums, which OpenCV's JPEG reader fills in with grey and
     PIL's PNG decoder does not check: every PNG chunk's CRC, and a JPEG decoded at 1/8 scale (which reads every
     coefficient yet costs a fraction of a full decode) must reach its end. Other formats fail to decode when cut

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, overload
 
-import cv2
 import numpy as np
 from PIL import Image
 
+from ..image import ImageError, check_complete, read_image
 from . import dataset_classes
 from .metrics import IGNORE_INDEX
 
@@ -103,8 +103,14 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
 def load_label(path: str | os.PathLike[str], reduce_zero: bool = False, sixteen_bit: bool = False) -> np.ndarray:
     """Read a label map as mmseg does (PIL, unchanged: palette PNGs give their indices) into HxW uint8, or uint16
     for the 16-bit TIFF layouts (as the reference's MyLoadAnnotations)."""
-    with Image.open(path) as img:
-        label = np.array(img)
+    try:
+        check_complete(path)  # (a PNG's chunks by their CRCs: PIL decodes a damaged one without a word)
+        with Image.open(path) as img:
+            label = np.array(img)
+    except ImageError as e:  # (it names the file and says what is wrong with it)
+        raise ValueError(f"{e}; a label map: extract or convert it again") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot read this label map ({e}): extract or convert it again") from e
     if label.ndim != 2:
         raise ValueError(f"{path}: label map must be single-channel (class indices), got shape {label.shape}")
     if sixteen_bit:
@@ -119,11 +125,9 @@ def load_label(path: str | os.PathLike[str], reduce_zero: bool = False, sixteen_
 
 
 def load_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image as mmcv does (cv2, 3-channel colour, BGR) and return it as HxWx3 uint8 RGB."""
-    bgr = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise FileNotFoundError(f"cannot read image {path}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    """Read an image as mmcv does (OpenCV, 3-channel colour, EXIF orientation applied) and return it as HxWx3
+    uint8 RGB; a file cut short or damaged is refused, naming it (OpenCV fills a cut JPEG in with grey)."""
+    return read_image(path)
 
 
 class SegDataset(Sequence[Sample]):
@@ -215,7 +219,12 @@ def _read_split(path: Path) -> list[str]:
     """Image names listed in a split file, one per line (blank lines skipped)."""
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} is missing")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is no part of the first name)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"split file {path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8, "
+                         "one image name per line") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise ValueError(f"split file {path} lists no images")
     return names

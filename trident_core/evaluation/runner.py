@@ -50,8 +50,9 @@ def evaluate(
 
     ``num_classes``/``class_names`` default to the dataset's when it is a :class:`SegDataset`. ``limit`` keeps
     the first images only. With ``result_json`` rank 0 writes the result there, and every rank keeps a state file
-    ``<stem>.state-rank<r>of<W>.npz`` beside it that ``resume`` continues from; ``config`` (JSON-able settings
-    of the segmenter) is stored in both, and a state written under another config or image list is refused;
+    ``<name>.state-rank<r>of<W>.npz`` beside it that ``resume`` continues from (a finished run's too: its rerun
+    prints the result again, saying so); ``config`` (JSON-able settings of the segmenter) is stored in both, and a
+    state written under another config, image list or dataset (its folder, its files' sizes and times) is refused;
     ``about`` (JSON-able, e.g. the model files' paths) is written into the result only.
     Rank and world size come from ``torch.distributed`` when it is initialised. Every rank returns the result.
     """
@@ -77,6 +78,8 @@ def evaluate(
         "num_images": total,
         "world_size": world,
         "images_sha1": hashlib.sha1("\n".join(seg.names[:total]).encode()).hexdigest() if seg else None,
+        "data_root": str(seg.root) if seg else None,
+        "files_sha1": _files_digest([*seg.image_paths[:total], *seg.label_paths[:total]]) if seg else None,
         "config": json.dumps(config, sort_keys=True),
     }
 
@@ -91,6 +94,10 @@ def evaluate(
     predict_s = 0.0
     if state and resume:
         tally, predict_s = state.load(empty)
+        if tally[1]:
+            print(f"resumed: {len(tally[1])} of the {len(range(rank, total, world))} images"
+                  + (f" of rank {rank}/{world}" if world > 1 else "")
+                  + f" from {state.path} (--no-resume evaluates them again)", file=sys.stderr, flush=True)
     elif state:
         state.discard()
     mine = range(rank, total, world)
@@ -128,6 +135,10 @@ def evaluate(
     wall = float(all_reduce(np.array([wall], np.float64), op="max")[0])
     if int(n_done) != total:
         raise RuntimeError(f"ranks report {int(n_done)} images done, expected {total}")
+    if not conf.any():  # (every metric would be NaN: no number to report)
+        raise ValueError(f"no labelled pixel in the {total} label maps (every value is the ignored {ignore_index}"
+                         + (", or 0 under this preset's reduce_zero_label" if seg and seg.preset.reduce_zero_label
+                            else "") + "): check the label files and --preset")
 
     metrics = compute_metrics(conf)
     result: dict[str, Any] = {
@@ -185,7 +196,8 @@ def _is_result(path: Path) -> bool:
 
 
 class _State:
-    """One rank's resumable progress, kept in ``<stem>.state-rank<r>of<W>.npz`` beside the result JSON."""
+    """One rank's resumable progress, kept in ``<name>.state-rank<r>of<W>.npz`` beside the result JSON (its whole
+    name: ``r.json`` and ``r.txt`` keep separate states)."""
 
     def __init__(self, out: Path, rank: int, world: int, meta: dict[str, Any]) -> None:
         self.out, self.rank, self.world, self.meta = out, rank, world, meta
@@ -194,12 +206,12 @@ class _State:
     @staticmethod
     def path_of(out: Path, rank: int, world: int) -> Path:
         """Where rank `rank` of `world` keeps its state for the result file `out`."""
-        return out.with_name(f"{out.stem}.state-rank{rank}of{world}.npz")
+        return out.with_name(f"{out.name}.state-rank{rank}of{world}.npz")
 
     def _others(self) -> list[Path]:
         """State files of ``out`` written by runs with another number of processes (files of that name pattern
         that are not such a state, e.g. a user's, are not ours and are left alone)."""
-        pattern = re.compile(rf"{re.escape(self.out.stem)}\.state-rank\d+of(\d+)\.npz")
+        pattern = re.compile(rf"{re.escape(self.out.name)}\.state-rank\d+of(\d+)\.npz")
         return [p for p in self.out.parent.iterdir() if (m := pattern.fullmatch(p.name)) and int(m[1]) != self.world
                 and _is_state(p)]
 
@@ -227,9 +239,13 @@ class _State:
             diff[diff.index("config")] = f"config: {', '.join(keys)}"
         if diff:
             raise ValueError(
-                f"resume state {self.path} is from a different run ({', '.join(diff)} differ); "
-                "rerun with the same arguments, or pass --no-resume to start over"
+                f"resume state {self.path} is from a different run ({', '.join(_DIFFERENCES.get(k, k) for k in diff)}"
+                " differ); rerun with the same arguments, or pass --no-resume to start over"
             )
+        if any(i >= self.meta["num_images"] for i in done):  # (the same run's meta, yet images beyond its count)
+            print(f"resume state {self.path} is damaged (it lists images beyond the run's {self.meta['num_images']});"
+                  " starting over", file=sys.stderr, flush=True)
+            return (empty, ()), 0.0
         return (confusion, done), predict_s
 
     def _read(self, empty: np.ndarray) -> tuple[dict, np.ndarray, tuple[int, ...], float]:
@@ -243,9 +259,8 @@ class _State:
             raise ValueError("its settings are not a JSON object")
         if confusion.shape != empty.shape or confusion.dtype.kind not in "iu" or (confusion < 0).any():
             raise ValueError("its confusion matrix is not counts of the expected size")
-        count = self.meta.get("num_images")
         if (done.ndim != 1 or done.dtype.kind not in "iu" or len(np.unique(done)) != len(done) or (done < 0).any()
-                or (isinstance(count, int) and (done >= count).any()) or (done % self.world != self.rank).any()):
+                or (done % self.world != self.rank).any()):  # (its range is checked once its run is known the same)
             raise ValueError("its list of images done is not this process's share")
         if predict_s.shape != () or not np.isfinite(predict_s) or predict_s < 0:
             raise ValueError("its timing is not a duration")
@@ -301,6 +316,20 @@ def _ours_cut_short(path: Path) -> bool:
     except jsonfile.JsonFileError:
         return False
     return isinstance(saved, dict) and {"preset", "config", "images_sha1"} <= saved.keys()
+
+
+_DIFFERENCES = {"images_sha1": "image list", "num_images": "num_images (--limit)", "data_root": "--data-root",
+                "files_sha1": "image or label files (sizes or modification times)"}
+
+
+def _files_digest(paths: Sequence[Path]) -> str:
+    """SHA-1 of the files' names, sizes and modification times: a label map or image replaced since a state was
+    written makes it another run's (reading every file's bytes would take minutes on a dataset)."""
+    h = hashlib.sha1()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _config(text: object) -> dict:
