@@ -197,3 +197,31 @@ def test_sam_tiles_are_checked_when_the_config_is_built():
         AggregateConfig(sam_tiles="two")
     with pytest.raises(ValueError, match="9x1: each of rows and cols must be 1..8"):
         AggregateConfig(sam_tiles="9x1")
+
+
+def test_parameters_are_checked_by_type_where_they_enter():
+    """From a review of the library: "False" for refine turned the refinement on; 64.0 for window passed, then
+    crashed inside segment; NumPy's scalars (a parameter sweep) were called out of range; sam_tiles=2 and
+    Params(windows={...}) ended in AttributeErrors; a list of dilations made Params unhashable."""
+    from trident_core.config import Params
+
+    p = Params().update(short_side=np.int64(448), window=64.0, stride=np.float32(32), prob_thd=np.float32(0.25),
+                        refine=np.bool_(True), pamr_steps=np.int32(2), pamr_dilations=[1, 2])
+    assert (p.windows.short_side, p.windows.window, p.windows.stride) == (448, 64, 32)
+    assert all(type(v) is int for v in (p.windows.short_side, p.windows.window, p.windows.stride,
+                                        p.classification.pamr_steps))
+    assert type(p.classification.prob_thd) is float and p.classification.prob_thd == 0.25
+    assert p.refine is True and p.classification.pamr_dilations == (1, 2) and hash(p) == hash(dataclasses.replace(p))
+    for flat, message in (({"refine": "False"}, "refine must be True or False, not 'False'"),
+                          ({"refine": 1}, "refine must be True or False"),
+                          ({"refine_neg_cos": "no"}, "refine_neg_cos must be True or False"),
+                          ({"short_side": "448"}, "short_side='448' is not a number: expected a whole number"),
+                          ({"prob_thd": torch.tensor(0.2)}, r"prob_thd=tensor\(0.2000\) is not a number"),
+                          ({"window": 64.5}, "window=64.5 is out of range: expected a whole number"),
+                          ({"window": 4096}, "window=4096 is out of range: expected a whole number from 32 to 1024"),
+                          ({"window": 50}, r"stride=224 is out of range.*\(the window, 50\)"),
+                          ({"sam_tiles": 2}, "sam_tiles must be text such as 1x1")):
+        with pytest.raises(ValueError, match=message):
+            Params().update(**flat)
+    with pytest.raises(TypeError, match=r"Params\(windows=...\) takes a WindowConfig, not dict"):
+        Params(windows={"short_side": 448})

@@ -172,3 +172,27 @@ def test_16_bit_and_float_images_given_as_objects_read_as_their_files_do(tmp_pat
     for bad in (np.full((4, 4), 300, np.int32), np.full((4, 4), -5, np.int16), np.full((4, 4), 0.5 + 0j)):
         with pytest.raises(ImageError):
             to_rgb_uint8(bad)
+
+
+def test_wide_pil_modes_and_float_files_read_by_their_values(tmp_path):
+    """From a review of the library: PIL's 32-bit "I" mode was always taken for 16-bit, so an 8-bit picture after
+    convert("I") came out near black; a float TIFF with one sample at 1.05 was read as 0..255 (near black) where
+    the same samples as an array are 0..1; a missing file or a folder was called a damaged file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (12, 18), dtype=np.uint8)
+    want = np.repeat(grey[:, :, None], 3, axis=2)
+    for obj in (Image.fromarray(grey).convert("I"), Image.fromarray(grey.astype(np.int32))):
+        assert obj.mode == "I" and np.array_equal(to_rgb_uint8(obj), want)
+    wide = (grey.astype(np.int32) * 257)  # the same picture in 16-bit samples, held by a 32-bit "I" image
+    assert np.array_equal(to_rgb_uint8(Image.fromarray(wide)), want)
+    values = grey.astype(np.float32) / 255
+    values[0, 0] = 1.05  # a little overshoot (an upscaler's)
+    Image.fromarray(values, mode="F").save(tmp_path / "f.tif")
+    got = to_rgb_uint8(tmp_path / "f.tif")
+    assert np.array_equal(got, to_rgb_uint8(values)) and got[..., 0].mean() > 100
+    with pytest.raises(ImageError, match="no such file"):
+        to_rgb_uint8(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="it is a folder"):
+        to_rgb_uint8(tmp_path)

@@ -16,7 +16,11 @@ from .pamr import Pamr
 @dataclass(frozen=True, eq=False)
 class Segmentation:
     """Labels [H, W] (int64; `UNLABELED` where no class is confident and there is no background class),
-    class probabilities [C, H, W] and the raw cosine on the feature grid [Q, h, w], at the image's size."""
+    class probabilities [C, H, W] and the raw cosine on the feature grid [Q, h, w], at the image's size.
+
+    Never changed once made (ComfyUI hands the same object to later runs), so tensors are shared, not copied: a
+    refined segmentation holds its coarse one's tensors (labels_coarse, probs_coarse, grid_logits), and its labels
+    and probs are those same tensors where SAM kept no mask. Clone a tensor before changing it in place."""
 
     labels: torch.Tensor
     probs: torch.Tensor

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal, get_args
+
+import numpy as np
 
 from .pamr import DEFAULT_DILATIONS, check_pamr
 from .sam_tiles import parse_tiles
@@ -25,14 +28,19 @@ Range = tuple[float, float, bool]  # lowest, highest, whole numbers only
 
 
 def _check_range(config: object, name: str, lo: float, hi: float, whole: bool, why: str = "") -> None:
-    """Refuse a value that would give a meaningless result (a one-pixel image, gaps between windows, NaN)."""
+    """Refuse a value that would give a meaningless result (a one-pixel image, gaps between windows, NaN); keep
+    one that passes as a Python int or float (NumPy's scalars and 64.0 for a whole number are taken as such)."""
     value = getattr(config, name)
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and lo <= value <= hi and (not whole or value == int(value)))
+    kind = "a whole number" if whole else "a number"
+    default = config.__dataclass_fields__[name].default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}={value!r} is not a number: expected {kind} from {lo:g} to {hi:g} (default "
+                         f"{default}).")
+    ok = math.isfinite(value) and lo <= value <= hi and (not whole or value == int(value))
     if not ok:
-        kind = "a whole number" if whole else "a number"
         raise ValueError(f"{name}={value!r} is out of range: expected {kind} from {lo:g} to {hi:g}{why}. "
-                         f"Give a value in that range (default {config.__dataclass_fields__[name].default}).")
+                         f"Give a value in that range (default {default}).")
+    object.__setattr__(config, name, int(value) if whole else float(value))  # (a frozen config: set once, here)
 
 
 def _check_ranges(config: object, ranges: dict[str, Range]) -> None:
@@ -47,6 +55,15 @@ def check_mode(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 
 MIN_SHORT_SIDE = 32  # the smallest short side an image is scaled to (WindowConfig's range)
+MAX_WINDOW = 1024  # the largest window side (the nodes' range too)
+
+
+def check_flag(name: str, value: object) -> bool:
+    """Refuse a switch that is not True or False (the text "False" turned the refinement on); NumPy's bool is
+    taken."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, not {value!r}")
+    return bool(value)
 
 
 @dataclass(frozen=True)
@@ -61,10 +78,12 @@ class WindowConfig:
     beta: float = 1.2
 
     def __post_init__(self) -> None:
-        _check_ranges(self, {"short_side": (MIN_SHORT_SIDE, 8192, True), "long_cap": (32, 16384, True),
-                             "window": (32, 4096, True)})
+        _check_ranges(self, {"short_side": (MIN_SHORT_SIDE, 8192, True), "long_cap": (32, 16384, True)})
+        _check_range(self, "window", 32, MAX_WINDOW, True, " (a window's attention grows with its side to the fourth "
+                     "power: 4096 asked for 17 GB and more)")
         _check_range(self, "stride", 1, self.window, True,
-                     " (the window): a larger stride leaves gaps between windows")
+                     f" (the window, {self.window}): a larger stride leaves gaps between windows; a smaller window "
+                     "needs a stride of at most its side")
         _check_ranges(self, {"gamma": (-1e6, 1e6, False), "beta": (-1e6, 1e6, False)})
 
 
@@ -86,6 +105,10 @@ class AggregateConfig:
     def __post_init__(self) -> None:
         check_mode("paradigm", self.paradigm, PARADIGMS)
         check_mode("correlation", self.correlation, CORRELATIONS)
+        if not isinstance(self.sam_tiles, str):
+            raise ValueError(f"sam_tiles must be text such as {', '.join(SAM_TILE_CHOICES)} or RxC, not "
+                             f"{self.sam_tiles!r}")
+        object.__setattr__(self, "refine_neg_cos", check_flag("refine_neg_cos", self.refine_neg_cos))
         parse_tiles(self.sam_tiles, (1024, 1024))  # its form; whether the image is large enough for it, when used
         _check_range(self, "cos_fac", -1e6, 1e6, False)
 
@@ -114,6 +137,8 @@ class ClassifyConfig:
     def __post_init__(self) -> None:
         _check_ranges(self, {"logit_scale": (1e-6, 1e6, False), "prob_thd": (0, 1, False)})
         check_pamr(self.pamr_steps, self.pamr_dilations)
+        object.__setattr__(self, "pamr_steps", int(self.pamr_steps))
+        object.__setattr__(self, "pamr_dilations", tuple(int(d) for d in self.pamr_dilations))  # (hashable)
 
 
 @dataclass(frozen=True)
@@ -146,6 +171,13 @@ class Params:
     classification: ClassifyConfig = field(default_factory=ClassifyConfig)
     refinement: RefineConfig = field(default_factory=RefineConfig)
     refine: bool = False
+
+    def __post_init__(self) -> None:
+        for stage, cls in STAGES.items():
+            if not isinstance(getattr(self, stage), cls):
+                raise TypeError(f"Params({stage}=...) takes a {cls.__name__}, not {type(getattr(self, stage)).__name__}"
+                                f": build it as Params().update(name=value, ...) or {cls.__name__}(name=value, ...)")
+        object.__setattr__(self, "refine", check_flag("refine", self.refine))
 
     def update(self, **flat: object) -> Params:
         """A copy with parameters changed by their own names (short_side=336, paradigm=..., refine=True), each

@@ -51,9 +51,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {device!r}: Trident runs on cpu, cuda or mps (or auto, which chooses)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available; use device cpu (--device cpu "
+                         "on the command line)")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r} was asked for but MPS is not available; use --device cpu")
+        raise ValueError(f"device {device!r} was asked for but MPS is not available; use device cpu (--device cpu "
+                         "on the command line)")
     return dev
 
 

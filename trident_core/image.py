@@ -36,13 +36,16 @@ def to_rgb_uint8(image: object) -> np.ndarray:
     0..65535) or float 0..1; other integers 0..255).
 
     Gray images are repeated to three channels and an alpha channel is dropped. A batch must be split first."""
-    sixteen = False  # 16-bit samples (a uint16 array, PIL's "I;16" and "I" modes, which 16-bit PNGs open as)
+    sixteen = False  # 16-bit samples (a uint16 array, PIL's "I;16" modes, and its "I" holding values above 255)
     if isinstance(image, (str, os.PathLike)):
         image = read_image(image)
     elif hasattr(image, "convert") and hasattr(image, "mode"):  # PIL
-        sixteen = image.mode.startswith("I")
         # 16-bit and float samples as their values (convert("RGB") clips them to 255: white, or black for 0..1)
-        image = np.asarray(image if sixteen or image.mode == "F" else image.convert("RGB"))
+        mode = image.mode
+        image = np.asarray(image if mode.startswith("I") or mode == "F" else image.convert("RGB"))
+        # "I" is 32-bit: 16-bit PNGs open so in older Pillow, an 8-bit image after convert("I") (divided by 257
+        # it came out near black): its values tell which
+        sixteen = mode.startswith("I;16") or (mode == "I" and image.size > 0 and int(image.max()) > 255)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         if image.is_floating_point():
@@ -126,6 +129,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file as RGB uint8, decoded as the reference does (OpenCV, EXIF orientation applied); PIL (with the
     same orientation handling) for what OpenCV cannot read. A file that does not decode completely (cut short by
     an interrupted download or copy, which OpenCV's JPEG reader fills in with grey) is an ImageError."""
+    if os.path.isdir(path) or not os.path.exists(path):  # (else named a damaged file by the checks below)
+        raise ImageError(f"cannot read image {os.fspath(path)!r}: "
+                         + ("it is a folder" if os.path.isdir(path) else "no such file"))
     if check_header(path) == "F":  # float samples, which OpenCV would cast unscaled
         return _float_samples(path)
     level = cv2.utils.logging.getLogLevel()
@@ -149,8 +155,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 def _float_samples(path: str | os.PathLike) -> np.ndarray:
     """A grey image of float samples (a float TIFF: PIL's mode "F") as RGB uint8, its values 0..1 (or, if any is
-    above 1, 0..255) scaled to 0..255. OpenCV casts such samples to 8 bits unscaled, so a 0..1 image came out
-    black, and NaN or infinite samples as 0 or 255: those are refused."""
+    above FLOAT_PEAK, 0..255: a little overshoot stays 0..1, as for float arrays) scaled to 0..255. OpenCV casts such
+    samples to 8 bits unscaled, so a 0..1 image came out black, and NaN or infinite samples as 0 or 255: those are
+    refused."""
     from PIL import Image, ImageOps
 
     try:
@@ -163,7 +170,7 @@ def _float_samples(path: str | os.PathLike) -> np.ndarray:
     if not np.isfinite(values).all():
         raise ImageError(f"cannot read image {os.fspath(path)!r}: some of its float samples are not numbers (NaN "
                          "or infinite); save it without them")
-    scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+    scale = 255.0 if values.size and values.max() <= FLOAT_PEAK else 1.0
     grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
     return np.repeat(grey[:, :, None], 3, axis=2)
 
