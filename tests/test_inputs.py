@@ -196,3 +196,17 @@ def test_wide_pil_modes_and_float_files_read_by_their_values(tmp_path):
         to_rgb_uint8(tmp_path / "missing.png")
     with pytest.raises(ImageError, match="it is a folder"):
         to_rgb_uint8(tmp_path)
+
+
+def test_no_image_a_bytes_path_and_a_boolean_mask_are_answered_plainly(tmp_path):
+    """None got "expected an image of shape HxW or HxWxC ..., got ()", a path as bytes the same, and a boolean
+    array "unsupported image dtype bool" without saying what to pass."""
+    from PIL import Image
+
+    with pytest.raises(ImageError, match=r"no image given \(None\)"):
+        to_rgb_uint8(None)
+    rgb = np.random.default_rng(3).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    assert np.array_equal(to_rgb_uint8(bytes(tmp_path / "a.png")), rgb)
+    with pytest.raises(ImageError, match=r"dtype bool: give uint8 .* \(a mask: as uint8 0 and 255\)"):
+        to_rgb_uint8(np.zeros((4, 4), bool))

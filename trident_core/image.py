@@ -37,8 +37,10 @@ def to_rgb_uint8(image: object) -> np.ndarray:
 
     Gray images are repeated to three channels and an alpha channel is dropped. A batch must be split first."""
     sixteen = False  # 16-bit samples (a uint16 array, PIL's "I;16" modes, and its "I" holding values above 255)
-    if isinstance(image, (str, os.PathLike)):
-        image = read_image(image)
+    if image is None:
+        raise ImageError("no image given (None): pass a file path, a PIL image, an array or a tensor")
+    if isinstance(image, (str, bytes, os.PathLike)):
+        image = read_image(os.fsdecode(image))
     elif hasattr(image, "convert") and hasattr(image, "mode"):  # PIL
         # 16-bit and float samples as their values (convert("RGB") clips them to 255: white, or black for 0..1)
         mode = image.mode
@@ -67,7 +69,8 @@ def to_rgb_uint8(image: object) -> np.ndarray:
                          "megapixels; downscale it first")
     if arr.dtype != np.uint8:
         if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-            raise ImageError(f"unsupported image dtype {arr.dtype}")
+            raise ImageError(f"unsupported image dtype {arr.dtype}: give uint8 (0..255), uint16 (0..65535) or float "
+                             "(0..1) samples" + (" (a mask: as uint8 0 and 255)" if arr.dtype == bool else ""))
         f = arr.astype(np.float32)
         if not np.isfinite(f).all():
             raise ImageError("the image contains NaN or infinite values")
