@@ -139,7 +139,7 @@ def test_h3_eval_out_onto_a_users_file_is_refused_before_the_models_load(small_c
     assert main(_eval(small_ckpts, root, mine)) == 2
     assert "is not a result Trident's eval wrote" in _errors(capsys)[0]
     assert mine.read_text() == '{"my": "own results"}'
-    state = tmp_path / "r.state-rank0of1.npz"
+    state = tmp_path / "r.json.state-rank0of1.npz"
     state.write_bytes(b"MY DATA")
     assert main(_eval(small_ckpts, root, tmp_path / "r.json")) == 2
     assert "is not a state Trident wrote" in _errors(capsys)[0]
