@@ -115,14 +115,13 @@ class InspectPointAffinity(io.ComfyNode):
         if len(encodings) != len(feature_map):
             raise ValueError(f"the sam_encoding holds {len(encodings)} image(s) but the feature map "
                              f"{len(feature_map)}: connect both outputs of the same Splice & Aggregate")
-        if sam_encoding is None and image is not None and image.shape[0] != len(feature_map):
+        if image is not None and image.shape[0] != len(feature_map):
             raise ValueError(f"{image.shape[0]} image(s) for a feature map of {len(feature_map)}: connect the image "
                              "that was segmented (the whole batch)")
         T.ready(sam)
-        same_batch = image is not None and image.shape[0] == len(feature_map)
 
         def one(b: int, fm: object, enc: object, _progress: object) -> tuple[torch.Tensor, torch.Tensor]:
-            tiles = inspection_encodings(enc, sam.model, to_rgb_uint8(image[b]) if same_batch else None,
+            tiles = inspection_encodings(enc, sam.model, to_rgb_uint8(image[b]) if image is not None else None,
                                          fm.image_size, fm.image_digest)
             point = point_to_pixels(x, y, units, fm.image_size)
             amap = point_affinity(tiles, sam.model, fm.image_size, point, correlation, cos_fac, refine_neg_cos)

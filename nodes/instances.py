@@ -34,13 +34,17 @@ SEG = namedtuple("SEG", ["cropped_image", "cropped_mask", "confidence", "crop_re
 
 
 def _seg(obj: Instance, image: torch.Tensor, size: tuple[int, int], crop_factor: float) -> SEG:
-    """An object as a SEG: the frame (as ComfyUI's IMAGE: 3 channels, float32) and the object's mask (float32
-    numpy, as Impact-Pack keeps it) cut to the crop region."""
+    """An object as a SEG: the frame (as ComfyUI's IMAGE: 3 channels, float32 0..1, a copy: a detailer may paint
+    on it) and the object's mask (float32 numpy, as Impact-Pack keeps it) cut to the crop region."""
     x1, y1, x2, y2 = region = crop_region(obj.box, size, crop_factor)
     mask = paste(region, obj.box, obj.mask.astype("float32"))
-    crop = image[obj.frame:obj.frame + 1, y1:y2, x1:x2, :]
-    crop = crop[..., :3] if crop.shape[-1] >= 3 else crop[..., :1].expand(*crop.shape[:-1], 3)  # alpha, gray
-    return SEG(crop.float().contiguous(), mask, obj.confidence, list(region), obj.box, obj.class_name, None)
+    crop = image[obj.frame, y1:y2, x1:x2, :]
+    if crop.is_floating_point():
+        crop = crop[..., :3] if crop.shape[-1] >= 3 else crop[..., :1].expand(*crop.shape[:-1], 3)  # alpha, gray
+        crop = crop.to(torch.float32, copy=True)
+    else:  # (integer samples: 0..255, or 0..65535 for 16-bit, as every Trident node reads them)
+        crop = torch.from_numpy(to_rgb_uint8(crop)).float() / 255
+    return SEG(crop.unsqueeze(0).contiguous(), mask, obj.confidence, list(region), obj.box, obj.class_name, None)
 
 
 def _video_seg(track: Track, num_frames: int, size: tuple[int, int], crop_factor: float) -> SEG:

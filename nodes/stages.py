@@ -382,7 +382,7 @@ class TridentSegment(io.ComfyNode):
         cl = class_preset(preset_name(preset)).class_list(classes, background)
         params = preset_params(preset).update(refine=refine, sam_tiles=None if sam_tiles == "preset" else sam_tiles,
                                               pamr_steps=pamr_steps)
-        require_sam(sam, params)
+        require_sam(sam, params, "connect one (Trident Load SAM) to the 'sam' input: every preset uses it")
         T.ready(clip, dino, *([sam] if sam else []))
         trident = Trident(clip.model, dino.model, sam.model if sam else None)
         config = params.classification

@@ -46,6 +46,27 @@ def test_typed_classes_are_foreground_with_a_background_preset(preset):
     assert given.classes == (("void", "nothing"), ("person",), ("dog",))
 
 
+@pytest.mark.parametrize("preset", ["voc21", "voc20"])
+def test_a_background_given_with_the_presets_own_list_is_its_class_0(preset):
+    """Empty classes take the preset's list; a background given with them is class 0 (in place of the preset's own
+    background: it was dropped without a word, and voc20 then had no background class at all)."""
+    lines = resources.files("trident_core").joinpath("data", f"cls_{preset}.txt").read_text("utf-8").splitlines()
+    foreground = [tuple(s.strip() for s in line.split(";")) for line in lines if line.strip()]
+    if preset == "voc21":
+        foreground = foreground[1:]
+    cl = get_preset(preset).class_list("", background="ground; soil")
+    assert cl.has_background and cl.classes == (("ground", "soil"), *foreground)
+    with pytest.raises(ClassListError, match="'cat' appears in classes 1 and"):
+        get_preset(preset).class_list(" ", background="cat")
+
+
+def test_invisible_names_are_no_names():
+    """A zero-width space or a byte-order mark alone is no class name (it was an invisible class)."""
+    assert parse_classes("sky, \u200b, grass,\ufeff").classes == (("sky",), ("grass",))
+    with pytest.raises(ClassListError, match="one class"):
+        parse_classes("sky, \u200b")
+
+
 def test_typed_names_leave_the_preset_background():
     """voc21's background synonyms include 'sky' and 'tree': typed as classes, they are classes."""
     cl = get_preset("voc21").class_list("sky, person, tree")

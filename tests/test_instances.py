@@ -176,6 +176,19 @@ def test_instances_node_crops_are_rgb_float_and_bad_images_are_refused():
             x1, y1, x2, y2 = seg.crop_region
             assert seg.cropped_image.dtype == torch.float32 and seg.cropped_image.shape[-1] == 3
             assert torch.equal(seg.cropped_image, expect[:, y1:y2, x1:x2].float().expand(-1, -1, -1, 3))
+    rgb8 = (rgb * 255).round().to(torch.uint8)  # integer IMAGEs: crops 0..1 as the float ones, not 0..255
+    rgb16 = (rgb8.to(torch.int32) * 257).to(torch.uint16)
+    for image, expect in ((rgb8, rgb8.float() / 255), (rgb16, rgb8.float() / 255)):
+        for seg in run("TridentInstances", segmentation=segs, image=image, classes="", min_area=6,
+                       crop_factor=2.0)[1][1]:
+            x1, y1, x2, y2 = seg.crop_region
+            assert seg.cropped_image.dtype == torch.float32
+            assert torch.allclose(seg.cropped_image, expect[:, y1:y2, x1:x2], atol=1e-6)
+    before = rgb.clone()
+    whole = run("TridentInstances", segmentation=segs, image=rgb, classes="", min_area=6, crop_factor=100.0)[1][1]
+    assert whole[0].crop_region == [0, 0, 40, 32]
+    whole[0].cropped_image.zero_()  # (a detailer painting on its crop leaves ComfyUI's cached IMAGE as it was)
+    assert torch.equal(rgb, before)
     for image, message in ((torch.full((1, 32, 40, 3), float("nan")), "NaN"), (rgb[0], "not an IMAGE batch"),
                            (rgb.permute(0, 3, 1, 2), "not an IMAGE batch"), (rgb[:0], "IMAGE batch of 0")):
         with pytest.raises(ValueError, match=message):

@@ -316,9 +316,18 @@ def test_pamr_input_on_classify_and_segment(chain, loaded, images):
     with pytest.raises(ValueError, match="PAMR needs the image"):
         run("TridentClassify", feature_map=chain["fm"], classes=chain["classes"], logit_scale=40.0, prob_thd=0.0,
             pamr_steps=2)
-    with pytest.raises(ValueError, match="positive integers"):
+    with pytest.raises(ValueError, match="whole numbers from 1 to 256 separated by commas"):
         run("TridentClassify", feature_map=chain["fm"], classes=chain["classes"], logit_scale=40.0, prob_thd=0.0,
             image=images, pamr_steps=2, pamr_dilations="8;16")
+
+
+@pytest.mark.parametrize("dilations,message", [("100000", "from 1 to 256"), ("1,2,3,4,5,6,7,8,9", "1 to 8 whole"),
+                                               ("8;16", "separated by commas")])
+def test_classify_refuses_pamr_dilations_before_the_graph_runs(dilations, message):
+    """ComfyUI asks validate_inputs before any node runs: dilations that execute refuses are refused there (they
+    were met after CLIP, DINO and SAM had run)."""
+    assert node_classes()["TridentClassify"].validate_inputs(pamr_dilations="8,16") is True
+    assert message in node_classes()["TridentClassify"].validate_inputs(pamr_dilations=dilations)
 
 
 def test_classify_guides_pamr_at_the_scale_window_features_used(loaded, images):
@@ -411,9 +420,10 @@ def test_segment_then_splice_needs_no_sam_and_mismatches_are_refused(chain, load
     with pytest.raises(ValueError, match="splice_then_segment paradigm needs a SAM model"):
         run("TridentSpliceAggregate", window_features=chain["wf"], image=images, correlation="affinity",
             paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
-    with pytest.raises(ValueError, match="SAM refinement needs a SAM model"):
-        run("TridentSegment", image=images, clip=clip, dino=dino, classes=CLASSES, preset="default", refine=True,
-            sam_tiles="preset")
+    for refine in (True, False):  # (what to do on this node: it has no paradigm to choose)
+        with pytest.raises(ValueError, match="needs a SAM model .*connect one \\(Trident Load SAM\\) to the 'sam'"):
+            run("TridentSegment", image=images, clip=clip, dino=dino, classes=CLASSES, preset="default",
+                refine=refine, sam_tiles="preset")
     with pytest.raises(ValueError, match="the image batch has 1 image"):
         run("TridentSpliceAggregate", window_features=chain["wf"], sam=sam, image=images[:1], correlation="affinity",
             paradigm="splice_then_segment", sam_tiles="1x1", cos_fac=1.2, refine_neg_cos=True)
@@ -461,6 +471,7 @@ def test_masks_union_synonyms_invert_and_per_class(chain):
     assert torch.equal(every_class, torch.stack([(s.labels == k).float() for s in segs for k in range(3)]))
     with pytest.raises(core("classes").ClassListError, match="'dog'"):
         run("TridentSegmentationToMasks", segmentation=segs, classes="dog", invert=False)
+    assert segs[0].classes.has_background is False  # (separators alone name no class: the test below has one)
 
 
 def test_masks_of_every_class_leave_out_the_background(chain, loaded):
@@ -469,9 +480,10 @@ def test_masks_of_every_class_leave_out_the_background(chain, loaded):
     (classes,) = run("TridentEncodeClasses", clip=loaded[0], classes="person; astronaut, flag", background="sky")
     (segs,) = run("TridentClassify", feature_map=chain["fm"], classes=classes, logit_scale=40.0, prob_thd=0.0)
     assert segs[0].classes.has_background and segs[0].classes.names == ["sky", "person", "flag"]
-    mask, per_class = run("TridentSegmentationToMasks", segmentation=segs, classes="", invert=False)
-    assert torch.equal(mask, torch.stack([(s.labels >= 1).float() for s in segs]))
-    assert torch.equal(per_class, torch.stack([(s.labels == k).float() for s in segs for k in (1, 2)]))
+    for text in ("", " , ", ";", "\n"):  # (separators alone: the background was a class then, all white)
+        mask, per_class = run("TridentSegmentationToMasks", segmentation=segs, classes=text, invert=False)
+        assert torch.equal(mask, torch.stack([(s.labels >= 1).float() for s in segs]))
+        assert torch.equal(per_class, torch.stack([(s.labels == k).float() for s in segs for k in (1, 2)]))
 
 
 def test_preview_colours_overlay_and_legend(chain, images):
@@ -491,6 +503,9 @@ def test_preview_colours_overlay_and_legend(chain, images):
     assert plain.shape == (2, 64, 192, 3) and torch.equal(plain, plain_over)
     with pytest.raises(ValueError, match="connect the segmented image"):
         run("TridentPreviewSegmentation", segmentation=segs, image=images[:1], alpha=0.5, show_legend=True)
+    for alpha in (float("nan"), float("inf"), -1.0, 3.0, "0.5"):  # (through a link: ComfyUI checks widgets only)
+        with pytest.raises(ValueError, match="alpha must be a number from 0"):
+            run("TridentPreviewSegmentation", segmentation=segs, image=images, alpha=alpha, show_legend=True)
 
 
 def test_inspect_nodes(chain, loaded, images):
@@ -515,6 +530,10 @@ def test_inspect_nodes(chain, loaded, images):
     with pytest.raises(ValueError, match="connect the image"):
         run("TridentInspectPointAffinity", feature_map=stts, sam=sam, x=0.5, y=0.5, units="fraction",
             correlation="affinity", cos_fac=1.2, refine_neg_cos=True)
+    for encodings in (None, [None, None]):  # (with the encodings too, the image's batch is the fault named)
+        with pytest.raises(ValueError, match="1 image\\(s\\) for a feature map of 2"):
+            run("TridentInspectPointAffinity", feature_map=stts, sam=sam, x=0.5, y=0.5, units="fraction",
+                correlation="affinity", cos_fac=1.2, refine_neg_cos=True, image=images[:1], sam_encoding=encodings)
 
 
 def snapshot(obj: object) -> object:

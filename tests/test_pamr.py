@@ -92,7 +92,10 @@ def test_segment_applies_pamr_to_the_logits_before_the_softmax(small_trident, ph
 
 @pytest.mark.parametrize("flags,message", [(["--pamr-steps", "-1"], "pamr_steps must be an integer from 0"),
                                            (["--pamr-steps", "2", "--pamr-dilations", "8,x"], "8,16"),
-                                           (["--pamr-steps", "2", "--pamr-dilations", "0"], "positive")])
+                                           (["--pamr-steps", "2", "--pamr-dilations", "0"], "from 1 to 256"),
+                                           (["--pamr-steps", "2", "--pamr-dilations", "100000"], "from 1 to 256"),
+                                           (["--pamr-steps", "2", "--pamr-dilations", "1,2,3,4,5,6,7,8,9"],
+                                            "1 to 8 whole numbers")])
 def test_bad_pamr_options(flags, message, tmp_path, capsys, photo):
     from PIL import Image
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trident_core.sam_tiles import SamTiling, cuts
+from trident_core.sam_tiles import SamTiling, cuts, parse_tiles
 
 
 def test_cuts_cover_the_length_evenly():
@@ -41,3 +41,15 @@ def test_every_pixel_lands_in_the_tile_whose_box_holds_it():
 def test_too_many_tiles_for_the_image_are_refused():
     with pytest.raises(ValueError, match="too many"):
         SamTiling(1, 4, (40, 40))
+
+
+@pytest.mark.parametrize("size", [(2, 3), (17, 5), (10, 30), (1, 1), (16, 2000), (40, 4000)])
+def test_auto_tiles_fit_small_and_thin_images(size):
+    """"auto" keeps every tile at least 16 pixels each way (a 17x5 image got 3x1 tiles, then a refusal naming a
+    tiling nobody chose); a tiling the image cannot hold says what to choose."""
+    rows, cols = parse_tiles("auto", size)
+    tiling = SamTiling(rows, cols, size)
+    assert all(y2 - y1 >= 16 and x2 - x1 >= 16 for y1, y2, x1, x2 in tiling.boxes())
+    assert (rows, cols) == {(17, 5): (2, 1), (10, 30): (1, 2), (16, 2000): (1, 8), (40, 4000): (1, 8)}.get(size, (1, 1))
+    with pytest.raises(ValueError, match=r"image 2 pixels high and 3 wide: .*use fewer tiles \(1x1 or auto\)"):
+        SamTiling.of("1x2", (2, 3))

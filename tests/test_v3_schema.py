@@ -187,7 +187,7 @@ def test_validate_inputs_refuse_bad_text_before_anything_runs():
     assert segment.validate_inputs(classes=None, preset="default") is True
     classify = nodes["TridentClassify"]
     assert classify.validate_inputs(pamr_dilations="8, 16") is True
-    assert "positive integers" in classify.validate_inputs(pamr_dilations="8;16")
+    assert "whole numbers from 1 to 256" in classify.validate_inputs(pamr_dilations="8;16")
     assert classify.validate_inputs(pamr_dilations="8,16", short_side=0) is True  # (Window Features' own)
     assert classify.validate_inputs(pamr_dilations="8,16", short_side=32) is True
     assert "0 (the one Window Features used) or a short side of at least 32" in classify.validate_inputs(

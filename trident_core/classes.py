@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 UNLABELED = -1
@@ -29,7 +30,7 @@ class ClassList:
     def __post_init__(self) -> None:
         """Refuse a layout that would be read wrongly: ("sky", "grass") was taken for classes s, k, y and g, r, ..."""
         if (not isinstance(self.classes, (tuple, list)) or not self.classes
-                or any(isinstance(c, str) or not c or not all(isinstance(n, str) and n.strip() for n in c)
+                or any(isinstance(c, str) or not c or not all(isinstance(n, str) and _visible(n) for n in c)
                        for c in self.classes)):
             raise ClassListError(f"ClassList takes classes as a tuple of tuples of names, not {self.classes!r}: "
                                  "use parse_classes('sky, grass') or ClassList((('sky',), ('grass', 'lawn')))")
@@ -54,7 +55,12 @@ class ClassList:
 
 
 def _split_synonyms(entry: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in entry.split(";") if s.strip())
+    return tuple(s.strip() for s in entry.split(";") if _visible(s))
+
+
+def _visible(name: str) -> bool:
+    """Whether a name shows anything: not only spaces and invisible characters (a zero-width space, a BOM)."""
+    return any(not unicodedata.category(c).startswith(("Z", "C")) for c in name)
 
 
 def split_typed(text: str) -> list[str]:
@@ -163,7 +169,7 @@ def class_indices(classes: ClassList, text: str) -> list[int]:
     """Indices of the classes named in `text` (commas, line breaks or ';' between names; any synonym, case-insensitive).
 
     An empty text selects every class; a name that is in no class raises ClassListError listing the classes."""
-    wanted = [name_key(n) for n in split_typed(text.replace(";", ",")) if n.strip()]
+    wanted = _wanted(text)
     if not wanted:
         return list(range(len(classes)))
     lookup = {name_key(n): i for i, names in enumerate(classes.classes) for n in names}
@@ -174,8 +180,14 @@ def class_indices(classes: ClassList, text: str) -> list[int]:
     return sorted({lookup[n] for n in wanted})
 
 
+def _wanted(text: str) -> list[str]:
+    """The names in `text` (commas, line breaks or ';' between them), compared by `name_key`."""
+    return [name_key(n) for n in split_typed(text.replace(";", ",")) if _visible(n)]
+
+
 def named_classes(classes: ClassList, text: str) -> list[int]:
-    """Indices of the classes named in `text` (`class_indices`); empty text: every class but the background."""
-    if text.strip():
+    """Indices of the classes named in `text` (`class_indices`); text naming none (empty, or only separators):
+    every class but the background."""
+    if _wanted(text):
         return class_indices(classes, text)
     return list(range(1 if classes.has_background else 0, len(classes)))

@@ -42,8 +42,9 @@ def parse_dilations(text: str) -> tuple[int, ...]:
         dilations = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         dilations = ()
-    if not dilations or min(dilations) < 1:
-        raise ValueError(f"PAMR dilations must be positive integers separated by commas, e.g. 8,16; got {text!r}")
+    if not dilations or len(dilations) > MAX_DILATIONS or not all(1 <= d <= MAX_DILATION for d in dilations):
+        raise ValueError(f"PAMR dilations must be 1 to {MAX_DILATIONS} whole numbers from 1 to {MAX_DILATION} "
+                         f"separated by commas, e.g. 8,16; got {text!r}")
     return dilations
 
 

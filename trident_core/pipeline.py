@@ -163,12 +163,14 @@ def needs_sam(params: Params) -> bool:
     return params.aggregation.uses_sam or params.refine
 
 
-def require_sam(sam: object | None, params: Params) -> None:
-    """One clear line when the parameters need SAM and none was given."""
+SAM_FIX = ("give one, or choose the segment_then_splice paradigm without refinement, which runs without SAM")
+
+
+def require_sam(sam: object | None, params: Params, fix: str = SAM_FIX) -> None:
+    """One clear line when the parameters need SAM and none was given; `fix` says what to do."""
     if sam is None and needs_sam(params):
         what = "SAM refinement" if params.refine else f"the {params.aggregation.paradigm} paradigm"
-        raise ValueError(f"{what} needs a SAM model (e.g. sam_vit_b_01ec64.pth); give one, or choose the "
-                         "segment_then_splice paradigm without refinement, which runs without SAM")
+        raise ValueError(f"{what} needs a SAM model (e.g. sam_vit_b_01ec64.pth); {fix}")
 
 
 def guide_params(params: Params, fm: FeatureMap, short_side: int = 0) -> Params:

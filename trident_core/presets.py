@@ -24,13 +24,21 @@ class Preset:
         `text` is empty. Class 0 is `background` when given, else the preset's background class (voc21,
         context60, coco_object) without the names typed as classes."""
         if not text.strip() and self.class_file:
-            return self.classes()
+            return self._own_classes(background)
         if background and background.strip() or not self.background:
             return parse_classes(text, background or None)
         typed = parse_classes(text, several=False)
         taken = {name_key(n) for n in typed.queries}
         own = tuple(n for n in self.classes().classes[0] if name_key(n) not in taken)
         return ClassList((own, *typed.classes), True) if own else check_several(typed)
+
+    def _own_classes(self, background: str | None) -> ClassList:
+        """The preset's own list; with `background`, that is class 0 in place of the preset's own background."""
+        own = self.classes()
+        if not (background and background.strip()):
+            return own
+        foreground = own.classes[1:] if own.has_background else own.classes
+        return parse_classes(["; ".join(names) for names in foreground], background)
 
     def class_list_from_file(self, path: str, background: str | None = None) -> ClassList:
         """A class file's classes (one per line, commas part of a name). Line 0 is the background when the preset

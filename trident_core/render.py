@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import numbers
 import unicodedata
 
 import numpy as np
@@ -29,7 +30,9 @@ def color_labels(labels: torch.Tensor | np.ndarray, num_classes: int) -> np.ndar
 
 
 def overlay(image: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The image blended with a colour map (uint8)."""
+    """The image blended with a colour map (uint8); `alpha` from 0 (the image) to 1 (the colours)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:  # (NaN: refused)
+        raise ValueError(f"alpha must be a number from 0 (the image only) to 1 (the colours only), not {alpha!r}")
     out = image.astype(np.float32) * (1 - alpha) + colors.astype(np.float32) * alpha
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 

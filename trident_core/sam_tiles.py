@@ -30,6 +30,7 @@ def parse_tiles(spec: str | tuple[int, int], image_size: tuple[int, int]) -> tup
         rows, cols = max(1, round(h / w)), max(1, round(w / h))
         scale = max(1, round(max(h / rows, w / cols) / AUTO_TILE_SIDE))
         rows, cols = min(MAX_TILES, rows * scale), min(MAX_TILES, cols * scale)
+        rows, cols = min(rows, math.ceil(h / PATCH)), min(cols, math.ceil(w / PATCH))  # (a tile: 16 pixels or more)
     else:
         m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", spec)
         if not m:
@@ -56,8 +57,9 @@ class SamTiling:
     def __post_init__(self) -> None:
         h, w = self.padded_size
         if h // self.rows < PATCH or w // self.cols < PATCH:
-            raise ValueError(f"SAM tiles {self.rows}x{self.cols} are too many for a {self.image_size[0]}x"
-                             f"{self.image_size[1]} image")
+            raise ValueError(f"SAM tiles {self.rows}x{self.cols} are too many for an image {self.image_size[0]} "
+                             f"pixels high and {self.image_size[1]} wide: each tile needs {PATCH} pixels or more "
+                             "each way; use fewer tiles (1x1 or auto)")
 
     @classmethod
     def of(cls, spec: str | tuple[int, int], image_size: tuple[int, int]) -> SamTiling:
