@@ -331,6 +331,19 @@ def test_single_image_rerun_without_instances_removes_the_old_objects(small_ckpt
     assert (out / "labels.png").is_file() and (out / "trident.json").is_file()
 
 
+def test_a_rerun_with_the_same_names_as_a_background_redoes_the_images(small_ckpts, photo, tmp_path, capsys):
+    """"wall, sky" and --background wall with "sky" name the same classes, but only the second labels weak pixels
+    as the background: a rerun that changes one into the other took the old outputs as complete."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    root.mkdir()
+    Image.fromarray(photo[:64, :96]).save(root / "p.png")
+    models = _models(small_ckpts)[:-2]
+    assert main(["segment", str(root), *models, "--out", str(out), "--classes", "wall, " + CLASSES]) == 0
+    capsys.readouterr()
+    assert main(["segment", str(root), *models, "--out", str(out), "--classes", CLASSES, "--background", "wall"]) == 0
+    assert "1 segmented" in capsys.readouterr().err
+
+
 def test_npz_arrays_are_written_one_at_a_time_as_numpy_writes_them(tmp_path):
     """write_npz gives what np.savez gives (the same members, dtypes and values), making each array only when it
     is written and dropping it before the next is made (the full-resolution logits are never held beside the rest),

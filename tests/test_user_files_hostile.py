@@ -390,7 +390,7 @@ def test_pamr_dilations_beyond_reason_are_refused_before_the_models_load(small_c
     for dilations in ("100000", ",".join(["2"] * 9)):
         assert main(["segment", str(_image(tmp_path / "a.png")), "--out", str(tmp_path / "o"), *_models(small_ckpts),
                      "--classes", CLASSES, "--pamr-steps", "10", "--pamr-dilations", dilations]) == 2
-        assert "pamr_dilations must be 1 to 8 whole numbers from 1 to 256" in _errors(capsys)[0]
+        assert "dilations must be 1 to 8 whole numbers from 1 to 256" in _errors(capsys)[0]
 
 
 def test_a_rerun_keeps_the_empty_folders_a_user_made_among_the_outputs(small_ckpts, tmp_path, capsys):

@@ -226,8 +226,8 @@ def _settings(tr, classes: ClassList, params) -> dict:
     models = {role: [Path(m.path).name, file_digest(m.path, text_cache_dir())] for role, m in
               (("clip", tr.clip), ("dino", tr.dino), ("sam", tr.sam)) if m is not None}
     return {"format": 1, "classes": classes.names, "queries": list(classes.queries),
-            "params": params.flat(), "models": models, "dtype": str(tr.clip.dtype),
-            "device": tr.clip.device.type}
+            "background": classes.has_background, "params": params.flat(), "models": models,
+            "quick_gelu": tr.clip.quick_gelu, "dtype": str(tr.clip.dtype), "device": tr.clip.device.type}
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -365,7 +365,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # model files (absolute paths), which a resume does not compare.
     models = {"clip": tr.clip.path, "dino": tr.dino.path, **({"sam": tr.sam.path} if tr.sam else {})}
     config = {"params": params.flat(), "classes": [list(c) for c in classes.classes],
-              "background": classes.has_background,
+              "background": classes.has_background, "quick_gelu": tr.clip.quick_gelu,
               **{f"{role}_sha256": file_sha256(path) for role, path in models.items()},
               "precision": str(tr.clip.dtype), "device": tr.clip.device.type}
     # tables use the dataset's own class names (the prompts' first synonyms differ)
