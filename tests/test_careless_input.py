@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -290,6 +291,17 @@ def test_class_files_skip_the_byte_order_mark_and_comment_lines(tmp_path):
     path.write_bytes(b"\xff\xfes\x00k\x00y\x00")  # UTF-16
     with pytest.raises(ValueError, match=f"class file {path} is not UTF-8 text"):
         read_class_file(str(path))
+
+
+@pytest.mark.parametrize("typed", ["my_classes.txt", "lists/classes", "lists\\classes.TXT"])
+def test_a_misspelt_class_file_is_not_taken_for_a_class_name(typed, tmp_path, monkeypatch):
+    """A class file that does not exist was one class named by its path (with voc21, beside the background)."""
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(classes=typed, preset="voc21", background=None)
+    with pytest.raises(ValueError, match=f"--classes {re.escape(typed)}: no such class file; give a text file"):
+        classes_from_args(args)
+    args.classes = "cup/mug, plate"  # names with a slash, typed as a list, stay names
+    assert classes_from_args(args).names[-2:] == ["cup/mug", "plate"]
 
 
 def test_a_lone_frame_or_channels_first_tensor_is_no_image_batch(loaded, images):

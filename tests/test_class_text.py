@@ -169,3 +169,30 @@ def test_a_class_list_built_by_hand_in_another_layout_is_refused(bad):
     with pytest.raises(ClassListError, match="tuple of tuples of names"):
         ClassList(bad)
     assert ClassList((("sky",), ("grass", "lawn"))).queries == ["sky", "grass", "lawn"]
+
+
+def test_names_with_commas_are_selected_whole():
+    """ADE20K's "building, edifice" could not be asked for: its comma split it into two unknown names."""
+    from trident_core.classes import class_indices
+
+    cl = get_preset("ade847").classes()
+    building = next(i for i, c in enumerate(cl.classes) if c[0].startswith("building, edifice"))
+    tree = next(i for i, c in enumerate(cl.classes) if c[0] == "tree")
+    assert class_indices(cl, cl.classes[building][0]) == [building]
+    assert class_indices(cl, f"tree, {cl.classes[building][0].upper().replace(', ', ',')}") == sorted([building, tree])
+    with pytest.raises(ClassListError) as err:
+        class_indices(cl, "building")  # one part of a name is no name
+    message = str(err.value)
+    assert f"{cl.classes[building][0]!r}" in message and "more" in message.splitlines()[-1]
+
+
+@pytest.mark.parametrize("twin", ["ＳＫＹ", "Sky ", "SKY"])
+def test_names_that_read_alike_are_one_name(twin):
+    """A full-width or differently cased name was a second, different class beside "sky"."""
+    with pytest.raises(ClassListError, match="appears in classes 1 and 3"):
+        parse_classes(f"sky, grass, {twin}")
+
+
+def test_composed_and_decomposed_accents_are_one_name():
+    with pytest.raises(ClassListError, match="appears in classes 1 and 2"):
+        parse_classes("caf\u00e9, cafe\u0301")

@@ -161,28 +161,54 @@ def read_class_file(path: str) -> list[str]:
 
 
 def name_key(name: str) -> str:
-    """A name compared case- and spacing-insensitively."""
-    return " ".join(name.lower().split())
+    """A name compared case- and spacing-insensitively, in Unicode's compatibility form: full-width "ｓｋｙ" is "sky",
+    a composed and a decomposed "café" are one name, "Straße" is "strasse"."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
 
 
 def class_indices(classes: ClassList, text: str) -> list[int]:
     """Indices of the classes named in `text` (commas, line breaks or ';' between names; any synonym, case-insensitive).
 
-    An empty text selects every class; a name that is in no class raises ClassListError listing the classes."""
-    wanted = _wanted(text)
+    A name with commas in it (ADE20K's "building, edifice") is taken whole before its parts. An empty text selects
+    every class; a name that is in no class raises ClassListError listing the classes."""
+    lookup = {_comma_key(n): i for i, names in enumerate(classes.classes) for n in names}
+    wanted = _wanted(text, lookup)
     if not wanted:
         return list(range(len(classes)))
-    lookup = {name_key(n): i for i, names in enumerate(classes.classes) for n in names}
     unknown = [n for n in wanted if n not in lookup]
     if unknown:
+        shown = [repr("; ".join(c)) for c in classes.classes[:_LISTED]]
+        more = f" and {len(classes) - _LISTED} more" if len(classes) > _LISTED else ""
         raise ClassListError(f"class name(s) {', '.join(map(repr, unknown))} not in the segmentation's classes: "
-                             f"{', '.join('; '.join(c) for c in classes.classes)}")
+                             f"{', '.join(shown)}{more}")
     return sorted({lookup[n] for n in wanted})
 
 
-def _wanted(text: str) -> list[str]:
-    """The names in `text` (commas, line breaks or ';' between them), compared by `name_key`."""
-    return [name_key(n) for n in split_typed(text.replace(";", ",")) if _visible(n)]
+_LISTED = 40  # classes an unknown-name error lists (ADE20K-Full has 847)
+
+
+def _comma_key(name: str) -> str:
+    """`name_key`, with commas spaced alike ("building,edifice" is "building, edifice")."""
+    return ", ".join(name_key(part) for part in name.split(","))
+
+
+def _wanted(text: str, known: dict[str, int] | None = None) -> list[str]:
+    """The names in `text` (commas, line breaks or ';' between them), compared by `_comma_key`; parts joined by
+    commas that together are a `known` name are that one name (the longest such run first)."""
+    parts: list[tuple[str, str]] = []  # (name, the separator before it)
+    for chunk in re.split(r"[;\r\n]", text):
+        parts += [(p, "," if i else ";") for i, p in enumerate(chunk.split(","))]
+    names, i = [], 0
+    while i < len(parts):
+        j = len(parts)
+        while j > i + 1 and not (all(sep == "," for _, sep in parts[i + 1:j])
+                                 and _comma_key(",".join(p for p, _ in parts[i:j])) in (known or {})):
+            j -= 1
+        joined = ",".join(p for p, _ in parts[i:j])
+        if _visible(joined):
+            names.append(_comma_key(joined))
+        i = j
+    return names
 
 
 def named_classes(classes: ClassList, text: str) -> list[int]:

@@ -214,7 +214,17 @@ def classes_from_args(args: argparse.Namespace) -> ClassList:
     preset = get_preset(args.preset)
     if text and os.path.isfile(text):
         return preset.class_list_from_file(text, args.background)
+    if _names_a_file(text):
+        raise ValueError(f"--classes {text}: no such class file; give a text file with one class per line, or class "
+                         "names separated by commas")
     return preset.class_list(text, args.background)
+
+
+def _names_a_file(text: str) -> bool:
+    """Whether --classes reads as a path rather than names: one entry (no separator) that ends in .txt or holds a
+    path separator. A misspelt class file was taken for one class named by its path."""
+    one_entry = not any(c in text for c in ",;\r\n")
+    return one_entry and (text.lower().endswith(".txt") or "/" in text or "\\" in text)
 
 
 def _settings(tr, classes: ClassList, params) -> dict:
