@@ -63,7 +63,7 @@ def test_the_key_holds_the_clip_content_templates_dtype_and_device(small_ckpts, 
     assert text_cache.cache_file(tmp_path, str(copy), NAMES, tmpl, torch.float32, "cpu", True) != base
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_shape", "nan"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_shape", "nan", "zeroed_tail"])
 def test_a_damaged_cache_file_is_ignored_and_rewritten(small_ckpts, tmp_path, damage):
     want = text.encode_names(_clip(small_ckpts["clip"], tmp_path), NAMES)
     (path,) = tmp_path.glob("*.safetensors")
@@ -71,6 +71,9 @@ def test_a_damaged_cache_file_is_ignored_and_rewritten(small_ckpts, tmp_path, da
         path.write_bytes(path.read_bytes()[:100])
     elif damage == "garbage":
         path.write_bytes(b"\x00" * 64)
+    elif damage == "zeroed_tail":  # (a disk that lost the file's last blocks: the header reads, a row is zeros)
+        data = path.read_bytes()
+        path.write_bytes(data[:-want.shape[1] * 4] + bytes(want.shape[1] * 4))
     else:
         bad = torch.zeros(2, want.shape[1]) if damage == "wrong_shape" else torch.full_like(want, float("nan"))
         text_cache.save(path, NAMES, bad)

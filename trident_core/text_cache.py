@@ -44,10 +44,16 @@ def load(path: Path, names: list[str], dim: int) -> torch.Tensor | None:
         caches.miss("text embeddings", str(path), e)
         return None
     ok = (stored == names and emb.dtype == torch.float32 and tuple(emb.shape) == (len(names), dim)
-          and bool(torch.isfinite(emb).all()))
+          and bool(torch.isfinite(emb).all()) and _unit_rows(emb))
     if not ok:
         caches.miss("text embeddings", str(path), "the file holds other names or damaged values")
     return emb if ok else None
+
+
+def _unit_rows(emb: torch.Tensor) -> bool:
+    """Whether every row has length 1, as every embedding written has (L2-normalised): a zeroed or overwritten
+    stretch of the file is not."""
+    return bool(((emb.norm(dim=-1) - 1).abs() < 1e-3).all())
 
 
 def _metadata(data: bytes) -> dict[str, str]:
