@@ -552,3 +552,22 @@ def test_a_float_tiff_reads_as_its_values_and_one_with_nan_is_refused(tmp_path):
     Image.fromarray(values).save(tmp_path / "nan.tiff")
     with pytest.raises(ImageError, match="not numbers"):
         read_image(tmp_path / "nan.tiff")
+
+
+def test_the_kernel_timings_cache_warning_is_a_warning_line_too(monkeypatch, capsys):
+    """The timings were judged and written after the command's warning handling ended: a cache folder that could
+    not be written printed a bare logging line after the run's summary."""
+    import os
+
+    import trident_core.cli as cli
+    from trident_core import caches
+    from trident_core.kernels import timing
+
+    caches.forget()
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    monkeypatch.setattr(timing, "flush", lambda: caches.miss("kernel timings", "/read-only", "Permission denied"))
+    monkeypatch.setattr(os, "_exit", lambda code: pytest.fail(f"exit {code}") if code else None)
+    cli.run()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["warning: the kernel timings cache (/read-only) cannot be used, the run goes on without it: "
+                     "Permission denied"]

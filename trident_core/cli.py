@@ -474,11 +474,11 @@ def run() -> NoReturn:
     is gone), while tearing down the imported libraries' modules would take most of a second. FFmpeg's own log
     lines are off (a broken video gets our one line only) unless OPENCV_FFMPEG_LOGLEVEL says otherwise."""
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # (AV_LOG_QUIET; read when OpenCV first opens a video)
-    with one_line_warnings():
+    with one_line_warnings():  # (the timings' own warning too: a cache folder it cannot write)
         code = main()
-    timing = sys.modules.get(f"{__package__}.kernels.timing")  # loaded with the models, if they were
-    if timing is not None:
-        timing.flush()  # what was timed last (os._exit runs no exit handlers)
+        timing = sys.modules.get(f"{__package__}.kernels.timing")  # loaded with the models, if they were
+        if timing is not None:
+            timing.flush()  # what was timed last (os._exit runs no exit handlers)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
