@@ -331,6 +331,38 @@ def test_single_image_rerun_without_instances_removes_the_old_objects(small_ckpt
     assert (out / "labels.png").is_file() and (out / "trident.json").is_file()
 
 
+def test_a_users_file_named_instances_is_refused_before_the_models_load(small_ckpts, photo, tmp_path, capsys,
+                                                                        monkeypatch):
+    import trident_core.cli as cli
+
+    image, out = tmp_path / "p.png", tmp_path / "out"
+    Image.fromarray(photo[:64, :96]).save(image)
+    out.mkdir()
+    (out / "instances").write_text("my notes")
+    monkeypatch.setattr(cli, "build_trident", lambda *a: pytest.fail("models loaded"))
+    assert main(["segment", str(image), *_models(small_ckpts), "--out", str(out), "--instances"]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"{out / 'instances'} is not a folder Trident wrote" in errors[0]
+    assert (out / "instances").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("option", [["--min-area", "500"], ["--max-objects", "3"]])
+def test_object_options_without_instances_are_refused_before_the_models_load(option, small_ckpts, photo, tmp_path,
+                                                                              capsys, monkeypatch):
+    """They were silently ignored: a run that asked for big objects only wrote none at all."""
+    import trident_core.cli as cli
+
+    image = tmp_path / "p.png"
+    Image.fromarray(photo[:64, :96]).save(image)
+    monkeypatch.setattr(cli, "build_trident", lambda *a: pytest.fail("models loaded"))
+    with pytest.raises(SystemExit) as exited:  # (argparse's way, as every option it refuses)
+        main(["segment", str(image), *_models(small_ckpts), "--out", str(tmp_path / "o"), *option])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"error: {option[0]} is for --instances (the objects' masks): add --instances" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_rerun_with_the_same_names_as_a_background_redoes_the_images(small_ckpts, photo, tmp_path, capsys):
     """"wall, sky" and --background wall with "sky" name the same classes, but only the second labels weak pixels
     as the background: a rerun that changes one into the other took the old outputs as complete."""

@@ -308,5 +308,5 @@ def test_max_objects_in_the_cli(small_ckpts, photo, tmp_path, cache, capsys):
                  "--max-objects", "2"]) == 0
     assert len(json.loads((out / "instances.json").read_text())) <= 2
     with pytest.raises(SystemExit):
-        main(["segment", str(img), *_models(small_ckpts), "--out", str(out), "--max-objects", "0"])
+        main(["segment", str(img), *_models(small_ckpts), "--out", str(out), "--instances", "--max-objects", "0"])
     assert "--max-objects must be a whole number >= 1" in capsys.readouterr().err

@@ -104,7 +104,7 @@ def check_destinations(jobs: list[ImageJob], dest: Destinations) -> None:
                              f"{dest.out}): choose another --out")
     if dest.flat and dest.out is not None:
         try:
-            check_planned(dest.out, list(dest.planned), dest.protected)
+            check_planned(dest.out, list(dest.planned), dest.protected, (INSTANCES,) if dest.extra else ())
         except OutputConflict as e:
             raise ValueError(f"{e} (the single-image form writes its files directly into --out)") from e
 

@@ -302,12 +302,30 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return EXIT_SKIPPED if unreadable else 0
 
 
+MIN_AREA, MAX_OBJECTS = 64, 256  # --min-area and --max-objects when not given
+
+
+def _instance_options(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
+    """Check --min-area and --max-objects and fill in their defaults; refused without --instances (they were
+    silently ignored)."""
+    given = [flag for flag, value in (("--min-area", args.min_area), ("--max-objects", args.max_objects))
+             if value is not None]
+    if given and args.instances is None:
+        ap.error(f"{given[0]} is for --instances (the objects' masks): add --instances, or leave it out")
+    args.min_area = MIN_AREA if args.min_area is None else args.min_area
+    args.max_objects = MAX_OBJECTS if args.max_objects is None else args.max_objects
+    if args.min_area < 1:
+        ap.error(f"--min-area must be a whole number of pixels >= 1, not {args.min_area}")
+    if args.max_objects < 1:
+        ap.error(f"--max-objects must be a whole number >= 1, not {args.max_objects}")
+
+
 def _instances_writer(args: argparse.Namespace, classes: ClassList):
     """With --instances, the writer of each image's objects (instances/ and instances.json); checked first."""
     if args.instances is None:
         return None
     from .classes import named_classes
-    from .instances import check_max_objects, check_min_area, find_largest_instances, write_instances
+    from .instances import find_largest_instances, write_instances
 
     if not args.out:
         raise ValueError("--instances writes its masks under --out: give --out DIR")
@@ -318,8 +336,7 @@ def _instances_writer(args: argparse.Namespace, classes: ClassList):
             raise ValueError(f"--instances took {args.instances!r} for class names, but it is a file or folder: "
                              "put --instances after the images") from e
         raise
-    min_area = check_min_area(args.min_area)
-    max_objects = check_max_objects(args.max_objects)
+    min_area, max_objects = args.min_area, args.max_objects
 
     def write(seg, image: np.ndarray, folder: Path) -> None:
         objects, dropped = find_largest_instances(seg.labels, wanted, seg.classes.names, min_area, seg.probs,
@@ -405,10 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     seg.add_argument("--instances", nargs="?", const="", metavar="CLASSES",
                      help="also write one mask per object (connected region) of these classes (none given: every "
                           "class but the background) under --out: instances/NNN_<class>.png and instances.json")
-    seg.add_argument("--min-area", type=int, default=64, help="smallest object in pixels (default: %(default)s)")
-    seg.add_argument("--max-objects", type=int, default=256,
-                     help="most objects written per image, the largest (default: %(default)s); a line says how "
-                          "many smaller ones were dropped")
+    seg.add_argument("--min-area", type=int, help=f"with --instances: smallest object in pixels (default: {MIN_AREA})")
+    seg.add_argument("--max-objects", type=int,
+                     help=f"with --instances: most objects written per image, the largest (default: {MAX_OBJECTS}); a "
+                          "line says how many smaller ones were dropped")
     add_model_arguments(seg)
     add_video_arguments(seg)
     seg.set_defaults(func=cmd_segment)
@@ -424,10 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{option.replace('_', '-')} needs a path")
     if args.command == "segment" and not (args.out or args.save_npz):
         ap.error("give --out DIR and/or --save-npz FILE")
-    if args.command == "segment" and args.min_area < 1:
-        ap.error(f"--min-area must be a whole number of pixels >= 1, not {args.min_area}")
-    if args.command == "segment" and args.max_objects < 1:
-        ap.error(f"--max-objects must be a whole number >= 1, not {args.max_objects}")
+    if args.command == "segment":
+        _instance_options(args, ap)
     with _sigterm_as_interrupt():
         try:
             return args.func(args)
