@@ -3,7 +3,7 @@ the parameters the benchmark presets differ in, only while it is chosen."""
 
 from __future__ import annotations
 
-from ..trident_core.config import Params
+from ..trident_core.config import MIN_STRIDE, Params
 from ..trident_core.presets import PRESETS, Preset
 from . import sockets as T
 from .comfy_bridge import io
@@ -23,7 +23,7 @@ def _custom_inputs() -> list:
     return [
         T.short_side_input("The image's short side is scaled to this many pixels first (448; 336-688 in the "
                            "benchmark presets)."),
-        io.Int.Input("stride", default=w.stride, min=16, max=1024, step=16,
+        io.Int.Input("stride", default=w.stride, min=MIN_STRIDE, max=1024, step=16,
                      tooltip="Step between the 336-pixel windows in pixels (224; 112 gives more overlap)."),
         *T.aggregation_inputs("Affinity threshold factor: a token pair counts when its value cosine exceeds "
                               "cos_fac x the row's mean cosine (1.2; 3.0 for Cityscapes).",

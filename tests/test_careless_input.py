@@ -48,7 +48,8 @@ def png(tmp_path, photo) -> Path:
 # ----------------------------------------------------------------------------------------- parameter ranges
 
 @pytest.mark.parametrize(("field", "value", "allowed"), [
-    ("stride", 337, "from 1 to 336"), ("stride", 0, "from 1 to 336"), ("short_side", 0, "from 32 to 8192"),
+    ("stride", 337, "from 16 to 336"), ("stride", 0, "from 16 to 336"), ("stride", 1, "from 16 to 336"),
+    ("short_side", 0, "from 32 to 8192"),
     ("short_side", -448, "from 32 to 8192"), ("short_side", 1, "from 32 to 8192"), ("prob_thd", math.nan, "0 to 1"),
     ("logit_scale", 0.0, "from 1e-06"), ("iou_thresh", 1.5, "from 0 to 1"), ("minimal_area", -1, "from 0"),
 ])
@@ -82,7 +83,7 @@ def test_cli_refuses_meaningless_parameters_in_one_line(small_ckpts, png, tmp_pa
 
 def test_window_features_node_refuses_a_stride_over_the_window(loaded, images):
     clip, dino, _ = loaded
-    with pytest.raises(ValueError, match="stride=400 is out of range.*1 to 336"):
+    with pytest.raises(ValueError, match="stride=400 is out of range.*16 to 336"):
         run("TridentWindowFeatures", image=images, clip=clip, dino=dino, short_side=448, window=336, stride=400)
 
 

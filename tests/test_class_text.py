@@ -196,3 +196,12 @@ def test_names_that_read_alike_are_one_name(twin):
 def test_composed_and_decomposed_accents_are_one_name():
     with pytest.raises(ClassListError, match="appears in classes 1 and 2"):
         parse_classes("caf\u00e9, cafe\u0301")
+
+
+def test_too_many_classes_counts_the_background_and_says_so():
+    names = ", ".join(f"thing {i}" for i in range(1000))
+    assert len(parse_classes(names)) == 1000
+    with pytest.raises(ClassListError, match=r"^1001 classes given \(1000 and the background\); at most 1000"):
+        parse_classes(names, background="wall")
+    with pytest.raises(ClassListError, match=r"^1001 classes given; at most 1000"):
+        parse_classes(names + ", thing 1000")

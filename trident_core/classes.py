@@ -115,7 +115,9 @@ def _class_list(classes: list[tuple[str, ...]], background: tuple[str, ...], uni
     if background:
         classes = [background, *classes]
     if len(classes) > MAX_CLASSES:
-        raise ClassListError(f"{len(classes)} classes given; at most {MAX_CLASSES} are supported")
+        with_bg = f" ({len(classes) - 1} and the background)" if background else ""
+        raise ClassListError(f"{len(classes)} classes given{with_bg}; at most {MAX_CLASSES} are supported, the "
+                             "background counted: name fewer")
     seen: dict[str, int] = {}
     for i, cls in enumerate(classes):
         for name in cls:

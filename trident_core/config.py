@@ -56,6 +56,7 @@ def check_mode(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 MIN_SHORT_SIDE = 32  # the smallest short side an image is scaled to (WindowConfig's range)
 MAX_WINDOW = 1024  # the largest window side (the nodes' range too)
+MIN_STRIDE = 16  # the smallest step between windows (the nodes' range too)
 
 
 def check_flag(name: str, value: object) -> bool:
@@ -81,9 +82,10 @@ class WindowConfig:
         _check_ranges(self, {"short_side": (MIN_SHORT_SIDE, 8192, True), "long_cap": (32, 16384, True)})
         _check_range(self, "window", 32, MAX_WINDOW, True, " (a window's attention grows with its side to the fourth "
                      "power: 4096 asked for 17 GB and more)")
-        _check_range(self, "stride", 1, self.window, True,
-                     f" (the window, {self.window}): a larger stride leaves gaps between windows; a smaller window "
-                     "needs a stride of at most its side")
+        _check_range(self, "stride", MIN_STRIDE, self.window, True,
+                     f" (the window, {self.window}): a larger stride leaves gaps between windows, a smaller window "
+                     f"needs a stride of at most its side, and one under {MIN_STRIDE} (a CLIP patch) only repeats "
+                     "nearly the same windows, thousands of them")
         _check_ranges(self, {"gamma": (-1e6, 1e6, False), "beta": (-1e6, 1e6, False)})
 
 
