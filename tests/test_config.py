@@ -156,6 +156,15 @@ def test_classify_refuses_embeddings_of_another_clip():
     assert classify(_feature_map(), torch.randn(2, 8), cl, ClassifyConfig()).labels.shape == (8, 12)
 
 
+@pytest.mark.parametrize("where", ["features", "text"])
+def test_classify_refuses_nan_features_or_embeddings(where):
+    """Damaged weights (or an fp16 overflow) gave all-NaN probabilities, an unlabelled map and exit 0."""
+    cl, fm, text = parse_classes("sky, grass"), _feature_map(), torch.randn(2, 8)
+    (fm.features if where == "features" else text)[1, 0, ...] = float("inf" if where == "text" else "nan")
+    with pytest.raises(ValueError, match="hold NaN/Inf values: a model file is damaged"):
+        classify(fm, text, cl, ClassifyConfig())
+
+
 def test_no_sam_encoding_and_no_image_is_one_line():
     with pytest.raises(ValueError, match="no SAM encoding .* connect the image"):
         inspection_encodings(None, sam=None, image=None, image_size=(8, 12))

@@ -99,6 +99,9 @@ def classify(fm: FeatureMap, text: torch.Tensor, classes: ClassList, config: Cla
     upsampled logits are refined by PAMR before the softmax (as the reference)."""
     check_embeddings(fm, text, classes, text_made_by)
     g = grid_logits(fm, text)
+    if not bool(torch.isfinite(g).all()):  # (never NaN probabilities, all-unlabelled maps or NaN confidences)
+        raise ValueError("the image features or class embeddings hold NaN/Inf values: a model file is damaged "
+                         "(download it again), or half precision overflowed (use precision fp32 or bf16)")
     logits = upsample(g, fm.image_size)
     if pamr is not None and pamr.steps:
         logits = pamr(logits)
