@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import re
@@ -50,7 +51,8 @@ def _is_safetensors(path: Path) -> bool:
     """safetensors files start with an 8-byte little-endian header length and a JSON header ("{")."""
     with open(path, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000
+    size = int.from_bytes(head[:8], "little")
+    return len(head) == 9 and head[8:9] == b"{" and 0 < size < min(100_000_000, path.stat().st_size - 7)
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -120,9 +122,17 @@ def complete(path: str | os.PathLike, what: str) -> Iterator[None]:
     KeyError)."""
     try:
         yield
+    except CheckpointError:
+        raise
     except KeyError as e:
         raise CheckpointError(f"{path}: lacks the tensor {e.args[0]!r} of a {what} checkpoint: is the file complete "
                               "and of a supported architecture? Use the official file") from None
+    except (IndexError, ValueError, TypeError, ZeroDivisionError, RuntimeError, AssertionError) as e:
+        # (a scalar where a matrix belongs, an empty position table, a block named 'blocks.x': shapes that build
+        # no model)
+        raise CheckpointError(f"{path}: its tensors do not make a {what} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else 'bad shapes'}): the file is damaged or of "
+                              "an unsupported architecture; use the official file") from None
 
 
 def _refuse_text(p: Path) -> None:
@@ -145,26 +155,64 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: the file is empty; delete it and download it again")
     _refuse_text(p)
+    return _check_values(_read(p), p)
+
+
+def _read(p: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors by its format (safetensors, TorchScript or a weights-only pickle)."""
     try:
         if _is_safetensors(p):
             from safetensors.torch import load_file
 
             return _unwrap(load_file(str(p), device="cpu"), p)
+        if _cut_short(p):
+            raise EOFError("it ends before its own structure does")
         if _is_torchscript(p):
             return _unwrap(_read_torchscript(p), p)
         return _unwrap(_torch_load(p), p)
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:
+        if "truncated" in str(e) or "ran out of input" in str(e).lower():
+            raise _corrupt(p, e) from e
         raise CheckpointError(
             f"{p}: refused: the file contains pickled Python objects, not just tensors, and is not loaded "
             f"for safety (weights_only=True). Use the official checkpoint file. ({_unpickler_reason(e)})"
         ) from e
     except Exception as e:  # noqa: BLE001 (a damaged file breaks the readers in any way: IndexError, KeyError...)
-        raise CheckpointError(
-            f"{p}: cannot be read; the file is corrupt or truncated (an interrupted download?). "
-            f"Delete it and download it again. ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from e
+        raise _corrupt(p, e) from e
+
+
+def _corrupt(p: Path, e: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{p}: cannot be read; the file is corrupt or truncated (an interrupted download?). "
+        f"Delete it and download it again. ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def _cut_short(p: Path) -> bool:
+    """A file too short for any checkpoint (under 9 bytes), a safetensors header of an impossible length, or a zip
+    (PyTorch's format) without its closing directory: cut short or damaged (they were said to hold pickled
+    objects)."""
+    with open(p, "rb") as f:
+        head = f.read(9)
+    return (len(head) < 9 or head[8:9] == b"{" and not _is_safetensors(p)
+            or head[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(p))
+
+
+def _check_values(sd: dict[str, torch.Tensor], p: Path) -> dict[str, torch.Tensor]:
+    """Refuse sparse, complex and quantised tensors (no weights file holds them) and NaN or Inf values (damaged
+    weights gave all-NaN probabilities and an empty map; an attention mask's -inf are its values); one tensor at a
+    time, no copy of the model."""
+    for name, t in sd.items():
+        if t.layout != torch.strided or t.is_complex() or t.is_quantized:
+            raise CheckpointError(f"{p}: the tensor {name!r} is {t.layout} {t.dtype}, not plain real numbers: not a "
+                                  "model file Trident reads; use the official file")
+        # (the sum is finite exactly when every value is, short of overflowing 3.4e38, which no weight nears;
+        # 6x faster than isfinite().all())
+        if t.is_floating_point() and not name.endswith("attn_mask") and not math.isfinite(t.sum(dtype=torch.float32)):
+            raise CheckpointError(f"{p}: the tensor {name!r} holds NaN/Inf values (the file is damaged): delete it "
+                                  "and download it again")
+    return sd
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -227,8 +227,8 @@ def load_clip(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
         sd.pop(key, None)
     with complete(path, "CLIP"):
         arch, cfg = _clip_config(sd)
-    qg = trained_with_quick_gelu(path, arch) if quick_gelu is None else quick_gelu
-    model = on_meta(lambda: open_clip.CLIP(**cfg, quick_gelu=qg))
+        qg = trained_with_quick_gelu(path, arch) if quick_gelu is None else quick_gelu
+        model = on_meta(lambda: open_clip.CLIP(**cfg, quick_gelu=qg))
     layout = _bf16_layout(cfg["vision_cfg"]["layers"]) if dtype == torch.bfloat16 else all_low
     sd = converted(sd, path, "clip", dtype, layout, cache)
     lows = {k: sd.pop(k) for k in [k for k in sd if k.endswith(LO)]}

@@ -63,10 +63,10 @@ def load_dino(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
         depth = count_blocks(sd, "blocks.")
         grid = round(math.sqrt(sd["pos_embed"].shape[1] - 1))
         mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
-    heads = max(1, dim // 64)
-    model = on_meta(lambda: VisionTransformer(
-        img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
-        qkv_bias="blocks.0.attn.qkv.bias" in sd, num_classes=0))
+        heads = max(1, dim // 64)
+        model = on_meta(lambda: VisionTransformer(
+            img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
+            qkv_bias="blocks.0.attn.qkv.bias" in sd, num_classes=0))
     arch = {384: "ViT-S", 768: "ViT-B"}.get(dim, f"ViT-{dim}") + f"/{patch}"
     load_strict(model, converted(sd, path, "dino", dtype, cache=cache), path, f"DINO {arch}")
     check_materialised(model, path)

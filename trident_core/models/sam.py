@@ -228,10 +228,11 @@ def load_sam(path: str | os.PathLike, device: torch.device | str = "cpu", dtype:
         head_dim = sd[f"image_encoder.blocks.{depth - 1}.attn.rel_pos_h"].shape[1]
         global_idx = [i for i in range(depth)
                       if sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * 64 - 1]
-    if depth - 1 not in global_idx:
-        raise CheckpointError(f"{path}: the last SAM encoder block must use global attention")
-    model = on_meta(lambda: _build_sam(encoder_embed_dim=dim, encoder_depth=depth, encoder_num_heads=dim // head_dim,
-                                       encoder_global_attn_indexes=global_idx, checkpoint=None))
+        if depth - 1 not in global_idx:
+            raise CheckpointError(f"{path}: the last SAM encoder block must use global attention")
+        model = on_meta(lambda: _build_sam(encoder_embed_dim=dim, encoder_depth=depth,
+                                           encoder_num_heads=dim // head_dim, encoder_global_attn_indexes=global_idx,
+                                           checkpoint=None))
     arch = _ARCHS.get((dim, depth), f"vit_{dim}x{depth}")
     # Prompt encoder and mask decoder stay float32 (as the reference keeps them), the encoder may be half.
     sd = converted(sd, path, "sam", dtype, lambda key: LOW if key.startswith("image_encoder.") else FLOAT32, cache)
