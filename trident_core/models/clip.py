@@ -17,7 +17,7 @@ from torch import nn
 from ..checkpoints import CheckpointError, complete, expect_family, read_state_dict
 from ..posembed import interpolate_pos_embed
 from .conversion import FLOAT32, LO, PAIR, Layout, all_low, converted
-from .loading import check_materialised, count_blocks, load_strict, model_identity, on_meta, place
+from .loading import check_materialised, count_blocks, finite, load_strict, model_identity, on_meta, place
 from .precision import attach_pairs, linear32, norm32, use_pairs
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class ClipModel:
         last = blocks[-1]
         dim = t.shape[-1]
         w, b = last.attn.in_proj_weight[2 * dim:], last.attn.in_proj_bias[2 * dim:]
-        return linear32(norm32(last.ln_1, t[:, 1:]), w, b), grid
+        return finite(linear32(norm32(last.ln_1, t[:, 1:]), w, b), "CLIP", self.path), grid
 
     @torch.no_grad()
     def attention_output(self, o: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,7 @@ class ClipModel:
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """ln_post and the projection into the joint space, [..., D] -> [..., E], in float32."""
         v = self.model.visual
-        return norm32(v.ln_post, tokens.to(self.device)) @ v.proj.float()
+        return finite(norm32(v.ln_post, tokens.to(self.device)) @ v.proj.float(), "CLIP", self.path)
 
     # -------------------------------------------------------------------------------------------- text tower
 
@@ -153,7 +153,7 @@ class ClipModel:
         x = m.transformer(x, attn_mask=m.attn_mask[:length, :length].to(dtype))
         x = m.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        return x @ m.text_projection
+        return finite(x @ m.text_projection, "CLIP", self.path)
 
 
 def _clip_config(sd: dict[str, torch.Tensor]) -> tuple[str, dict]:

@@ -14,7 +14,7 @@ from torch import nn
 from ..checkpoints import complete, expect_family, read_state_dict
 from ..posembed import interpolate_pos_embed
 from .conversion import converted
-from .loading import check_materialised, count_blocks, load_strict, on_meta, place
+from .loading import check_materialised, count_blocks, finite, load_strict, on_meta, place
 
 
 @dataclass(eq=False)
@@ -45,7 +45,7 @@ class DinoModel:
         t = t + interpolate_pos_embed(m.pos_embed[0], grid)[None]
         t = m.norm_pre(m.pos_drop(t))
         t = m.norm(m.blocks(t))
-        return t[:, 1:]
+        return finite(t[:, 1:], "DINO", self.path)
 
 
 def load_dino(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

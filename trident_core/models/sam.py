@@ -21,7 +21,7 @@ from ..checkpoints import SAM_HQ_EXTRAS, CheckpointError, complete, expect_famil
 from ..image import ImageError, image_digest
 from ..kernels import attention_probs, linear
 from .conversion import FLOAT32, LOW, converted
-from .loading import check_materialised, count_blocks, load_strict, model_identity, on_meta, place
+from .loading import check_materialised, count_blocks, finite, load_strict, model_identity, on_meta, place
 from .precision import linear32, norm32
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -115,7 +115,8 @@ class SamModel:
         for blk in enc.blocks[:-1]:
             x = blk(x)
         last = enc.blocks[-1]
-        qkv = linear32(norm32(last.norm1, x), last.attn.qkv.weight, last.attn.qkv.bias)  # what the affinity reads
+        qkv = finite(linear32(norm32(last.norm1, x), last.attn.qkv.weight, last.attn.qkv.bias), "SAM",
+                     self.path)  # what the affinity reads
         b, h, w, _ = qkv.shape
         heads = last.attn.num_heads
         q, k, v = qkv.reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * heads, h * w, -1)
@@ -203,7 +204,7 @@ class SamModel:
         low, iou = model.mask_decoder(image_embeddings=embedding,
                                       image_pe=model.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
                                       dense_prompt_embeddings=dense, multimask_output=False)
-        return low.float(), iou[:, 0].float()
+        return finite(low.float(), "SAM", self.path), finite(iou[:, 0].float(), "SAM", self.path)
 
     @torch.no_grad()
     def upscale_masks(self, low: torch.Tensor, enc: SamEncoding) -> torch.Tensor:
