@@ -310,3 +310,16 @@ def test_max_objects_in_the_cli(small_ckpts, photo, tmp_path, cache, capsys):
     with pytest.raises(SystemExit):
         main(["segment", str(img), *_models(small_ckpts), "--out", str(out), "--instances", "--max-objects", "0"])
     assert "--max-objects must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_a_rerun_given_an_earlier_output_as_its_image_keeps_it(small_ckpts, photo, tmp_path, cache, capsys):
+    """The image was a mask the old marker listed and this run (other classes) does not write again: it was
+    deleted as a stale output."""
+    out = tmp_path / "out"
+    assert main(["segment", str(_image(tmp_path / "p.png", photo)), *_models(small_ckpts), "--out", str(out)]) == 0
+    mask = out / "masks" / numbered(0, 3, "sky", ".png")
+    before = mask.read_bytes()
+    assert main(["segment", str(mask), *_models(small_ckpts)[:-3], "--classes", "cat, dog", "--no-refine", "--out",
+                 str(out)]) == 0
+    assert mask.read_bytes() == before
+    assert (out / "masks" / numbered(0, 2, "cat", ".png")).is_file()

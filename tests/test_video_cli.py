@@ -276,3 +276,17 @@ def test_videos_in_a_folder_of_images_are_named_not_skipped_silently(clip_frames
     assert main(["segment", str(folder), *common]) == 2  # (the made-up CLIP file, after the inputs)
     assert "none.pt" in capsys.readouterr().err
     assert f"{folder}: 1 video clip(s) there are not images" in caplog.text  # (`trident` shows it as one line)
+
+
+def test_a_rerun_given_an_earlier_output_as_its_clip_keeps_it(small_ckpts, clip_frames, tmp_path, capsys):
+    """The clip was an output the old marker listed and this run does not write again (tracks.mp4 without
+    --instances): the rerun deleted its own input."""
+    frames = frame_folder(clip_frames, tmp_path / "frames")
+    out = tmp_path / "out"
+    assert main(["segment", str(frames), "--video", "--classes", CLASSES, "--out", str(out), "--instances", "disc",
+                 "--min-area", "4", *models(small_ckpts)]) == 0
+    tracks = out / "tracks.mp4"
+    before = tracks.read_bytes()
+    assert main(["segment", str(tracks), "--classes", CLASSES, "--out", str(out), *models(small_ckpts)]) == 0
+    assert tracks.read_bytes() == before
+    assert not (out / "instances").exists() and (out / "overlay.mp4").is_file()

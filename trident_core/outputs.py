@@ -310,8 +310,9 @@ def _move_in(tmp: Path, final: Path, name: str) -> None:
 
 def place_outputs(tmp: Path, final: Path, key: str, settings: dict, protected: frozenset[str]) -> None:
     """Move the finished files of `tmp` into the existing folder `final` one by one, each complete under its
-    name; remove the files the folder's previous marker listed that this run did not write; nothing else in
-    `final` is touched. The marker lists every file that may be ours at each moment and gets the key last."""
+    name; remove the files the folder's previous marker listed that this run did not write, but for the
+    `protected` inputs; nothing else in `final` is touched. The marker lists every file that may be ours at each
+    moment and gets the key last."""
     with folder_lock(final):  # (another run writing into the same folder waits)
         remove_partials(final / MARKER)
         check_marker_replaceable(final)
@@ -324,8 +325,9 @@ def place_outputs(tmp: Path, final: Path, key: str, settings: dict, protected: f
         write_marker(final, "", settings, old | new)  # incomplete from here on, yet every file listed is ours
         for name in sorted(new):
             _move_in(tmp, final, name)
-        for name in sorted(old - new):
-            if is_regular(final / name) and _not_a_folder(final, Path(name).parent) is None:
+        for name in sorted(old - new):  # (never an input: a rerun given an earlier output deleted it)
+            if (is_regular(final / name) and _not_a_folder(final, Path(name).parent) is None
+                    and os.path.realpath(final / name) not in protected):
                 (final / name).unlink()
         for sub in sorted({parent for name in old - new for parent in Path(name).parents if parent.parts},
                           key=lambda p: -len(p.parts)):  # sub-folders left empty, the deepest first
