@@ -278,6 +278,24 @@ def test_videos_in_a_folder_of_images_are_named_not_skipped_silently(clip_frames
     assert f"{folder}: 1 video clip(s) there are not images" in caplog.text  # (`trident` shows it as one line)
 
 
+def test_animated_gifs_among_images_are_said_to_give_their_first_frame(clip_frames, tmp_path, caplog):
+    """A folder or pattern segmented an animated GIF as one image without a word (an .mp4 there was named)."""
+    from trident_core.image_list import gather
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    first, *rest = [Image.fromarray(f) for f in clip_frames]
+    first.save(folder / "anim.gif", save_all=True, append_images=rest, duration=100)
+    first.save(folder / "still.gif")
+    Image.fromarray(clip_frames[0]).save(folder / "x.png")
+    for arg in (str(folder), str(folder / "*.gif")):
+        caplog.clear()
+        jobs, _ = gather([arg])
+        assert len(jobs) == (3 if arg == str(folder) else 2)
+        lines = [r.getMessage() for r in caplog.records if "animated" in r.getMessage()]
+        assert len(lines) == 1 and "1 animated GIF/WebP file(s) (anim.gif) are segmented as their first" in lines[0]
+
+
 def test_a_rerun_given_an_earlier_output_as_its_clip_keeps_it(small_ckpts, clip_frames, tmp_path, capsys):
     """The clip was an output the old marker listed and this run does not write again (tracks.mp4 without
     --instances): the rerun deleted its own input."""

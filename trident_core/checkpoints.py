@@ -172,7 +172,7 @@ def _read(p: Path) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:
-        if "truncated" in str(e) or "ran out of input" in str(e).lower():
+        if "truncated" in str(e) or "ran out of input" in str(e).lower() or _not_a_pickle(e):
             raise _corrupt(p, e) from e
         raise CheckpointError(
             f"{p}: refused: the file contains pickled Python objects, not just tensors, and is not loaded "
@@ -180,6 +180,21 @@ def _read(p: Path) -> dict[str, torch.Tensor]:
         ) from e
     except Exception as e:  # noqa: BLE001 (a damaged file breaks the readers in any way: IndexError, KeyError...)
         raise _corrupt(p, e) from e
+
+
+def _not_a_pickle(e: pickle.UnpicklingError) -> bool:
+    """What the safe unpickler stopped at is no pickle at all: a byte that is no pickle instruction, or a global
+    whose name is cut (damaged or zeroed bytes, a file cut short: they were "pickled Python objects", which sends a
+    user looking for malware). A real pickle's refused instruction or global is still refused as pickled objects."""
+    import pickletools
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if operand:
+        code = int(operand.group(1))
+        return code > 255 or chr(code) not in {op.code for op in pickletools.opcodes}
+    named = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    return bool(named) and not all(part.isidentifier() for part in named.group(1).split("."))
 
 
 def _corrupt(p: Path, e: BaseException) -> CheckpointError:

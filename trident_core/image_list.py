@@ -125,6 +125,7 @@ def _folder_images(folder: Path) -> list[Found]:
                          f"sub-folders); {left_out if videos else 'give a folder that holds images'}")
     if videos:
         logger.warning("%s: %s", folder, left_out)
+    _warn_animated(found, str(folder))
     return [(p, folder, None) for p in found] + [(p, folder, why) for p, why in odd] + [
         (_absolute(e.filename), folder, f"cannot list the folder {e.filename} ({e.strerror}): its images are left out")
         for e in unreadable if e.filename and not _hidden(_absolute(e.filename), folder)]
@@ -186,8 +187,21 @@ def _glob_images(pattern: str, base: Path | None = None) -> list[Found]:
         hint = f"; {clips} video clip(s) do: give one clip per command" if clips else ""
         raise InputError(f"no image file matches the pattern {pattern!r} (looked for {', '.join(IMAGE_EXTENSIONS)}"
                          f"{hint})")
+    _warn_animated(matches, repr(pattern))
     root = base if base is not None else _glob_root(pattern)
     return [(m, root, None) for m in matches]
+
+
+def _warn_animated(found: list[Path], where: str) -> None:
+    """Say that animated GIF/WebP files among many images are segmented as their first frame (each given alone is
+    a clip): they were, without a word."""
+    from .video_io import ANIMATED_EXTENSIONS, is_clip
+
+    animated = [p for p in found if p.suffix.lower() in ANIMATED_EXTENSIONS and is_clip(p)]
+    if animated:
+        logger.warning("%s: %d animated GIF/WebP file(s) (%s%s) are segmented as their first frame only; give each "
+                       "as its own command to segment it as a clip", where, len(animated), animated[0].name,
+                       ", ..." if len(animated) > 1 else "")
 
 
 def _list_file(arg: str) -> list[Found]:

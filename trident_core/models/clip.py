@@ -156,6 +156,9 @@ class ClipModel:
         return finite(x @ m.text_projection, "CLIP", self.path)
 
 
+_VOCAB = 49408  # open_clip.tokenize's token ids (49406 and 49407 start and end every prompt)
+
+
 def _clip_config(sd: dict[str, torch.Tensor]) -> tuple[str, dict]:
     """open_clip config read off an OpenAI/open_clip-layout state dict; head widths from a matching named config."""
     import open_clip
@@ -164,6 +167,16 @@ def _clip_config(sd: dict[str, torch.Tensor]) -> tuple[str, dict]:
         kind = "a ResNet image tower" if "visual.layer1.0.conv1.weight" in sd else "no ViT image tower"
         raise CheckpointError(f"only ViT CLIP models are supported (this checkpoint has {kind}); use e.g. "
                               "ViT-B-16 (OpenAI's ViT-B-16.pt)")
+    positions, context, vocab = (sd[k].shape[0] for k in ("visual.positional_embedding", "positional_embedding",
+                                                          "token_embedding.weight"))
+    if positions < 2:  # (it loaded, and the first image was a ZeroDivisionError)
+        raise ValueError(f"its position table visual.positional_embedding "
+                         f"{tuple(sd['visual.positional_embedding'].shape)} holds no patch positions")
+    if context < 1:  # (every class name was "too long")
+        raise ValueError(f"its position table positional_embedding {tuple(sd['positional_embedding'].shape)} is empty")
+    if vocab < _VOCAB:  # (the first class name was an IndexError or index_select's message)
+        raise ValueError(f"its token table token_embedding.weight has {vocab} rows, under the {_VOCAB} token ids of "
+                         "CLIP's tokenizer")
     vision = dict(
         width=sd["visual.conv1.weight"].shape[0],
         layers=count_blocks(sd, "visual.transformer.resblocks."),

@@ -62,6 +62,8 @@ def load_dino(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
         patch = sd["patch_embed.proj.weight"].shape[-1]
         depth = count_blocks(sd, "blocks.")
         grid = round(math.sqrt(sd["pos_embed"].shape[1] - 1))
+        if grid < 1:  # (it loaded, and the first image was a ZeroDivisionError)
+            raise ValueError(f"its position table pos_embed {tuple(sd['pos_embed'].shape)} holds no patch positions")
         mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
         heads = max(1, dim // 64)
         model = on_meta(lambda: VisionTransformer(

@@ -53,9 +53,26 @@ def check_materialised(module: nn.Module, path: str | os.PathLike) -> None:
 
 
 def count_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
-    """The number of numbered blocks `prefix<i>.` in a state dict."""
-    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
+    """The number of numbered blocks `prefix<i>.` in a state dict: a ValueError (`checkpoints.complete` makes it one
+    line naming the file) unless they are numbered 0..n-1 (a block named 'blocks.x' was int()'s message; one named
+    'blocks.100000' built 100001 blocks, minutes and a MemoryError)."""
+    names = {k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)}
+    numbers = {int(n) for n in names if n.isascii() and n.isdecimal()}
+    if len(numbers) != len(names) or numbers != set(range(len(names))):
+        found = sorted(names, key=lambda n: (0, int(n), n) if n.isascii() and n.isdecimal() else (1, 0, n))
+        shown = found if len(found) <= 6 else [*found[:3], "...", *found[-3:]]
+        raise ValueError(f"the blocks '{prefix}<i>' are not numbered 0 to {len(names) - 1} (found {', '.join(shown)})")
+    return len(names)
+
+
+def refuse_non_finite(sd: dict[str, torch.Tensor], keys: list[str], path: str | os.PathLike) -> None:
+    """One line naming the file when one of these few small tensors holds NaN or Inf: for the weights a model reads
+    outside the outputs `finite` checks (the large ones are checked through those outputs, not here)."""
+    for key in keys:
+        t = sd[key]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: the tensor {key!r} holds NaN/Inf values: the file is damaged; delete it "
+                                  "and download it again")
 
 
 def place(module: nn.Module, device: torch.device | str) -> nn.Module:

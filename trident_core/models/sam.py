@@ -21,7 +21,16 @@ from ..checkpoints import SAM_HQ_EXTRAS, CheckpointError, complete, expect_famil
 from ..image import ImageError, image_digest
 from ..kernels import attention_probs, linear
 from .conversion import FLOAT32, LOW, converted
-from .loading import check_materialised, count_blocks, finite, load_strict, model_identity, on_meta, place
+from .loading import (
+    check_materialised,
+    count_blocks,
+    finite,
+    load_strict,
+    model_identity,
+    on_meta,
+    place,
+    refuse_non_finite,
+)
 from .precision import linear32, norm32
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -231,6 +240,9 @@ def load_sam(path: str | os.PathLike, device: torch.device | str = "cpu", dtype:
                       if sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * 64 - 1]
         if depth - 1 not in global_idx:
             raise CheckpointError(f"{path}: the last SAM encoder block must use global attention")
+        # the affinity reads the last block's relative positions itself, past the outputs `finite` checks (NaN there
+        # gave a map and exit 0)
+        refuse_non_finite(sd, [f"image_encoder.blocks.{depth - 1}.attn.rel_pos_{a}" for a in "hw"], path)
         model = on_meta(lambda: _build_sam(encoder_embed_dim=dim, encoder_depth=depth,
                                            encoder_num_heads=dim // head_dim, encoder_global_attn_indexes=global_idx,
                                            checkpoint=None))
