@@ -13,6 +13,8 @@ from ..trident_core.classes import named_classes
 from ..trident_core.flow import FlowStream
 from ..trident_core.image import to_rgb_uint8
 from ..trident_core.instances import (
+    MAX_OBJECTS,
+    MIN_AREA,
     Instance,
     check_crop_factor,
     check_max_objects,
@@ -81,12 +83,12 @@ class TridentInstances(io.ComfyNode):
                 io.String.Input("classes", default="person",
                                 tooltip="Classes to split into objects, separated by commas (any synonym, any case). "
                                         "Empty = every class but the background."),
-                io.Int.Input("min_area", default=64, min=1, max=1 << 26,
+                io.Int.Input("min_area", default=MIN_AREA, min=1, max=1 << 26,
                              tooltip="Smaller regions (in pixels at the image's size) are dropped."),
                 io.Float.Input("crop_factor", default=3.0, min=1.0, max=100.0, step=0.1,
                                tooltip="Each SEG's crop region is its box grown this many times around its centre "
                                        "(context for a detailer), kept inside the image."),
-                io.Int.Input("max_objects", default=256, min=1, max=4096, optional=True,
+                io.Int.Input("max_objects", default=MAX_OBJECTS, min=1, max=4096, optional=True,
                              tooltip="At most this many objects per frame in masks, segs and objects_json, the "
                                      "largest (a noisy map can hold thousands of specks, each a full-size mask); "
                                      "and at most this many tracked objects over the clip in the tracked outputs, "
@@ -138,7 +140,7 @@ class TridentInstances(io.ComfyNode):
 
     @classmethod
     def execute(cls, segmentation: list, image: torch.Tensor, classes: str, min_area: int,
-                crop_factor: float, max_objects: int = 256, track_objects: bool = True,
+                crop_factor: float, max_objects: int = MAX_OBJECTS, track_objects: bool = True,
                 max_gap: int = DEFAULT_MAX_GAP) -> io.NodeOutput:
         T.images(image)
         if image.shape[0] != len(T.items(segmentation, "segmentation")):

@@ -46,12 +46,10 @@ def _read_torchscript(p: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def _is_safetensors(path: Path) -> bool:
+def _is_safetensors(head: bytes, file_size: int) -> bool:
     """safetensors files start with an 8-byte little-endian header length and a JSON header ("{")."""
-    with open(path, "rb") as f:
-        head = f.read(9)
     size = int.from_bytes(head[:8], "little")
-    return len(head) == 9 and head[8:9] == b"{" and 0 < size < min(100_000_000, path.stat().st_size - 7)
+    return len(head) >= 9 and head[8:9] == b"{" and 0 < size < min(100_000_000, file_size - 7)
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -134,10 +132,9 @@ def complete(path: str | os.PathLike, what: str) -> Iterator[None]:
                               "an unsupported architecture; use the official file") from None
 
 
-def _refuse_text(p: Path) -> None:
+def _refuse_text(p: Path, head: bytes) -> None:
     """Refuse the text files that stand where a checkpoint should be (else "pickled Python objects" was said)."""
-    with open(p, "rb") as f:
-        head = f.read(512).lstrip().lower()
+    head = head.lstrip().lower()
     if head.startswith(b"version https://git-lfs"):
         raise CheckpointError(f"{p}: a Git LFS pointer (a small text file standing for the weights), not the "
                               "weights: fetch the file itself ('git lfs pull' in its repository, or download it)")
@@ -153,18 +150,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {p}")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: the file is empty; delete it and download it again")
-    _refuse_text(p)
-    return _check_values(_read(p), p)
+    with open(p, "rb") as f:
+        head = f.read(512)  # (what the format checks below read)
+    _refuse_text(p, head)
+    return _check_values(_read(p, head), p)
 
 
-def _read(p: Path) -> dict[str, torch.Tensor]:
-    """The file's tensors by its format (safetensors, TorchScript or a weights-only pickle)."""
+def _read(p: Path, head: bytes) -> dict[str, torch.Tensor]:
+    """The file's tensors by its format (safetensors, TorchScript or a weights-only pickle), `head` its first
+    bytes."""
     try:
-        if _is_safetensors(p):
+        if _is_safetensors(head, p.stat().st_size):
             from safetensors.torch import load_file
 
             return _unwrap(load_file(str(p), device="cpu"), p)
-        if _cut_short(p):
+        if _cut_short(p, head):
             raise EOFError("it ends before its own structure does")
         if _is_torchscript(p):
             return _unwrap(_read_torchscript(p), p)
@@ -203,13 +203,11 @@ def _corrupt(p: Path, e: BaseException) -> CheckpointError:
         f"Delete it and download it again. ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
-def _cut_short(p: Path) -> bool:
+def _cut_short(p: Path, head: bytes) -> bool:
     """A file too short for any checkpoint (under 9 bytes), a safetensors header of an impossible length, or a zip
     (PyTorch's format) without its closing directory: cut short or damaged (they were said to hold pickled
     objects)."""
-    with open(p, "rb") as f:
-        head = f.read(9)
-    return (len(head) < 9 or head[8:9] == b"{" and not _is_safetensors(p)
+    return (len(head) < 9 or head[8:9] == b"{" and not _is_safetensors(head, p.stat().st_size)
             or head[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(p))
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from .classes import ClassList
 from .config import CORRELATIONS, MASK_PROMPT_MODES, PARADIGMS
 from .devices import CPU_BF16_TRADE, PRECISIONS
+from .instances import MAX_OBJECTS, MIN_AREA
 from .presets import PRESETS, get_preset
 from .video_run import add_video_arguments
 
@@ -300,9 +301,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
              f"{unreadable} skipped (unreadable or failed) -> {where}")
     _finish_distributed()
     return EXIT_SKIPPED if unreadable else 0
-
-
-MIN_AREA, MAX_OBJECTS = 64, 256  # --min-area and --max-objects when not given
 
 
 def _instance_options(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:

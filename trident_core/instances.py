@@ -55,6 +55,9 @@ def mask_stack(objects: list[Instance], size: tuple[int, int]) -> torch.Tensor:
     return out
 
 
+MIN_AREA, MAX_OBJECTS = 64, 256  # the smallest object and the most objects, when not given (nodes, command line)
+
+
 def check_min_area(min_area: int) -> int:
     """`min_area` as an int >= 1, or a ValueError naming the allowed range."""
     if isinstance(min_area, bool) or not isinstance(min_area, (int, np.integer)) or min_area < 1:

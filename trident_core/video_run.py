@@ -239,14 +239,13 @@ def _segment_clip(args: argparse.Namespace, path: Path, clip: Clip, out: Path) -
     from .classes import named_classes
     from .cli import _settings, build_trident, classes_from_args, encode_text, params_from_args, release_text_tower
     from .flow import Flow, FlowStream
-    from .instances import check_min_area
     from .temporal import TemporalSmoother
     from .tracking import ObjectTracker
 
     classes = classes_from_args(args)
     params = params_from_args(args)
     wanted = named_classes(classes, args.instances) if args.instances is not None else None
-    min_area = check_min_area(args.min_area)
+    min_area = args.min_area  # (checked with the other options: cli._instance_options)
     protected = _inputs(path)
     check_planned(out, clip_planned(classes.names, wanted is not None, args.png_frames), protected,
                   (INSTANCES,) if wanted is not None else ())
