@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trident_core import sam_affinity
 from trident_core.aggregation import aggregate
 from trident_core.classes import UNLABELED, ClassList, parse_classes
 from trident_core.classify import class_probs, labels_from_probs
@@ -103,8 +104,11 @@ def _dense_affinity(enc, sam, cos_fac, refine_neg_cos):
     return a / a.sum(-1, keepdim=True), attn, eq4
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("cos_fac,refine_neg_cos", [(1.2, True), (3.0, False), (0.0, True)])
-def test_blocked_affinity_equals_dense(small_trident, photo, cos_fac, refine_neg_cos):
+def test_blocked_affinity_equals_dense(small_trident, photo, cos_fac, refine_neg_cos, batched, monkeypatch):
+    """One head at a time (the CPU's way) and all heads at once (GPUs') give the reference's affinity."""
+    monkeypatch.setattr(sam_affinity, "heads_at_once", lambda _device: batched)
     sam = small_trident.sam
     enc = sam.encode(round_up_to(photo[:300, :400], 16))
     assert enc.grid == (48, 64)
@@ -120,6 +124,21 @@ def test_blocked_affinity_equals_dense(small_trident, photo, cos_fac, refine_neg
     cos_rows = affinity_rows(enc, sam, 7, 90, replace(config, correlation="cosine"))
     assert torch.allclose(cos_rows, eq4[7:90], atol=1e-6) and (eq4[7:90] == 0).any()
     assert torch.equal(aggregate(enc, sam, g, AggregateConfig(correlation="none")), g)
+
+
+def test_a_row_with_no_affinity_keeps_its_own_token():
+    """Rows start..stop whose affinity sums to 0 become the identity's rows start..stop (each token its own
+    feature); the others are divided by their sums."""
+    a = torch.rand(5, 12)
+    a[[1, 3]] = 0.0
+    got = sam_affinity._normalised(a, 4, 9)
+    for i in range(5):
+        want = torch.zeros(12)
+        if i in (1, 3):
+            want[4 + i] = 1.0
+        else:
+            want = a[i] / a[i].sum()
+        assert torch.allclose(got[i], want)
 
 
 def test_sam_encoding_equals_segment_anythings_own_forward(small_trident, photo):

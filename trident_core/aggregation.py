@@ -43,7 +43,8 @@ def aggregate(enc: SamEncoding, sam: SamModel, feats: torch.Tensor, config: Aggr
         return feats.float()
     n = enc.grid[0] * enc.grid[1]
     g = feats.float().to(enc.q.device)
-    row_block = row_block or (128 if g.device.type == "cpu" else 1024)  # GPUs: fewer, larger blocks
+    # GPUs: fewer, larger blocks, all heads at once ([heads, 512, N] float32: 100 MB per product at 64x64)
+    row_block = row_block or (128 if g.device.type == "cpu" else 512)
     out = torch.empty_like(g)
     unit_v = unit_values(enc) if mode in ("affinity", "cosine") else None
     for s in range(0, n, row_block):

@@ -326,7 +326,7 @@ class Trident:
                        after_classify: Callable[[Segmentation], Segmentation] | None) -> Iterator[Segmentation]:
         """Frames of one size: their windows and SAM encodings in shared forwards, then each frame's segment."""
         require_sam(self.sam, params)
-        text = self.text(cl, progress)
+        text = self.text(cl, progress).to(self.clip.device)  # (once per group, not a blocking copy per frame)
         progress("text")
         wfs = compute_frame_window_features(self.clip, self.dino, imgs, params.windows, progress)
         encodings = encode_frames(self.sam, imgs, params.aggregation, progress)

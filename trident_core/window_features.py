@@ -5,6 +5,7 @@ the proxy attention between them. Windows are processed in chunks so memory does
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,10 +51,17 @@ def crop_frame_windows(xs: Sequence[torch.Tensor], plan: WindowPlan, idx: range)
     return torch.cat([x[:, :, y1:y2, x1:x2] for x, (y1, x1, y2, x2) in boxes])
 
 
+@functools.cache
+def _normalisations(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """CLIP's and ImageNet's means and deviations [1, 3, 1, 1] on `device`, made once (never changed): made per
+    chunk, each was a blocking copy to a GPU."""
+    return tuple(torch.tensor(c, device=device).view(1, 3, 1, 1)
+                 for c in (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD))
+
+
 def clip_to_imagenet(x: torch.Tensor) -> torch.Tensor:
     """CLIP-normalised windows un-normalised with CLIP's exact constants, then ImageNet-normalised (DINO's input)."""
-    cm, cs = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    im, istd = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    cm, cs, im, istd = _normalisations(x.device)
     return ((x * cs + cm) - im) / istd
 
 
@@ -100,6 +108,7 @@ def frame_window_features(clip: ClipModel, dino: DinoModel, xs: Sequence[torch.T
     called in between (to release DINO's weights, so the two models' weights are never needed at once)."""
     n = len(plan)
     total = n * len(xs)
+    xs = [x.to(dino.device) for x in xs]  # (each frame copied once; its overlapping windows are cropped there)
     dino_feats = []
     for s in range(0, total, chunk):
         dino_feats.append(dino.patch_tokens(clip_to_imagenet(

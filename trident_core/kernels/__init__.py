@@ -22,11 +22,11 @@ from torch import nn
 from .clip_attention import use_fast_self_attention
 from .exact_linear import linear, use_exact_linear
 from .gelu import use_gelu_in_place
-from .sam_attention import attention_probs, use_banded_attention
+from .sam_attention import attention_probs, rel_pos_table, use_banded_attention
 from .switch import ENV, enabled
 from .timing import report
 
-__all__ = ["ENV", "apply", "attention_probs", "enabled", "linear", "report"]
+__all__ = ["ENV", "apply", "attention_probs", "enabled", "linear", "rel_pos_table", "report"]
 
 
 def apply(model: nn.Module) -> dict[str, int]:

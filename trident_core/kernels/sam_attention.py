@@ -5,7 +5,8 @@ per row, so the banded result is the full one. On the CPU each band repeats segm
 order on all heads at once (the same batched products: BLAS runs a batch's products the same way for any band of
 rows, while a single head's product may be split across threads differently, so it is bit-identical). On a GPU,
 the band goes through `scaled_dot_product_attention` with the decomposed relative-position term as an additive bias
-(a fused kernel; equal up to rounding). In bfloat16 on the CPU (where the float32 bands' strided products copy their
+(a fused kernel; equal up to rounding), and in half precision the whole grid through one call with the terms as
+extra channels (`augmented`, below). In bfloat16 on the CPU (where the float32 bands' strided products copy their
 operands, several times slower) the whole grid goes through one `scaled_dot_product_attention` without a mask,
 where timed faster on the whole grid (`timing`): the relative-position terms ride in extra channels (`augmented`),
 so no bias tensor is built and the kernel takes its fast path (a global block of SAM ViT-B at 1024x1024: 0.12 s
@@ -31,6 +32,22 @@ def query_band(device: torch.device, heads: int, keys: int, element_size: int = 
     if device.type != "cpu":
         return min(1024, max(64, (256 << 20) // (element_size * heads * keys)))
     return max(1, (16 << 20) // (element_size * heads * keys))
+
+
+def rel_pos_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """segment_anything's get_rel_pos with its index made on rel_pos's device (made on the CPU, it was a blocking
+    copy to a GPU at every call: each block of every forward)."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    with rel_pos.device:
+        return get_rel_pos(q_size, k_size, rel_pos)
+
+
+def whole_grid_channels(device: torch.device, dtype: torch.dtype) -> bool:
+    """On a GPU in half precision, the whole grid goes through one `augmented` call: the fused kernel takes the
+    relative-position terms as extra channels, so no [heads, rows, N] bias is written and read per band (a
+    frame's global blocks at 448x448 spent twice the attention's time building the bias)."""
+    return device.type != "cpu" and dtype in (torch.float16, torch.bfloat16)
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, grid: tuple[int, int],
@@ -64,16 +81,14 @@ def augmented(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, g
 
 def banded_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """segment_anything's Attention.forward (x: [B, H, W, C]) in bands of query rows."""
-    from segment_anything.modeling.image_encoder import get_rel_pos
-
     b, h, w, _ = x.shape
     qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)  # [B*heads, N, c]
     rel_h = rel_w = None
     if self.use_rel_pos:
         rq = q.reshape(b * self.num_heads, h, w, -1)
-        rel_h = torch.einsum("bhwc,hkc->bhwk", rq, get_rel_pos(h, h, self.rel_pos_h))  # [B*heads, H, W, H]
-        rel_w = torch.einsum("bhwc,wkc->bhwk", rq, get_rel_pos(w, w, self.rel_pos_w))  # [B*heads, H, W, W]
+        rel_h = torch.einsum("bhwc,hkc->bhwk", rq, rel_pos_table(h, h, self.rel_pos_h))  # [B*heads, H, W, H]
+        rel_w = torch.einsum("bhwc,wkc->bhwk", rq, rel_pos_table(w, w, self.rel_pos_w))  # [B*heads, H, W, W]
     rows = max(1, query_band(q.device, q.shape[0], h * w, q.element_size()) // w)  # whole grid rows per band
     kt = k.transpose(-2, -1)
     if q.device.type == "cpu" and q.dtype != torch.float32:  # k and v are strided views of qkv, which each band's
@@ -106,6 +121,8 @@ def banded_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return out
 
     band = exact if q.device.type == "cpu" else fused
+    if whole_grid_channels(q.device, q.dtype):
+        band, rows = channels, h
     if q.device.type == "cpu" and q.dtype != torch.float32:  # one call without a mask where measured faster
         key = (f"sam attention {str(q.dtype).removeprefix('torch.')} channels, whole grid B*heads={q.shape[0]} "
                f"grid={h}x{w} c={q.shape[-1]} rows={rows}")  # (each contender timed on the whole grid, as it runs)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..checkpoints import SAM_HQ_EXTRAS, CheckpointError, complete, expect_family, read_state_dict
 from ..image import ImageError, image_digest
-from ..kernels import attention_probs, linear
+from ..kernels import attention_probs, linear, rel_pos_table
 from .conversion import FLOAT32, LOW, converted
 from .loading import (
     check_materialised,
@@ -160,22 +160,35 @@ class SamModel:
         x = encoder.blocks[-1](enc.last_input.to(device=self.device, dtype=self.dtype))
         return encoder.neck(x.permute(0, 3, 1, 2).contiguous()).float()  # (NCHW, as ImageEncoderViT has it)
 
-    def head_attention(self, enc: SamEncoding, rows: torch.Tensor) -> Callable[[int], torch.Tensor]:
-        """A function of the head h giving the last block's attention probabilities [len(rows), 64*64] for the
-        query tokens `rows` (softmax over all tokens, padding included, relative position added)."""
-        from segment_anything.modeling.image_encoder import get_rel_pos
-
+    def _queries(self, enc: SamEncoding, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                       torch.Tensor | None]:
+        """The last block's queries of the tokens `rows` [heads, r, c] and their decomposed relative-position terms
+        rel_h [heads, r, ph] and rel_w [heads, r, pw] (None without relative positions)."""
         attn_mod = self.model.image_encoder.blocks[-1].attn
         grid = enc.padded_grid
         q = enc.q[:, rows]
-        rel_h = rel_w = None
-        if attn_mod.use_rel_pos:
-            rh = get_rel_pos(grid[0], grid[0], attn_mod.rel_pos_h.float())  # [ph, ph, c]
-            rw = get_rel_pos(grid[1], grid[1], attn_mod.rel_pos_w.float())
-            rel_h = torch.einsum("hrc,rkc->hrk", q, rh[rows // grid[1]])  # [heads, r, ph]
-            rel_w = torch.einsum("hrc,rkc->hrk", q, rw[rows % grid[1]])  # [heads, r, pw]
-        return lambda h: attention_probs(q[h], enc.k[h], attn_mod.scale, grid, None if rel_h is None else rel_h[h],
+        if not attn_mod.use_rel_pos:
+            return q, None, None
+        rh = rel_pos_table(grid[0], grid[0], attn_mod.rel_pos_h.float())  # [ph, ph, c]
+        rw = rel_pos_table(grid[1], grid[1], attn_mod.rel_pos_w.float())
+        return (q, torch.einsum("hrc,rkc->hrk", q, rh[rows // grid[1]]),
+                torch.einsum("hrc,rkc->hrk", q, rw[rows % grid[1]]))
+
+    def head_attention(self, enc: SamEncoding, rows: torch.Tensor) -> Callable[[int], torch.Tensor]:
+        """A function of the head h giving the last block's attention probabilities [len(rows), 64*64] for the
+        query tokens `rows` (softmax over all tokens, padding included, relative position added)."""
+        scale = self.model.image_encoder.blocks[-1].attn.scale
+        q, rel_h, rel_w = self._queries(enc, rows)
+        return lambda h: attention_probs(q[h], enc.k[h], scale, enc.padded_grid, None if rel_h is None else rel_h[h],
                                          None if rel_w is None else rel_w[h])
+
+    def all_heads_attention(self, enc: SamEncoding, rows: torch.Tensor) -> torch.Tensor:
+        """`head_attention` of every head at once, [heads, len(rows), 64*64], in batched products."""
+        q, rel_h, rel_w = self._queries(enc, rows)
+        logits = torch.bmm(q * self.model.image_encoder.blocks[-1].attn.scale, enc.k.transpose(1, 2))
+        if rel_h is not None:
+            logits.view(*logits.shape[:2], *enc.padded_grid).add_(rel_h[..., None]).add_(rel_w[:, :, None, :])
+        return torch.softmax(logits, dim=-1, out=logits)
 
     @staticmethod
     def value_cosines(unit_v: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
