@@ -3,6 +3,9 @@ and one clear error naming the file and the frame for every kind of bad clip."""
 
 from __future__ import annotations
 
+import os
+
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -145,9 +148,8 @@ def test_bad_clips_are_one_line_naming_file_and_frame(frames, tmp_path, monkeypa
     folder.mkdir()
     for k, f in enumerate(frames[:3]):
         Image.fromarray(f if k != 2 else f[:40]).save(folder / f"{k}.png")
-    clip = open_clip(folder)
-    with pytest.raises(VideoError, match=r"2\.png is 64x40 pixels, the clip's first frame 64x48"):
-        list(clip)
+    with pytest.raises(VideoError, match=r"2\.png is 64x40 pixels, the clip's first frame 0\.png 64x48"):
+        open_clip(folder)  # (from the frames' headers, before a model loads)
     (folder / "3.png").write_bytes(b"broken")
     (folder / "2.png").unlink()
     with pytest.raises(VideoError, match=r"frame .*3\.png"):
@@ -160,3 +162,67 @@ def test_bad_clips_are_one_line_naming_file_and_frame(frames, tmp_path, monkeypa
         open_clip(path)
     for err in (VideoError("x"),):
         assert str(err).count("\n") == 0
+
+
+def test_a_folders_bad_frame_is_refused_when_the_clip_opens(frames, tmp_path, monkeypatch):
+    """A file that is no image, or a frame of another size, late in a folder: refused from the headers when the
+    clip is opened, before any frame is decoded (it was found only when the run reached it, its work lost)."""
+    for k, f in enumerate(frames):
+        Image.fromarray(f).save(tmp_path / f"{k}.png")
+    decoded = []
+    monkeypatch.setattr(video_io, "read_image", lambda f: decoded.append(f))
+    (tmp_path / "5.png").write_text("not an image")
+    with pytest.raises(VideoError, match=r"frame .*5\.png: cannot read image"):
+        open_clip(tmp_path)
+    Image.fromarray(frames[5][:, :60]).save(tmp_path / "5.png")
+    with pytest.raises(VideoError, match=r"5\.png is 60x48 pixels, the clip's first frame 0\.png 64x48"):
+        open_clip(tmp_path)
+    assert decoded == []
+
+
+def _avi(frames: list[np.ndarray], path) -> None:
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 12.0, (64, 48))
+    for f in frames:
+        w.write(np.ascontiguousarray(f[..., ::-1]))
+    w.release()
+
+
+def test_a_matroska_clip_short_of_its_estimated_count_is_a_warning(frames, tmp_path, monkeypatch, caplog):
+    """WebM's and Matroska's frame counts are FFmpeg's estimates from the container's duration, which a longer
+    audio track sets: all frames decoded but fewer than estimated is a warning, not "cut short" after the whole
+    run. A container that counts its frames (AVI, MP4) still is an error."""
+    _avi(frames, tmp_path / "clip.avi")
+    (tmp_path / "clip.mkv").write_bytes((tmp_path / "clip.avi").read_bytes())  # (FFmpeg reads the content)
+    info = video_io._video_info
+    monkeypatch.setattr(video_io, "_video_info", lambda p: (info(p)[0], len(frames) + 10))  # the estimate
+    with caplog.at_level("WARNING", logger="trident_core"):
+        got = list(open_clip(tmp_path / "clip.mkv"))
+    assert len(got) == len(frames)
+    assert "6 frames decoded of the 16 its container's duration suggests" in caplog.text
+    with pytest.raises(VideoError, match="6 of the 16 frames its header declares: the file is cut short"):
+        list(open_clip(tmp_path / "clip.avi"))
+
+
+def test_too_many_open_files_is_said_and_the_limit_raised(tmp_path):
+    """Out of file descriptors (a clip where hundreds of classes appear), a video writer says so and what to do,
+    not "no MPEG-4 encoder"; a clip's writers raise the soft limit to hold a video per class."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 6, hard))
+        with pytest.raises(OSError, match=r"cannot write the video .*Too many open files .*ulimit -n"):
+            for k in range(40):
+                held.append(VideoWriter(tmp_path / f"{k}.mp4", 10.0, (48, 64)))
+        for w in held:
+            w.abort()
+        held = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        video_io.allow_open_files(1000)
+        want = 1000 + video_io.OPEN_FILES_MARGIN
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == (want if hard == resource.RLIM_INFINITY
+                                                                 else min(hard, want))
+    finally:
+        for w in held:
+            w.abort()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

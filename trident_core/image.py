@@ -25,6 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 64_000_000
 FLOAT_PEAK = 2.0  # float images above this are taken for 0..255 ones (a little overshoot, e.g. from upscaling, is fine)
 FLOAT_LOW = -0.5  # and below this for -1..1 ones
+EXIF_ORIENTATION = 0x0112  # the EXIF tag: values 5..8 turn the image a quarter (width and height swap)
 
 
 class ImageError(ValueError):
@@ -239,6 +240,22 @@ def check_header(path: str | os.PathLike) -> str | None:
         raise ImageError(f"{os.fspath(path)} declares {size} than {MAX_PIXELS // 10**6} megapixels; downscale it "
                          "first")
     return mode
+
+
+def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """An image file's (H, W) as it decodes (EXIF orientation applied), from its header alone, after
+    `check_header`'s checks; None where PIL cannot read the header (decoding the file then says why)."""
+    check_header(path)
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                (w, h), turned = im.size, im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return (w, h) if turned else (h, w)
 
 
 def _utf8(text: str) -> bool:

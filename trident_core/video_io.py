@@ -9,6 +9,8 @@ temporary folder, renamed when complete."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 import shutil
@@ -21,7 +23,7 @@ import cv2
 import numpy as np
 
 from .atomic import partial_name, remove_partials, replace_folder
-from .image import MAX_PIXELS, ImageError, read_image
+from .image import MAX_PIXELS, ImageError, header_size, read_image
 from .image_list import IMAGE_EXTENSIONS
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
@@ -29,6 +31,9 @@ ANIMATED_EXTENSIONS = (".gif", ".webp")
 FOLDER_FPS = 24.0  # a folder of frames has no frame rate of its own
 DEFAULT_FPS = 10.0  # an animated image without frame durations
 MIN_FPS, MAX_FPS = 0.1, 1000.0  # the rates videos are written at (MPEG-4's time base fails for a rate near 0)
+OPEN_FILES_MARGIN = 256  # files a run opens besides its mask videos (models, images, Python's own)
+
+logger = logging.getLogger(__name__)
 
 
 class VideoError(ImageError):
@@ -90,18 +95,30 @@ class Clip:
         if not decoded:
             raise VideoError(f"{self.path}: no frame could be decoded (an empty clip, or a codec this OpenCV "
                              "cannot decode)")
-        if decoded < self.frames - _count_slack(self.path, self.frames):
+        if decoded >= self.frames - _count_slack(self.path, self.frames):
+            return
+        if _counted(self.path):
             raise VideoError(f"{self.path}: frame {decoded} cannot be decoded, {decoded} of the {self.frames} frames "
                              "its header declares: the file is cut short or damaged")
+        logger.warning("%s: %d frames decoded of the %d its container's duration suggests (an audio track longer "
+                       "than the video does this, and so does a file cut short: if so, its end is missing)",
+                       self.path, decoded, self.frames)
+
+
+def _counted(path: Path) -> bool:
+    """Whether a clip's frame count is exact: a folder's or an animation's, or a container that counts its frames
+    (MP4, MOV, AVI). FFmpeg estimates WebM's and Matroska's from the container's duration, which a longer audio
+    track sets: a shortfall there is no proof of damage."""
+    return path.is_dir() or path.suffix.lower() in (*ANIMATED_EXTENSIONS, ".mp4", ".mov", ".m4v", ".avi")
 
 
 def _count_slack(path: Path, count: int) -> int:
-    """Frames a whole file may fall short of its declared count: none where the container counts its frames
-    (MP4, MOV, AVI; one for a last frame some encoders declare but leave empty), 5 % where FFmpeg estimates the
-    count from the duration (WebM, Matroska); folders and animated images are counted exactly."""
+    """Frames a whole file may fall short of its declared count: none where it is counted exactly (folders,
+    animated images), one in the containers that count their frames (a last frame some encoders declare but leave
+    empty), 5 % where the count is estimated."""
     if path.is_dir() or path.suffix.lower() in ANIMATED_EXTENSIONS:
         return 0
-    return 1 if path.suffix.lower() in (".mp4", ".mov", ".m4v", ".avi") else max(1, count // 20)
+    return 1 if _counted(path) else max(1, count // 20)
 
 
 def open_clip(path: str | os.PathLike, folder_fps: float = FOLDER_FPS) -> Clip:
@@ -115,6 +132,7 @@ def open_clip(path: str | os.PathLike, folder_fps: float = FOLDER_FPS) -> Clip:
             if not f.is_file():
                 raise VideoError(f"frame {f}: not a readable image file (a dangling link, a pipe or a device); "
                                  "put the frame back or remove the entry")
+        _check_frame_headers(files)
         fps, count = folder_fps, len(files)
     elif not p.is_file():
         raise VideoError(f"{p}: no such video file or folder of frames")
@@ -134,6 +152,24 @@ def _frames(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     if path.suffix.lower() in ANIMATED_EXTENSIONS:
         return _animated_frames(path)
     return _video_frames(path)
+
+
+def _check_frame_headers(files: list[Path]) -> None:
+    """Every frame's header read (not its pixels) before the clip runs: a file that is no image, or a frame of
+    another size than the first, is refused before the models load, not when the run reaches it."""
+    first: tuple[Path, tuple[int, int]] | None = None
+    for f in files:
+        try:
+            size = header_size(f)
+        except ImageError as e:
+            raise VideoError(f"frame {f}: {e}") from e
+        if size is None:  # (a header PIL cannot read: decoding the frame says why)
+            continue
+        if first is None:
+            first = (f, size)
+        elif size != first[1]:
+            raise VideoError(f"{f} is {size[1]}x{size[0]} pixels, the clip's first frame {first[0].name} "
+                             f"{first[1][1]}x{first[1][0]}: a clip's frames must have one size")
 
 
 def _folder_frames(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -284,8 +320,7 @@ class VideoWriter:
         self._writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h),
                                        isColor=color)
         if not self._writer.isOpened():
-            raise OSError(f"cannot write the video {self.path}: this OpenCV has no MPEG-4 (mp4v) encoder or the "
-                          "folder cannot be written")
+            raise OSError(f"cannot write the video {self.path}: {_why_not_written(self.tmp)}")
 
     def write(self, frame: np.ndarray) -> None:
         if frame.shape[:2] != self.size:
@@ -323,6 +358,35 @@ class VideoWriter:
 
     def __exit__(self, kind, *_exc) -> None:
         self.abort() if kind is not None else self.close()
+
+
+def _why_not_written(path: Path) -> str:
+    """Why OpenCV could not open a video at `path`: the system's reason where a plain file cannot be made there
+    either (too many open files, a full disk, no permission), else the encoder."""
+    try:
+        with open(path, "xb"):
+            pass
+    except OSError as e:
+        if e.errno == errno.EMFILE:
+            return (f"{e.strerror} (every class that appears in a clip keeps its mask video open: raise the limit, "
+                    "e.g. `ulimit -n 4096`, or name fewer classes)")
+        return e.strerror or str(e)
+    path.unlink()
+    return "this OpenCV has no MPEG-4 (mp4v) encoder"
+
+
+def allow_open_files(count: int) -> None:
+    """Raise this process's limit of open files (the soft one, up to the hard one) to hold `count` more, where it is
+    lower: a clip keeps a mask video open per class that appears (Linux's usual 1024 is short of ADE20K-847's
+    classes). Nothing changes where the system has no such limit (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = count + OPEN_FILES_MARGIN
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
 
 
 class FrameFolder:

@@ -37,6 +37,7 @@ from .video_io import (
     Clip,
     FrameFolder,
     VideoWriter,
+    allow_open_files,
     check_opencv_path,
     check_video_size,
     frame_files,
@@ -134,6 +135,7 @@ class _ClipWriters:
     def __init__(self, tmp: Path, names: list[str], fps: float, size: tuple[int, int], png: bool,
                  tracks: bool) -> None:
         self.tmp, self.names, self.fps, self.size, self.png = tmp, names, fps, size, png
+        allow_open_files(len(names) + 2)  # (a mask video per class that appears, the overlay and the tracks)
         self.frames = 0
         self.items: list = []
         self.masks: dict[int, list] = {}
