@@ -90,3 +90,20 @@ def test_bad_arguments_are_one_line(tmp_path):
     if not check.torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA GPU is visible"):
             check.main(["--out", str(tmp_path), "--device", "cuda"])
+
+
+def test_the_gpu_profile_times_each_variant_and_restores_the_code(tmp_path, capsys, monkeypatch):
+    """benchmarks/gpu_profile.py on the CPU (its timings only): every variant timed, and the variant switches given
+    back afterwards (the pack's own choices, not the last variant's)."""
+    import gpu_profile
+    from pack_import import core
+
+    trident = core("pipeline").Trident
+    monkeypatch.setattr(trident, "frames_per_forward", trident.frames_per_forward)  # (the CPU run forces 2)
+    own = core("sam_affinity").heads_at_once, core("kernels.sam_attention").whole_grid_channels
+    assert gpu_profile.main(["--device", "cpu", "--ckpt-dir", str(tmp_path), "--frames", "3", "--size", "64",
+                             "--reps", "1"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[time]")]
+    assert [ln.split(":")[0][7:] for ln in lines] == list(gpu_profile.VARIANTS)
+    assert all("3 frames of 64x64" in ln for ln in lines)
+    assert (core("sam_affinity").heads_at_once, core("kernels.sam_attention").whole_grid_channels) == own

@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Where a frame batch's time goes on a GPU: what to change next for issue #25 (docs/gpu.md, "Measured").
+
+Trident Segment's node code (as gpu_check runs it) on a batch of frames without refinement, in one process:
+1. images/s of the GPU variants against each other, alternating, best of --reps (the lent hosts' speeds differ,
+   so only variants timed in one process compare): all heads at once in the affinity or one at a time
+   (`sam_affinity.heads_at_once`), SAM's attention as extra channels or bands with a bias
+   (`kernels.sam_attention.whole_grid_channels`);
+2. the calls that synchronise the host with the GPU (each empties its queue), by where in the pack they are made,
+   for one forward's frames (`torch.cuda.set_sync_debug_mode`);
+3. CPU tensors of more than one element meeting CUDA tensors (a blocking copy each), by where;
+4. torch.profiler's table of the batch, by GPU time, and the host's CUDA calls (launches, synchronisations).
+On the CPU (`--device cpu`, the tests' small models, tiny frames) only the timings run: a test of the script.
+
+    python benchmarks/gpu_profile.py [--device cuda] [--ckpt-dir DIR] [--frames 32] [--size 448] [--reps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = (str(ROOT / "trident_core"), str(ROOT / "nodes"))  # where the calls counted are made
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_check  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests"))
+from pack_import import core  # noqa: E402
+
+# the variants: (heads at once in the affinity, SAM's attention as channels), the first the code's own choice
+VARIANTS = {"heads at once, channels": (True, True), "one head at a time, channels": (False, True),
+            "heads at once, biased bands": (True, False), "one head at a time, biased bands": (False, False)}
+
+
+def where(skip: int) -> str:
+    """The innermost frames of the pack on the stack (file:line), innermost first."""
+    frames = [f for f in traceback.extract_stack()[:-skip] if f.filename.startswith(PACK)]
+    return " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[::-1][:4]) or "?"
+
+
+class CpuMeetsCuda(TorchFunctionMode):
+    """Counts calls that take a CPU tensor of more than one element beside a CUDA tensor, and copies onto CUDA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat = [x for a in (*args, *kwargs.values()) for x in (a if isinstance(a, (list, tuple)) else [a])]
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        name = getattr(func, "__name__", str(func))
+        mixed = (any(t.device.type == "cpu" and t.dim() > 0 for t in tensors)
+                 and any(t.device.type == "cuda" for t in tensors))
+        onto = name in ("to", "cuda") and tensors and tensors[0].device.type == "cpu" and any(
+            "cuda" in str(a) for a in (*args[1:], *kwargs.values()) if not isinstance(a, torch.Tensor))
+        if mixed or onto:
+            self.counts[f"{name} at {where(2)}"] += 1
+        return func(*args, **kwargs)
+
+
+def timings(run: Callable[[], object], device: torch.device, reps: int) -> dict[str, float]:
+    """Seconds of each variant, best of `reps` rounds in which the variants alternate."""
+    affinity, attention = core("sam_affinity"), core("kernels.sam_attention")
+    own = affinity.heads_at_once, attention.whole_grid_channels
+    best = dict.fromkeys(VARIANTS, float("inf"))
+    try:
+        for _ in range(reps):
+            for name, (heads, channels) in VARIANTS.items():
+                affinity.heads_at_once = (lambda d, heads=heads: heads and own[0](d))
+                attention.whole_grid_channels = (lambda d, t, channels=channels: channels and own[1](d, t))
+                gpu_check.free_memory(device)
+                start = time.perf_counter()
+                run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best[name] = min(best[name], time.perf_counter() - start)
+    finally:
+        affinity.heads_at_once, attention.whole_grid_channels = own
+    return best
+
+
+def synchronising_calls(run: Callable[[], object]) -> collections.Counter:
+    """Where the calls that synchronise the host with the GPU are made, counted over one run of `run`."""
+    found: collections.Counter = collections.Counter()
+
+    def show(message, *_args, **_kwargs) -> None:
+        if "synchroniz" in str(message):
+            found[where(2)] += 1
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--ckpt-dir", help="where the random checkpoints are (built there once)")
+    ap.add_argument("--frames", type=int, default=32)
+    ap.add_argument("--size", type=int, default=448, help="square frames of this side")
+    ap.add_argument("--reps", type=int, default=2)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    plan = gpu_check.Plan.make(args.device, not cuda)
+    if not cuda:
+        gpu_check.force_frames_per_forward(2)  # (frames share forwards as on a GPU)
+    ckpt = Path(args.ckpt_dir) if args.ckpt_dir else Path(tempfile.mkdtemp(prefix="trident_gpu_profile_"))
+    node = gpu_check.SegmentNode(gpu_check.checkpoints(plan, ckpt), plan)
+    batch = gpu_check.frames((args.size, args.size), args.frames)
+    node(batch[:2], False)  # warm-up
+    for name, seconds in timings(lambda: node(batch, False), device, args.reps).items():
+        print(f"[time] {name}: {args.frames} frames of {args.size}x{args.size} in {seconds:.3f} s = "
+              f"{args.frames / seconds:.1f} images/s", flush=True)
+    if not cuda:
+        return 0
+    per_forward = min(args.frames, node.frames_per_forward((args.size, args.size)))
+    syncs = synchronising_calls(lambda: node(batch[:per_forward], False))
+    print(f"[syncs] {sum(syncs.values())} synchronising calls for {per_forward} frames, by where:")
+    for at, count in syncs.most_common(30):
+        print(f"  {count:5d} {at}")
+    mode = CpuMeetsCuda()
+    with mode:
+        node(batch[:per_forward], False)
+    print(f"[copies] {sum(mode.counts.values())} CPU tensors meeting CUDA for {per_forward} frames, by where:")
+    for at, count in mode.counts.most_common(30):
+        print(f"  {count:5d} {at}")
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        node(batch, False)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=50))
+    calls = {e.key: e for e in averages}
+    for key in ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaLaunchKernel", "cudaLaunchKernelExC"):
+        if key in calls:
+            print(f"[host] {key}: {calls[key].count} calls, {calls[key].cpu_time_total / 1e3:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
