@@ -226,3 +226,42 @@ def test_too_many_open_files_is_said_and_the_limit_raised(tmp_path):
         for w in held:
             w.abort()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".webp", ".tif"])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_a_frames_header_size_is_its_decoded_size(tmp_path, ext, orientation):
+    """`header_size` gives (H, W) as `read_image` decodes the file, EXIF orientation applied, for every format's
+    way of storing it (PIL reports a turned TIFF's size already turned: it was turned twice, and a folder with
+    such a frame was refused though its frames decode alike)."""
+    from trident_core.image import header_size, read_image
+
+    im = Image.fromarray(np.random.RandomState(orientation).randint(0, 255, (40, 64, 3), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.save(tmp_path / f"f{ext}", exif=exif.tobytes())
+    assert header_size(tmp_path / f"f{ext}") == read_image(tmp_path / f"f{ext}").shape[:2]
+
+
+def test_a_png_frames_header_is_read_without_decoding_it(tmp_path, monkeypatch):
+    """Checking a folder clip's frames reads their headers only: a PNG's EXIF lookup decoded the whole image."""
+    from PIL import PngImagePlugin
+
+    from trident_core.image import header_size
+
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "f.png")
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda _self: pytest.fail("the PNG was decoded"))
+    assert header_size(tmp_path / "f.png") == (48, 64)
+
+
+def test_frames_too_large_or_empty_are_one_line_before_the_models(frames, tmp_path):
+    """Frames wider than MPEG-4 codes (8192: the encoder refused them after the models loaded, blamed on a missing
+    encoder) and an empty frame file (an interrupted copy) are refused in one line saying so."""
+    with pytest.raises(ValueError, match=r"8192x16 pixels: too large for an MPEG-4 video \(at most 8190"):
+        video_io.check_video_size((16, 8192), "the clip x")
+    video_io.check_video_size((16, 8190), "the clip x")
+    for k, f in enumerate(frames[:3]):
+        Image.fromarray(f).save(tmp_path / f"{k}.png")
+    (tmp_path / "1.png").write_bytes(b"")
+    with pytest.raises(VideoError, match=r"1\.png.*the file is empty \(0 bytes\)"):
+        open_clip(tmp_path)

@@ -219,6 +219,9 @@ def check_header(path: str | os.PathLike) -> str | None:
     before anything reads the whole file."""
     from PIL import Image
 
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ImageError(f"cannot read image {os.fspath(path)!r}: the file is empty (0 bytes), as an interrupted "
+                         "copy or download leaves it: copy it again")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (size warnings, odd EXIF: the decoders' turn comes next)
@@ -252,7 +255,12 @@ def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
-                (w, h), turned = im.size, im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+                w, h = im.size
+                if im.format == "TIFF" and {256, 257} <= set(im.tag_v2):  # (PIL gives a turned TIFF's size turned)
+                    w, h = im.tag_v2[256], im.tag_v2[257]
+                # (a PNG without an EXIF chunk before its pixels: getexif() would decode the whole image)
+                exif = im.getexif() if im.format != "PNG" or "exif" in im.info else {}
+                turned = exif.get(EXIF_ORIENTATION) in (5, 6, 7, 8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     return (w, h) if turned else (h, w)

@@ -9,6 +9,7 @@ temporary folder, renamed when complete."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -236,14 +237,21 @@ def check_opencv_path(path: Path, what: str) -> None:
                          "reader and writer cannot take; rename it (or the folders on its way)") from None
 
 
-def _capture(path: Path) -> cv2.VideoCapture:
-    check_opencv_path(path, "the video")
+@contextlib.contextmanager
+def _quiet_opencv() -> Iterator[None]:
+    """OpenCV's own log lines silenced: a failure is our one line, not FFmpeg's."""
     level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # our one line, not FFmpeg's
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     try:
-        cap = cv2.VideoCapture(str(path))
+        yield
     finally:
         cv2.utils.logging.setLogLevel(level)
+
+
+def _capture(path: Path) -> cv2.VideoCapture:
+    check_opencv_path(path, "the video")
+    with _quiet_opencv():
+        cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise VideoError(f"{path}: cannot open it as a video (not a video, or a container/codec this OpenCV cannot "
                          "read; convert it to H.264 .mp4 or to a folder of PNG frames)")
@@ -289,6 +297,7 @@ def _check_pixels(path: Path, w: int, h: int) -> None:
 
 
 MIN_VIDEO_SIDE = 16  # OpenCV's MPEG-4 encoder crashes the process on some smaller frames (4x4 grey)
+MAX_VIDEO_SIDE = 8190  # MPEG-4 Part 2 codes a side in 13 bits: 8192 is refused ("dimensions too large")
 
 
 def check_video_size(size: tuple[int, int], what: str) -> None:
@@ -296,6 +305,9 @@ def check_video_size(size: tuple[int, int], what: str) -> None:
     if min(size) < MIN_VIDEO_SIDE:
         raise ValueError(f"{what} has frames of {size[1]}x{size[0]} pixels: too small for a video (at least "
                          f"{MIN_VIDEO_SIDE}x{MIN_VIDEO_SIDE}); scale it up first")
+    if max(video_size(size)) > MAX_VIDEO_SIDE:
+        raise ValueError(f"{what} has frames of {size[1]}x{size[0]} pixels: too large for an MPEG-4 video (at most "
+                         f"{MAX_VIDEO_SIDE} pixels a side); downscale the clip first")
 
 
 def video_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -317,8 +329,9 @@ class VideoWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         h, w = video_size(self.size)
         check_opencv_path(self.tmp, "the video")
-        self._writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h),
-                                       isColor=color)
+        with _quiet_opencv():
+            self._writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h),
+                                           isColor=color)
         if not self._writer.isOpened():
             raise OSError(f"cannot write the video {self.path}: {_why_not_written(self.tmp)}")
 
@@ -386,7 +399,11 @@ def allow_open_files(count: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = count + OPEN_FILES_MARGIN
     if soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard),
+                                                        hard))
+        except (ValueError, OSError):  # (macOS caps it below an unlimited hard limit: the writers then say so)
+            pass
 
 
 class FrameFolder:
