@@ -44,10 +44,11 @@ def rel_pos_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tens
 
 
 def whole_grid_channels(device: torch.device, dtype: torch.dtype) -> bool:
-    """On a GPU in half precision, the whole grid goes through one `augmented` call: the fused kernel takes the
-    relative-position terms as extra channels, so no [heads, rows, N] bias is written and read per band (a
-    frame's global blocks at 448x448 spent twice the attention's time building the bias)."""
-    return device.type != "cpu" and dtype in (torch.float16, torch.bfloat16)
+    """On a CUDA GPU in half precision, the whole grid goes through one `augmented` call: the fused kernel takes
+    the relative-position terms as extra channels, so no [heads, rows, N] bias is written and read per band (a
+    frame's global blocks at 448x448 spent twice the attention's time building the bias). Elsewhere (MPS) the
+    bands keep each call's scores bounded, whichever kernel runs them."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, grid: tuple[int, int],
