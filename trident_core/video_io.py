@@ -324,9 +324,14 @@ class VideoWriter:
     def __init__(self, path: Path, fps: float, size: tuple[int, int], color: bool = True) -> None:
         check_video_size(size, f"the video {path}")
         self.path, self.size, self.color, self.count = Path(path), tuple(size), color, 0
-        remove_partials(self.path)
+        try:
+            remove_partials(self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # (out of file descriptors here or in the encoder below: the same one line)
+            if e.errno != errno.EMFILE:
+                raise
+            raise OSError(f"cannot write the video {self.path}: {_reason(e)}") from e
         self.tmp = partial_name(self.path).with_name(partial_name(self.path).name + self.path.suffix)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         h, w = video_size(self.size)
         check_opencv_path(self.tmp, "the video")
         with _quiet_opencv():
@@ -380,12 +385,17 @@ def _why_not_written(path: Path) -> str:
         with open(path, "xb"):
             pass
     except OSError as e:
-        if e.errno == errno.EMFILE:
-            return (f"{e.strerror} (every class that appears in a clip keeps its mask video open: raise the limit, "
-                    "e.g. `ulimit -n 4096`, or name fewer classes)")
-        return e.strerror or str(e)
+        return _reason(e)
     path.unlink()
     return "this OpenCV has no MPEG-4 (mp4v) encoder"
+
+
+def _reason(e: OSError) -> str:
+    """The system's reason a file could not be made, with what to do when the process ran out of descriptors."""
+    if e.errno == errno.EMFILE:
+        return (f"{e.strerror} (every class that appears in a clip keeps its mask video open: raise the limit, "
+                "e.g. `ulimit -n 4096`, or name fewer classes)")
+    return e.strerror or str(e)
 
 
 def allow_open_files(count: int) -> None:
