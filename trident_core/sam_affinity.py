@@ -85,10 +85,11 @@ def _batched_rows(enc: SamEncoding, sam: SamModel, start: int, stop: int, config
     """`affinity_rows` before its row normalisation, every head in one batched product per step ([heads, r, N]
     tensors): the same formula, rounded as batched products and a mean over heads round."""
     valid = _valid_index(enc)
-    unit_v = unit_values(enc) if unit_v is None else unit_v
-    cos = torch.bmm(unit_v[:, start:stop], unit_v.transpose(1, 2))  # [heads, r, N]
-    mean_cos = cos.mean(dim=0)
-    tau = _threshold(mean_cos, config)
+    if config.correlation in ("affinity", "cosine"):  # (attention alone reads no cosines)
+        unit_v = unit_values(enc) if unit_v is None else unit_v
+        cos = torch.bmm(unit_v[:, start:stop], unit_v.transpose(1, 2))  # [heads, r, N]
+        mean_cos = cos.mean(dim=0)
+        tau = _threshold(mean_cos, config)
     if config.correlation == "cosine":  # Eq. 4
         return mean_cos.masked_fill(mean_cos <= tau, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
     probs = sam.all_heads_attention(enc, valid[start:stop])  # [heads, r, padded N]
