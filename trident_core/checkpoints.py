@@ -148,23 +148,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
-    if p.stat().st_size == 0:
+    size = p.stat().st_size
+    if size == 0:
         raise CheckpointError(f"{p}: the file is empty; delete it and download it again")
     with open(p, "rb") as f:
         head = f.read(512)  # (what the format checks below read)
     _refuse_text(p, head)
-    return _check_values(_read(p, head), p)
+    return _check_values(_read(p, head, size), p)
 
 
-def _read(p: Path, head: bytes) -> dict[str, torch.Tensor]:
+def _read(p: Path, head: bytes, size: int) -> dict[str, torch.Tensor]:
     """The file's tensors by its format (safetensors, TorchScript or a weights-only pickle), `head` its first
-    bytes."""
+    bytes, `size` its length."""
     try:
-        if _is_safetensors(head, p.stat().st_size):
+        if _is_safetensors(head, size):
             from safetensors.torch import load_file
 
             return _unwrap(load_file(str(p), device="cpu"), p)
-        if _cut_short(p, head):
+        if _cut_short(p, head, size):
             raise EOFError("it ends before its own structure does")
         if _is_torchscript(p):
             return _unwrap(_read_torchscript(p), p)
@@ -203,11 +204,11 @@ def _corrupt(p: Path, e: BaseException) -> CheckpointError:
         f"Delete it and download it again. ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
-def _cut_short(p: Path, head: bytes) -> bool:
+def _cut_short(p: Path, head: bytes, size: int) -> bool:
     """A file too short for any checkpoint (under 9 bytes), a safetensors header of an impossible length, or a zip
     (PyTorch's format) without its closing directory: cut short or damaged (they were said to hold pickled
     objects)."""
-    return (len(head) < 9 or head[8:9] == b"{" and not _is_safetensors(head, p.stat().st_size)
+    return (len(head) < 9 or head[8:9] == b"{" and not _is_safetensors(head, size)
             or head[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(p))
 
 

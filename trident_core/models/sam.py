@@ -75,6 +75,7 @@ class SamModel:
     model: nn.Module
     arch: str
     path: str
+    rel_tables: dict = dataclasses.field(default_factory=dict, repr=False)  # see _rel_tables
 
     @property
     def device(self) -> torch.device:
@@ -164,15 +165,25 @@ class SamModel:
                                                                        torch.Tensor | None]:
         """The last block's queries of the tokens `rows` [heads, r, c] and their decomposed relative-position terms
         rel_h [heads, r, ph] and rel_w [heads, r, pw] (None without relative positions)."""
-        attn_mod = self.model.image_encoder.blocks[-1].attn
-        grid = enc.padded_grid
         q = enc.q[:, rows]
-        if not attn_mod.use_rel_pos:
+        if not self.model.image_encoder.blocks[-1].attn.use_rel_pos:
             return q, None, None
-        rh = rel_pos_table(grid[0], grid[0], attn_mod.rel_pos_h.float())  # [ph, ph, c]
-        rw = rel_pos_table(grid[1], grid[1], attn_mod.rel_pos_w.float())
-        return (q, torch.einsum("hrc,rkc->hrk", q, rh[rows // grid[1]]),
-                torch.einsum("hrc,rkc->hrk", q, rw[rows % grid[1]]))
+        rh, rw = self._rel_tables(enc.padded_grid)
+        return (q, torch.einsum("hrc,rkc->hrk", q, rh[rows // enc.padded_grid[1]]),
+                torch.einsum("hrc,rkc->hrk", q, rw[rows % enc.padded_grid[1]]))
+
+    def _rel_tables(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's relative-position tables for a padded grid, [ph, ph, c] and [pw, pw, c] in float32,
+        made once per grid where the weights are (every block of an encoding's affinity rows reads them, and
+        remade them in about 20 small kernels each time). Only the weights' current device is kept."""
+        attn_mod = self.model.image_encoder.blocks[-1].attn
+        key = (tuple(grid), attn_mod.rel_pos_h.device)
+        if key not in self.rel_tables:
+            if any(k[1] != key[1] for k in self.rel_tables):  # (the weights moved: nothing kept on the old device)
+                self.rel_tables.clear()
+            self.rel_tables[key] = (rel_pos_table(grid[0], grid[0], attn_mod.rel_pos_h.float()),
+                                    rel_pos_table(grid[1], grid[1], attn_mod.rel_pos_w.float()))
+        return self.rel_tables[key]
 
     def head_attention(self, enc: SamEncoding, rows: torch.Tensor) -> Callable[[int], torch.Tensor]:
         """A function of the head h giving the last block's attention probabilities [len(rows), 64*64] for the
