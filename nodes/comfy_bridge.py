@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -27,11 +29,19 @@ EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin")
 R = TypeVar("R")
 
 
+_ABSENT: set[str] = set()  # ComfyUI modules found missing: importing one searches the whole path again each time
+
+
 def _comfy(name: str) -> ModuleType | None:
-    """A ComfyUI module, or None when the nodes run outside ComfyUI."""
+    """A ComfyUI module, or None when the nodes run outside ComfyUI (asked per frame: a failed import is not
+    retried, 2 ms a frame outside ComfyUI)."""
+    module = sys.modules.get(name)
+    if module is not None or name in _ABSENT:
+        return module
     try:
         return importlib.import_module(name)
     except ImportError:
+        _ABSENT.add(name)
         return None
 
 
@@ -259,14 +269,27 @@ def each_image(fn: Callable[..., R], *batches: Sequence) -> list[R]:
     return each_result(lambda progress: (fn(*items, progress) for items in zip(*batches)), len(batches[0]))
 
 
+TRIM_EVERY_S = 0.25  # the freed heap given back after an image at most this often (a trim takes a few ms)
+_last_trim = [float("-inf")]
+
+
+def trim_paced() -> None:
+    """`trim_heap` unless it ran less than TRIM_EVERY_S ago: after every image where an image takes longer (the
+    CPU), every few frames where frames take milliseconds (a GPU's batches), the heap's growth bounded either way."""
+    now = time.monotonic()
+    if now - _last_trim[0] >= TRIM_EVERY_S:
+        trim_heap()
+        _last_trim[0] = time.monotonic()
+
+
 def each_result(results: Callable[[Progress], Iterator[R]], total: int) -> list[R]:
     """The `total` results `results(progress)` yields (one per image, e.g. frames sharing forwards), with
-    `each_image`'s progress bar, cancellation and freed heap after each."""
+    `each_image`'s progress bar, cancellation and freed heap after each (`trim_paced`)."""
     progress = Progress(total)
     out = []
     for result in results(progress):
         out.append(result)
-        trim_heap()
+        trim_paced()
         progress.step()
     return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -120,6 +121,7 @@ def test_each_image_checks_for_cancel_between_images_and_advances_the_bar(monkey
     monkeypatch.setattr(bridge, "progress_bar", Bar)
     monkeypatch.setattr(bridge, "check_interrupt", lambda: events.append("check"))
     monkeypatch.setattr(bridge, "trim_heap", lambda: events.append("trim"))
+    monkeypatch.setattr(bridge, "TRIM_EVERY_S", 0.0)  # (images of seconds: a trim after each)
 
     def one(a, b, progress):
         events.append(("image", a, b))
@@ -234,3 +236,42 @@ def test_parameters_are_checked_by_type_where_they_enter():
             Params().update(**flat)
     with pytest.raises(TypeError, match=r"Params\(windows=...\) takes a WindowConfig, not dict"):
         Params(windows={"short_side": 448})
+
+
+def test_the_heap_is_trimmed_at_most_every_quarter_second(monkeypatch):
+    """Frames of milliseconds (a GPU's batches) pay a trim every TRIM_EVERY_S, not one each; images of seconds (the
+    CPU) one after each, as before."""
+    bridge = sys.modules[import_pack().__name__ + ".nodes.comfy_bridge"]
+    trims, clock = [], [100.0]
+    monkeypatch.setattr(bridge, "trim_heap", lambda: trims.append(clock[0]))
+    monkeypatch.setattr(bridge, "progress_bar", lambda total: type("Bar", (), {"update": lambda self, v: None})())
+    monkeypatch.setattr(bridge, "check_interrupt", lambda: None)
+    monkeypatch.setattr(bridge.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(bridge, "_last_trim", [float("-inf")])
+
+    def frames(step):
+        def one(i, _progress):
+            clock[0] += step
+            return i
+        return one
+
+    assert bridge.each_image(frames(0.02), list(range(40))) == list(range(40))  # 0.8 s of frames
+    assert len(trims) == 4 and all(b - a >= bridge.TRIM_EVERY_S for a, b in zip(trims, trims[1:]))
+    trims.clear()
+    bridge.each_image(frames(1.5), list(range(3)))
+    assert len(trims) == 3
+
+
+def test_a_missing_comfyui_module_is_looked_for_once(monkeypatch):
+    """Outside ComfyUI each frame asks for its modules (interrupts, progress): a missing one is searched for once,
+    a module present (or put there later, as ComfyUI or a test does) is returned from sys.modules."""
+    bridge = sys.modules[import_pack().__name__ + ".nodes.comfy_bridge"]
+    tried = []
+    real = bridge.importlib.import_module
+    monkeypatch.setattr(bridge.importlib, "import_module", lambda name: tried.append(name) or real(name))
+    monkeypatch.setattr(bridge, "_ABSENT", set())
+    assert [bridge._comfy("comfy_no_such_module") for _ in range(3)] == [None] * 3
+    assert tried == ["comfy_no_such_module"]
+    fake = types.ModuleType("comfy_no_such_module")
+    monkeypatch.setitem(sys.modules, "comfy_no_such_module", fake)
+    assert bridge._comfy("comfy_no_such_module") is fake and tried == ["comfy_no_such_module"]
