@@ -46,7 +46,7 @@ def test_shared_forwards_equal_one_frame_at_a_time(small_trident, photo, monkeyp
     batches = []
     encode_many = SamModel.encode_many
     monkeypatch.setattr(SamModel, "encode_many",
-                        lambda self, imgs: batches.append(len(imgs)) or encode_many(self, imgs))
+                        lambda self, imgs, *a: batches.append(len(imgs)) or encode_many(self, imgs, *a))
     seen = []
     got = list(small_trident.segment_frames(frames, CLASSES, params, after_classify=lambda s: seen.append(s) or s,
                                             per_forward=2))
@@ -216,3 +216,29 @@ def test_cpu_window_forwards_of_two_equal_one_forward_of_every_window(small_ckpt
     whole = frame_window_features(clip, dino, [x], plan, config, image_size=image.shape[:2], chunk=len(plan))[0]
     assert calls == [2] * (len(plan) // 2) + [1] * (len(plan) % 2)
     assert torch.equal(got.tokens, whole.tokens)
+
+
+@pytest.mark.parametrize("tiles", ["1x1", "1x2"])
+def test_each_frame_is_hashed_once_in_shared_forwards(small_trident, photo, monkeypatch, tiles):
+    """A group's frames are hashed once each (window features, encodings and tiles share the digest; it took 1.5 ms
+    a frame on a GPU host), and every stage's result carries the frame's own digest."""
+    from trident_core import image, sam_tiles
+    from trident_core.models import sam as sam_module
+
+    frames = _frames(photo)[:2]
+    hashed = []
+    for module in (pipeline, sam_tiles, sam_module):
+        monkeypatch.setattr(module, "image_digest", lambda img: hashed.append(1) or image.image_digest(img))
+    wfs, encs = [], []
+    finish = pipeline.Trident._finish
+    monkeypatch.setattr(pipeline.Trident, "_finish", lambda self, img, wf, enc, *a: wfs.append(wf) or encs.append(
+        enc) or finish(self, img, wf, enc, *a))
+    list(small_trident.segment_frames(frames, CLASSES, Params().update(sam_tiles=tiles, refine=False),
+                                      per_forward=2))
+    # 1x2: each tile is not its frame, so SAM hashes each of its 2 tiles (the frames here are on the 16-pixel grid)
+    assert len(hashed) == len(frames) * (1 if tiles == "1x1" else 3)
+    for frame, wf, enc in zip(frames, wfs, encs):
+        want = image.image_digest(frame)
+        assert wf.image_digest == enc.image_digest == want
+        if tiles == "1x1":
+            assert enc.encodings[0].image_digest == want

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -72,21 +73,21 @@ def to_rgb_uint8(image: object) -> np.ndarray:
         if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
             raise ImageError(f"unsupported image dtype {arr.dtype}: give uint8 (0..255), uint16 (0..65535) or float "
                              "(0..1) samples" + (" (a mask: as uint8 0 and 255)" if arr.dtype == bool else ""))
-        f = arr.astype(np.float32)
-        if not np.isfinite(f).all():
+        f = arr.astype(np.float32)  # (a copy of our own: the steps below work in it)
+        low, peak = float(f.min(initial=0.0)), float(f.max(initial=0.0))
+        if not (math.isfinite(low) and math.isfinite(peak)):  # (a NaN or an infinity anywhere is the min or max)
             raise ImageError("the image contains NaN or infinite values")
         if np.issubdtype(arr.dtype, np.floating):
-            check_float_range(float(f.max(initial=0.0)), float(f.min(initial=0.0)))
-            f = f * 255.0  # float images are 0..1 (ComfyUI's IMAGE)
+            check_float_range(peak, low)
+            np.multiply(f, 255.0, out=f)  # float images are 0..1 (ComfyUI's IMAGE)
         else:
-            low, peak = float(f.min(initial=0.0)), float(f.max(initial=0.0))
             top = 65535 if sixteen or arr.dtype == np.uint16 else 255
             if low < 0 or peak > top:
                 raise ImageError(f"integer pixel values go from {low:g} to {peak:g}: give 8-bit (0..255) or 16-bit "
                                  "(uint16, 0..65535) samples, or floats 0..1")
             if top == 65535:
                 f = f / 257.0  # 16-bit to 8-bit (65535 -> 255), as OpenCV reads a 16-bit file
-        arr = np.clip(np.rint(f), 0, 255).astype(np.uint8)
+        arr = np.clip(np.rint(f, out=f), 0, 255, out=f).astype(np.uint8)
     c = arr.shape[2]
     if c in (1, 2):  # gray (+ alpha)
         arr = np.repeat(arr[:, :, :1], 3, axis=2)
@@ -282,12 +283,18 @@ def rescale_short_side(img: np.ndarray, short_side: int, long_cap: int = 2048) -
     return cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
 
 
-def normalize_clip(img: np.ndarray) -> torch.Tensor:
-    """[1, 3, H, W] float32 CLIP-normalised as the reference's data preprocessor does (0..255 scale)."""
-    x = torch.from_numpy(img).permute(2, 0, 1).float()
-    mean = torch.tensor(CLIP_MEAN_255).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD_255).view(3, 1, 1)
+def normalize_clip(img: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[1, 3, H, W] float32 CLIP-normalised as the reference's data preprocessor does (0..255 scale), computed on
+    `device` (the uint8 pixels copied there: a GPU host spent 5 ms a frame on this; the same values anywhere)."""
+    x = torch.from_numpy(img).to(device).permute(2, 0, 1).float()
+    mean, std = _clip_255(torch.device(device))
     return ((x - mean) / std)[None]
+
+
+@functools.cache
+def _clip_255(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's pixel means and deviations (0..255) [3, 1, 1] on `device`, made once (never changed)."""
+    return tuple(torch.tensor(c, device=device).view(3, 1, 1) for c in (CLIP_MEAN_255, CLIP_STD_255))
 
 
 def fit_to_patches(x: torch.Tensor, patch: int, window: int) -> torch.Tensor:
@@ -307,9 +314,11 @@ def fit_to_patches(x: torch.Tensor, patch: int, window: int) -> torch.Tensor:
     return F.interpolate(x, (nh, nw), mode="bilinear", align_corners=False)
 
 
-def clip_input(img: np.ndarray, short_side: int, patch: int, window: int, long_cap: int = 2048) -> torch.Tensor:
-    """The CLIP/DINO branch's image: rescaled, CLIP-normalised, on the patch grid. [1, 3, H', W'] float32."""
-    return fit_to_patches(normalize_clip(rescale_short_side(img, short_side, long_cap)), patch, window)
+def clip_input(img: np.ndarray, short_side: int, patch: int, window: int, long_cap: int = 2048,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """The CLIP/DINO branch's image: rescaled, CLIP-normalised, on the patch grid. [1, 3, H', W'] float32 on
+    `device`."""
+    return fit_to_patches(normalize_clip(rescale_short_side(img, short_side, long_cap), device), patch, window)
 
 
 def round_up_to(img: np.ndarray, multiple: int) -> np.ndarray:

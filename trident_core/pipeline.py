@@ -20,6 +20,7 @@ from .classes import ClassList, check_several, parse_classes
 from .classify import Segmentation, classify
 from .config import AggregateConfig, Params, WindowConfig
 from .devices import frames_per_forward, resolve_device, resolve_dtype
+from .frame_graphs import FrameAggregation
 from .image import clip_input, image_digest, to_rgb_uint8
 from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
 from .pamr import Pamr, pamr_guide
@@ -48,21 +49,23 @@ def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, con
 
 
 def compute_frame_window_features(clip: ClipModel, dino: DinoModel, images: Sequence[object], config: WindowConfig,
-                                  progress: Progress = _noop, after_dino: Callable[[], None] | None = None
-                                  ) -> list[WindowFeatures]:
+                                  progress: Progress = _noop, after_dino: Callable[[], None] | None = None,
+                                  digests: Sequence[str] | None = None) -> list[WindowFeatures]:
     """`compute_window_features` of several frames of one size, each forward carrying `window_chunk` windows per
-    frame (`frame_window_features`)."""
+    frame (`frame_window_features`; `digests`: the frames' `image_digest`s where the caller has them)."""
     if config.window % clip.patch_size or config.window % dino.patch_size:
         raise ValueError(f"window {config.window} must be a multiple of CLIP's patch ({clip.patch_size}) and "
                          f"DINO's ({dino.patch_size})")
     imgs = same_size([to_rgb_uint8(image) for image in images])
-    xs = [clip_input(img, config.short_side, clip.patch_size, config.window, config.long_cap) for img in imgs]
+    xs = [clip_input(img, config.short_side, clip.patch_size, config.window, config.long_cap, dino.device)
+          for img in imgs]  # (made where DINO takes them: on a GPU, each frame's pixels copied once)
     plan = plan_windows(tuple(xs[0].shape[-2:]), config.window, config.stride)
     wfs = frame_window_features(clip, dino, xs, plan, config, image_size=imgs[0].shape[:2],
                                 chunk=window_chunk(clip.device) * len(xs), on_chunk=lambda: progress("windows"),
                                 after_dino=after_dino)
     scale = (config.short_side, config.long_cap)
-    return [dataclasses.replace(wf, image_digest=image_digest(img), scale=scale) for wf, img in zip(wfs, imgs)]
+    digests = digests or [image_digest(img) for img in imgs]
+    return [dataclasses.replace(wf, image_digest=d, scale=scale) for wf, d in zip(wfs, digests)]
 
 
 def same_size(imgs: list[np.ndarray]) -> list[np.ndarray]:
@@ -81,13 +84,14 @@ def encode_image(sam: SamModel | None, image: object, config: AggregateConfig,
 
 
 def encode_frames(sam: SamModel | None, images: Sequence[object], config: AggregateConfig,
-                  progress: Progress = _noop) -> list[SamTileEncodings | None]:
-    """`encode_image` of several frames of one size, each tile of every frame in one forward of SAM's encoder."""
+                  progress: Progress = _noop, digests: Sequence[str] | None = None) -> list[SamTileEncodings | None]:
+    """`encode_image` of several frames of one size, each tile of every frame in one forward of SAM's encoder
+    (`digests`: the frames' `image_digest`s where the caller has them)."""
     if not config.uses_sam:
         return [None] * len(images)
     require_sam(sam, Params(aggregation=config))
     imgs = same_size([to_rgb_uint8(image) for image in images])
-    encodings = encode_frame_tiles(sam, imgs, SamTiling.of(config.sam_tiles, imgs[0].shape[:2]))
+    encodings = encode_frame_tiles(sam, imgs, SamTiling.of(config.sam_tiles, imgs[0].shape[:2]), digests)
     progress("sam")
     return encodings
 
@@ -115,13 +119,15 @@ def bf16_sam_warning(sam: SamModel | None, aggregation: AggregateConfig) -> str 
 
 def compute_feature_map(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None,
                         encodings: SamTileEncodings | None, config: AggregateConfig,
-                        progress: Progress = _noop) -> FeatureMap:
-    """S5 to S7: splice, SAM affinity over the image's tile encodings, aggregation, projection (or the
-    segment-then-splice baseline, which takes no encodings)."""
+                        progress: Progress = _noop,
+                        aggregator: Callable[..., torch.Tensor] | None = None) -> FeatureMap:
+    """S5 to S7: splice, SAM affinity over the image's tile encodings, aggregation (by `aggregator`, default
+    `aggregate`), projection (or the segment-then-splice baseline, which takes no encodings)."""
     warning = bf16_sam_warning(sam, config)
     if warning:
         _warn_once(warning)
-    return splice_and_aggregate(wf, clip, sam, encodings, config, on_step=lambda: progress("sam"))
+    return splice_and_aggregate(wf, clip, sam, encodings, config, on_step=lambda: progress("sam"),
+                                aggregator=aggregator)
 
 
 @functools.cache
@@ -301,13 +307,14 @@ class Trident:
             return
         limit = per_forward if callable(per_forward) else lambda _size: per_forward
         cl = _class_list(classes)
+        aggregator = FrameAggregation()  # (this batch's CUDA graphs: freed with it when the batch is done)
         group: list[np.ndarray] = []
         count = 1  # the current group's share of one forward
         for image in images:
             img = to_rgb_uint8(image)
             del image
             if group and img.shape != group[0].shape:
-                yield from self._segment_group(group, cl, params, progress, after_classify)
+                yield from self._segment_group(group, cl, params, progress, after_classify, aggregator)
                 group = []
             if not group:
                 count = limit(img.shape[:2])
@@ -317,32 +324,36 @@ class Trident:
                 group.append(img)
             del img  # (the group holds what it needs; nothing else held while the next image is read)
             if group and len(group) >= count:
-                yield from self._segment_group(group, cl, params, progress, after_classify)
+                yield from self._segment_group(group, cl, params, progress, after_classify, aggregator)
                 group = []
         if group:
-            yield from self._segment_group(group, cl, params, progress, after_classify)
+            yield from self._segment_group(group, cl, params, progress, after_classify, aggregator)
 
     def _segment_group(self, imgs: list[np.ndarray], cl: ClassList, params: Params, progress: Progress,
-                       after_classify: Callable[[Segmentation], Segmentation] | None) -> Iterator[Segmentation]:
-        """Frames of one size: their windows and SAM encodings in shared forwards, then each frame's segment."""
+                       after_classify: Callable[[Segmentation], Segmentation] | None,
+                       aggregator: FrameAggregation) -> Iterator[Segmentation]:
+        """Frames of one size: their windows and SAM encodings in shared forwards, then each frame's segment
+        (its aggregation by the batch's `aggregator`)."""
         require_sam(self.sam, params)
         text = self.text(cl, progress).to(self.clip.device)  # (once per group, not a blocking copy per frame)
         progress("text")
-        wfs = compute_frame_window_features(self.clip, self.dino, imgs, params.windows, progress)
-        encodings = encode_frames(self.sam, imgs, params.aggregation, progress)
+        digests = [image_digest(img) for img in imgs]  # (once a frame: each stage hashed it again)
+        wfs = compute_frame_window_features(self.clip, self.dino, imgs, params.windows, progress, digests=digests)
+        encodings = encode_frames(self.sam, imgs, params.aggregation, progress, digests)
         shares = list(zip(wfs, encodings))
         del wfs, encodings
         for img in imgs:
             # the frame's share popped, its result yielded, not kept: nothing of a frame stays here once handed on
-            yield self._finish(img, *shares.pop(0), text, cl, params, progress, after_classify)
+            yield self._finish(img, *shares.pop(0), text, cl, params, progress, after_classify, aggregator)
 
     @torch.no_grad()  # (here, not on the generators: torch's wrapper of a generator holds the result it yielded)
     def _finish(self, img: np.ndarray, wf: WindowFeatures, encodings: SamTileEncodings | None, text: torch.Tensor,
                 cl: ClassList, params: Params, progress: Progress,
-                after_classify: Callable[[Segmentation], Segmentation] | None) -> Segmentation:
-        """A frame of `segment_frames` from its window features and SAM encodings: aggregation, classification,
-        refinement."""
-        fm = compute_feature_map(wf, self.clip, self.sam, encodings, params.aggregation, progress)
+                after_classify: Callable[[Segmentation], Segmentation] | None,
+                aggregator: FrameAggregation) -> Segmentation:
+        """A frame of `segment_frames` from its window features and SAM encodings: aggregation (by the batch's
+        `aggregator`), classification, refinement."""
+        fm = compute_feature_map(wf, self.clip, self.sam, encodings, params.aggregation, progress, aggregator)
         seg = classify(fm, text, cl, params.classification, pamr_for(img, params))
         if after_classify is not None:
             seg = after_classify(seg)

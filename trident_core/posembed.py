@@ -25,3 +25,14 @@ def interpolate_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Ten
         raise RuntimeError(f"position grid {tuple(patch.shape[-2:])} != {grid}")
     patch = patch.permute(0, 2, 3, 1).reshape(-1, dim).to(pos.dtype)
     return torch.cat([cls, patch], dim=0)
+
+
+def cached_pos_embed(cache: dict, pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """`interpolate_pos_embed`, kept in a model's `cache` per grid (every forward asked for the same one: a bicubic
+    kernel of 2 ms on a GPU); made again when the weights moved or changed, only the current device's kept."""
+    key = (tuple(grid), pos.device, pos.dtype, pos._version)
+    if key not in cache:
+        if any(k[1:] != key[1:] for k in cache):
+            cache.clear()
+        cache[key] = interpolate_pos_embed(pos, grid)
+    return cache[key]

@@ -121,10 +121,14 @@ def encode_tiles(sam: SamModel, image: np.ndarray, tiling: SamTiling) -> SamTile
     return encode_frame_tiles(sam, [image], tiling)[0]
 
 
-def encode_frame_tiles(sam: SamModel, images: Sequence[np.ndarray], tiling: SamTiling) -> list[SamTileEncodings]:
-    """`encode_tiles` of several frames of one size: each tile of every frame in one forward of SAM's encoder."""
+def encode_frame_tiles(sam: SamModel, images: Sequence[np.ndarray], tiling: SamTiling,
+                       digests: Sequence[str] | None = None) -> list[SamTileEncodings]:
+    """`encode_tiles` of several frames of one size: each tile of every frame in one forward of SAM's encoder.
+    `digests`: the frames' `image_digest`s where the caller has them (hashing a frame took 1.5 ms on a GPU host)."""
+    digests = digests or [image_digest(image) for image in images]
     padded = [round_up_to(image, PATCH) for image in images]
-    per_tile = [sam.encode_many([np.ascontiguousarray(img16[y1:y2, x1:x2]) for img16 in padded])
+    whole = tiling.shape == (1, 1) and all(p is image for p, image in zip(padded, images))  # a tile is its frame
+    per_tile = [sam.encode_many([np.ascontiguousarray(img16[y1:y2, x1:x2]) for img16 in padded],
+                                digests if whole else None)
                 for y1, y2, x1, x2 in tiling.boxes()]
-    return [SamTileEncodings(tiling, tuple(tile[f] for tile in per_tile), image_digest(images[f]))
-            for f in range(len(images))]
+    return [SamTileEncodings(tiling, tuple(tile[f] for tile in per_tile), digests[f]) for f in range(len(images))]

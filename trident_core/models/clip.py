@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError, complete, expect_family, read_state_dict
-from ..posembed import interpolate_pos_embed
+from ..posembed import cached_pos_embed
 from .conversion import FLOAT32, LO, PAIR, Layout, all_low, converted
 from .loading import check_materialised, count_blocks, finite, load_strict, model_identity, on_meta, place
 from .precision import attach_pairs, linear32, norm32, use_pairs
@@ -54,6 +54,7 @@ class ClipModel:
     quick_gelu: bool
     text_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     disk_cache: Path | None = field(default=None, repr=False)  # folder of text embeddings kept between runs
+    positions: dict = field(default_factory=dict, repr=False)  # see posembed.cached_pos_embed
 
     @property
     def device(self) -> torch.device:
@@ -96,7 +97,8 @@ class ClipModel:
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         t = v.conv1(x).flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(t.dtype).view(1, 1, -1).expand(t.shape[0], -1, -1)
-        t = torch.cat([cls, t], dim=1) + interpolate_pos_embed(v.positional_embedding, grid).to(t.dtype)[None]
+        pos = cached_pos_embed(self.positions, v.positional_embedding, grid)
+        t = torch.cat([cls, t], dim=1) + pos.to(t.dtype)[None]
         t = v.ln_pre(v.patch_dropout(t))
         blocks = v.transformer.resblocks
         for blk in blocks[:-1]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..checkpoints import complete, expect_family, read_state_dict
-from ..posembed import interpolate_pos_embed
+from ..posembed import cached_pos_embed
 from .conversion import converted
 from .loading import check_materialised, count_blocks, finite, load_strict, on_meta, place
 
@@ -25,6 +25,7 @@ class DinoModel:
     arch: str
     patch_size: int
     path: str
+    positions: dict = field(default_factory=dict, repr=False)  # see posembed.cached_pos_embed
 
     @property
     def device(self) -> torch.device:
@@ -42,7 +43,7 @@ class DinoModel:
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         t = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
         t = torch.cat([m.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
-        t = t + interpolate_pos_embed(m.pos_embed[0], grid)[None]
+        t = t + cached_pos_embed(self.positions, m.pos_embed[0], grid)[None]
         t = m.norm_pre(m.pos_drop(t))
         t = m.norm(m.blocks(t))
         return finite(t[:, 1:], "DINO", self.path)

@@ -20,6 +20,7 @@ from torch import nn
 from ..checkpoints import SAM_HQ_EXTRAS, CheckpointError, complete, expect_family, read_state_dict
 from ..image import ImageError, image_digest
 from ..kernels import attention_probs, linear, rel_pos_table
+from ..pil_resize import pil_bilinear_resize
 from .conversion import FLOAT32, LOW, converted
 from .loading import (
     check_materialised,
@@ -37,6 +38,7 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 PATCH = 16  # SAM's encoder patch: a token per 16x16 pixels of its input
 MASK_PROMPT_SIDE = 256  # the mask decoder's low-resolution side
+GPU_RESIZE_PIXELS = 4096 * 4096  # larger images are resized by PIL on the host (float64 copies of 400 MB and more)
 _ARCHS = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
 
 
@@ -75,7 +77,8 @@ class SamModel:
     model: nn.Module
     arch: str
     path: str
-    rel_tables: dict = dataclasses.field(default_factory=dict, repr=False)  # see _rel_tables
+    rel_tables: dict = dataclasses.field(default_factory=dict, repr=False)  # see relative_tables
+    resize_matrices: dict = dataclasses.field(default_factory=dict, repr=False)  # see pil_resize._matrix
 
     @property
     def device(self) -> torch.device:
@@ -109,9 +112,10 @@ class SamModel:
         return self.encode_many([image])[0]
 
     @torch.no_grad()
-    def encode_many(self, images: Sequence[np.ndarray]) -> list[SamEncoding]:
+    def encode_many(self, images: Sequence[np.ndarray], digests: Sequence[str] | None = None) -> list[SamEncoding]:
         """`encode` of several images in one forward of the encoder (its input is always img_size square: any
-        sizes mix); each encoding owns its tensors. One image computes what `encode` always did."""
+        sizes mix); each encoding owns its tensors. One image computes what `encode` always did. `digests`: the
+        images' `image_digest`s where the caller has them."""
         model = self.model
         enc = model.image_encoder
         inputs = [self._input(image) for image in images]
@@ -133,10 +137,11 @@ class SamModel:
         if b == 1:  # (each its own dense tensor: the affinity multiplies every head's k and v rows many times)
             return [SamEncoding(q.contiguous(), k.contiguous(), v.contiguous(), x, inputs[0][1],
                                 tuple(images[0].shape[:2]), (h, w), self.identity,
-                                image_digest(images[0]))]
+                                digests[0] if digests else image_digest(images[0]))]
         return [SamEncoding(q[i * heads:(i + 1) * heads].clone(), k[i * heads:(i + 1) * heads].clone(),
                             v[i * heads:(i + 1) * heads].clone(), x[i:i + 1].clone(), size,
-                            tuple(image.shape[:2]), (h, w), self.identity, image_digest(image))
+                            tuple(image.shape[:2]), (h, w), self.identity,
+                            digests[i] if digests else image_digest(image))
                 for i, (image, (_, size)) in enumerate(zip(images, inputs))]
 
     def _input(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -149,8 +154,12 @@ class SamModel:
         if min(ResizeLongestSide.get_preprocess_shape(h, w, size)) < PATCH:
             raise ImageError(f"the image is too elongated for SAM: its {w}x{h} input is under {PATCH} pixels wide "
                              f"once scaled to {size} long; crop it to at most about 1:{size // PATCH}")
-        resized = ResizeLongestSide(size).apply_image(image)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        if self.device.type == "cuda" and h * w <= GPU_RESIZE_PIXELS:  # (PIL's pixels, computed on the GPU)
+            x = pil_bilinear_resize(torch.as_tensor(image, device=self.device),
+                                    ResizeLongestSide.get_preprocess_shape(h, w, size), self.resize_matrices)
+        else:
+            x = torch.as_tensor(ResizeLongestSide(size).apply_image(image), device=self.device)
+        x = x.permute(2, 0, 1).contiguous()[None]
         return self.model.preprocess(x.float()).to(self.dtype), tuple(x.shape[-2:])
 
     @torch.no_grad()
@@ -168,11 +177,11 @@ class SamModel:
         q = enc.q[:, rows]
         if not self.model.image_encoder.blocks[-1].attn.use_rel_pos:
             return q, None, None
-        rh, rw = self._rel_tables(enc.padded_grid)
+        rh, rw = self.relative_tables(enc.padded_grid)
         return (q, torch.einsum("hrc,rkc->hrk", q, rh[rows // enc.padded_grid[1]]),
                 torch.einsum("hrc,rkc->hrk", q, rw[rows % enc.padded_grid[1]]))
 
-    def _rel_tables(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def relative_tables(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block's relative-position tables for a padded grid, [ph, ph, c] and [pw, pw, c] in float32,
         made once per grid where the weights are (every block of an encoding's affinity rows reads them, and
         remade them in about 20 small kernels each time). Only the weights' current device is kept."""
