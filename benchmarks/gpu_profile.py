@@ -2,14 +2,16 @@
 """Where a frame batch's time goes on a GPU: what to change next for issue #25 (docs/gpu.md, "Measured").
 
 Trident Segment's node code (as gpu_check runs it) on a batch of frames without refinement, in one process:
-1. images/s of the GPU variants against each other, alternating, best of --reps (the lent hosts' speeds differ,
-   so only variants timed in one process compare): all heads at once in the affinity or one at a time
-   (`sam_affinity.heads_at_once`), SAM's attention as extra channels or bands with a bias
-   (`kernels.sam_attention.whole_grid_channels`);
+1. images/s and peak GPU memory of the GPU variants against each other, alternating, best of --reps (the lent
+   hosts' speeds differ, so only variants timed in one process compare): the frames' aggregations replayed from
+   CUDA graphs or launched kernel by kernel (`frame_graphs.graphs_usable`), all heads at once in the affinity or
+   one at a time (`sam_affinity.heads_at_once`);
 2. the calls that synchronise the host with the GPU (each empties its queue), by where in the pack they are made,
    for one forward's frames (`torch.cuda.set_sync_debug_mode`);
 3. CPU tensors of more than one element meeting CUDA tensors (a blocking copy each), by where;
-4. torch.profiler's table of the batch, by GPU time, and the host's CUDA calls (launches, synchronisations).
+4. torch.profiler's table of the batch, by GPU time, the span of each stage on the GPU, and the host's CUDA
+   calls (launches, synchronisations);
+5. the host's time by Python function (cProfile: cumulative, then own time), where launching and waiting go.
 On the CPU (`--device cpu`, the tests' small models, tiny frames) only the timings run: a test of the script.
 
     python benchmarks/gpu_profile.py [--device cuda] [--ckpt-dir DIR] [--frames 32] [--size 448] [--reps 2]
@@ -19,6 +21,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
+import io
+import pstats
 import sys
 import tempfile
 import time
@@ -38,9 +43,11 @@ import gpu_check  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests"))
 from pack_import import core  # noqa: E402
 
-# the variants: (heads at once in the affinity, SAM's attention as channels), the first the code's own choice
-VARIANTS = {"heads at once, channels": (True, True), "one head at a time, channels": (False, True),
-            "heads at once, biased bands": (True, False), "one head at a time, biased bands": (False, False)}
+# the variants: (aggregations from CUDA graphs, heads at once in the affinity), the first the code's own choice
+VARIANTS = {"graphs, heads at once": (True, True), "graphs, one head at a time": (True, False),
+            "no graphs, heads at once": (False, True)}
+# the pipeline's stages, timed as profiler ranges (the rest of the node's time: its outputs)
+STAGES = ("compute_frame_window_features", "encode_frames", "compute_feature_map", "classify")
 
 
 def where(skip: int) -> str:
@@ -70,25 +77,49 @@ class CpuMeetsCuda(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def timings(run: Callable[[], object], device: torch.device, reps: int) -> dict[str, float]:
-    """Seconds of each variant, best of `reps` rounds in which the variants alternate."""
-    affinity, attention = core("sam_affinity"), core("kernels.sam_attention")
-    own = affinity.heads_at_once, attention.whole_grid_channels
-    best = dict.fromkeys(VARIANTS, float("inf"))
+def timings(run: Callable[[], list], device: torch.device, reps: int) -> dict[str, tuple[float, float, float]]:
+    """(seconds, peak GPU MB) of each variant, the best of `reps` rounds in which the variants alternate, and the
+    percent of its labels equal to the first variant's (graphs replay eager's kernels: 100)."""
+    affinity, graphs = core("sam_affinity"), core("frame_graphs")
+    own = affinity.heads_at_once, graphs.graphs_usable
+    best = dict.fromkeys(VARIANTS, (float("inf"), 0.0))
+    labels: dict[str, list[torch.Tensor]] = {}
     try:
         for _ in range(reps):
-            for name, (heads, channels) in VARIANTS.items():
+            for name, (graphed, heads) in VARIANTS.items():
                 affinity.heads_at_once = (lambda d, heads=heads: heads and own[0](d))
-                attention.whole_grid_channels = (lambda d, t, channels=channels: channels and own[1](d, t))
+                graphs.graphs_usable = (lambda d, graphed=graphed: graphed and own[1](d))
                 gpu_check.free_memory(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 start = time.perf_counter()
-                run()
+                segs = run()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                best[name] = min(best[name], time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+                best[name] = min(best[name], (seconds, peak))
+                labels.setdefault(name, [seg.labels for seg in segs])
     finally:
-        affinity.heads_at_once, attention.whole_grid_channels = own
-    return best
+        affinity.heads_at_once, graphs.graphs_usable = own
+    first = labels[next(iter(VARIANTS))]
+    total = sum(t.numel() for t in first)
+    return {name: (*best[name], 100 * sum(int((a == b).sum()) for a, b in zip(labels[name], first)) / total)
+            for name in VARIANTS}
+
+
+def stage_ranges() -> None:
+    """Each of the pipeline's STAGES inside a profiler range of its name (for the profile's stage table)."""
+    pipeline = core("pipeline")
+
+    def ranged(name: str, fn: Callable) -> Callable:
+        def run(*args, **kwargs):
+            with torch.profiler.record_function(f"stage {name}"):
+                return fn(*args, **kwargs)
+        return run
+
+    for name in STAGES:
+        setattr(pipeline, name, ranged(name, getattr(pipeline, name)))
 
 
 def synchronising_calls(run: Callable[[], object]) -> collections.Counter:
@@ -127,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     node = gpu_check.SegmentNode(gpu_check.checkpoints(plan, ckpt), plan)
     batch = gpu_check.frames((args.size, args.size), args.frames)
     node(batch[:2], False)  # warm-up
-    for name, seconds in timings(lambda: node(batch, False), device, args.reps).items():
+    for name, (seconds, peak, same) in timings(lambda: node(batch, False), device, args.reps).items():
         print(f"[time] {name}: {args.frames} frames of {args.size}x{args.size} in {seconds:.3f} s = "
-              f"{args.frames / seconds:.1f} images/s", flush=True)
+              f"{args.frames / seconds:.1f} images/s, peak {peak:.0f} MB, labels {same:.4f} % the first's",
+              flush=True)
     if not cuda:
         return 0
     per_forward = min(args.frames, node.frames_per_forward((args.size, args.size)))
@@ -143,13 +175,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[copies] {sum(mode.counts.values())} CPU tensors meeting CUDA for {per_forward} frames, by where:")
     for at, count in mode.counts.most_common(30):
         print(f"  {count:5d} {at}")
+    host = cProfile.Profile()
+    host.enable()
+    node(batch, False)
+    torch.cuda.synchronize()
+    host.disable()
+    for order, rows in (("cumulative", 70), ("tottime", 35)):
+        text = io.StringIO()
+        pstats.Stats(host, stream=text).sort_stats(order).print_stats(rows)
+        print(f"[host by function, {order}]\n" + text.getvalue().split("\n\n", 2)[-1])
+    stage_ranges()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
-        node(batch, False)
+        with torch.profiler.record_function("stage node"):
+            node(batch, False)
         torch.cuda.synchronize()
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=50))
     calls = {e.key: e for e in averages}
+    for key in ("stage node", *(f"stage {name}" for name in STAGES)):
+        if key in calls:
+            e = calls[key]
+            print(f"[stage] {key[6:]}: {e.count} calls, host {e.cpu_time_total / 1e3:.1f} ms, "
+                  f"GPU {getattr(e, 'device_time_total', 0) / 1e3:.1f} ms")
     for key in ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaLaunchKernel", "cudaLaunchKernelExC"):
         if key in calls:
             print(f"[host] {key}: {calls[key].count} calls, {calls[key].cpu_time_total / 1e3:.1f} ms")

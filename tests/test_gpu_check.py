@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import GOLDEN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,10 +101,28 @@ def test_the_gpu_profile_times_each_variant_and_restores_the_code(tmp_path, caps
 
     trident = core("pipeline").Trident
     monkeypatch.setattr(trident, "frames_per_forward", trident.frames_per_forward)  # (the CPU run forces 2)
-    own = core("sam_affinity").heads_at_once, core("kernels.sam_attention").whole_grid_channels
+    own = core("sam_affinity").heads_at_once, core("frame_graphs").graphs_usable
     assert gpu_profile.main(["--device", "cpu", "--ckpt-dir", str(tmp_path), "--frames", "3", "--size", "64",
                              "--reps", "1"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[time]")]
     assert [ln.split(":")[0][7:] for ln in lines] == list(gpu_profile.VARIANTS)
     assert all("3 frames of 64x64" in ln for ln in lines)
-    assert (core("sam_affinity").heads_at_once, core("kernels.sam_attention").whole_grid_channels) == own
+    assert (core("sam_affinity").heads_at_once, core("frame_graphs").graphs_usable) == own
+
+
+def test_the_gpu_profile_puts_each_stage_in_a_profiler_range(small_trident, photo, monkeypatch):
+    """The profile's stage table: each of STAGES runs inside a profiler range of its name."""
+    import gpu_profile
+    from pack_import import core
+
+    pipeline = core("pipeline")
+    for name in gpu_profile.STAGES:
+        monkeypatch.setattr(pipeline, name, getattr(pipeline, name))  # (given back after the test)
+    gpu_profile.stage_ranges()
+    tr = pipeline.Trident(small_trident.clip, small_trident.dino, small_trident.sam)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        list(tr.segment_frames([photo[:64, :96], photo[10:74, :96]], "sky, person", per_forward=2))
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert {f"stage {name}": counts.get(f"stage {name}") for name in gpu_profile.STAGES} == {
+        "stage compute_frame_window_features": 1, "stage encode_frames": 1, "stage compute_feature_map": 2,
+        "stage classify": 2}
