@@ -186,12 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[host by function, {order}]\n" + text.getvalue().split("\n\n", 2)[-1])
     stage_ranges()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
         with torch.profiler.record_function("stage node"):
             node(batch, False)
         torch.cuda.synchronize()
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=50))
+    by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::copy_", "aten::cat")]
+    print("[copies] aten::copy_ and aten::cat by input shapes, by GPU time:")
+    for e in sorted(by_shape, key=lambda e: -getattr(e, "device_time_total", 0))[:15]:
+        print(f"  {e.key} x{e.count}: GPU {getattr(e, 'device_time_total', 0) / 1e3:.1f} ms, {e.input_shapes}")
     calls = {e.key: e for e in averages}
     for key in ("stage node", *(f"stage {name}" for name in STAGES)):
         if key in calls:

@@ -23,3 +23,53 @@ def test_coarse_labels_near_a_tie_survive_compaction():
     small = compact(seg, 40.0, 0.0)
     assert small.stored_probs_coarse is not None
     assert torch.equal(small.labels_coarse.long(), coarse_labels)
+
+
+def test_classifys_own_probabilities_are_not_recomputed(monkeypatch):
+    """Probabilities that are the very tensor classify made from its logits (no PAMR) are dropped without the
+    recomputation and comparison (on a GPU a wait for its queue per frame); a copy, or another logit scale, is
+    still compared, and a changed map still kept."""
+    from trident_core import compact as compact_module
+    from trident_core.aggregation import FeatureMap
+    from trident_core.classify import classify, plain_probs
+    from trident_core.config import ClassifyConfig
+
+    classes = parse_classes("sky, sea, sand")
+    gen = torch.Generator().manual_seed(0)
+    fm = FeatureMap(torch.nn.functional.normalize(torch.randn(16, 6, 5, generator=gen), dim=0), (24, 20),
+                    "splice_then_segment", "affinity", (1, 1))
+    text = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=1)
+    config = ClassifyConfig()
+    seg = classify(fm, text, classes, config)
+    assert plain_probs(seg.probs, config.logit_scale) and not plain_probs(seg.probs.clone(), config.logit_scale)
+    assert not plain_probs(seg.probs, config.logit_scale + 1)
+    recomputed = []
+    real = compact_module.class_probs
+    monkeypatch.setattr(compact_module, "class_probs", lambda *a, **k: recomputed.append(1) or real(*a, **k))
+    assert compact(seg, config.logit_scale, config.prob_thd).stored_probs is None and recomputed == []
+    copy = Segmentation(seg.labels, seg.probs.clone(), seg.grid_logits, classes, seg.image_size)
+    assert compact(copy, config.logit_scale, config.prob_thd).stored_probs is None and recomputed == [1]
+    changed = Segmentation(seg.labels, seg.probs * 0.5, seg.grid_logits, classes, seg.image_size)
+    assert compact(changed, config.logit_scale, config.prob_thd).stored_probs is not None
+    other_scale = compact(seg, config.logit_scale * 2, config.prob_thd)
+    assert other_scale.stored_probs is not None  # (recomputed at that scale: not these probabilities)
+
+
+def test_probabilities_after_pamr_are_kept():
+    """PAMR's probabilities are not the logits' own: never taken for classify's plain ones, so compaction keeps
+    them."""
+    from trident_core.aggregation import FeatureMap
+    from trident_core.classify import classify, plain_probs
+    from trident_core.config import ClassifyConfig
+    from trident_core.pamr import Pamr
+
+    classes = parse_classes("sky, sea, sand")
+    gen = torch.Generator().manual_seed(1)
+    fm = FeatureMap(torch.nn.functional.normalize(torch.randn(16, 6, 5, generator=gen), dim=0), (24, 20),
+                    "splice_then_segment", "affinity", (1, 1))
+    text = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=1)
+    config = ClassifyConfig()
+    seg = classify(fm, text, classes, config, Pamr(3, (1, 2), torch.rand(3, 24, 20, generator=gen)))
+    assert not plain_probs(seg.probs, config.logit_scale)
+    small = compact(seg, config.logit_scale, config.prob_thd)
+    assert small.stored_probs is not None and torch.allclose(small.probs, seg.probs, atol=1e-3)

@@ -113,18 +113,26 @@ def test_frames_of_two_sizes_in_one_forward_are_refused_in_one_line(small_triden
         encode_frames(small_trident.sam, frames, Params().aggregation)
 
 
-def test_each_frames_share_is_freed_before_its_result_is_handed_on(small_trident, photo, monkeypatch):
-    """The group's window features and SAM encodings are held until each frame is segmented, not beyond, and no
-    frame's result is held while the next one is segmented."""
-    made = []
-    encode = pipeline.encode_frames
+@pytest.mark.parametrize("refine", [False, True])
+def test_each_frames_share_is_freed_before_its_result_is_handed_on(small_trident, photo, monkeypatch, refine):
+    """The group's feature maps (and, for the refinement, SAM encodings) are held until each frame is segmented, not
+    beyond (the encodings not at all without refinement), and no frame's result is held while the next one is
+    segmented."""
+    made_maps, made_encodings = [], []
+    encode, feature_map = pipeline.encode_frames, pipeline.compute_feature_map
 
-    def tracked(*args):
+    def tracked_encodings(*args):
         encodings = encode(*args)
-        made.extend(weakref.ref(e) for e in encodings)
+        made_encodings.extend(weakref.ref(e) for e in encodings)
         return encodings
 
-    monkeypatch.setattr(pipeline, "encode_frames", tracked)
+    def tracked_map(*args):
+        fm = feature_map(*args)
+        made_maps.append(weakref.ref(fm))
+        return fm
+
+    monkeypatch.setattr(pipeline, "encode_frames", tracked_encodings)
+    monkeypatch.setattr(pipeline, "compute_feature_map", tracked_map)
     finish, results, alive_at_start = pipeline.Trident._finish, [], []
 
     def finishing(*args):  # no earlier frame's result alive when the next frame is segmented
@@ -136,11 +144,13 @@ def test_each_frames_share_is_freed_before_its_result_is_handed_on(small_trident
 
     monkeypatch.setattr(pipeline.Trident, "_finish", finishing)
     alive = []
-    for seg in small_trident.segment_frames(_frames(photo)[:3], CLASSES, per_forward=3):
+    params = Params().update(refine=refine)
+    for seg in small_trident.segment_frames(_frames(photo)[:3], CLASSES, params, per_forward=3):
         gc.collect()
-        alive.append([r() is not None for r in made])
+        alive.append(([r() is not None for r in made_maps], [r() is not None for r in made_encodings]))
         del seg  # (as Trident Segment lets go of each frame's full result)
-    assert alive == [[False, True, True], [False, False, True], [False, False, False]]
+    held = [[False, True, True], [False, False, True], [False, False, False]]
+    assert alive == [(h, h if refine else [False] * 3) for h in held]
     assert alive_at_start == [0, 0, 0]
 
 
@@ -230,9 +240,9 @@ def test_each_frame_is_hashed_once_in_shared_forwards(small_trident, photo, monk
     for module in (pipeline, sam_tiles, sam_module):
         monkeypatch.setattr(module, "image_digest", lambda img: hashed.append(1) or image.image_digest(img))
     wfs, encs = [], []
-    finish = pipeline.Trident._finish
-    monkeypatch.setattr(pipeline.Trident, "_finish", lambda self, img, wf, enc, *a: wfs.append(wf) or encs.append(
-        enc) or finish(self, img, wf, enc, *a))
+    feature_map = pipeline.compute_feature_map
+    monkeypatch.setattr(pipeline, "compute_feature_map", lambda wf, clip, sam, enc, *a: wfs.append(wf) or encs.append(
+        enc) or feature_map(wf, clip, sam, enc, *a))
     list(small_trident.segment_frames(frames, CLASSES, Params().update(sam_tiles=tiles, refine=False),
                                       per_forward=2))
     # 1x2: each tile is not its frame, so SAM hashes each of its 2 tiles (the frames here are on the 16-pixel grid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,20 @@ def class_probs(logits: torch.Tensor, classes: ClassList, logit_scale: float,
     return out
 
 
+_PLAIN: dict[int, float] = {}  # ids of probabilities `classify` made from its grid logits alone -> the logit scale
+
+
+def _mark_plain(probs: torch.Tensor, logit_scale: float) -> None:
+    _PLAIN[id(probs)] = logit_scale
+    weakref.finalize(probs, _PLAIN.pop, id(probs), None)
+
+
+def plain_probs(probs: torch.Tensor, logit_scale: float) -> bool:
+    """Whether `probs` is the very tensor `classify` made from its grid logits at `logit_scale` (no PAMR), so that
+    recomputing it from the logits gives it bit for bit (tensors are never changed once made)."""
+    return _PLAIN.get(id(probs)) == logit_scale
+
+
 def labels_from_probs(probs: torch.Tensor, classes: ClassList, prob_thd: float) -> torch.Tensor:
     """Argmax class; under `prob_thd` the background (0) or `UNLABELED` when the list has no background."""
     best, labels = probs.max(dim=0)
@@ -107,6 +122,8 @@ def classify(fm: FeatureMap, text: torch.Tensor, classes: ClassList, config: Cla
         logits = pamr(logits)
     probs = class_probs(logits, classes, config.logit_scale, overwrite=True)
     del logits  # (the probabilities were computed in its memory, or from it)
+    if pamr is None or not pamr.steps:
+        _mark_plain(probs, config.logit_scale)
     labels = labels_from_probs(probs, classes, config.prob_thd)
     return Segmentation(labels, probs, g, classes, fm.image_size,
                         info={"image_digest": fm.image_digest} if fm.image_digest else {})

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .classes import ClassList
-from .classify import class_probs, labels_from_probs, upsample
+from .classify import class_probs, labels_from_probs, plain_probs, upsample
 
 
 def label_dtype(num_classes: int) -> torch.dtype:
@@ -82,14 +82,25 @@ def compact(seg: object, logit_scale: float, prob_thd: float) -> CompactSegmenta
     if isinstance(seg, CompactSegmentation):
         return seg
     dtype = label_dtype(len(seg.classes))
-    base = class_probs(upsample(seg.grid_logits, seg.image_size), seg.classes, logit_scale, overwrite=True)
+    made: list[torch.Tensor] = []
+
+    def base() -> torch.Tensor:
+        """The probabilities recomputed from the logits, made once when first asked for."""
+        if not made:
+            made.append(class_probs(upsample(seg.grid_logits, seg.image_size), seg.classes, logit_scale,
+                                    overwrite=True))
+        return made[0]
 
     def stored(probs: torch.Tensor | None) -> torch.Tensor | None:
-        return None if probs is None or torch.equal(probs.float(), base) else probs.half()
+        # (classify's own probabilities are the recomputation: not recomputed and compared, which on a GPU
+        # waited for its queue each frame)
+        if probs is None or plain_probs(probs, logit_scale) or torch.equal(probs.float(), base()):
+            return None
+        return probs.half()
 
     coarse_labels = None
     if seg.refined:
-        recomputed = labels_from_probs(base, seg.classes, prob_thd)
+        recomputed = labels_from_probs(base(), seg.classes, prob_thd)
         if not torch.equal(seg.labels_coarse.long(), recomputed):
             coarse_labels = seg.labels_coarse.to(dtype)
     return CompactSegmentation(

@@ -119,15 +119,16 @@ def bf16_sam_warning(sam: SamModel | None, aggregation: AggregateConfig) -> str 
 
 def compute_feature_map(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None,
                         encodings: SamTileEncodings | None, config: AggregateConfig,
-                        progress: Progress = _noop,
-                        aggregator: Callable[..., torch.Tensor] | None = None) -> FeatureMap:
+                        progress: Progress = _noop, aggregator: Callable[..., torch.Tensor] | None = None,
+                        check: bool = True) -> FeatureMap:
     """S5 to S7: splice, SAM affinity over the image's tile encodings, aggregation (by `aggregator`, default
-    `aggregate`), projection (or the segment-then-splice baseline, which takes no encodings)."""
+    `aggregate`), projection (or the segment-then-splice baseline, which takes no encodings); `check`: as
+    `splice_and_aggregate`'s."""
     warning = bf16_sam_warning(sam, config)
     if warning:
         _warn_once(warning)
     return splice_and_aggregate(wf, clip, sam, encodings, config, on_step=lambda: progress("sam"),
-                                aggregator=aggregator)
+                                aggregator=aggregator, check=check)
 
 
 @functools.cache
@@ -291,8 +292,9 @@ class Trident:
         """`segment` of each image in order, yielded as each is done. With `per_forward` > 1 (a GPU's choice,
         `frames_per_forward`; or that choice for a group's image size (H, W)) up to that many consecutive frames
         of one size share their forwards: their windows through DINO and CLIP and their tiles through SAM's
-        encoder (equal to one frame at a time within the dtype's rounding); the aggregation, classification and
-        refinement run per frame. Where the choice is 1, frames go one at a time through `segment` (weights
+        encoder (equal to one frame at a time within the dtype's rounding), then each frame's aggregation (the
+        group's all queued first, replayed from CUDA graphs on a GPU), and per frame the classification and
+        refinement. Where the choice is 1, frames go one at a time through `segment` (weights
         released between stages where `release_weights` says so). Images are read as they are needed: at most
         one group ahead of the result yielded."""
         if isinstance(images, (str, bytes, os.PathLike, PILImage)) or getattr(images, "ndim", 4) != 4:
@@ -340,20 +342,24 @@ class Trident:
         digests = [image_digest(img) for img in imgs]  # (once a frame: each stage hashed it again)
         wfs = compute_frame_window_features(self.clip, self.dino, imgs, params.windows, progress, digests=digests)
         encodings = encode_frames(self.sam, imgs, params.aggregation, progress, digests)
-        shares = list(zip(wfs, encodings))
-        del wfs, encodings
+        # every frame's feature map queued before any is classified, unchecked (each classification checks its
+        # logits, which a NaN or Inf in the features reaches): on a GPU the host launches the next while the GPU
+        # computes, where each frame's check waited for the queue
+        fms = [compute_feature_map(wf, self.clip, self.sam, enc, params.aggregation, progress, aggregator, False)
+               for wf, enc in zip(wfs, encodings)]
+        del wfs  # (the window features are done with; the encodings are kept for the refinement only)
+        shares = list(zip(fms, encodings if params.refine else [None] * len(fms)))
+        del fms, encodings
         for img in imgs:
             # the frame's share popped, its result yielded, not kept: nothing of a frame stays here once handed on
-            yield self._finish(img, *shares.pop(0), text, cl, params, progress, after_classify, aggregator)
+            yield self._finish(img, *shares.pop(0), text, cl, params, progress, after_classify)
 
     @torch.no_grad()  # (here, not on the generators: torch's wrapper of a generator holds the result it yielded)
-    def _finish(self, img: np.ndarray, wf: WindowFeatures, encodings: SamTileEncodings | None, text: torch.Tensor,
+    def _finish(self, img: np.ndarray, fm: FeatureMap, encodings: SamTileEncodings | None, text: torch.Tensor,
                 cl: ClassList, params: Params, progress: Progress,
-                after_classify: Callable[[Segmentation], Segmentation] | None,
-                aggregator: FrameAggregation) -> Segmentation:
-        """A frame of `segment_frames` from its window features and SAM encodings: aggregation (by the batch's
-        `aggregator`), classification, refinement."""
-        fm = compute_feature_map(wf, self.clip, self.sam, encodings, params.aggregation, progress, aggregator)
+                after_classify: Callable[[Segmentation], Segmentation] | None) -> Segmentation:
+        """A frame of `segment_frames` from its feature map (and SAM encodings, for the refinement):
+        classification, refinement."""
         seg = classify(fm, text, cl, params.classification, pamr_for(img, params))
         if after_classify is not None:
             seg = after_classify(seg)

@@ -115,10 +115,13 @@ class ClipModel:
         return linear32(o, proj.weight, proj.bias)
 
     @torch.no_grad()
-    def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        """ln_post and the projection into the joint space, [..., D] -> [..., E], in float32."""
+    def project(self, tokens: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """ln_post and the projection into the joint space, [..., D] -> [..., E], in float32; `check`: refused
+        where not finite (a caller that checks what it computes from them passes False: on a GPU each check
+        waits for the queue)."""
         v = self.model.visual
-        return finite(norm32(v.ln_post, tokens.to(self.device)) @ v.proj.float(), "CLIP", self.path)
+        out = norm32(v.ln_post, tokens.to(self.device)) @ v.proj.float()
+        return finite(out, "CLIP", self.path) if check else out
 
     # -------------------------------------------------------------------------------------------- text tower
 
