@@ -3,8 +3,7 @@
 
 Trident Segment's node code (as gpu_check runs it) on a batch of frames without refinement, in one process:
 1. images/s and peak GPU memory of the GPU variants against each other, alternating, best of --reps (the lent
-   hosts' speeds differ, so only variants timed in one process compare): the frames' aggregations replayed from
-   CUDA graphs or launched kernel by kernel (`frame_graphs.graphs_usable`), all heads at once in the affinity or
+   hosts' speeds differ, so only variants timed in one process compare): all heads at once in the affinity or
    one at a time (`sam_affinity.heads_at_once`);
 2. the calls that synchronise the host with the GPU (each empties its queue), by where in the pack they are made,
    for one forward's frames (`torch.cuda.set_sync_debug_mode`);
@@ -43,9 +42,8 @@ import gpu_check  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests"))
 from pack_import import core  # noqa: E402
 
-# the variants: (aggregations from CUDA graphs, heads at once in the affinity), the first the code's own choice
-VARIANTS = {"graphs, heads at once": (True, True), "graphs, one head at a time": (True, False),
-            "no graphs, heads at once": (False, True)}
+# the variants: heads at once in the affinity or not, the first the code's own choice
+VARIANTS = {"heads at once": True, "one head at a time": False}
 # the pipeline's stages, timed as profiler ranges (the rest of the node's time: its outputs)
 STAGES = ("compute_frame_window_features", "encode_frames", "compute_feature_map", "classify")
 
@@ -79,16 +77,15 @@ class CpuMeetsCuda(TorchFunctionMode):
 
 def timings(run: Callable[[], list], device: torch.device, reps: int) -> dict[str, tuple[float, float, float]]:
     """(seconds, peak GPU MB) of each variant, the best of `reps` rounds in which the variants alternate, and the
-    percent of its labels equal to the first variant's (graphs replay eager's kernels: 100)."""
-    affinity, graphs = core("sam_affinity"), core("frame_graphs")
-    own = affinity.heads_at_once, graphs.graphs_usable
+    percent of its labels equal to the first variant's."""
+    affinity = core("sam_affinity")
+    own = affinity.heads_at_once
     best = dict.fromkeys(VARIANTS, (float("inf"), 0.0))
     labels: dict[str, list[torch.Tensor]] = {}
     try:
         for _ in range(reps):
-            for name, (graphed, heads) in VARIANTS.items():
-                affinity.heads_at_once = (lambda d, heads=heads: heads and own[0](d))
-                graphs.graphs_usable = (lambda d, graphed=graphed: graphed and own[1](d))
+            for name, heads in VARIANTS.items():
+                affinity.heads_at_once = (lambda d, heads=heads: heads and own(d))
                 gpu_check.free_memory(device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -101,7 +98,7 @@ def timings(run: Callable[[], list], device: torch.device, reps: int) -> dict[st
                 best[name] = min(best[name], (seconds, peak))
                 labels.setdefault(name, [seg.labels for seg in segs])
     finally:
-        affinity.heads_at_once, graphs.graphs_usable = own
+        affinity.heads_at_once = own
     first = labels[next(iter(VARIANTS))]
     total = sum(t.numel() for t in first)
     return {name: (*best[name], 100 * sum(int((a == b).sum()) for a, b in zip(labels[name], first)) / total)

@@ -5,9 +5,21 @@ from __future__ import annotations
 
 import torch
 
+from trident_core.aggregation import FeatureMap
 from trident_core.classes import parse_classes
-from trident_core.classify import Segmentation, class_probs, labels_from_probs, upsample
+from trident_core.classify import Segmentation, class_probs, classify, labels_from_probs, plain_probs, upsample
 from trident_core.compact import compact
+from trident_core.config import ClassifyConfig
+from trident_core.pamr import Pamr
+
+
+def _classified(config: ClassifyConfig, pamr: Pamr | None = None) -> Segmentation:
+    """classify of a random 6x5 feature map and three classes, at 24x20."""
+    gen = torch.Generator().manual_seed(0)
+    fm = FeatureMap(torch.nn.functional.normalize(torch.randn(16, 6, 5, generator=gen), dim=0), (24, 20),
+                    "splice_then_segment", "affinity", (1, 1))
+    text = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=1)
+    return classify(fm, text, parse_classes("sky, sea, sand"), config, pamr)
 
 
 def test_coarse_labels_near_a_tie_survive_compaction():
@@ -30,17 +42,10 @@ def test_classifys_own_probabilities_are_not_recomputed(monkeypatch):
     recomputation and comparison (on a GPU a wait for its queue per frame); a copy, or another logit scale, is
     still compared, and a changed map still kept."""
     from trident_core import compact as compact_module
-    from trident_core.aggregation import FeatureMap
-    from trident_core.classify import classify, plain_probs
-    from trident_core.config import ClassifyConfig
 
-    classes = parse_classes("sky, sea, sand")
-    gen = torch.Generator().manual_seed(0)
-    fm = FeatureMap(torch.nn.functional.normalize(torch.randn(16, 6, 5, generator=gen), dim=0), (24, 20),
-                    "splice_then_segment", "affinity", (1, 1))
-    text = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=1)
     config = ClassifyConfig()
-    seg = classify(fm, text, classes, config)
+    seg = _classified(config)
+    classes = seg.classes
     assert plain_probs(seg.probs, config.logit_scale) and not plain_probs(seg.probs.clone(), config.logit_scale)
     assert not plain_probs(seg.probs, config.logit_scale + 1)
     recomputed = []
@@ -58,18 +63,8 @@ def test_classifys_own_probabilities_are_not_recomputed(monkeypatch):
 def test_probabilities_after_pamr_are_kept():
     """PAMR's probabilities are not the logits' own: never taken for classify's plain ones, so compaction keeps
     them."""
-    from trident_core.aggregation import FeatureMap
-    from trident_core.classify import classify, plain_probs
-    from trident_core.config import ClassifyConfig
-    from trident_core.pamr import Pamr
-
-    classes = parse_classes("sky, sea, sand")
-    gen = torch.Generator().manual_seed(1)
-    fm = FeatureMap(torch.nn.functional.normalize(torch.randn(16, 6, 5, generator=gen), dim=0), (24, 20),
-                    "splice_then_segment", "affinity", (1, 1))
-    text = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=1)
     config = ClassifyConfig()
-    seg = classify(fm, text, classes, config, Pamr(3, (1, 2), torch.rand(3, 24, 20, generator=gen)))
+    seg = _classified(config, Pamr(3, (1, 2), torch.rand(3, 24, 20, generator=torch.Generator().manual_seed(1))))
     assert not plain_probs(seg.probs, config.logit_scale)
     small = compact(seg, config.logit_scale, config.prob_thd)
     assert small.stored_probs is not None and torch.allclose(small.probs, seg.probs, atol=1e-3)

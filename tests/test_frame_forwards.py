@@ -126,8 +126,8 @@ def test_each_frames_share_is_freed_before_its_result_is_handed_on(small_trident
         made_encodings.extend(weakref.ref(e) for e in encodings)
         return encodings
 
-    def tracked_map(*args):
-        fm = feature_map(*args)
+    def tracked_map(*args, **kwargs):
+        fm = feature_map(*args, **kwargs)
         made_maps.append(weakref.ref(fm))
         return fm
 
@@ -241,8 +241,8 @@ def test_each_frame_is_hashed_once_in_shared_forwards(small_trident, photo, monk
         monkeypatch.setattr(module, "image_digest", lambda img: hashed.append(1) or image.image_digest(img))
     wfs, encs = [], []
     feature_map = pipeline.compute_feature_map
-    monkeypatch.setattr(pipeline, "compute_feature_map", lambda wf, clip, sam, enc, *a: wfs.append(wf) or encs.append(
-        enc) or feature_map(wf, clip, sam, enc, *a))
+    monkeypatch.setattr(pipeline, "compute_feature_map", lambda wf, clip, sam, enc, *a, **k: wfs.append(
+        wf) or encs.append(enc) or feature_map(wf, clip, sam, enc, *a, **k))
     list(small_trident.segment_frames(frames, CLASSES, Params().update(sam_tiles=tiles, refine=False),
                                       per_forward=2))
     # 1x2: each tile is not its frame, so SAM hashes each of its 2 tiles (the frames here are on the 16-pixel grid)
@@ -252,3 +252,24 @@ def test_each_frame_is_hashed_once_in_shared_forwards(small_trident, photo, monk
         assert wf.image_digest == enc.image_digest == want
         if tiles == "1x1":
             assert enc.encodings[0].image_digest == want
+
+
+def test_a_nan_feature_map_in_shared_forwards_is_refused_before_any_result(small_trident, photo, monkeypatch):
+    """The group's CLIP projections go unchecked (each would wait for a GPU's queue); the classification's check
+    of its logits refuses them before a frame's result is handed on."""
+    from trident_core.models import ClipModel
+
+    project = ClipModel.project
+    checked = []
+
+    def poisoned(self, tokens, check=True):
+        checked.append(check)
+        return project(self, tokens, check) * float("nan")
+
+    monkeypatch.setattr(ClipModel, "project", poisoned)
+    frames = _frames(photo)[:2]
+    got = []
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        for seg in small_trident.segment_frames(frames, CLASSES, Params().update(refine=False), per_forward=2):
+            got.append(seg)
+    assert got == [] and checked == [False, False]

@@ -101,13 +101,13 @@ def test_the_gpu_profile_times_each_variant_and_restores_the_code(tmp_path, caps
 
     trident = core("pipeline").Trident
     monkeypatch.setattr(trident, "frames_per_forward", trident.frames_per_forward)  # (the CPU run forces 2)
-    own = core("sam_affinity").heads_at_once, core("frame_graphs").graphs_usable
+    own = core("sam_affinity").heads_at_once
     assert gpu_profile.main(["--device", "cpu", "--ckpt-dir", str(tmp_path), "--frames", "3", "--size", "64",
                              "--reps", "1"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[time]")]
     assert [ln.split(":")[0][7:] for ln in lines] == list(gpu_profile.VARIANTS)
     assert all("3 frames of 64x64" in ln for ln in lines)
-    assert (core("sam_affinity").heads_at_once, core("frame_graphs").graphs_usable) == own
+    assert core("sam_affinity").heads_at_once == own
 
 
 def test_the_gpu_profile_puts_each_stage_in_a_profiler_range(small_trident, photo, monkeypatch):

@@ -6,7 +6,6 @@ ProxyCLIP baseline: each window is projected and normalised on its own and the w
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,11 +56,11 @@ def aggregate(enc: SamEncoding, sam: SamModel, feats: torch.Tensor, config: Aggr
 @torch.no_grad()
 def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None,
                          encodings: SamTileEncodings | None, config: AggregateConfig, on_step=None,
-                         aggregator: Callable[..., torch.Tensor] | None = None, check: bool = True) -> FeatureMap:
+                         check: bool = True) -> FeatureMap:
     """S5 + S7: the feature map that classification compares with the text embeddings, aggregated with SAM's
     affinity over the image's SAM tile `encodings` (splice_then_segment; segment_then_splice needs none).
-    `aggregator`: `aggregate` or what computes the same (a batch's `frame_graphs.FrameAggregation`); `check`:
-    CLIP's projections refused where not finite (`ClipModel.project`; classification checks its logits)."""
+    `check`: CLIP's projections refused where not finite (`ClipModel.project`; classification checks its
+    logits)."""
     paradigm, correlation = config.paradigm, config.correlation
     if not config.uses_sam:
         projected = F.normalize(clip.project(wf.tokens), dim=-1)
@@ -80,7 +79,7 @@ def splice_and_aggregate(wf: WindowFeatures, clip: ClipModel, sam: SamModel | No
     for (y1, y2, x1, x2), enc in zip(tiling.boxes(tuple(canvas.shape[1:])), encodings.encodings):
         hs, ws = enc.grid
         g = F.interpolate(canvas[None, :, y1:y2, x1:x2], size=(hs, ws), mode="bilinear", align_corners=False)[0]
-        g = (aggregator or aggregate)(enc, sam, g.flatten(1).T, config)
+        g = aggregate(enc, sam, g.flatten(1).T, config)
         tiles_out.append(F.normalize(clip.project(g, check), dim=-1).T.reshape(-1, hs, ws))
         if on_step:
             on_step()

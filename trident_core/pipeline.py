@@ -20,7 +20,6 @@ from .classes import ClassList, check_several, parse_classes
 from .classify import Segmentation, classify
 from .config import AggregateConfig, Params, WindowConfig
 from .devices import frames_per_forward, resolve_device, resolve_dtype
-from .frame_graphs import FrameAggregation
 from .image import clip_input, image_digest, to_rgb_uint8
 from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
 from .pamr import Pamr, pamr_guide
@@ -119,16 +118,14 @@ def bf16_sam_warning(sam: SamModel | None, aggregation: AggregateConfig) -> str 
 
 def compute_feature_map(wf: WindowFeatures, clip: ClipModel, sam: SamModel | None,
                         encodings: SamTileEncodings | None, config: AggregateConfig,
-                        progress: Progress = _noop, aggregator: Callable[..., torch.Tensor] | None = None,
-                        check: bool = True) -> FeatureMap:
-    """S5 to S7: splice, SAM affinity over the image's tile encodings, aggregation (by `aggregator`, default
-    `aggregate`), projection (or the segment-then-splice baseline, which takes no encodings); `check`: as
-    `splice_and_aggregate`'s."""
+                        progress: Progress = _noop, check: bool = True) -> FeatureMap:
+    """S5 to S7: splice, SAM affinity over the image's tile encodings, aggregation, projection (or the
+    segment-then-splice baseline, which takes no encodings); `check`: as `splice_and_aggregate`'s."""
     warning = bf16_sam_warning(sam, config)
     if warning:
         _warn_once(warning)
     return splice_and_aggregate(wf, clip, sam, encodings, config, on_step=lambda: progress("sam"),
-                                aggregator=aggregator, check=check)
+                                check=check)
 
 
 @functools.cache
@@ -293,8 +290,8 @@ class Trident:
         `frames_per_forward`; or that choice for a group's image size (H, W)) up to that many consecutive frames
         of one size share their forwards: their windows through DINO and CLIP and their tiles through SAM's
         encoder (equal to one frame at a time within the dtype's rounding), then each frame's aggregation (the
-        group's all queued first, replayed from CUDA graphs on a GPU), and per frame the classification and
-        refinement. Where the choice is 1, frames go one at a time through `segment` (weights
+        group's all queued before the first classification), and per frame the classification and refinement.
+        Where the choice is 1, frames go one at a time through `segment` (weights
         released between stages where `release_weights` says so). Images are read as they are needed: at most
         one group ahead of the result yielded."""
         if isinstance(images, (str, bytes, os.PathLike, PILImage)) or getattr(images, "ndim", 4) != 4:
@@ -309,14 +306,13 @@ class Trident:
             return
         limit = per_forward if callable(per_forward) else lambda _size: per_forward
         cl = _class_list(classes)
-        aggregator = FrameAggregation()  # (this batch's CUDA graphs: freed with it when the batch is done)
         group: list[np.ndarray] = []
         count = 1  # the current group's share of one forward
         for image in images:
             img = to_rgb_uint8(image)
             del image
             if group and img.shape != group[0].shape:
-                yield from self._segment_group(group, cl, params, progress, after_classify, aggregator)
+                yield from self._segment_group(group, cl, params, progress, after_classify)
                 group = []
             if not group:
                 count = limit(img.shape[:2])
@@ -326,16 +322,14 @@ class Trident:
                 group.append(img)
             del img  # (the group holds what it needs; nothing else held while the next image is read)
             if group and len(group) >= count:
-                yield from self._segment_group(group, cl, params, progress, after_classify, aggregator)
+                yield from self._segment_group(group, cl, params, progress, after_classify)
                 group = []
         if group:
-            yield from self._segment_group(group, cl, params, progress, after_classify, aggregator)
+            yield from self._segment_group(group, cl, params, progress, after_classify)
 
     def _segment_group(self, imgs: list[np.ndarray], cl: ClassList, params: Params, progress: Progress,
-                       after_classify: Callable[[Segmentation], Segmentation] | None,
-                       aggregator: FrameAggregation) -> Iterator[Segmentation]:
-        """Frames of one size: their windows and SAM encodings in shared forwards, then each frame's segment
-        (its aggregation by the batch's `aggregator`)."""
+                       after_classify: Callable[[Segmentation], Segmentation] | None) -> Iterator[Segmentation]:
+        """Frames of one size: their windows and SAM encodings in shared forwards, then each frame's segment."""
         require_sam(self.sam, params)
         text = self.text(cl, progress).to(self.clip.device)  # (once per group, not a blocking copy per frame)
         progress("text")
@@ -345,7 +339,7 @@ class Trident:
         # every frame's feature map queued before any is classified, unchecked (each classification checks its
         # logits, which a NaN or Inf in the features reaches): on a GPU the host launches the next while the GPU
         # computes, where each frame's check waited for the queue
-        fms = [compute_feature_map(wf, self.clip, self.sam, enc, params.aggregation, progress, aggregator, False)
+        fms = [compute_feature_map(wf, self.clip, self.sam, enc, params.aggregation, progress, check=False)
                for wf, enc in zip(wfs, encodings)]
         del wfs  # (the window features are done with; the encodings are kept for the refinement only)
         shares = list(zip(fms, encodings if params.refine else [None] * len(fms)))

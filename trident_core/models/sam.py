@@ -77,7 +77,7 @@ class SamModel:
     model: nn.Module
     arch: str
     path: str
-    rel_tables: dict = dataclasses.field(default_factory=dict, repr=False)  # see relative_tables
+    rel_tables: dict = dataclasses.field(default_factory=dict, repr=False)  # see _rel_tables
     resize_matrices: dict = dataclasses.field(default_factory=dict, repr=False)  # see pil_resize._matrix
 
     @property
@@ -177,11 +177,11 @@ class SamModel:
         q = enc.q[:, rows]
         if not self.model.image_encoder.blocks[-1].attn.use_rel_pos:
             return q, None, None
-        rh, rw = self.relative_tables(enc.padded_grid)
+        rh, rw = self._rel_tables(enc.padded_grid)
         return (q, torch.einsum("hrc,rkc->hrk", q, rh[rows // enc.padded_grid[1]]),
                 torch.einsum("hrc,rkc->hrk", q, rw[rows % enc.padded_grid[1]]))
 
-    def relative_tables(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rel_tables(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block's relative-position tables for a padded grid, [ph, ph, c] and [pw, pw, c] in float32,
         made once per grid where the weights are (every block of an encoding's affinity rows reads them, and
         remade them in about 20 small kernels each time). Only the weights' current device is kept."""
