@@ -32,10 +32,17 @@ def test_the_cache_gives_the_interpolation_and_follows_the_weights():
     assert cached_pos_embed(cache, pos, (21, 21)) is first  # (made once per grid)
     other = cached_pos_embed(cache, pos, (24, 21))
     assert len(cache) == 2 and torch.equal(other, interpolate_pos_embed(pos, (24, 21)))
-    with torch.no_grad():
-        pos.mul_(2.0)  # weights changed in place: made again from the new values, the old ones dropped
+    pos = pos * 2.0  # other weights (moved or reloaded): made again from their values, the old ones dropped
     again = cached_pos_embed(cache, pos, (21, 21))
     assert torch.equal(again, interpolate_pos_embed(pos, (21, 21))) and not torch.equal(again, first)
     assert len(cache) == 1
     half = cached_pos_embed(cache, pos.double(), (21, 21))  # another dtype (or device): only its own kept
     assert half.dtype == torch.float64 and len(cache) == 1
+
+
+def test_the_cache_takes_inference_tensors():
+    """ComfyUI runs nodes under inference mode, whose tensors keep no version counter."""
+    with torch.inference_mode():
+        pos, cache = _pos(), {}
+        assert torch.equal(cached_pos_embed(cache, pos[:], (21, 21)), interpolate_pos_embed(pos, (21, 21)))
+        assert cached_pos_embed(cache, pos[:], (21, 21)) is cached_pos_embed(cache, pos, (21, 21))

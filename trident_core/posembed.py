@@ -29,8 +29,9 @@ def interpolate_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Ten
 
 def cached_pos_embed(cache: dict, pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """`interpolate_pos_embed`, kept in a model's `cache` per grid (every forward asked for the same one: a bicubic
-    kernel of 2 ms on a GPU); made again when the weights moved or changed, only the current device's kept."""
-    key = (tuple(grid), pos.device, pos.dtype, pos._version)
+    kernel of 2 ms on a GPU); made again when the weights are other tensors (moved, or reloaded), only the current
+    ones' kept. (Weights are never changed in place; ComfyUI's inference tensors keep no version counter.)"""
+    key = (tuple(grid), pos.device, pos.dtype, pos.data_ptr())
     if key not in cache:
         if any(k[1:] != key[1:] for k in cache):
             cache.clear()
