@@ -96,8 +96,10 @@ def frames(size: tuple[int, int], n: int) -> torch.Tensor:
 
 
 class SegmentNode:
-    """Trident Segment's `execute` on models loaded on the device, as the loader nodes hand them over."""
+    """Trident Segment's `execute` on models loaded on the device, as the loader nodes hand them over; both in
+    inference mode, as ComfyUI's executor runs nodes (its tensors keep no version counter)."""
 
+    @torch.inference_mode()
     def __init__(self, paths: dict[str, Path], plan: Plan):
         pack = import_pack().__name__
         handle = sys.modules[f"{pack}.nodes.sockets"].ModelHandle
@@ -111,6 +113,7 @@ class SegmentNode:
         """The frames per forward the node chooses for frames of `size` (the default preset's SAM tiles), now."""
         return self.trident.frames_per_forward(core("config").Params(), size)
 
+    @torch.inference_mode()
     def __call__(self, images: torch.Tensor, refine: bool) -> list:
         return self.node.execute(image=images, classes=benchmark.CLASSES, preset=self.preset, refine=refine,
                                  sam_tiles="preset", **self.models).args[0]

@@ -187,7 +187,8 @@ def test_instances_node_crops_are_rgb_float_and_bad_images_are_refused():
     before = rgb.clone()
     whole = run("TridentInstances", segmentation=segs, image=rgb, classes="", min_area=6, crop_factor=100.0)[1][1]
     assert whole[0].crop_region == [0, 0, 40, 32]
-    whole[0].cropped_image.zero_()  # (a detailer painting on its crop leaves ComfyUI's cached IMAGE as it was)
+    with torch.inference_mode():  # (a detailer, a node too, painting on its crop leaves the cached IMAGE as it was)
+        whole[0].cropped_image.zero_()
     assert torch.equal(rgb, before)
     for image, message in ((torch.full((1, 32, 40, 3), float("nan")), "NaN"), (rgb[0], "not an IMAGE batch"),
                            (rgb.permute(0, 3, 1, 2), "not an IMAGE batch"), (rgb[:0], "IMAGE batch of 0")):

@@ -53,8 +53,11 @@ def node_info(node_type: str) -> dict:
 
 
 def run(node_type: str, **inputs) -> tuple:
-    """A node's outputs from its `execute` classmethod, as ComfyUI's executor calls it."""
-    return tuple(node_classes()[node_type].execute(**inputs).args)
+    """A node's outputs from its `execute` classmethod, as ComfyUI's executor calls it: in inference mode (the
+    loaders' weights and every output are inference tensors, which keep no version counter and refuse in-place
+    changes outside it)."""
+    with torch.inference_mode():
+        return tuple(node_classes()[node_type].execute(**inputs).args)
 
 
 def as_image(*arrays: np.ndarray) -> torch.Tensor:
