@@ -3,6 +3,8 @@ the float16 copy of a refined probability map would round two classes together."
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from trident_core.aggregation import FeatureMap
@@ -13,9 +15,9 @@ from trident_core.config import ClassifyConfig
 from trident_core.pamr import Pamr
 
 
-def _classified(config: ClassifyConfig, pamr: Pamr | None = None) -> Segmentation:
+def _classified(config: ClassifyConfig, pamr: Pamr | None = None, seed: int = 0) -> Segmentation:
     """classify of a random 6x5 feature map and three classes, at 24x20."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     fm = FeatureMap(torch.nn.functional.normalize(torch.randn(16, 6, 5, generator=gen), dim=0), (24, 20),
                     "splice_then_segment", "affinity", (1, 1))
     text = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=1)
@@ -46,8 +48,14 @@ def test_classifys_own_probabilities_are_not_recomputed(monkeypatch):
     config = ClassifyConfig()
     seg = _classified(config)
     classes = seg.classes
-    assert plain_probs(seg.probs, config.logit_scale) and not plain_probs(seg.probs.clone(), config.logit_scale)
-    assert not plain_probs(seg.probs, config.logit_scale + 1)
+    assert plain_probs(seg, config.logit_scale) and not plain_probs(seg, config.logit_scale + 1)
+    assert not plain_probs(dataclasses.replace(seg, probs=seg.probs.clone()), config.logit_scale)
+    # classify's probabilities beside other logits, or another frame's beside these: not the recomputation
+    other = _classified(config, seed=5)
+    assert not plain_probs(dataclasses.replace(seg, grid_logits=other.grid_logits), config.logit_scale)
+    assert not plain_probs(dataclasses.replace(seg, probs=other.probs), config.logit_scale)
+    swapped = dataclasses.replace(seg, grid_logits=other.grid_logits)
+    assert torch.allclose(compact(swapped, config.logit_scale, config.prob_thd).probs, seg.probs, atol=1e-3)
     recomputed = []
     real = compact_module.class_probs
     monkeypatch.setattr(compact_module, "class_probs", lambda *a, **k: recomputed.append(1) or real(*a, **k))
@@ -65,6 +73,6 @@ def test_probabilities_after_pamr_are_kept():
     them."""
     config = ClassifyConfig()
     seg = _classified(config, Pamr(3, (1, 2), torch.rand(3, 24, 20, generator=torch.Generator().manual_seed(1))))
-    assert not plain_probs(seg.probs, config.logit_scale)
+    assert not plain_probs(seg, config.logit_scale)
     small = compact(seg, config.logit_scale, config.prob_thd)
     assert small.stored_probs is not None and torch.allclose(small.probs, seg.probs, atol=1e-3)

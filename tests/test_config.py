@@ -130,7 +130,8 @@ def test_each_image_checks_for_cancel_between_images_and_advances_the_bar(monkey
 
     assert bridge.each_image(one, [1, 2, 3], [10, 20, 30]) == [10, 40, 90]
     per_image = [("image", 1, 10), "check", "trim", "check", ("advance", 1)]
-    assert events[0] == ("bar", 3) and events[1:6] == per_image and len(events) == 16
+    assert events[0] == ("bar", 3) and events[1:6] == per_image and len(events) == 17
+    assert events[-1] == "trim"  # (the batch's end: trimmed whenever the last paced trim was)
     assert [e for e in events if isinstance(e, tuple) and e[0] == "image"] == [
         ("image", 1, 10), ("image", 2, 20), ("image", 3, 30)]
 
@@ -256,15 +257,17 @@ def test_the_heap_is_trimmed_at_most_every_quarter_second(monkeypatch):
         return one
 
     assert bridge.each_image(frames(0.02), list(range(40))) == list(range(40))  # 0.8 s of frames
-    assert len(trims) == 4 and all(b - a >= bridge.TRIM_EVERY_S for a, b in zip(trims, trims[1:]))
+    paced = trims[:-1]
+    assert len(paced) == 4 and all(b - a >= bridge.TRIM_EVERY_S for a, b in zip(paced, paced[1:]))
+    assert trims[-1] == clock[0]  # and once more at the end: the last frames' freed heap too
     trims.clear()
     bridge.each_image(frames(1.5), list(range(3)))
-    assert len(trims) == 3
+    assert len(trims) == 3 + 1
 
 
 def test_a_missing_comfyui_module_is_looked_for_once(monkeypatch):
-    """Outside ComfyUI each frame asks for its modules (interrupts, progress): a missing one is searched for once,
-    a module present (or put there later, as ComfyUI or a test does) is returned from sys.modules."""
+    """Outside ComfyUI each frame asks for its modules (interrupts, progress): a missing one is searched for once;
+    one put in sys.modules later (as ComfyUI or a test does) is found."""
     bridge = sys.modules[import_pack().__name__ + ".nodes.comfy_bridge"]
     tried = []
     real = bridge.importlib.import_module
@@ -274,4 +277,4 @@ def test_a_missing_comfyui_module_is_looked_for_once(monkeypatch):
     assert tried == ["comfy_no_such_module"]
     fake = types.ModuleType("comfy_no_such_module")
     monkeypatch.setitem(sys.modules, "comfy_no_such_module", fake)
-    assert bridge._comfy("comfy_no_such_module") is fake and tried == ["comfy_no_such_module"]
+    assert bridge._comfy("comfy_no_such_module") is fake

@@ -24,7 +24,11 @@ def _image(h: int, w: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize(("size", "out"), [((448, 448), (1024, 1024)), ((1080, 1920), (576, 1024)),
                                            ((37, 53), (715, 1024)), ((1, 5), (205, 1024)),
                                            ((500, 333), (1024, 682)), ((1024, 2048), (512, 1024)),
-                                           ((64, 64), (64, 1024)), ((300, 64), (1024, 64)), ((97, 131), (97, 131))])
+                                           ((64, 64), (64, 1024)), ((300, 64), (1024, 64)), ((97, 131), (97, 131)),
+                                           # the height shrinking more than twice the width: Pillow 13 goes
+                                           # vertically first
+                                           ((29, 44), (11, 59)), ((2100, 1000), (1024, 488)),
+                                           ((2362, 365), (1024, 158))])
 def test_equals_pil_bit_for_bit(size, out):
     img = _image(*size, seed=sum(size))
     want = np.array(Image.fromarray(img).resize(out[::-1], Image.BILINEAR))
@@ -34,7 +38,7 @@ def test_equals_pil_bit_for_bit(size, out):
 
 
 def test_equals_sams_resize_longest_side():
-    for h, w in ((448, 600), (720, 1280), (1500, 1000)):
+    for h, w in ((448, 600), (720, 1280), (1500, 1000), (2100, 1000), (2362, 365)):
         img = _image(h, w, seed=h)
         want = ResizeLongestSide(1024).apply_image(img)
         assert np.array_equal(pil_bilinear_resize(torch.from_numpy(img), want.shape[:2]).numpy(), want)
@@ -48,7 +52,7 @@ def test_the_input_is_left_as_it_is():
     assert torch.equal(img, before) and torch.equal(same, img) and same.data_ptr() != img.data_ptr()
 
 
-def test_a_cache_keeps_the_matrices_of_one_device_and_a_few_sizes():
+def test_a_cache_keeps_one_devices_matrices_up_to_a_size():
     img = torch.from_numpy(_image(30, 40, seed=2))
     cache = {}
     first = pil_bilinear_resize(img, (60, 90), cache)
@@ -56,9 +60,26 @@ def test_a_cache_keeps_the_matrices_of_one_device_and_a_few_sizes():
     kept = dict(cache)
     assert torch.equal(pil_bilinear_resize(img, (60, 90), cache), first)
     assert all(cache[k] is kept[k] for k in kept)  # (reused, not made again)
-    for n in range(61, 61 + pil_resize.MATRICES_KEPT):
-        pil_bilinear_resize(img, (n, 90), cache)
-    assert len(cache) <= pil_resize.MATRICES_KEPT
+    big = torch.from_numpy(_image(2, 3000, seed=3))
+    pil_bilinear_resize(big, (2, 2900), cache)  # 66 MB of float64: more than CACHE_BYTES, so the others go
+    assert set(cache) == {(3000, 2900, img.device)}
     cache[(1, 1, torch.device("meta"))] = torch.empty(1, 1, device="meta")  # another device's: all dropped
     pil_bilinear_resize(img, (61, 91), cache)
     assert set(cache) == {(40, 91, img.device), (30, 61, img.device)}
+
+
+def test_pillows_pass_order_by_version():
+    assert pil_resize.vertical_first((29, 44), (11, 59), "13.0.0")  # 18 rows fewer, 15 columns more
+    assert not pil_resize.vertical_first((29, 44), (11, 59), "12.1.0")
+    assert not pil_resize.vertical_first((1500, 1000), (1024, 683), "13.0.0")  # 476 rows vs 2 x 317 columns
+    assert not pil_resize.vertical_first((448, 448), (1024, 1024), "13.0.0")  # (growing)
+
+
+def test_a_size_is_checked_against_the_installed_pillow(monkeypatch):
+    cache = {}
+    assert pil_resize.agrees_with_pil((2100, 1000), (1024, 488), torch.device("cpu"), cache)
+    assert cache[("agrees", (2100, 1000), (1024, 488), torch.device("cpu"))] is True
+    # a Pillow that computes otherwise (here: taken for one that still goes horizontally first) is caught
+    monkeypatch.setattr(pil_resize, "VERTICAL_FIRST_FROM", 99)
+    assert not pil_resize.agrees_with_pil((2100, 1000), (1024, 488), torch.device("cpu"))
+    assert pil_resize.agrees_with_pil((448, 600), (764, 1024), torch.device("cpu"))  # (same order either way)

@@ -72,18 +72,22 @@ def class_probs(logits: torch.Tensor, classes: ClassList, logit_scale: float,
     return out
 
 
-_PLAIN: dict[int, float] = {}  # ids of probabilities `classify` made from its grid logits alone -> the logit scale
+# ids of the probabilities `classify` made from its grid logits alone -> (those logits, classes, size, logit scale)
+_PLAIN: dict[int, tuple] = {}
 
 
-def _mark_plain(probs: torch.Tensor, logit_scale: float) -> None:
-    _PLAIN[id(probs)] = logit_scale
-    weakref.finalize(probs, _PLAIN.pop, id(probs), None)
+def _mark_plain(seg: Segmentation, logit_scale: float) -> None:
+    _PLAIN[id(seg.probs)] = (weakref.ref(seg.grid_logits), seg.classes, tuple(seg.image_size), logit_scale)
+    weakref.finalize(seg.probs, _PLAIN.pop, id(seg.probs), None)
 
 
-def plain_probs(probs: torch.Tensor, logit_scale: float) -> bool:
-    """Whether `probs` is the very tensor `classify` made from its grid logits at `logit_scale` (no PAMR), so that
-    recomputing it from the logits gives it bit for bit (tensors are never changed once made)."""
-    return _PLAIN.get(id(probs)) == logit_scale
+def plain_probs(seg: Segmentation, logit_scale: float) -> bool:
+    """Whether `seg`'s probabilities are the very tensor `classify` made from `seg`'s own grid logits, classes and
+    size at `logit_scale` (no PAMR), so that recomputing them from the logits gives them bit for bit (tensors are
+    never changed once made)."""
+    made = _PLAIN.get(id(seg.probs))
+    return made is not None and made[0]() is seg.grid_logits and made[1:] == (
+        seg.classes, tuple(seg.image_size), logit_scale)
 
 
 def labels_from_probs(probs: torch.Tensor, classes: ClassList, prob_thd: float) -> torch.Tensor:
@@ -122,8 +126,9 @@ def classify(fm: FeatureMap, text: torch.Tensor, classes: ClassList, config: Cla
         logits = pamr(logits)
     probs = class_probs(logits, classes, config.logit_scale, overwrite=True)
     del logits  # (the probabilities were computed in its memory, or from it)
-    if pamr is None or not pamr.steps:
-        _mark_plain(probs, config.logit_scale)
     labels = labels_from_probs(probs, classes, config.prob_thd)
-    return Segmentation(labels, probs, g, classes, fm.image_size,
-                        info={"image_digest": fm.image_digest} if fm.image_digest else {})
+    seg = Segmentation(labels, probs, g, classes, fm.image_size,
+                       info={"image_digest": fm.image_digest} if fm.image_digest else {})
+    if pamr is None or not pamr.steps:
+        _mark_plain(seg, config.logit_scale)
+    return seg

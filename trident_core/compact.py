@@ -94,7 +94,8 @@ def compact(seg: object, logit_scale: float, prob_thd: float) -> CompactSegmenta
     def stored(probs: torch.Tensor | None) -> torch.Tensor | None:
         # (classify's own probabilities are the recomputation: not recomputed and compared, which on a GPU
         # waited for its queue each frame)
-        if probs is None or plain_probs(probs, logit_scale) or torch.equal(probs.float(), base()):
+        if probs is None or (probs is seg.probs and plain_probs(seg, logit_scale)) or torch.equal(
+                probs.float(), base()):
             return None
         return probs.half()
 

@@ -20,7 +20,7 @@ from torch import nn
 from ..checkpoints import SAM_HQ_EXTRAS, CheckpointError, complete, expect_family, read_state_dict
 from ..image import ImageError, image_digest
 from ..kernels import attention_probs, linear, rel_pos_table
-from ..pil_resize import pil_bilinear_resize
+from ..pil_resize import agrees_with_pil, pil_bilinear_resize
 from .conversion import FLOAT32, LOW, converted
 from .loading import (
     check_materialised,
@@ -78,7 +78,7 @@ class SamModel:
     arch: str
     path: str
     rel_tables: dict = dataclasses.field(default_factory=dict, repr=False)  # see _rel_tables
-    resize_matrices: dict = dataclasses.field(default_factory=dict, repr=False)  # see pil_resize._matrix
+    resize_matrices: dict = dataclasses.field(default_factory=dict, repr=False)  # pil_resize's cache
 
     @property
     def device(self) -> torch.device:
@@ -154,9 +154,10 @@ class SamModel:
         if min(ResizeLongestSide.get_preprocess_shape(h, w, size)) < PATCH:
             raise ImageError(f"the image is too elongated for SAM: its {w}x{h} input is under {PATCH} pixels wide "
                              f"once scaled to {size} long; crop it to at most about 1:{size // PATCH}")
-        if self.device.type == "cuda" and h * w <= GPU_RESIZE_PIXELS:  # (PIL's pixels, computed on the GPU)
-            x = pil_bilinear_resize(torch.as_tensor(image, device=self.device),
-                                    ResizeLongestSide.get_preprocess_shape(h, w, size), self.resize_matrices)
+        target = ResizeLongestSide.get_preprocess_shape(h, w, size)
+        if (self.device.type == "cuda" and h * w <= GPU_RESIZE_PIXELS
+                and agrees_with_pil((h, w), target, self.device, self.resize_matrices)):  # (PIL's pixels, on the GPU)
+            x = pil_bilinear_resize(torch.as_tensor(image, device=self.device), target, self.resize_matrices)
         else:
             x = torch.as_tensor(ResizeLongestSide(size).apply_image(image), device=self.device)
         x = x.permute(2, 0, 1).contiguous()[None]
