@@ -84,9 +84,10 @@ def test_trim_heap_returns_freed_holes_of_the_heap():
 
 @pytest.mark.parametrize("refine", [False, True])
 def test_each_model_is_released_as_soon_as_its_stage_is_done(small_ckpts, photo, monkeypatch, refine):
-    """With release_weights: DINO's weights and the freed heap go before CLIP runs, CLIP's weights before SAM
-    encodes, SAM's encoder and the freed heap before the aggregation, the freed heap before the classification and
-    before the refinement, the rest of SAM and the freed heap after the image."""
+    """With release_weights: CLIP's text tower once the class names are encoded, DINO's weights and the freed heap
+    before CLIP runs, CLIP's weights and the freed heap before SAM encodes, SAM's encoder and the freed heap before
+    the aggregation, the freed heap before the classification and before the refinement, the rest of SAM and the
+    freed heap after the image."""
     from trident_core import Trident, get_preset, pipeline
 
     tr = Trident.from_files(small_ckpts["clip"], small_ckpts["dino"], small_ckpts["sam"], device="cpu")
@@ -94,7 +95,16 @@ def test_each_model_is_released_as_soon_as_its_stage_is_done(small_ckpts, photo,
     events = []
     names = {id(tr.dino.model): "dino", id(tr.clip.model.visual): "clip", id(tr.sam.model.image_encoder): "sam encoder",
              id(tr.sam.model): "sam"}
-    monkeypatch.setattr(pipeline, "release", lambda m: events.append("release " + names[id(m)]))
+    text_tower = [id(p) for n, p in tr.clip.model.named_parameters() if not n.startswith("visual.")]
+
+    def released(m):
+        if isinstance(m, torch.nn.Module):
+            events.append("release " + names[id(m)])
+        else:  # (the text tower: every CLIP parameter but the visual tower's)
+            assert [id(p) for p in m] == text_tower
+            events.append("release clip text")
+
+    monkeypatch.setattr(pipeline, "release", released)
     monkeypatch.setattr(pipeline, "trim_heap", lambda: events.append("trim"))
     for obj, method in ((tr.clip, "window_values"), (tr.sam, "encode_many"), (pipeline, "splice_and_aggregate"),
                         (pipeline, "classify"), (pipeline, "refine")):
@@ -102,6 +112,6 @@ def test_each_model_is_released_as_soon_as_its_stage_is_done(small_ckpts, photo,
         monkeypatch.setattr(obj, method, lambda *a, _real=real, _m=method, **k: events.append(_m) or _real(*a, **k))
     tr.segment(photo[:160, :200], "sky, person", get_preset("voc21").params.update(refine=refine))
     runs = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]  # (window_values once per chunk)
-    assert runs == ["release dino", "trim", "window_values", "release clip", "encode_many", "release sam encoder",
-                    "trim", "splice_and_aggregate", "trim", "classify", *(["trim", "refine"] if refine else []),
-                    "release sam", "trim"]
+    assert runs == ["release clip text", "release dino", "trim", "window_values", "release clip", "trim",
+                    "encode_many", "release sam encoder", "trim", "splice_and_aggregate", "trim", "classify",
+                    *(["trim", "refine"] if refine else []), "release sam", "trim"]

@@ -250,10 +250,13 @@ class Trident:
         pamr = pamr_for(img, params)
         text = self.text(cl, progress)
         progress("text")
+        if self.release_weights:  # (the text tower's pages, read once for names not yet cached)
+            release(p for name, p in self.clip.model.named_parameters() if not name.startswith("visual."))
         wf = compute_window_features(self.clip, self.dino, img, params.windows, progress,
                                      self._after_dino if self.release_weights else None)
         if self.release_weights:
             release(self.clip.model.visual)
+            trim_heap()  # (CLIP's freed activations, before SAM's encoder)
         encodings = encode_image(self.sam, img, params.aggregation, progress)
         if self.release_weights and encodings is not None:
             release(self.sam.model.image_encoder)  # what follows uses its encodings, not its weights
