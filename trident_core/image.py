@@ -287,14 +287,15 @@ def normalize_clip(img: np.ndarray, device: torch.device | str = "cpu") -> torch
     """[1, 3, H, W] float32 CLIP-normalised as the reference's data preprocessor does (0..255 scale), computed on
     `device` (the uint8 pixels copied there: a GPU host spent 5 ms a frame on this; the same values anywhere)."""
     x = torch.from_numpy(img).to(device).permute(2, 0, 1).float()
-    mean, std = _clip_255(torch.device(device))
+    mean, std = (device_constant(c, torch.device(device)).view(3, 1, 1) for c in (CLIP_MEAN_255, CLIP_STD_255))
     return ((x - mean) / std)[None]
 
 
 @functools.cache
-def _clip_255(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP's pixel means and deviations (0..255) [3, 1, 1] on `device`, made once (never changed)."""
-    return tuple(torch.tensor(c, device=device).view(3, 1, 1) for c in (CLIP_MEAN_255, CLIP_STD_255))
+def device_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """`values` as a float32 tensor on `device`, made once per device and never changed (made per call, each was
+    a blocking copy to a GPU)."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def fit_to_patches(x: torch.Tensor, patch: int, window: int) -> torch.Tensor:

@@ -5,7 +5,6 @@ the proxy attention between them. Windows are processed in chunks so memory does
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import WindowConfig
-from .image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from .image import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, device_constant
 from .models import ClipModel, DinoModel
 from .windows import WindowPlan
 
@@ -51,17 +50,10 @@ def crop_frame_windows(xs: Sequence[torch.Tensor], plan: WindowPlan, idx: range)
     return torch.cat([x[:, :, y1:y2, x1:x2] for x, (y1, x1, y2, x2) in boxes])
 
 
-@functools.cache
-def _normalisations(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """CLIP's and ImageNet's means and deviations [1, 3, 1, 1] on `device`, made once (never changed): made per
-    chunk, each was a blocking copy to a GPU."""
-    return tuple(torch.tensor(c, device=device).view(1, 3, 1, 1)
-                 for c in (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD))
-
-
 def clip_to_imagenet(x: torch.Tensor) -> torch.Tensor:
     """CLIP-normalised windows un-normalised with CLIP's exact constants, then ImageNet-normalised (DINO's input)."""
-    cm, cs, im, istd = _normalisations(x.device)
+    cm, cs, im, istd = (device_constant(c, x.device).view(1, 3, 1, 1)
+                        for c in (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD))
     return ((x * cs + cm) - im) / istd
 
 
