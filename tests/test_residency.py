@@ -3,7 +3,10 @@ is not a clean file mapping (anonymous, written) is left alone."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,13 +85,13 @@ def test_trim_heap_returns_freed_holes_of_the_heap():
     assert all(b[0] == 1 for b in blocks)  # the live blocks are untouched
 
 
-@pytest.mark.parametrize("refine", [False, True])
-def test_each_model_is_released_as_soon_as_its_stage_is_done(small_ckpts, photo, monkeypatch, refine):
+@pytest.mark.parametrize(("refine", "tiles"), [(False, "1x1"), (True, "1x1"), (False, "1x2")])
+def test_each_model_is_released_as_soon_as_its_stage_is_done(small_ckpts, photo, monkeypatch, refine, tiles):
     """With release_weights: CLIP's text tower once the class names are encoded, DINO's weights and the freed heap
-    before CLIP runs, CLIP's weights and the freed heap before SAM encodes, SAM's encoder and the freed heap before
-    the aggregation, the freed heap before the classification and before the refinement, the rest of SAM and the
-    freed heap after the image."""
-    from trident_core import Trident, get_preset, pipeline
+    before CLIP runs, CLIP's weights and the freed heap before SAM encodes, the freed heap between SAM's tiles, SAM's
+    encoder and the freed heap before the aggregation, the freed heap before the classification and before the
+    refinement, the rest of SAM and the freed heap after the image."""
+    from trident_core import Trident, get_preset, pipeline, sam_tiles
 
     tr = Trident.from_files(small_ckpts["clip"], small_ckpts["dino"], small_ckpts["sam"], device="cpu")
     tr.release_weights = True
@@ -106,12 +109,76 @@ def test_each_model_is_released_as_soon_as_its_stage_is_done(small_ckpts, photo,
 
     monkeypatch.setattr(pipeline, "release", released)
     monkeypatch.setattr(pipeline, "trim_heap", lambda: events.append("trim"))
+    monkeypatch.setattr(sam_tiles, "trim_heap", lambda: events.append("trim"))
     for obj, method in ((tr.clip, "window_values"), (tr.sam, "encode_many"), (pipeline, "splice_and_aggregate"),
                         (pipeline, "classify"), (pipeline, "refine")):
         real = getattr(obj, method)
         monkeypatch.setattr(obj, method, lambda *a, _real=real, _m=method, **k: events.append(_m) or _real(*a, **k))
-    tr.segment(photo[:160, :200], "sky, person", get_preset("voc21").params.update(refine=refine))
+    tr.segment(photo[:160, :200], "sky, person", get_preset("voc21").params.update(refine=refine, sam_tiles=tiles))
     runs = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]  # (window_values once per chunk)
+    sam = ["encode_many", "trim", "encode_many"] if tiles == "1x2" else ["encode_many"]
     assert runs == ["release clip text", "release dino", "trim", "window_values", "release clip", "trim",
-                    "encode_many", "release sam encoder", "trim", "splice_and_aggregate", "trim", "classify",
+                    *sam, "release sam encoder", "trim", "splice_and_aggregate", "trim", "classify",
                     *(["trim", "refine"] if refine else []), "release sam", "trim"]
+
+
+@pytest.mark.parametrize("given", [None, "0"])
+def test_the_command_tells_mkl_to_free_its_work_buffers_before_torch_loads_it(given):
+    """MKL keeps float32 products' work buffers for reuse (20 to 60 MB at SAM's encoder) unless
+    MKL_DISABLE_FAST_MM is set when torch loads it: the command's entry sets it first; a user's own value stays."""
+    code = ("import os, sys, types\n"
+            "fake = types.ModuleType('trident_core.cli')\n"
+            "fake.run = lambda: print(os.environ.get('MKL_DISABLE_FAST_MM'), 'torch' in sys.modules)\n"
+            "sys.modules['trident_core.cli'] = fake\n"
+            "from trident_core.__main__ import main\n"
+            "main()\n")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DISABLE_FAST_MM"}
+    if given is not None:
+        env["MKL_DISABLE_FAST_MM"] = given
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and r.stdout.split() == [given or "1", "False"], r.stderr
+
+
+def _mapped_rss_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of the file."""
+    total, ours = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and ":" not in head[0]:
+                ours = len(head) == 6 and Path(head[5]) == path.resolve()
+            elif ours and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+def _whole_pages_kb(tensors) -> int:
+    """What `release` can give back of the tensors: the whole pages inside each one's storage."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    spans = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors}
+    return sum(max(0, (lo + n) // page - -(-lo // page)) for lo, n in spans) * page // 1024
+
+
+def test_sam_tiles_give_back_each_encoder_block_once_it_has_run(small_ckpts, photo, monkeypatch):
+    """release_weights: each block of SAM's encoder (but the last, which the affinity and the refinement use) leaves
+    memory as soon as it has run, in every tile, and the encodings stay the same bit for bit."""
+    from trident_core import residency
+    from trident_core.models import load_sam
+    from trident_core.sam_tiles import SamTiling, encode_frame_tiles
+
+    sam = load_sam(small_ckpts["sam"], "cpu")
+    img = photo[:160, :200]
+    tiling = SamTiling.of("1x2", img.shape[:2])
+    want = encode_frame_tiles(sam, [img], tiling)[0]
+    blocks = list(sam.model.image_encoder.blocks)
+    droppable = _whole_pages_kb([p for b in blocks[:-1] for p in b.parameters()])
+    assert droppable > 0
+    before = _mapped_rss_kb(small_ckpts["sam"])  # (every block resident: the first call read them all)
+    released, real = [], residency.release
+    monkeypatch.setattr(residency, "release", lambda m, spans=None: released.append(m) or real(m, spans))
+    got = encode_frame_tiles(sam, [img], tiling, release_weights=True)[0]
+    assert released == blocks[:-1] * 2  # each as it has run, in each of the two tiles
+    assert before - _mapped_rss_kb(small_ckpts["sam"]) >= 0.9 * droppable  # (the kernel may map neighbours back)
+    for a, b in zip(want.encodings, got.encodings, strict=True):
+        assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("q", "k", "v", "last_input"))

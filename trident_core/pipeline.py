@@ -76,21 +76,25 @@ def same_size(imgs: list[np.ndarray]) -> list[np.ndarray]:
     return imgs
 
 
-def encode_image(sam: SamModel | None, image: object, config: AggregateConfig,
-                 progress: Progress = _noop) -> SamTileEncodings | None:
-    """S6's SAM encoding of the image's tiles, or None where the aggregation needs none (segment_then_splice)."""
-    return encode_frames(sam, [image], config, progress)[0]
+def encode_image(sam: SamModel | None, image: object, config: AggregateConfig, progress: Progress = _noop,
+                 release_weights: bool = False) -> SamTileEncodings | None:
+    """S6's SAM encoding of the image's tiles, or None where the aggregation needs none (segment_then_splice);
+    `release_weights` as `encode_frame_tiles` has it."""
+    return encode_frames(sam, [image], config, progress, release_weights=release_weights)[0]
 
 
 def encode_frames(sam: SamModel | None, images: Sequence[object], config: AggregateConfig,
-                  progress: Progress = _noop, digests: Sequence[str] | None = None) -> list[SamTileEncodings | None]:
+                  progress: Progress = _noop, digests: Sequence[str] | None = None,
+                  release_weights: bool = False) -> list[SamTileEncodings | None]:
     """`encode_image` of several frames of one size, each tile of every frame in one forward of SAM's encoder
-    (`digests`: the frames' `image_digest`s where the caller has them)."""
+    (`digests`: the frames' `image_digest`s where the caller has them; `release_weights` as `encode_frame_tiles`
+    has it)."""
     if not config.uses_sam:
         return [None] * len(images)
     require_sam(sam, Params(aggregation=config))
     imgs = same_size([to_rgb_uint8(image) for image in images])
-    encodings = encode_frame_tiles(sam, imgs, SamTiling.of(config.sam_tiles, imgs[0].shape[:2]), digests)
+    encodings = encode_frame_tiles(sam, imgs, SamTiling.of(config.sam_tiles, imgs[0].shape[:2]), digests,
+                                   release_weights)
     progress("sam")
     return encodings
 
@@ -257,7 +261,7 @@ class Trident:
         if self.release_weights:
             release(self.clip.model.visual)
             trim_heap()  # (CLIP's freed activations, before SAM's encoder)
-        encodings = encode_image(self.sam, img, params.aggregation, progress)
+        encodings = encode_image(self.sam, img, params.aggregation, progress, self.release_weights)
         if self.release_weights and encodings is not None:
             release(self.sam.model.image_encoder)  # what follows uses its encodings, not its weights
             trim_heap()  # the encoder's freed activations, before classification's full-resolution maps

@@ -112,10 +112,12 @@ class SamModel:
         return self.encode_many([image])[0]
 
     @torch.no_grad()
-    def encode_many(self, images: Sequence[np.ndarray], digests: Sequence[str] | None = None) -> list[SamEncoding]:
+    def encode_many(self, images: Sequence[np.ndarray], digests: Sequence[str] | None = None,
+                    after_block: Callable[[nn.Module], object] | None = None) -> list[SamEncoding]:
         """`encode` of several images in one forward of the encoder (its input is always img_size square: any
         sizes mix); each encoding owns its tensors. One image computes what `encode` always did. `digests`: the
-        images' `image_digest`s where the caller has them."""
+        images' `image_digest`s where the caller has them; `after_block` gets each block but the last once it
+        has run (e.g. `residency.release`: its weights' pages given back during the forward)."""
         model = self.model
         enc = model.image_encoder
         inputs = [self._input(image) for image in images]
@@ -128,6 +130,8 @@ class SamModel:
             x = x + enc.pos_embed
         for blk in enc.blocks[:-1]:
             x = blk(x)
+            if after_block is not None:
+                after_block(blk)
         last = enc.blocks[-1]
         qkv = finite(linear32(norm32(last.norm1, x), last.attn.qkv.weight, last.attn.qkv.bias), "SAM",
                      self.path)  # what the affinity reads
