@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from resident import mapped_resident_kb
 
 from trident_core import devices
 from trident_core.devices import CPU_BF16_ENV, bf16_native, resolve_dtype
@@ -140,16 +141,7 @@ def test_command_line_refuses_before_touching_a_model_file(native, tmp_path, cap
 
 
 def _resident_mb(path: Path) -> float:
-    """Resident MB of this process's mappings of the file `path` (Linux's /proc/self/smaps)."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()
-            if "-" in head[0] and ":" not in head[0]:
-                inside = head[-1] == str(path)
-            elif inside and head[0] == "Rss:":
-                total += int(head[1])
-    return total / 1024
+    return mapped_resident_kb(path) / 1024
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident pages are read from Linux's smaps")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from resident import mapped_resident_kb
 
 from trident_core.residency import release
 
@@ -140,19 +141,6 @@ def test_the_command_tells_mkl_to_free_its_work_buffers_before_torch_loads_it(gi
     assert r.returncode == 0 and r.stdout.split() == [given or "1", "False"], r.stderr
 
 
-def _mapped_rss_kb(path: Path) -> int:
-    """Resident kB of this process's mappings of the file."""
-    total, ours = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()
-            if "-" in head[0] and ":" not in head[0]:
-                ours = len(head) == 6 and Path(head[5]) == path.resolve()
-            elif ours and head[0] == "Rss:":
-                total += int(head[1])
-    return total
-
-
 def _whole_pages_kb(tensors) -> int:
     """What `release` can give back of the tensors: the whole pages inside each one's storage."""
     page = os.sysconf("SC_PAGE_SIZE")
@@ -174,11 +162,11 @@ def test_sam_tiles_give_back_each_encoder_block_once_it_has_run(small_ckpts, pho
     blocks = list(sam.model.image_encoder.blocks)
     droppable = _whole_pages_kb([p for b in blocks[:-1] for p in b.parameters()])
     assert droppable > 0
-    before = _mapped_rss_kb(small_ckpts["sam"])  # (every block resident: the first call read them all)
+    before = mapped_resident_kb(small_ckpts["sam"])  # (every block resident: the first call read them all)
     released, real = [], residency.release
     monkeypatch.setattr(residency, "release", lambda m, spans=None: released.append(m) or real(m, spans))
     got = encode_frame_tiles(sam, [img], tiling, release_weights=True)[0]
     assert released == blocks[:-1] * 2  # each as it has run, in each of the two tiles
-    assert before - _mapped_rss_kb(small_ckpts["sam"]) >= 0.9 * droppable  # (the kernel may map neighbours back)
+    assert before - mapped_resident_kb(small_ckpts["sam"]) >= 0.9 * droppable  # (the kernel may map neighbours back)
     for a, b in zip(want.encodings, got.encodings, strict=True):
         assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("q", "k", "v", "last_input"))
