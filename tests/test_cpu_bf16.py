@@ -260,11 +260,13 @@ def test_the_bf16_attention_timing_compares_both_ways_on_the_whole_grid(monkeypa
     assert torch.allclose(a.float(), b.float(), atol=0.03, rtol=0.02)
 
 
+@pytest.mark.parametrize("per_call", [None, 1, 2])
 @pytest.mark.parametrize("rel", [True, False])
 @pytest.mark.parametrize("grid,rows", [((8, 8), (2, 5)), ((5, 7), (0, 5))])
-def test_relative_positions_as_channels_equal_the_biased_softmax(grid, rows, rel):
-    """`augmented` (a band of queries, the relative-position terms as extra channels, one mask-free kernel call)
-    against softmax(q kᵀ scale + rel_h[key row] + rel_w[key column]) v written out in float64."""
+def test_relative_positions_as_channels_equal_the_biased_softmax(grid, rows, rel, per_call):
+    """`augmented` (a band of queries, the relative-position terms as extra channels, mask-free kernel calls of
+    `per_call` heads) against softmax(q kᵀ scale + rel_h[key row] + rel_w[key column]) v written out in float64;
+    heads in groups give what one call gives, bit for bit."""
     from trident_core.kernels.sam_attention import augmented
 
     torch.manual_seed(0)
@@ -279,10 +281,22 @@ def test_relative_positions_as_channels_equal_the_biased_softmax(grid, rows, rel
         logits = logits + rel_h[:, band].double()[:, :, key // gw] + rel_w[:, band].double()[:, :, key % gw]
     want = logits.softmax(-1) @ v.double()
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.03)):
-        got = augmented(q[:, band].to(dtype), k.to(dtype), v.to(dtype), scale, grid,
-                        rel_h[:, band].to(dtype) if rel else None, rel_w[:, band].to(dtype) if rel else None)
+        args = (q[:, band].to(dtype), k.to(dtype), v.to(dtype), scale, grid,
+                rel_h[:, band].to(dtype) if rel else None, rel_w[:, band].to(dtype) if rel else None)
+        got = augmented(*args, per_call=per_call)
         assert got.shape == want.shape and got.dtype == dtype
         assert torch.allclose(got.double(), want, atol=tol, rtol=tol), (dtype, (got.double() - want).abs().max())
+        assert torch.equal(got, augmented(*args))
+
+
+def test_channel_calls_take_a_few_heads_on_the_cpu_and_all_on_a_gpu():
+    """SAM ViT's global blocks (64x64 keys, 64 + 64 + 64 channels): 2 of 12 heads per call in bfloat16 on the CPU,
+    where the widened copies of all heads held 76 MB at once."""
+    from trident_core.kernels.sam_attention import channel_heads
+
+    assert channel_heads(torch.device("cpu"), 4096, 192, 2) == 2
+    assert channel_heads(torch.device("cpu"), 196, 64 + 28, 2) == 116  # (14x14 windows: every head at once)
+    assert channel_heads(torch.device("cuda"), 4096, 192, 2) is None
 
 
 def _mapped_from(t: torch.Tensor, path: Path) -> bool:

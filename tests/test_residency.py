@@ -170,3 +170,33 @@ def test_sam_tiles_give_back_each_encoder_block_once_it_has_run(small_ckpts, pho
     assert before - mapped_resident_kb(small_ckpts["sam"]) >= 0.9 * droppable  # (the kernel may map neighbours back)
     for a, b in zip(want.encodings, got.encodings, strict=True):
         assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("q", "k", "v", "last_input"))
+
+
+def test_window_features_give_back_each_tower_block_once_it_has_run(small_ckpts, photo, monkeypatch):
+    """release_weights: in every forward of DINO and CLIP, each block (CLIP's but the last, whose value projection
+    the method reads) is handed over as soon as it has run, DINO's before CLIP's, and the features stay the same
+    bit for bit with the blocks' pages given back."""
+    from trident_core import Trident, get_preset, pipeline
+    from trident_core.residency import releaser
+
+    tr = Trident.from_files(small_ckpts["clip"], small_ckpts["dino"], small_ckpts["sam"], device="cpu")
+    windows = get_preset("voc21").params.windows
+    img = photo[:160, :200]
+    want = pipeline.compute_window_features(tr.clip, tr.dino, img, windows)
+    dino_blocks, clip_blocks = list(tr.dino.model.blocks), list(tr.clip.model.visual.transformer.resblocks)[:-1]
+    forwards = {"dino": 0, "clip": 0}
+    for model, method, name in ((tr.dino, "patch_tokens", "dino"), (tr.clip, "window_values", "clip")):
+        real = getattr(model, method)
+        monkeypatch.setattr(model, method, lambda *a, _r=real, _n=name, **k: forwards.update({_n: forwards[_n] + 1})
+                            or _r(*a, **k))
+    given, release = [], releaser()
+    got = pipeline.compute_window_features(tr.clip, tr.dino, img, windows,
+                                           after_block=lambda b: given.append(b) or release(b))
+    assert forwards["dino"] == forwards["clip"] > 1  # (several forwards: every one hands its blocks over)
+    assert given == dino_blocks * forwards["dino"] + clip_blocks * forwards["clip"]
+    assert torch.equal(got.tokens, want.tokens)
+    tr.release_weights = True  # the pipeline's own wiring gives a releaser
+    seen = []
+    monkeypatch.setattr(pipeline, "releaser", lambda: seen.append)
+    tr.segment(img, "sky, person", get_preset("voc21").params)
+    assert seen == given

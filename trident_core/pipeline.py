@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL.Image import Image as PILImage
+from torch import nn
 
 from .aggregation import FeatureMap, splice_and_aggregate
 from .classes import ClassList, check_several, parse_classes
@@ -24,7 +25,7 @@ from .image import clip_input, image_digest, to_rgb_uint8
 from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
 from .pamr import Pamr, pamr_guide
 from .refine import refine
-from .residency import release, trim_heap
+from .residency import release, releaser, trim_heap
 from .sam_tiles import SamTileEncodings, SamTiling, encode_frame_tiles
 from .text import encode_classes
 from .window_features import WindowFeatures, frame_window_features, window_chunk
@@ -40,16 +41,19 @@ def _noop(_stage: str) -> None:
 
 
 def compute_window_features(clip: ClipModel, dino: DinoModel, image: object, config: WindowConfig,
-                            progress: Progress = _noop, after_dino: Callable[[], None] | None = None
-                            ) -> WindowFeatures:
+                            progress: Progress = _noop, after_dino: Callable[[], None] | None = None,
+                            after_block: Callable[[nn.Module], object] | None = None) -> WindowFeatures:
     """S0, S2, S3, S4: the image rescaled, windowed, and CLIP's DINO-guided window features (`after_dino()` runs
-    once DINO is done with every window, before CLIP starts)."""
-    return compute_frame_window_features(clip, dino, [image], config, progress, after_dino)[0]
+    once DINO is done with every window, before CLIP starts; `after_block(block)` after each block of either tower
+    in every forward, as `frame_window_features` has it)."""
+    return compute_frame_window_features(clip, dino, [image], config, progress, after_dino,
+                                         after_block=after_block)[0]
 
 
 def compute_frame_window_features(clip: ClipModel, dino: DinoModel, images: Sequence[object], config: WindowConfig,
                                   progress: Progress = _noop, after_dino: Callable[[], None] | None = None,
-                                  digests: Sequence[str] | None = None) -> list[WindowFeatures]:
+                                  digests: Sequence[str] | None = None,
+                                  after_block: Callable[[nn.Module], object] | None = None) -> list[WindowFeatures]:
     """`compute_window_features` of several frames of one size, each forward carrying `window_chunk` windows per
     frame (`frame_window_features`; `digests`: the frames' `image_digest`s where the caller has them)."""
     if config.window % clip.patch_size or config.window % dino.patch_size:
@@ -61,7 +65,7 @@ def compute_frame_window_features(clip: ClipModel, dino: DinoModel, images: Sequ
     plan = plan_windows(tuple(xs[0].shape[-2:]), config.window, config.stride)
     wfs = frame_window_features(clip, dino, xs, plan, config, image_size=imgs[0].shape[:2],
                                 chunk=window_chunk(clip.device) * len(xs), on_chunk=lambda: progress("windows"),
-                                after_dino=after_dino)
+                                after_dino=after_dino, after_block=after_block)
     scale = (config.short_side, config.long_cap)
     digests = digests or [image_digest(img) for img in imgs]
     return [dataclasses.replace(wf, image_digest=d, scale=scale) for wf, d in zip(wfs, digests)]
@@ -257,7 +261,8 @@ class Trident:
         if self.release_weights:  # (the text tower's pages, read once for names not yet cached)
             release(p for name, p in self.clip.model.named_parameters() if not name.startswith("visual."))
         wf = compute_window_features(self.clip, self.dino, img, params.windows, progress,
-                                     self._after_dino if self.release_weights else None)
+                                     self._after_dino if self.release_weights else None,
+                                     releaser() if self.release_weights else None)  # (one block at a time)
         if self.release_weights:
             release(self.clip.model.visual)
             trim_heap()  # (CLIP's freed activations, before SAM's encoder)

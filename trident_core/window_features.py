@@ -89,7 +89,7 @@ def _resize_tokens(t: torch.Tensor, grid: tuple[int, int], new: tuple[int, int])
 @torch.no_grad()
 def frame_window_features(clip: ClipModel, dino: DinoModel, xs: Sequence[torch.Tensor], plan: WindowPlan,
                           config: WindowConfig, image_size: tuple[int, int] | None = None, chunk: int = WINDOW_CHUNK,
-                          on_chunk=None, after_dino=None) -> list[WindowFeatures]:
+                          on_chunk=None, after_dino=None, after_block=None) -> list[WindowFeatures]:
     """Y = out_proj(P V) per window of each processed, CLIP-normalised frame x [1, 3, H, W] of `xs` (frames of one
     size: one window plan), with the proxy attention's gamma and beta of `config`. The frames' windows go through
     DINO and CLIP `chunk` at a time, frames mixed within a chunk (a GPU's forwards then carry several frames),
@@ -97,14 +97,16 @@ def frame_window_features(clip: ClipModel, dino: DinoModel, xs: Sequence[torch.T
 
     V is resized bilinearly to DINO's grid where the grids differ (ViT-H/14), then Y back to CLIP's grid times
     round(dino/clip) as the reference splices it. DINO runs on every window before CLIP does: `after_dino()` is
-    called in between (to release DINO's weights, so the two models' weights are never needed at once)."""
+    called in between (to release DINO's weights, so the two models' weights are never needed at once), and
+    `after_block(block)` after each block of either tower in every chunk (`residency.release`: a tower's weights
+    are then resident one block at a time; the next chunk maps them again from the page cache)."""
     n = len(plan)
     total = n * len(xs)
     xs = [x.to(dino.device) for x in xs]  # (each frame copied once; its overlapping windows are cropped there)
     dino_feats = []
     for s in range(0, total, chunk):
         dino_feats.append(dino.patch_tokens(clip_to_imagenet(
-            crop_frame_windows(xs, plan, range(s, min(total, s + chunk))))))
+            crop_frame_windows(xs, plan, range(s, min(total, s + chunk)))), after_block))
         if on_chunk:
             on_chunk()
     dino_feats = torch.cat(dino_feats)
@@ -116,7 +118,7 @@ def frame_window_features(clip: ClipModel, dino: DinoModel, xs: Sequence[torch.T
     grid = None
     for s in range(0, total, chunk):
         idx = range(s, min(total, s + chunk))
-        values, grid = clip.window_values(crop_frame_windows(xs, plan, idx))
+        values, grid = clip.window_values(crop_frame_windows(xs, plan, idx), after_block)
         values = _resize_tokens(values, grid, (dg, dg))
         frames = [j // n for j in idx]
         mean = means[frames[0]] if frames[0] == frames[-1] else means[frames].view(-1, 1, 1)

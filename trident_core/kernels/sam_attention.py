@@ -34,6 +34,13 @@ def query_band(device: torch.device, heads: int, keys: int, element_size: int = 
     return max(1, (16 << 20) // (element_size * heads * keys))
 
 
+def channel_heads(device: torch.device, keys: int, width: int, element_size: int) -> int | None:
+    """Heads per `augmented` call: on the CPU as many as keep each widened [heads, keys, width] copy near 4 MB
+    (SAM ViT's global blocks in bfloat16: 2 of 12, the four copies 18 instead of 76 MB); None elsewhere (a GPU
+    takes every head in one call, each call costing launches)."""
+    return max(1, (4 << 20) // (keys * width * element_size)) if device.type == "cpu" else None
+
+
 def rel_pos_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """segment_anything's get_rel_pos with its index made on rel_pos's device (made on the CPU, it was a blocking
     copy to a GPU at every call: each block of every forward)."""
@@ -63,21 +70,31 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, grid: tuple[
 
 
 def augmented(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, grid: tuple[int, int],
-              rel_h: torch.Tensor | None, rel_w: torch.Tensor | None) -> torch.Tensor:
+              rel_h: torch.Tensor | None, rel_w: torch.Tensor | None, per_call: int | None = None) -> torch.Tensor:
     """softmax(q kᵀ scale + rel_h + rel_w) v, [B, r, c], for queries q [B, r, c] over keys k, v [B, N, c] on a grid
-    (gh, gw) = N, in one `scaled_dot_product_attention` without a mask: each query carries its terms rel_h [B, r, gh]
+    (gh, gw) = N, in `scaled_dot_product_attention` without a mask: each query carries its terms rel_h [B, r, gh]
     and rel_w [B, r, gw] as extra channels, each key a one-hot of its grid row and column (scaled keys: the kernel's
-    scale is 1), and v is padded to the same width (the kernel's fast path wants equal widths)."""
+    scale is 1), and v is padded to the same width (the kernel's fast path wants equal widths). `per_call`: at most
+    that many of the B heads per call (each head's result is its own: the widened copies then exist for those
+    heads only, not all)."""
     if rel_h is None:
         return F.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale)[0]
     gh, gw = grid
     b, n, c = k.shape
     token = torch.arange(n, device=k.device)
     onehot = torch.cat([F.one_hot(token // gw, gh), F.one_hot(token % gw, gw)], dim=-1).to(k.dtype)
-    keys = torch.cat([k * scale, onehot.expand(b, -1, -1)], dim=-1)
-    queries = torch.cat([q, rel_h.to(q.dtype), rel_w.to(q.dtype)], dim=-1)
-    values = F.pad(v, (0, gh + gw))
-    return F.scaled_dot_product_attention(queries[None], keys[None], values[None], scale=1.0)[0, ..., :c]
+    step = per_call or b
+    out = q.new_empty(q.shape) if step < b else None
+    for s in range(0, b, step):
+        e = min(b, s + step)
+        keys = torch.cat([k[s:e] * scale, onehot.expand(e - s, -1, -1)], dim=-1)
+        queries = torch.cat([q[s:e], rel_h[s:e].to(q.dtype), rel_w[s:e].to(q.dtype)], dim=-1)
+        values = F.pad(v[s:e], (0, gh + gw))
+        part = F.scaled_dot_product_attention(queries[None], keys[None], values[None], scale=1.0)[0, ..., :c]
+        if out is None:
+            return part
+        out[s:e] = part
+    return out
 
 
 def banded_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +128,8 @@ def banded_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     def channels(r0: int, r1: int) -> torch.Tensor:
         return augmented(q[:, r0 * w:r1 * w], k, v, self.scale, (h, w),
                          None if rel_h is None else rel_h[:, r0:r1].reshape(-1, (r1 - r0) * w, h),
-                         None if rel_w is None else rel_w[:, r0:r1].reshape(-1, (r1 - r0) * w, w))
+                         None if rel_w is None else rel_w[:, r0:r1].reshape(-1, (r1 - r0) * w, w),
+                         channel_heads(q.device, h * w, q.shape[-1] + h + w, q.element_size()))
 
     def grid(band: Callable[[int, int], torch.Tensor], step: int) -> torch.Tensor:
         """The whole grid's output [B*heads, N, c], `step` grid rows per call of `band`."""

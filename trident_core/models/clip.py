@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,10 +89,11 @@ class ClipModel:
     # ------------------------------------------------------------------------------------------- image tower
 
     @torch.no_grad()
-    def window_values(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def window_values(self, x: torch.Tensor, after_block: Callable[[nn.Module], object] | None = None
+                      ) -> tuple[torch.Tensor, tuple[int, int]]:
         """V of the last block [k, g*g, D] (float32) for CLIP-normalised windows x [k, 3, w, w], and the token grid:
         patch embedding, interpolated positions, blocks 1..L-1, CLS dropped, ln_1, the value third of the
-        in-projection (these two in float32)."""
+        in-projection (these two in float32). `after_block` gets each of blocks 1..L-1 once it has run."""
         v = self.model.visual
         x = x.to(device=self.device, dtype=v.conv1.weight.dtype)
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
@@ -103,6 +105,8 @@ class ClipModel:
         blocks = v.transformer.resblocks
         for blk in blocks[:-1]:
             t = blk(t)
+            if after_block is not None:
+                after_block(blk)
         last = blocks[-1]
         dim = t.shape[-1]
         w, b = last.attn.in_proj_weight[2 * dim:], last.attn.in_proj_bias[2 * dim:]

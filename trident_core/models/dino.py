@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +37,9 @@ class DinoModel:
         return self.model.cls_token.dtype
 
     @torch.no_grad()
-    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The final normalised patch tokens [k, g*g, D] of ImageNet-normalised windows x [k, 3, w, w]."""
+    def patch_tokens(self, x: torch.Tensor, after_block: Callable[[nn.Module], object] | None = None) -> torch.Tensor:
+        """The final normalised patch tokens [k, g*g, D] of ImageNet-normalised windows x [k, 3, w, w];
+        `after_block` gets each block once it has run (e.g. `residency.release`)."""
         m = self.model
         x = x.to(device=self.device, dtype=self.dtype)
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
@@ -45,7 +47,11 @@ class DinoModel:
         t = torch.cat([m.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
         t = t + cached_pos_embed(self.positions, m.pos_embed[0], grid)[None]
         t = m.norm_pre(m.pos_drop(t))
-        t = m.norm(m.blocks(t))
+        for blk in m.blocks:  # (timm's forward: the blocks in order)
+            t = blk(t)
+            if after_block is not None:
+                after_block(blk)
+        t = m.norm(t)
         return finite(t[:, 1:], "DINO", self.path)
 
 
