@@ -132,10 +132,11 @@ def encode_frame_tiles(sam: SamModel, images: Sequence[np.ndarray], tiling: SamT
     digests = digests or [image_digest(image) for image in images]
     padded = [round_up_to(image, PATCH) for image in images]
     whole = tiling.shape == (1, 1) and all(p is image for p, image in zip(padded, images))  # a tile is its frame
+    after_block = releaser() if release_weights else None  # (the file mappings read once for every tile)
     per_tile = []
     for i, (y1, y2, x1, x2) in enumerate(tiling.boxes()):
         if i and release_weights:
             trim_heap()  # (the last tile's freed activations)
         per_tile.append(sam.encode_many([np.ascontiguousarray(img16[y1:y2, x1:x2]) for img16 in padded],
-                                        digests if whole else None, releaser() if release_weights else None))
+                                        digests if whole else None, after_block))
     return [SamTileEncodings(tiling, tuple(tile[f] for tile in per_tile), digests[f]) for f in range(len(images))]
