@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -319,10 +320,11 @@ def _vm(field: str) -> float:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak memory is read from Linux's /proc")
-def test_writing_the_converted_copy_never_holds_it_beside_the_converted_tensors(tmp_path):
-    """A first run writes the copy, reads it back and compares it with the converted tensors: each tensor read back
-    is released after its comparison, so the peak holds the converted tensors once (not twice), and their memory
-    goes back once the model maps the copy."""
+def test_writing_the_converted_copy_holds_one_converted_tensor_at_a_time(tmp_path):
+    """A first run streams the copy into its file one converted tensor at a time, releasing the sources' pages as
+    it goes: the peak holds a tensor and a release batch, never the converted weights as a whole (until 2026-12
+    it held them all, and the heap they left behind raised the first run's later peak by 200 MB), and the model
+    maps the copy afterwards."""
     from trident_core.checkpoints import read_state_dict
     from trident_core.models.conversion import converted
 
@@ -337,19 +339,23 @@ def test_writing_the_converted_copy_never_holds_it_beside_the_converted_tensors(
     before = _vm("VmRSS")
     out = converted(sd, path, "dino", torch.bfloat16, cache=tmp_path / "converted")
     peak = _vm("VmHWM") - before
-    (copy,) = (tmp_path / "converted").glob("dino-*.pt")
+    (copy,) = (tmp_path / "converted").glob("dino-*.safetensors")
     assert all(_mapped_from(t, copy) for t in out.values())
-    assert peak < 128 * 1.45, peak  # converted tensors (128 MB) + one release batch (32 MB); was 128 x 2
+    assert peak < 64, peak  # a release batch of sources (32 MB) and a tensor; was 128 (all converted) + 32
     assert _vm("VmRSS") - before < 40  # the converted tensors' memory went back; the copy is mapped, not read
+    assert all(torch.equal(t, v.bfloat16()) for t, v in zip(out.values(), torch.load(path, mmap=True).values()))
 
 
 def test_the_converted_copy_is_made_once_and_mapped_by_later_loads(small_ckpts, tmp_path, caplog):
+    from safetensors.torch import load_file
+
     from trident_core import caches
+    from trident_core.checkpoints import read_state_dict
     from trident_core.models import load_clip, load_sam
 
     cache = tmp_path / "converted"
     first = load_sam(small_ckpts["sam"], "cpu", torch.bfloat16, cache)
-    (copy,) = cache.glob("sam-*-bfloat16-*.pt")
+    (copy,) = cache.glob("sam-*-bfloat16-*.safetensors")
     made = copy.stat().st_ino
     second = load_sam(small_ckpts["sam"], "cpu", torch.bfloat16, cache)
     assert copy.stat().st_ino == made  # mapped, not converted again (a new copy is a new file)
@@ -367,60 +373,65 @@ def test_the_converted_copy_is_made_once_and_mapped_by_later_loads(small_ckpts, 
     (warning,) = [r.getMessage() for r in caplog.records if "converted weights" in r.getMessage()]
     assert "damaged or cut short" in warning and "download" not in warning, warning
     assert all(torch.equal(a, b) for a, b in zip(third.model.parameters(), second.model.parameters()))
-    assert torch.load(copy, weights_only=True).keys() == second.model.state_dict().keys() - {"pixel_mean", "pixel_std"}
+    assert load_file(copy).keys() == second.model.state_dict().keys() - {"pixel_mean", "pixel_std"}
     assert not list(cache.glob(".*partial*"))
     clips = [load_clip(small_ckpts["clip"], "cpu", torch.bfloat16, cache=cache) for _ in range(2)]  # pairs kept too
-    (clip_copy,) = cache.glob("clip-*-bfloat16-*.pt")
+    (clip_copy,) = cache.glob("clip-*-bfloat16-*.safetensors")
     lows = [(n, t) for n, t in clips[1].model.named_buffers() if n.endswith("_lo")]
     assert len(lows) == 4 and all(_mapped_from(t, clip_copy) for _, t in lows)
     assert all(torch.equal(t, dict(clips[0].model.named_buffers())[n]) for n, t in lows)
+    source = read_state_dict(small_ckpts["clip"])
+    for name, t in lows:  # each the rounding error of its float32 weight, rounded (computed here from the file)
+        w = source[name.removesuffix("_lo")]
+        assert torch.equal(t, (w - w.bfloat16().float()).bfloat16()) and t.abs().max() > 0, name
     float32 = load_sam(small_ckpts["sam"], "cpu", torch.float32, tmp_path / "other")
     assert not (tmp_path / "other").exists()  # nothing to convert, nothing kept
     assert all(torch.equal(p, file[n]) for n, p in float32.model.named_parameters())
 
 
-DAMAGED_COPIES = ("one byte", "flipped bytes", "short record", "sparse tensors", "expanded tensors")
+DAMAGED_COPIES = ("one byte", "flipped bytes", "cut data", "other shapes", "no checksum", "garbage header")
 
 
 def _damage_copy(copy, damage: str) -> None:
     """Damage the converted copy in place as a failing disk or a careless hand would (shapes and dtypes kept where
     the damage allows)."""
-    import zipfile
+    import json
+    import struct
 
+    from safetensors.torch import load_file, save_file
+
+    data = bytearray(copy.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
     if damage == "one byte":
-        copy.write_bytes(b".")  # (broke PyTorch's reader with an IndexError)
-        return
-    if damage == "flipped bytes":
-        with zipfile.ZipFile(copy) as z:
-            info = max(z.infolist(), key=lambda i: i.file_size)
-        data = bytearray(copy.read_bytes())
-        at = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2
-        data[at:at + 64] = bytes(255 - b for b in data[at:at + 64])  # inside a tensor's bytes: NaN or garbage
+        copy.write_bytes(b".")
+    elif damage == "flipped bytes":  # inside the largest tensor's bytes: NaN or garbage, the structure intact
+        at = 8 + length + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__") // 2
+        data[at:at + 64] = bytes(255 - b for b in data[at:at + 64])
         copy.write_bytes(bytes(data))
-        return
-    if damage == "short record":  # a tensor's record cut in half, the zip rewritten with its CRC-32s right
-        with zipfile.ZipFile(copy) as z:
-            records = {i.filename: z.read(i.filename) for i in z.infolist()}
-        biggest = max(records, key=lambda name: len(records[name]))
-        records[biggest] = records[biggest][:len(records[biggest]) // 2]
-        with zipfile.ZipFile(copy, "w", zipfile.ZIP_STORED) as z:
-            for name, data in records.items():
-                z.writestr(name, data)
-        return
-    sd = torch.load(copy, weights_only=True)
-    if damage == "sparse tensors":
-        sd = {k: t.to_sparse() if t.dim() == 2 else t for k, t in sd.items()}
+    elif damage == "cut data":  # the data cut in half, its CRC-32 made to match what is left
+        body = data[8 + length:][:(len(data) - 8 - length) // 2]
+        header["__metadata__"]["crc32"] = f"{zlib.crc32(body):08x}"
+        text = json.dumps(header).encode()
+        copy.write_bytes(struct.pack("<Q", len(text)) + text + body)
+    elif damage == "other shapes":  # a 2-d tensor's shape transposed: the bytes and their CRC-32 unchanged
+        key = next(k for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2
+                   and v["shape"][0] != v["shape"][1])
+        header[key]["shape"] = header[key]["shape"][::-1]
+        text = json.dumps(header).encode()
+        text += b" " * (length - len(text))
+        copy.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+    elif damage == "no checksum":  # the right tensors, written by another program
+        save_file(load_file(copy), copy)
     else:
-        sd = {k: t.flatten()[:1].expand(t.shape) if t.numel() > 1 else t for k, t in sd.items()}
-    torch.save(sd, copy)
+        copy.write_bytes(struct.pack("<Q", 12) + b"{not json!}!" + data[8 + length:])
 
 
 class _FillingDisk:
-    """A file on a disk that is full after 16 KB: a later write raises ENOSPC, which PyTorch's zip writer turns
-    into a RuntimeError ("unexpected pos"), not an OSError."""
+    """A file on a disk that is full after `left` bytes: a later write raises ENOSPC."""
 
-    def __init__(self, f):
-        self.f, self.left = f, 16 << 10
+    def __init__(self, f, left: int):
+        self.f, self.left = f, left
 
     def write(self, data) -> int:
         n = memoryview(data).nbytes
@@ -449,6 +460,8 @@ def test_a_converted_copy_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_
     logged warning, and the weights are the file's."""
     import os
 
+    from safetensors.torch import load_file
+
     from trident_core import caches
     from trident_core.models import load_sam
 
@@ -457,7 +470,7 @@ def test_a_converted_copy_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_
     want = {n: t for n, t in torch.load(small_ckpts["sam"]).items()}
     if damage in ("link", "other tensors"):
         load_sam(small_ckpts["sam"], "cpu", torch.bfloat16, cache)
-        (copy,) = cache.glob("sam-*.pt")
+        (copy,) = cache.glob("sam-*.safetensors")
         if damage == "link":
             target = tmp_path / "elsewhere.pt"
             torch.save({"x": torch.zeros(1)}, target)
@@ -467,7 +480,7 @@ def test_a_converted_copy_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_
             torch.save({"x": torch.zeros(1)}, copy)
     elif damage in DAMAGED_COPIES:
         load_sam(small_ckpts["sam"], "cpu", torch.bfloat16, cache)
-        (copy,) = cache.glob("sam-*.pt")
+        (copy,) = cache.glob("sam-*.safetensors")
         _damage_copy(copy, damage)
         caches.forget()
     elif damage == "folder is a file":
@@ -475,15 +488,11 @@ def test_a_converted_copy_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_
     elif damage == "linked folder":
         (tmp_path / "real").mkdir()
         cache.symlink_to(tmp_path / "real")
-    elif damage == "disk filling":
+    else:  # a disk full from the start, or after 16 KB
         from trident_core.models import conversion
 
-        fdopen = os.fdopen
-        monkeypatch.setattr(conversion.os, "fdopen", lambda *a, **k: _FillingDisk(fdopen(*a, **k)))
-    else:
-        def full(*_a, **_k):
-            raise OSError(28, "No space left on device")
-        monkeypatch.setattr(torch, "save", full)
+        fdopen, left = os.fdopen, 0 if damage == "full disk" else 16 << 10
+        monkeypatch.setattr(conversion.os, "fdopen", lambda *a, **k: _FillingDisk(fdopen(*a, **k), left))
     with caplog.at_level("WARNING", logger="trident_core.cache"):
         sam = load_sam(small_ckpts["sam"], "cpu", torch.bfloat16, cache)
     for name, p in sam.model.named_parameters():
@@ -492,7 +501,7 @@ def test_a_converted_copy_that_cannot_be_used_is_a_logged_miss(small_ckpts, tmp_
     if damage == "link":
         assert torch.load(target, weights_only=True).keys() == {"x"} and not copy.is_symlink()
     if damage == "other tensors" or damage in DAMAGED_COPIES:
-        again = torch.load(copy, weights_only=True)  # made again
+        again = load_file(copy)  # made again
         assert again.keys() >= {"image_encoder.pos_embed"}
         assert all(t.layout == torch.strided and t.is_contiguous() for t in again.values())
     if damage == "linked folder":
@@ -637,6 +646,8 @@ def test_the_converted_copies_kept_are_each_models_most_recently_used(tmp_path):
     models' copies, files not named as copies, a folder) is touched."""
     import os
 
+    from safetensors.torch import load_file
+
     from trident_core.checkpoints import read_state_dict
     from trident_core.models import conversion
 
@@ -644,26 +655,28 @@ def test_the_converted_copies_kept_are_each_models_most_recently_used(tmp_path):
     cache = tmp_path / "converted"
     cache.mkdir()
     digest = "{}-{}".format(1234, "{}" * 64)
-    old, recent, stale_format, other_model = (cache / f"{role}-{digest.format(*c * 64)}-bfloat16-v{v}.pt"
-                                              for role, c, v in (("sam", "a", 1), ("sam", "b", 1), ("sam", "c", 0),
-                                                                 ("clip", "d", 1)))
+    old, recent, stale_format, other_model = (cache / f"{role}-{digest.format(*c * 64)}-bfloat16-v{v}"
+                                              for role, c, v in (("sam", "a", "2.safetensors"),
+                                                                 ("sam", "b", "2.safetensors"), ("sam", "c", "1.pt"),
+                                                                 ("clip", "d", "2.safetensors")))
     bystanders = [cache / "sam-notes.pt", cache / "my.txt", other_model]
     for i, f in enumerate([old, recent, stale_format, *bystanders]):
         f.write_bytes(b"x")
         os.utime(f, ns=(10**18 + i, 10**18 + i))  # old < recent < stale_format < ...
-    (cache / f"sam-{digest.format(*'e' * 64)}-bfloat16-v1.pt").mkdir()
+    (cache / f"sam-{digest.format(*'e' * 64)}-bfloat16-v2.safetensors").mkdir()
 
     def convert(seed: int) -> Path:
         path = tmp_path / f"weights{seed}.pth"
         if not path.exists():
             torch.save({"w": torch.randn(8, 8, generator=torch.Generator().manual_seed(seed))}, path)
         conversion.converted(read_state_dict(path), path, "sam", torch.bfloat16, cache=cache)
-        return next(f for f in cache.glob("sam-*-v1.pt") if f.is_file() and f.read_bytes()[:2] == b"PK"
-                    and torch.equal(torch.load(f, weights_only=True)["w"], torch.load(path)["w"].bfloat16()))
+        return next(f for f in cache.glob("sam-*-v2.safetensors") if f.is_file() and f.stat().st_size > 1
+                    and torch.equal(load_file(f)["w"], torch.load(path)["w"].bfloat16()))
 
     first = convert(1)
     assert not old.exists() and not stale_format.exists() and recent.exists() and first.exists()
-    assert all(f.exists() for f in bystanders) and (cache / f"sam-{digest.format(*'e' * 64)}-bfloat16-v1.pt").is_dir()
+    assert all(f.exists() for f in bystanders)
+    assert (cache / f"sam-{digest.format(*'e' * 64)}-bfloat16-v2.safetensors").is_dir()
     second = convert(2)
     assert not recent.exists() and first.exists() and second.exists()
     assert convert(1) == first  # read: now the most recently used

@@ -4,17 +4,21 @@ A tensor is kept in the low dtype asked for (bfloat16), in float32, or as a pair
 float32 value within 2^-16 (`split_pair`: products with both keep a weight matrix's own rounding error out of the
 result; models/precision.py). `cast` converts one tensor at a time and releases each memory-mapped source's pages
 once its copy is made. With a cache folder (the command line's), a narrowing conversion (float32 -> bfloat16)
-is done once per file content: the converted tensors are written there, keyed by the source file's size and
-SHA-256, and later runs memory-map that copy (a cache by `caches`' rules: any failure is a logged miss; the KEEP
-most recently used copies per model are kept). Its pages are then file-backed like a float32 checkpoint's, so a
-stage's weights can be released when it is done (residency.py), and no run after the first converts anything."""
+is done once per file content: the converted tensors are streamed into a safetensors file there, one at a time
+(never all resident at once), keyed by the source file's size and SHA-256, with the CRC-32 of its bytes in its
+metadata; later runs check that CRC and memory-map the copy (a cache by `caches`' rules: any failure is a logged
+miss; the KEEP most recently used copies per model are kept). Its pages are file-backed like a float32
+checkpoint's, so a stage's weights can be released when it is done (residency.py), and no run after the first
+converts anything."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import struct
-import zipfile
+import sys
 import zlib
 from collections.abc import Callable
 from contextlib import suppress
@@ -26,15 +30,19 @@ from .. import caches
 from ..atomic import partial_name, remove_entry, remove_partials
 from ..checkpoints import CheckpointError, read_state_dict
 from ..file_digest import DIGEST, file_digest
-from ..residency import release, trim_heap
+from ..residency import releaser, trim_heap
 
-RELEASE_EVERY = 32 << 20  # bytes of converted sources whose pages are released at once (a release reads smaps)
-FORMAT = 1  # of the cached copies: a change of what they hold gives them new names
+RELEASE_EVERY = 32 << 20  # bytes of converted sources whose pages are released at once
+FORMAT = 2  # of the cached copies (1: torch.save's zip, 2: streamed safetensors): a new one gives them new names
 KEEP = 2  # copies kept per model role, the most recently used: a replaced checkpoint's copy does not stay for good
 LOW, FLOAT32, PAIR = "low", "float32", "pair"
 LO = "_lo"  # a pair's second tensor is kept under its key + LO
 Layout = Callable[[str], str]  # how the floating tensor `key` is kept: LOW (the dtype asked for), FLOAT32, or PAIR
 Want = dict[str, tuple[tuple[int, ...], torch.dtype]]  # each tensor's shape and dtype
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+HEADER_LIMIT = 100 << 20  # bytes: a copy's header claiming more is not one written here (safetensors' own limit)
 KIND = "converted weights"  # (caches.miss)
 
 
@@ -86,6 +94,7 @@ class _Releaser:
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
         self.pending = 0
+        self.release = releaser()  # (the tensors are mapped before: the mappings read once, not per batch)
 
     def add(self, t: torch.Tensor) -> None:
         self.tensors.append(t)
@@ -94,7 +103,7 @@ class _Releaser:
             self.flush()
 
     def flush(self) -> None:
-        release(self.tensors)
+        self.release(self.tensors)
         self.tensors, self.pending = [], 0
 
 
@@ -111,7 +120,8 @@ def converted(sd: dict[str, torch.Tensor], path: str | os.PathLike, role: str, d
     try:
         if cache.is_symlink():
             raise OSError(f"{cache} is a link, not followed")
-        copy = cache / f"{role}-{file_digest(path, cache)}-{str(dtype).removeprefix('torch.')}-v{FORMAT}.pt"
+        copy = cache / (f"{role}-{file_digest(path, cache)}-{str(dtype).removeprefix('torch.')}-v{FORMAT}"
+                        ".safetensors")
     except OSError as e:
         caches.miss(KIND, str(cache), e)
         return cast(sd, dtype, layout)
@@ -119,20 +129,21 @@ def converted(sd: dict[str, torch.Tensor], path: str | os.PathLike, role: str, d
     if kept is not None:
         with suppress(OSError):  # (its last use: what `_evict` keeps; a read-only cache folder keeps every copy)
             os.utime(copy)
+        sd.clear()
         return kept
-    out = cast(sd, dtype, layout)
-    kept = _write(copy, out, want)
+    kept = _write(copy, sd, dtype, layout, want)
     if kept is None:
-        return out
+        return cast(sd, dtype, layout)
     _evict(copy)
-    del out
-    trim_heap()  # the converted tensors' memory back: the model maps the copy (a first run peaks no higher)
+    sd.clear()
+    trim_heap()  # (the heap the conversion's temporaries used, back: the model maps the copy)
     return kept
 
 
-def _write(copy: Path, out: dict[str, torch.Tensor], want: Want) -> dict[str, torch.Tensor] | None:
-    """`out` written under a temporary name, read back and compared, then given its final name `copy`; the copy
-    mapped, or None (a logged miss) where any of it fails."""
+def _write(copy: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout,
+           want: Want) -> dict[str, torch.Tensor] | None:
+    """`sd` converted and streamed into a file under a temporary name, read back (its CRC-32 checked), then given
+    its final name `copy`; the copy mapped, or None (a logged miss) where any of it fails."""
     tmp = partial_name(copy)
     try:
         copy.parent.mkdir(parents=True, exist_ok=True)
@@ -140,23 +151,66 @@ def _write(copy: Path, out: dict[str, torch.Tensor], want: Want) -> dict[str, to
         remove_entry(tmp)  # (a link planted at the temporary name is removed, never written through: O_EXCL)
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666),
                        "wb") as f:
-            try:
-                torch.save(out, f)
-            except RuntimeError as e:  # PyTorch's zip writer reports a full disk so ("unexpected pos ...")
-                raise OSError(f"the copy could not be written ({str(e).splitlines()[0] if str(e) else e!r})") from e
-        release(out.values())  # the pages of tensors kept as the file had them, read by the saving
+            _stream(f, sd, dtype, layout, want)
         written = _read(tmp, want)
-        if written is None or not _equal_released(written, out):
+        if written is None:
             raise OSError("the copy read back differs from the tensors written")
-        del written
-        os.replace(tmp, copy)
+        os.replace(tmp, copy)  # (the mapping follows the file: `written` is the copy)
     except OSError as e:  # a full disk, a read-only cache folder
         caches.miss(KIND, str(copy.parent), e)
         return None
     finally:
         with suppress(OSError):  # (the folder may not exist: the miss is logged above)
             tmp.unlink(missing_ok=True)
-    return _read(copy, want)
+    return written
+
+
+def _stream(f, sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout, want: Want) -> None:
+    """The tensors `want` names written to `f` as a safetensors file, each converted from `sd` just before its
+    bytes are written and freed after (the copy is never resident as a whole), each source's pages released
+    once converted, and the CRC-32 of the data written into the header's metadata at the end."""
+    if sys.byteorder != "little":
+        raise OSError("safetensors files are little-endian; this machine is not")
+    keys = sorted(want, key=lambda k: -want[k][1].itemsize)  # (wider first: every tensor aligned, no gaps between)
+    header, end = {}, 0
+    for key in keys:
+        shape, dt = want[key]
+        if dt not in SAFETENSORS_DTYPES:
+            raise OSError(f"a {dt} tensor cannot be kept in a safetensors file")
+        size = math.prod(shape) * dt.itemsize
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dt], "shape": list(shape), "data_offsets": [end, end + size]}
+        end += size
+    f.write(_header(header, "0" * 8))
+    crc, done = 0, _Releaser()
+    for key in keys:
+        data = _converted_tensor(key, sd, dtype, layout).reshape(-1).view(torch.uint8).numpy()
+        f.write(data)
+        crc = zlib.crc32(data, crc)
+        done.add(sd[key] if key in sd else sd[key.removesuffix(LO)])  # (a pair's source: once more, after its lo)
+    done.flush()
+    f.seek(0)
+    f.write(_header(header, f"{crc:08x}"))  # (the same length: the data stays where it is)
+
+
+def _converted_tensor(key: str, sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout) -> torch.Tensor:
+    """Tensor `key` of `cast(sd, dtype, layout)` (a pair's second tensor included), contiguous, made alone."""
+    t = sd.get(key)
+    if t is None:  # a pair's second tensor
+        return split_pair(sd[key.removesuffix(LO)], dtype)[1]
+    kind = layout(key) if t.is_floating_point() else None
+    if kind == PAIR:
+        return t.to(dtype).contiguous()
+    if kind is not None:
+        t = t.to(torch.float32 if kind == FLOAT32 else dtype)
+    return t.contiguous()
+
+
+def _header(header: dict, crc: str) -> bytes:
+    """A safetensors header: its length (8 bytes, little-endian), then the JSON, padded with spaces to a multiple
+    of 8 bytes so the data starts aligned."""
+    text = json.dumps({**header, "__metadata__": {"crc32": crc}}, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 def _evict(copy: Path) -> None:
@@ -164,70 +218,42 @@ def _evict(copy: Path) -> None:
     other formats: each new checkpoint content adds a copy (about half the file's size). Only files named as
     copies are touched; one in use elsewhere (mapped by another run) stays readable there until it is unmapped."""
     role = copy.name.split("-", 1)[0]
-    named = re.compile(rf"{re.escape(role)}-{DIGEST.pattern}-[a-z0-9]+-v[0-9]+\.pt")
+    named = re.compile(rf"{re.escape(role)}-{DIGEST.pattern}-[a-z0-9]+-v[0-9]+\.(pt|safetensors)")
     with suppress(OSError):
         others = [(e.stat(follow_symlinks=False).st_mtime_ns, Path(e.path)) for e in os.scandir(copy.parent)
                   if e.name != copy.name and named.fullmatch(e.name) and not e.is_dir(follow_symlinks=False)]
-        kept = [p for _, p in sorted(others, reverse=True) if p.name.endswith(f"-v{FORMAT}.pt")][:KEEP - 1]
+        current = f"-v{FORMAT}{copy.suffix}"
+        kept = [p for _, p in sorted(others, reverse=True) if p.name.endswith(current)][:KEEP - 1]
         for _, old in others:
             if old not in kept:
                 with suppress(OSError):
                     old.unlink()
 
 
-def _equal_released(written: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> bool:
-    """Whether every tensor read back equals the one written, compared one at a time and the pages of both
-    released after (memory-mapped ones: the copy, and tensors kept as the source file had them), so the copy is
-    never resident beside the converted tensors."""
-    done = _Releaser()
-    for key, t in out.items():
-        if not torch.equal(written[key], t):
-            return False
-        done.add(written[key])
-        done.add(t)
-    done.flush()
-    return True
-
-
 def _damage(copy: Path) -> str | None:
-    """Why the copy's bytes are not those written, or None: torch.save's zip records each carry the CRC-32 of
-    their bytes (stored uncompressed), checked here at file-read speed (0.2 s for CLIP, DINO and SAM's copies)."""
-    with zipfile.ZipFile(copy) as z, open(copy, "rb") as f:
-        for info in z.infolist():
-            if info.compress_type != zipfile.ZIP_STORED:
-                return f"{info.filename} is compressed"
-            f.seek(info.header_offset)
-            head = f.read(30)
-            if len(head) < 30 or head[:4] != b"PK\x03\x04":
-                return f"{info.filename}: no record header"
-            f.seek(info.header_offset + 30 + sum(struct.unpack("<HH", head[26:30])))
-            crc, left = 0, info.compress_size
-            while left:
-                block = f.read(min(left, 1 << 22))
-                if not block:
-                    return f"{info.filename} is cut short"
-                crc, left = zlib.crc32(block, crc), left - len(block)
-            if crc != info.CRC:
-                return f"{info.filename}: its bytes differ from their CRC-32"
-    return None
-
-
-def _plain(sd: dict[str, torch.Tensor], copy: Path) -> bool:
-    """Whether every tensor is an ordinary dense one and the storages are the file's records byte for byte (a
-    record shorter than its tensor PyTorch's reader refuses itself)."""
-    storages = {}
-    for t in sd.values():
-        if t.layout != torch.strided or not t.is_contiguous():
-            return False
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    with zipfile.ZipFile(copy) as z:
-        records = sum(i.file_size for i in z.infolist() if re.search(r"/data/[0-9]+$", i.filename))
-    return sum(storages.values()) == records
+    """Why the copy's bytes are not those written, or None: the CRC-32 of its data, which the header's metadata
+    holds, checked at file-read speed (0.2 s for CLIP, DINO and SAM's copies)."""
+    with open(copy, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "it is cut short"
+        (length,) = struct.unpack("<Q", head)
+        if length > HEADER_LIMIT:
+            return "its header is not one written here"
+        header = json.loads(f.read(length))
+        meta = header.get("__metadata__") if isinstance(header, dict) else None
+        want = meta.get("crc32") if isinstance(meta, dict) else None
+        if not isinstance(want, str):
+            return "it carries no CRC-32"
+        crc = 0
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return None if f"{crc:08x}" == want else "its bytes differ from their CRC-32"
 
 
 def _read(copy: Path, want: Want) -> dict[str, torch.Tensor] | None:
     """The cached copy memory-mapped, or None (a logged miss) where it is a link or not a file, cannot be read, was
-    damaged since it was written (its records' CRC-32), or does not hold exactly `want`'s tensors, plain ones."""
+    damaged since it was written (the CRC-32 of its data), or does not hold exactly `want`'s tensors."""
     try:
         if copy.is_symlink() or not copy.is_file():
             raise OSError(f"{copy} is a link or not a file, not followed")
@@ -236,13 +262,12 @@ def _read(copy: Path, want: Want) -> dict[str, torch.Tensor] | None:
     except OSError as e:
         caches.miss(KIND, str(copy), e)
         return None
-    except (CheckpointError, zipfile.BadZipFile, ValueError, EOFError):  # (no advice to download: a cache)
-        why = "not a file of plain tensors"
+    except (CheckpointError, ValueError, EOFError):  # (no advice to download: a cache)
+        why = "not a safetensors file"
     if why is not None:
         caches.miss(KIND, str(copy), f"the copy cannot be read (damaged or cut short: {why})")
         return None
-    if (sd.keys() == want.keys() and all((tuple(t.shape), t.dtype) == want[k] for k, t in sd.items())
-            and _plain(sd, copy)):
+    if sd.keys() == want.keys() and all((tuple(t.shape), t.dtype) == want[k] for k, t in sd.items()):
         return sd
     caches.miss(KIND, str(copy), "the file holds other tensors")
     return None
