@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -389,7 +388,8 @@ def test_the_converted_copy_is_made_once_and_mapped_by_later_loads(small_ckpts, 
     assert all(torch.equal(p, file[n]) for n, p in float32.model.named_parameters())
 
 
-DAMAGED_COPIES = ("one byte", "flipped bytes", "cut data", "other shapes", "no checksum", "garbage header")
+DAMAGED_COPIES = ("one byte", "flipped bytes", "cut data", "other shapes", "no checksum", "garbage header",
+                  "nested header", "swapped tensors")
 
 
 def _damage_copy(copy, damage: str) -> None:
@@ -409,11 +409,8 @@ def _damage_copy(copy, damage: str) -> None:
         at = 8 + length + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__") // 2
         data[at:at + 64] = bytes(255 - b for b in data[at:at + 64])
         copy.write_bytes(bytes(data))
-    elif damage == "cut data":  # the data cut in half, its CRC-32 made to match what is left
-        body = data[8 + length:][:(len(data) - 8 - length) // 2]
-        header["__metadata__"]["crc32"] = f"{zlib.crc32(body):08x}"
-        text = json.dumps(header).encode()
-        copy.write_bytes(struct.pack("<Q", len(text)) + text + body)
+    elif damage == "cut data":  # the data cut in half, the header as written
+        copy.write_bytes(bytes(data[:8 + length + (len(data) - 8 - length) // 2]))
     elif damage == "other shapes":  # a 2-d tensor's shape transposed: the bytes and their CRC-32 unchanged
         key = next(k for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2
                    and v["shape"][0] != v["shape"][1])
@@ -423,6 +420,16 @@ def _damage_copy(copy, damage: str) -> None:
         copy.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
     elif damage == "no checksum":  # the right tensors, written by another program
         save_file(load_file(copy), copy)
+    elif damage == "swapped tensors":  # two tensors of one shape and dtype trade bytes: the data and CRC unchanged
+        entries = [(k, v) for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2]
+        a, b = next((a, b) for a, va in entries for b, vb in entries
+                    if a < b and (va["shape"], va["dtype"]) == (vb["shape"], vb["dtype"]))
+        header[a]["data_offsets"], header[b]["data_offsets"] = header[b]["data_offsets"], header[a]["data_offsets"]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (length - len(text))
+        copy.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+    elif damage == "nested header":  # (Python's JSON parser recursed out of its stack)
+        copy.write_bytes(struct.pack("<Q", 100000) + b"[" * 100000)
     else:
         copy.write_bytes(struct.pack("<Q", 12) + b"{not json!}!" + data[8 + length:])
 

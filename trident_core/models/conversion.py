@@ -42,7 +42,6 @@ Want = dict[str, tuple[tuple[int, ...], torch.dtype]]  # each tensor's shape and
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
-HEADER_LIMIT = 100 << 20  # bytes: a copy's header claiming more is not one written here (safetensors' own limit)
 KIND = "converted weights"  # (caches.miss)
 
 
@@ -171,15 +170,7 @@ def _stream(f, sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout, 
     once converted, and the CRC-32 of the data written into the header's metadata at the end."""
     if sys.byteorder != "little":
         raise OSError("safetensors files are little-endian; this machine is not")
-    keys = sorted(want, key=lambda k: -want[k][1].itemsize)  # (wider first: every tensor aligned, no gaps between)
-    header, end = {}, 0
-    for key in keys:
-        shape, dt = want[key]
-        if dt not in SAFETENSORS_DTYPES:
-            raise OSError(f"a {dt} tensor cannot be kept in a safetensors file")
-        size = math.prod(shape) * dt.itemsize
-        header[key] = {"dtype": SAFETENSORS_DTYPES[dt], "shape": list(shape), "data_offsets": [end, end + size]}
-        end += size
+    keys, header, _ = _layout(want)
     f.write(_header(header, "0" * 8))
     crc, done = 0, _Releaser()
     for key in keys:
@@ -203,6 +194,21 @@ def _converted_tensor(key: str, sd: dict[str, torch.Tensor], dtype: torch.dtype,
     if kind is not None:
         t = t.to(torch.float32 if kind == FLOAT32 else dtype)
     return t.contiguous()
+
+
+def _layout(want: Want) -> tuple[list[str], dict, int]:
+    """The order `_stream` writes `want`'s tensors in (wider dtypes first: every tensor aligned, no gaps between),
+    their safetensors header entries, and the data's length in bytes."""
+    keys = sorted(want, key=lambda k: -want[k][1].itemsize)
+    header, end = {}, 0
+    for key in keys:
+        shape, dt = want[key]
+        if dt not in SAFETENSORS_DTYPES:
+            raise OSError(f"a {dt} tensor cannot be kept in a safetensors file")
+        size = math.prod(shape) * dt.itemsize
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dt], "shape": list(shape), "data_offsets": [end, end + size]}
+        end += size
+    return keys, header, end
 
 
 def _header(header: dict, crc: str) -> bytes:
@@ -230,25 +236,29 @@ def _evict(copy: Path) -> None:
                     old.unlink()
 
 
-def _damage(copy: Path) -> str | None:
-    """Why the copy's bytes are not those written, or None: the CRC-32 of its data, which the header's metadata
-    holds, checked at file-read speed (0.2 s for CLIP, DINO and SAM's copies)."""
+def _damage(copy: Path, want: Want) -> str | None:
+    """Why the copy is not the file `_stream` writes for `want`, or None: its header must be that file's, byte for
+    byte but for the CRC-32 of the data it carries (so no header is ever parsed here, and no tensor can point at
+    another's bytes), its length the data's, and the data must match that CRC; read at file speed (0.2 s for
+    CLIP, DINO and SAM's copies)."""
+    try:
+        _, header, length = _layout(want)
+    except OSError as e:
+        return str(e)
+    template = _header(header, "0" * 8)
+    at = template.rindex(b'"crc32":"') + len(b'"crc32":"')
     with open(copy, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return "it is cut short"
-        (length,) = struct.unpack("<Q", head)
-        if length > HEADER_LIMIT:
-            return "its header is not one written here"
-        header = json.loads(f.read(length))
-        meta = header.get("__metadata__") if isinstance(header, dict) else None
-        want = meta.get("crc32") if isinstance(meta, dict) else None
-        if not isinstance(want, str):
-            return "it carries no CRC-32"
+        head = f.read(len(template))
+        crc_text = head[at:at + 8]
+        if (len(head) < len(template) or re.fullmatch(rb"[0-9a-f]{8}", crc_text) is None
+                or head != template[:at] + crc_text + template[at + 8:]):
+            return "its header is not the one written for these tensors"
+        if os.fstat(f.fileno()).st_size != len(template) + length:
+            return "its data is not as long as its tensors"
         crc = 0
         while block := f.read(1 << 22):
             crc = zlib.crc32(block, crc)
-    return None if f"{crc:08x}" == want else "its bytes differ from their CRC-32"
+    return None if f"{crc:08x}".encode() == crc_text else "its bytes differ from their CRC-32"
 
 
 def _read(copy: Path, want: Want) -> dict[str, torch.Tensor] | None:
@@ -257,7 +267,7 @@ def _read(copy: Path, want: Want) -> dict[str, torch.Tensor] | None:
     try:
         if copy.is_symlink() or not copy.is_file():
             raise OSError(f"{copy} is a link or not a file, not followed")
-        why = _damage(copy)
+        why = _damage(copy, want)
         sd = read_state_dict(copy) if why is None else {}
     except OSError as e:
         caches.miss(KIND, str(copy), e)
