@@ -25,7 +25,7 @@ from .image import clip_input, image_digest, to_rgb_uint8
 from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
 from .pamr import Pamr, pamr_guide
 from .refine import refine
-from .residency import release, releaser, trim_heap
+from .residency import releaser, trim_heap
 from .sam_tiles import SamTileEncodings, SamTiling, encode_frame_tiles
 from .text import encode_classes
 from .window_features import WindowFeatures, frame_window_features, window_chunk
@@ -81,24 +81,24 @@ def same_size(imgs: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def encode_image(sam: SamModel | None, image: object, config: AggregateConfig, progress: Progress = _noop,
-                 release_weights: bool = False) -> SamTileEncodings | None:
+                 after_block: Callable[[nn.Module], object] | None = None) -> SamTileEncodings | None:
     """S6's SAM encoding of the image's tiles, or None where the aggregation needs none (segment_then_splice);
-    `release_weights` as `encode_frame_tiles` has it."""
-    return encode_frames(sam, [image], config, progress, release_weights=release_weights)[0]
+    `after_block` as `encode_frame_tiles` has it."""
+    return encode_frames(sam, [image], config, progress, after_block=after_block)[0]
 
 
 def encode_frames(sam: SamModel | None, images: Sequence[object], config: AggregateConfig,
                   progress: Progress = _noop, digests: Sequence[str] | None = None,
-                  release_weights: bool = False) -> list[SamTileEncodings | None]:
+                  after_block: Callable[[nn.Module], object] | None = None) -> list[SamTileEncodings | None]:
     """`encode_image` of several frames of one size, each tile of every frame in one forward of SAM's encoder
-    (`digests`: the frames' `image_digest`s where the caller has them; `release_weights` as `encode_frame_tiles`
+    (`digests`: the frames' `image_digest`s where the caller has them; `after_block` as `encode_frame_tiles`
     has it)."""
     if not config.uses_sam:
         return [None] * len(images)
     require_sam(sam, Params(aggregation=config))
     imgs = same_size([to_rgb_uint8(image) for image in images])
     encodings = encode_frame_tiles(sam, imgs, SamTiling.of(config.sam_tiles, imgs[0].shape[:2]), digests,
-                                   release_weights)
+                                   after_block)
     progress("sam")
     return encodings
 
@@ -240,11 +240,6 @@ class Trident:
         return encode_classes(self.clip, _class_list(classes),
                               lambda done, total: progress(f"text {done * 10 // total * 10}%"))
 
-    def _after_dino(self) -> None:
-        """DINO's weights and the heap its activations freed, given back before CLIP runs (release_weights)."""
-        release(self.dino.model)
-        trim_heap()
-
     @torch.no_grad()
     def segment(self, image: object, classes: str | list[str] | ClassList, params: Params = DEFAULT_PARAMS,
                 progress: Progress = _noop,
@@ -258,17 +253,21 @@ class Trident:
         pamr = pamr_for(img, params)
         text = self.text(cl, progress)
         progress("text")
-        if self.release_weights:  # (the text tower's pages, read once for names not yet cached)
-            release(p for name, p in self.clip.model.named_parameters() if not name.startswith("visual."))
-        wf = compute_window_features(self.clip, self.dino, img, params.windows, progress,
-                                     self._after_dino if self.release_weights else None,
-                                     releaser() if self.release_weights else None)  # (one block at a time)
-        if self.release_weights:
-            release(self.clip.model.visual)
+        free = releaser() if self.release_weights else None  # (the file mappings read once for the image)
+        if free:  # (the text tower's pages, read once for names not yet cached)
+            free(p for name, p in self.clip.model.named_parameters() if not name.startswith("visual."))
+
+        def after_dino() -> None:  # DINO's weights and the heap its activations freed, given back before CLIP runs
+            free(self.dino.model)
+            trim_heap()
+        wf = compute_window_features(self.clip, self.dino, img, params.windows, progress, after_dino if free else None,
+                                     free)  # (one block at a time)
+        if free:
+            free(self.clip.model.visual)
             trim_heap()  # (CLIP's freed activations, before SAM's encoder)
-        encodings = encode_image(self.sam, img, params.aggregation, progress, self.release_weights)
-        if self.release_weights and encodings is not None:
-            release(self.sam.model.image_encoder)  # what follows uses its encodings, not its weights
+        encodings = encode_image(self.sam, img, params.aggregation, progress, free)
+        if free and encodings is not None:
+            free(self.sam.model.image_encoder)  # what follows uses its encodings, not its weights
             trim_heap()  # the encoder's freed activations, before classification's full-resolution maps
         fm = compute_feature_map(wf, self.clip, self.sam, encodings, params.aggregation, progress)
         if self.release_weights:
@@ -282,9 +281,9 @@ class Trident:
                 trim_heap()  # the aggregation's freed blocks, before the refinement's full-resolution maps
             seg = refine(seg, self.sam, img, params.refinement, encodings.whole if encodings else None,
                          on_class=lambda: progress("refine"))
-        if self.release_weights:
+        if free:
             if self.sam is not None:
-                release(self.sam.model)
+                free(self.sam.model)
             trim_heap()  # (after the big stages only: trimming after each costs more page faults than it saves)
         return seg
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from torch import nn
 
 from .image import image_digest, round_up_to
 from .models import SamEncoding, SamModel
 from .models.sam import PATCH
-from .residency import releaser, trim_heap
+from .residency import trim_heap
 
 Box = tuple[int, int, int, int]  # y1, y2, x1, x2 (end exclusive)
 MAX_TILES = 8
@@ -123,19 +124,20 @@ def encode_tiles(sam: SamModel, image: np.ndarray, tiling: SamTiling) -> SamTile
 
 
 def encode_frame_tiles(sam: SamModel, images: Sequence[np.ndarray], tiling: SamTiling,
-                       digests: Sequence[str] | None = None, release_weights: bool = False) -> list[SamTileEncodings]:
+                       digests: Sequence[str] | None = None,
+                       after_block: Callable[[nn.Module], object] | None = None) -> list[SamTileEncodings]:
     """`encode_tiles` of several frames of one size: each tile of every frame in one forward of SAM's encoder.
     `digests`: the frames' `image_digest`s where the caller has them (hashing a frame took 1.5 ms on a GPU host).
-    `release_weights`: each encoder block's weight pages given back as soon as it has run (a later tile maps them
-    again from the page cache) and the freed heap between tiles, so the encoder's peak holds one block's weights,
-    not the whole encoder's (CPU: 70 to 240 MB less at city_scapes' 1x2 tiles; the values are the same)."""
+    `after_block(block)` (`residency.releaser()`): each encoder block's weight pages given back as soon as it has
+    run (a later tile maps them again from the page cache), with the freed heap between tiles, so the encoder's
+    peak holds one block's weights, not the whole encoder's (CPU: 70 to 240 MB less at city_scapes' 1x2 tiles;
+    the values are the same)."""
     digests = digests or [image_digest(image) for image in images]
     padded = [round_up_to(image, PATCH) for image in images]
     whole = tiling.shape == (1, 1) and all(p is image for p, image in zip(padded, images))  # a tile is its frame
-    after_block = releaser() if release_weights else None  # (the file mappings read once for every tile)
     per_tile = []
     for i, (y1, y2, x1, x2) in enumerate(tiling.boxes()):
-        if i and release_weights:
+        if i and after_block is not None:
             trim_heap()  # (the last tile's freed activations)
         per_tile.append(sam.encode_many([np.ascontiguousarray(img16[y1:y2, x1:x2]) for img16 in padded],
                                         digests if whole else None, after_block))
