@@ -151,17 +151,16 @@ def _write(copy: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: 
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666),
                        "wb") as f:
             _stream(f, sd, dtype, layout, want)
-        written = _read(tmp, want)
-        if written is None:
+        if _read(tmp, want) is None:  # (unmapped again before the rename: a mapped file may not be renamed)
             raise OSError("the copy read back differs from the tensors written")
-        os.replace(tmp, copy)  # (the mapping follows the file: `written` is the copy)
+        os.replace(tmp, copy)
     except OSError as e:  # a full disk, a read-only cache folder
         caches.miss(KIND, str(copy.parent), e)
         return None
     finally:
         with suppress(OSError):  # (the folder may not exist: the miss is logged above)
             tmp.unlink(missing_ok=True)
-    return written
+    return _read(copy, want)
 
 
 def _stream(f, sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout, want: Want) -> None:
