@@ -206,3 +206,36 @@ def test_window_features_give_back_each_tower_block_once_it_has_run(small_ckpts,
     n = forwards["dino"] // 2  # (this image's forwards: the same windows as above)
     assert seen[1:] == [*dino_blocks * n, tr.dino.model, *clip_blocks * n, tr.clip.model.visual, *sam_blocks,
                         tr.sam.model.image_encoder, tr.sam.model]
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_sams_encodings_are_freed_before_classification_unless_the_refinement_needs_them(small_ckpts, photo,
+                                                                                         monkeypatch, refine):
+    """The SAM encodings (the last block's q, k, v and input: 50 MB at 1024x1024) are read again only by the
+    refinement: without it they are freed before the classification's full-resolution maps (its peak), with it
+    they are kept for it."""
+    import weakref
+
+    from trident_core import Trident, get_preset, pipeline
+
+    tr = Trident.from_files(small_ckpts["clip"], small_ckpts["dino"], small_ckpts["sam"], device="cpu")
+    made, alive = [], []
+    real_encode, real_classify = pipeline.encode_image, pipeline.classify
+
+    def encode(*a, **k):
+        out = real_encode(*a, **k)
+        made.append(weakref.ref(out.encodings[0]))  # (the one tile: the encoding the refinement reads)
+        return out
+
+    def classify(*a, **k):
+        alive.append(made[-1]() is not None)
+        return real_classify(*a, **k)
+
+    monkeypatch.setattr(pipeline, "encode_image", encode)
+    monkeypatch.setattr(pipeline, "classify", classify)
+    params = get_preset("voc21").params.update(refine=refine)
+    seg = tr.segment(photo[:160, :200], "sky, person", params)
+    assert alive == [refine]
+    monkeypatch.undo()
+    again = tr.segment(photo[:160, :200], "sky, person", params)  # the same result either way
+    assert torch.equal(seg.labels, again.labels) and torch.equal(seg.probs, again.probs)

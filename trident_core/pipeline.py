@@ -270,6 +270,8 @@ class Trident:
             free(self.sam.model.image_encoder)  # what follows uses its encodings, not its weights
             trim_heap()  # the encoder's freed activations, before classification's full-resolution maps
         fm = compute_feature_map(wf, self.clip, self.sam, encodings, params.aggregation, progress)
+        whole = encodings.whole if encodings is not None and params.refine else None
+        del wf, encodings  # (only the refinement reads SAM's encoding again: freed before the full-resolution maps)
         if self.release_weights:
             trim_heap()  # the aggregation's freed blocks, before classification's full-resolution maps
         seg = classify(fm, text, cl, params.classification, pamr)
@@ -279,8 +281,7 @@ class Trident:
         if params.refine:
             if self.release_weights:
                 trim_heap()  # the aggregation's freed blocks, before the refinement's full-resolution maps
-            seg = refine(seg, self.sam, img, params.refinement, encodings.whole if encodings else None,
-                         on_class=lambda: progress("refine"))
+            seg = refine(seg, self.sam, img, params.refinement, whole, on_class=lambda: progress("refine"))
         if free:
             if self.sam is not None:
                 free(self.sam.model)
