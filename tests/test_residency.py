@@ -201,10 +201,12 @@ def test_window_features_give_back_each_tower_block_once_it_has_run(small_ckpts,
     seen = []
     monkeypatch.setattr(pipeline, "releaser", lambda: seen.append)
     tr.segment(img, "sky, person", get_preset("voc21").params)
-    sam_blocks = list(tr.sam.model.image_encoder.blocks)[:-1]
-    assert not isinstance(seen[0], torch.nn.Module)  # (the text tower's parameters)
+    sam_blocks, text_blocks = list(tr.sam.model.image_encoder.blocks)[:-1], list(tr.clip.model.transformer.resblocks)
+    k = next(i for i, m in enumerate(seen) if not any(m is b for b in text_blocks))
+    assert k and seen[:k] == text_blocks * (k // len(text_blocks))  # the names encoded: each text block per batch
+    assert not isinstance(seen[k], torch.nn.Module)  # (then the text tower's parameters)
     n = forwards["dino"] // 2  # (this image's forwards: the same windows as above)
-    assert seen[1:] == [*dino_blocks * n, tr.dino.model, *clip_blocks * n, tr.clip.model.visual, *sam_blocks,
+    assert seen[k + 1:] == [*dino_blocks * n, tr.dino.model, *clip_blocks * n, tr.clip.model.visual, *sam_blocks,
                         tr.sam.model.image_encoder, tr.sam.model]
 
 
@@ -239,3 +241,26 @@ def test_sams_encodings_are_freed_before_classification_unless_the_refinement_ne
     monkeypatch.undo()
     again = tr.segment(photo[:160, :200], "sky, person", params)  # the same result either way
     assert torch.equal(seg.labels, again.labels) and torch.equal(seg.probs, again.probs)
+
+
+def test_the_text_tower_gives_back_each_block_once_it_has_run(small_ckpts, monkeypatch):
+    """Names being encoded: each block of CLIP's text tower is handed over as soon as it has run, in every batch of
+    prompts, and the embeddings are the same bit for bit with the blocks' pages given back (a first run's peak was
+    the text tower whole beside a batch's activations)."""
+    from trident_core import text
+    from trident_core.models import load_clip
+    from trident_core.residency import releaser
+
+    monkeypatch.setattr(text, "PROMPT_BATCH", 64)  # (several batches: 2 names x 80 prompts)
+    want = text.encode_names(load_clip(small_ckpts["clip"], "cpu"), ["sky", "person"])  # (that model unmapped after)
+    clip = load_clip(small_ckpts["clip"], "cpu")
+    text.encode_names(clip, ["tree"])  # every text block read: resident
+    blocks = list(clip.model.transformer.resblocks)
+    droppable = _whole_pages_kb([p for b in blocks for p in b.parameters()])
+    before = mapped_resident_kb(small_ckpts["clip"])
+    batches = -(-2 * len(clip.templates()) // 64)
+    given, release = [], releaser()
+    got = text.encode_names(clip, ["sky", "person"], after_block=lambda b: given.append(b) or release(b))
+    assert given == blocks * batches and batches > 1
+    assert torch.equal(got, want)
+    assert droppable > 0 and before - mapped_resident_kb(small_ckpts["clip"]) >= 0.9 * droppable

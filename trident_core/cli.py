@@ -49,8 +49,11 @@ def stage_logger(t0: float) -> Callable[[str], None]:
 def encode_text(tr: Trident, classes: ClassList) -> None:
     """The class list's embeddings, with progress lines while names are encoded (minutes for large lists on a
     CPU; nothing is shown when they all come from the cache)."""
+    from .residency import releaser
+
     log = stage_logger(time.perf_counter())
-    tr.text(classes, lambda stage: log(f"{stage} of {len(classes.queries)} class names"))
+    tr.text(classes, lambda stage: log(f"{stage} of {len(classes.queries)} class names"),
+            releaser())  # (one text block's weights resident at a time, where names are encoded)
 
 
 def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -234,11 +234,13 @@ class Trident:
         return cls(load_clip(clip, dev, dtype, cache=cache), load_dino(dino, dev, dtype, cache),
                    load_sam(sam, dev, sam_dtype(dtype, dev, aggregation), cache) if sam is not None else None)
 
-    def text(self, classes: str | list[str] | ClassList, progress: Progress = _noop) -> torch.Tensor:
-        """Query embeddings (cached per name on the CLIP model); `progress` gets "text NN%" in steps of 10 %."""
+    def text(self, classes: str | list[str] | ClassList, progress: Progress = _noop,
+             after_block: Callable[[nn.Module], object] | None = None) -> torch.Tensor:
+        """Query embeddings (cached per name on the CLIP model); `progress` gets "text NN%" in steps of 10 %;
+        `after_block` each text block once it has run, where names are encoded (`text.encode_names`)."""
         check_progress(progress)
         return encode_classes(self.clip, _class_list(classes),
-                              lambda done, total: progress(f"text {done * 10 // total * 10}%"))
+                              lambda done, total: progress(f"text {done * 10 // total * 10}%"), after_block)
 
     @torch.no_grad()
     def segment(self, image: object, classes: str | list[str] | ClassList, params: Params = DEFAULT_PARAMS,
@@ -251,9 +253,9 @@ class Trident:
         cl = _class_list(classes)
         img = to_rgb_uint8(image)
         pamr = pamr_for(img, params)
-        text = self.text(cl, progress)
-        progress("text")
         free = releaser() if self.release_weights else None  # (the file mappings read once for the image)
+        text = self.text(cl, progress, free)
+        progress("text")
         if free:  # (the text tower's pages, read once for names not yet cached)
             free(p for name, p in self.clip.model.named_parameters() if not name.startswith("visual."))
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import text_cache
 from .classes import ClassList, ClassListError
@@ -40,11 +41,13 @@ def _tokens(clip: ClipModel, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_names(clip: ClipModel, names: list[str], on_progress: NameProgress | None = None) -> torch.Tensor:
+def encode_names(clip: ClipModel, names: list[str], on_progress: NameProgress | None = None,
+                 after_block: Callable[[nn.Module], object] | None = None) -> torch.Tensor:
     """Embeddings [len(names), E] (float32, L2-normalised), from the model's cache where present.
 
     `on_progress(done, total)` is called after each batch with the number of names encoded so far (847 names x 80
-    prompts take minutes on a CPU)."""
+    prompts take minutes on a CPU). `after_block` gets each block of the text tower once it has run, in every
+    batch (`residency.releaser()`: one block's weights resident at a time)."""
     todo = [n for n in dict.fromkeys(names) if n not in clip.text_cache]
     if todo:
         check_length(clip, todo)
@@ -58,7 +61,7 @@ def encode_names(clip: ClipModel, names: list[str], on_progress: NameProgress | 
             feats = torch.empty(len(tokens), clip.embed_dim, device=clip.device)
             for i in range(0, len(tokens), PROMPT_BATCH):
                 idx = order[i:i + PROMPT_BATCH]
-                feats[idx.to(clip.device)] = clip.encode_prompts(tokens[idx]).float()
+                feats[idx.to(clip.device)] = clip.encode_prompts(tokens[idx], after_block).float()
                 if on_progress is not None:
                     on_progress(min(len(todo), (i + PROMPT_BATCH) // len(tmpl)), len(todo))
             per_prompt = F.normalize(feats, dim=-1).view(len(todo), len(tmpl), -1)
@@ -71,6 +74,7 @@ def encode_names(clip: ClipModel, names: list[str], on_progress: NameProgress | 
 
 
 @torch.no_grad()
-def encode_classes(clip: ClipModel, classes: ClassList, on_progress: NameProgress | None = None) -> torch.Tensor:
-    """Embeddings of every query of a class list, [queries, E]."""
-    return encode_names(clip, classes.queries, on_progress)
+def encode_classes(clip: ClipModel, classes: ClassList, on_progress: NameProgress | None = None,
+                   after_block: Callable[[nn.Module], object] | None = None) -> torch.Tensor:
+    """Embeddings of every query of a class list, [queries, E] (`after_block` as `encode_names` has it)."""
+    return encode_names(clip, classes.queries, on_progress, after_block)

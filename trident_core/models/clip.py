@@ -151,15 +151,23 @@ class ClipModel:
         return open_clip.tokenize(prompts)
 
     @torch.no_grad()
-    def encode_prompts(self, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_prompts(self, tokens: torch.Tensor, after_block: Callable[[nn.Module], object] | None = None
+                       ) -> torch.Tensor:
         """Text features [P, E] of tokenized prompts [P, 77], computed on the longest prompt's length: the text
-        mask is causal and pooling takes the end-of-text token, so the padding changes nothing."""
+        mask is causal and pooling takes the end-of-text token, so the padding changes nothing. `after_block`
+        gets each block of the text tower once it has run (a batch-first tower: open_clip's own loop)."""
         m = self.model
         length = int(tokens.argmax(dim=-1).max()) + 1  # the end-of-text token has the largest id
         tokens = tokens[:, :length].to(self.device)
         dtype = self.text_dtype
         x = m.token_embedding(tokens).to(dtype) + m.positional_embedding[:length].to(dtype)
-        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length].to(dtype))
+        mask = m.attn_mask[:length, :length].to(dtype)
+        if after_block is None or not m.transformer.batch_first:
+            x = m.transformer(x, attn_mask=mask)
+        else:
+            for blk in m.transformer.resblocks:
+                x = blk(x, attn_mask=mask)
+                after_block(blk)
         x = m.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
         return finite(x @ m.text_projection, "CLIP", self.path)
