@@ -340,7 +340,7 @@ def test_writing_the_converted_copy_holds_one_converted_tensor_at_a_time(tmp_pat
     peak = _vm("VmHWM") - before
     (copy,) = (tmp_path / "converted").glob("dino-*.safetensors")
     assert all(_mapped_from(t, copy) for t in out.values())
-    assert peak < 64, peak  # a release batch of sources (32 MB) and a tensor; was 128 (all converted) + 32
+    assert peak < 64, peak  # a source and its copy at a time; was 128 (all converted) + 32
     assert _vm("VmRSS") - before < 40  # the converted tensors' memory went back; the copy is mapped, not read
     assert all(torch.equal(t, v.bfloat16()) for t, v in zip(out.values(), torch.load(path, mmap=True).values()))
 

@@ -32,7 +32,6 @@ from ..checkpoints import CheckpointError, read_state_dict
 from ..file_digest import DIGEST, file_digest
 from ..residency import releaser, trim_heap
 
-RELEASE_EVERY = 32 << 20  # bytes of converted sources whose pages are released at once
 FORMAT = 2  # of the cached copies (1: torch.save's zip, 2: streamed safetensors): a new one gives them new names
 KEEP = 2  # copies kept per model role, the most recently used: a replaced checkpoint's copy does not stay for good
 LOW, FLOAT32, PAIR = "low", "float32", "pair"
@@ -71,39 +70,14 @@ def cast(sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout = all_l
     """The state dict's floating tensors kept as `layout` says (in `dtype`, in float32, or as a pair in `dtype`),
     converted one tensor at a time, each memory-mapped source's pages released once its copy is made. Tensors
     already in their dtype are kept as they are (no copy); `sd` is emptied."""
-    out, done = {}, _Releaser()
-    for key in list(sd):
-        t = sd.pop(key)
-        kind = layout(key) if t.is_floating_point() else None
-        if kind == PAIR:
-            out[key], out[key + LO] = split_pair(t, dtype)
-        elif kind is not None and t.dtype != (want := torch.float32 if kind == FLOAT32 else dtype):
-            out[key] = t.to(want)
-        else:
-            out[key] = t
-            continue
-        done.add(t)
-    done.flush()
+    want, out, free = _expected(sd, dtype, layout), {}, releaser()
+    for key in want:
+        out[key] = _converted_tensor(key, sd, dtype, layout)
+        if key + LO not in want:  # (a pair's source is done once its second tensor is made)
+            source = sd.pop(key if key in sd else key.removesuffix(LO))
+            if out[key] is not source:
+                free([source])
     return out
-
-
-class _Releaser:
-    """Memory-mapped tensors whose pages are released a batch of RELEASE_EVERY bytes at a time."""
-
-    def __init__(self) -> None:
-        self.tensors: list[torch.Tensor] = []
-        self.pending = 0
-        self.release = releaser()  # (the tensors are mapped before: the mappings read once, not per batch)
-
-    def add(self, t: torch.Tensor) -> None:
-        self.tensors.append(t)
-        self.pending += t.nbytes
-        if self.pending >= RELEASE_EVERY:
-            self.flush()
-
-    def flush(self) -> None:
-        self.release(self.tensors)
-        self.tensors, self.pending = [], 0
 
 
 def converted(sd: dict[str, torch.Tensor], path: str | os.PathLike, role: str, dtype: torch.dtype,
@@ -171,28 +145,26 @@ def _stream(f, sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout, 
         raise OSError("safetensors files are little-endian; this machine is not")
     keys, header, _ = _layout(want)
     f.write(_header(header, "0" * 8))
-    crc, done = 0, _Releaser()
+    crc, free = 0, releaser()
     for key in keys:
         data = _converted_tensor(key, sd, dtype, layout).reshape(-1).view(torch.uint8).numpy()
         f.write(data)
         crc = zlib.crc32(data, crc)
-        done.add(sd[key] if key in sd else sd[key.removesuffix(LO)])  # (a pair's source: once more, after its lo)
-    done.flush()
+        free([sd[key] if key in sd else sd[key.removesuffix(LO)]])  # (a pair's source: once more, after its lo)
     f.seek(0)
     f.write(_header(header, f"{crc:08x}"))  # (the same length: the data stays where it is)
 
 
 def _converted_tensor(key: str, sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout) -> torch.Tensor:
-    """Tensor `key` of `cast(sd, dtype, layout)` (a pair's second tensor included), contiguous, made alone."""
+    """Tensor `key` of what `layout` keeps of `sd` (a pair's second tensor included), made alone; a tensor already
+    in its dtype is the source itself."""
     t = sd.get(key)
     if t is None:  # a pair's second tensor
         return split_pair(sd[key.removesuffix(LO)], dtype)[1]
     kind = layout(key) if t.is_floating_point() else None
-    if kind == PAIR:
-        return t.to(dtype).contiguous()
-    if kind is not None:
-        t = t.to(torch.float32 if kind == FLOAT32 else dtype)
-    return t.contiguous()
+    if kind is None:
+        return t
+    return t.to(dtype if kind in (PAIR, LOW) else torch.float32)
 
 
 def _layout(want: Want) -> tuple[list[str], dict, int]:
