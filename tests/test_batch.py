@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -387,6 +388,9 @@ def test_npz_arrays_are_written_one_at_a_time_as_numpy_writes_them(tmp_path):
 
     rng = np.random.default_rng(0)
     arrays = {"logits": rng.random((3, 40, 50), dtype=np.float32), "labels": rng.integers(0, 3, (40, 50)),
+              "probs": rng.random((2, 40, 50), dtype=np.float32), "mask": rng.random((4, 5)) < 0.5,
+              "scale": np.array(2.5), "fortran": np.asfortranarray(rng.random((6, 7), dtype=np.float32)),
+              "strided": rng.integers(0, 9, (8, 10), dtype=np.int32)[:, ::3],
               "class_names": np.array(["sky", "a horse"]), "run_key": np.array("k")}
     alive: list[weakref.ref] = []
 
@@ -394,7 +398,8 @@ def test_npz_arrays_are_written_one_at_a_time_as_numpy_writes_them(tmp_path):
         def make() -> np.ndarray:
             gc.collect()
             assert all(r() is None for r in alive), "an earlier array is still held"
-            out = arrays[name].copy()
+            out = arrays[name].copy(order="K") if arrays[name].flags.c_contiguous or arrays[name].flags.f_contiguous \
+                else arrays[name][...]  # (a strided view stays one)
             alive.append(weakref.ref(out))
             return out
         return make
@@ -409,6 +414,9 @@ def test_npz_arrays_are_written_one_at_a_time_as_numpy_writes_them(tmp_path):
         assert ours.files == want.files
         for name in want.files:
             assert ours[name].dtype == want[name].dtype and np.array_equal(ours[name], want[name])
+    with zipfile.ZipFile(tmp_path / "ours.npz") as ours, zipfile.ZipFile(tmp_path / "numpy.npz") as want:
+        for name in want.namelist():  # each .npy byte for byte: header (dtype, order, shape) and data
+            assert ours.read(name) == want.read(name), name
 
 
 def test_npz_logits_are_the_whole_upsampling_written_query_by_query(tmp_path):

@@ -115,15 +115,16 @@ def test_frames_of_two_sizes_in_one_forward_are_refused_in_one_line(small_triden
 
 @pytest.mark.parametrize("refine", [False, True])
 def test_each_frames_share_is_freed_before_its_result_is_handed_on(small_trident, photo, monkeypatch, refine):
-    """The group's feature maps (and, for the refinement, SAM encodings) are held until each frame is segmented, not
-    beyond (the encodings not at all without refinement), and no frame's result is held while the next one is
-    segmented."""
-    made_maps, made_encodings = [], []
+    """The group's feature maps (and, for the refinement, what it reads of SAM's encodings: the last block's input)
+    are held until each frame is segmented, not beyond (not at all without refinement; the q, k, v the aggregation
+    read, never once the feature maps are made), and no frame's result is held while the next one is segmented."""
+    made_maps, made_inputs, made_qkv = [], [], []
     encode, feature_map = pipeline.encode_frames, pipeline.compute_feature_map
 
     def tracked_encodings(*args):
         encodings = encode(*args)
-        made_encodings.extend(weakref.ref(e) for e in encodings)
+        made_inputs.extend(weakref.ref(e.whole.last_input) for e in encodings)
+        made_qkv.extend([weakref.ref(e.whole.q), weakref.ref(e.whole.k), weakref.ref(e.whole.v)] for e in encodings)
         return encodings
 
     def tracked_map(*args, **kwargs):
@@ -147,10 +148,11 @@ def test_each_frames_share_is_freed_before_its_result_is_handed_on(small_trident
     params = Params().update(refine=refine)
     for seg in small_trident.segment_frames(_frames(photo)[:3], CLASSES, params, per_forward=3):
         gc.collect()
-        alive.append(([r() is not None for r in made_maps], [r() is not None for r in made_encodings]))
+        alive.append(([r() is not None for r in made_maps], [r() is not None for r in made_inputs],
+                      [any(r() is not None for r in qkv) for qkv in made_qkv]))
         del seg  # (as Trident Segment lets go of each frame's full result)
     held = [[False, True, True], [False, False, True], [False, False, False]]
-    assert alive == [(h, h if refine else [False] * 3) for h in held]
+    assert alive == [(h, h if refine else [False] * 3, [False] * 3) for h in held]
     assert alive_at_start == [0, 0, 0]
 
 

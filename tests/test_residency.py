@@ -211,14 +211,16 @@ def test_window_features_give_back_each_tower_block_once_it_has_run(small_ckpts,
 
 
 @pytest.mark.parametrize("refine", [False, True])
-def test_sams_encodings_are_freed_before_classification_unless_the_refinement_needs_them(small_ckpts, photo,
-                                                                                         monkeypatch, refine):
-    """The SAM encodings (the last block's q, k, v and input: 50 MB at 1024x1024) are read again only by the
-    refinement: without it they are freed before the classification's full-resolution maps (its peak), with it
-    they are kept for it."""
+def test_sams_encodings_are_freed_before_classification_but_what_the_refinement_reads(small_ckpts, photo,
+                                                                                      monkeypatch, refine):
+    """SAM's encoding (the last block's q, k, v and input: 50 MB at 1024x1024): its q, k, v, read by the aggregation
+    only, are freed before the classification's full-resolution maps (its peak); its input, which the refinement
+    reads, is kept when refining. The result is the stages' own with the whole encoding, bit for bit."""
     import weakref
 
     from trident_core import Trident, get_preset, pipeline
+    from trident_core.classify import classify
+    from trident_core.refine import refine as refine_stage
 
     tr = Trident.from_files(small_ckpts["clip"], small_ckpts["dino"], small_ckpts["sam"], device="cpu")
     made, alive = [], []
@@ -226,21 +228,50 @@ def test_sams_encodings_are_freed_before_classification_unless_the_refinement_ne
 
     def encode(*a, **k):
         out = real_encode(*a, **k)
-        made.append(weakref.ref(out.encodings[0]))  # (the one tile: the encoding the refinement reads)
+        enc = out.encodings[0]  # (the one tile: the encoding the refinement reads)
+        made.append([weakref.ref(t) for t in (enc.q, enc.k, enc.v, enc.last_input)])
         return out
 
-    def classify(*a, **k):
-        alive.append(made[-1]() is not None)
+    def classify_spy(*a, **k):
+        alive.append([r() is not None for r in made[-1]])
         return real_classify(*a, **k)
 
     monkeypatch.setattr(pipeline, "encode_image", encode)
-    monkeypatch.setattr(pipeline, "classify", classify)
+    monkeypatch.setattr(pipeline, "classify", classify_spy)
     params = get_preset("voc21").params.update(refine=refine)
-    seg = tr.segment(photo[:160, :200], "sky, person", params)
-    assert alive == [refine]
+    image = photo[:160, :200]
+    seg = tr.segment(image, "sky, person", params)
+    assert alive == [[False, False, False, refine]]
     monkeypatch.undo()
-    again = tr.segment(photo[:160, :200], "sky, person", params)  # the same result either way
-    assert torch.equal(seg.labels, again.labels) and torch.equal(seg.probs, again.probs)
+    from trident_core.classes import parse_classes
+
+    cl = parse_classes("sky, person")
+    wf = pipeline.compute_window_features(tr.clip, tr.dino, image, params.windows)
+    encodings = pipeline.encode_image(tr.sam, image, params.aggregation)
+    want = classify(pipeline.compute_feature_map(wf, tr.clip, tr.sam, encodings, params.aggregation), tr.text(cl),
+                    cl, params.classification)
+    if refine:
+        want = refine_stage(want, tr.sam, image, params.refinement, encodings.whole)
+    assert torch.equal(seg.labels, want.labels) and torch.equal(seg.probs, want.probs)
+
+
+def test_an_encoding_for_the_refinement_refines_as_the_whole_one(small_ckpts, photo):
+    """`SamEncoding.for_refinement` keeps what the refinement reads (the last block's input, sizes, identity):
+    the refined labels and probabilities are those of the whole encoding, bit for bit."""
+    from trident_core import Trident, get_preset, pipeline
+    from trident_core.refine import refine
+
+    tr = Trident.from_files(small_ckpts["clip"], small_ckpts["dino"], small_ckpts["sam"], device="cpu")
+    params = get_preset("voc21").params.update(refine=False)
+    image = photo[:96, :128]
+    coarse = tr.segment(image, "sky, person, grass", params)
+    enc = pipeline.encode_image(tr.sam, image, params.aggregation).whole
+    light = enc.for_refinement()
+    assert light.q.numel() == light.k.numel() == light.v.numel() == 0 and enc.q.numel() > 0
+    assert light.last_input is enc.last_input and light.made_by == enc.made_by and light.image_digest
+    refinement = get_preset("voc21").params.refinement
+    full, stripped = refine(coarse, tr.sam, image, refinement, enc), refine(coarse, tr.sam, image, refinement, light)
+    assert torch.equal(full.labels, stripped.labels) and torch.equal(full.probs, stripped.probs)
 
 
 def test_the_text_tower_gives_back_each_block_once_it_has_run(small_ckpts, monkeypatch):

@@ -93,8 +93,7 @@ def plain_probs(seg: Segmentation, logit_scale: float) -> bool:
 def labels_from_probs(probs: torch.Tensor, classes: ClassList, prob_thd: float) -> torch.Tensor:
     """Argmax class; under `prob_thd` the background (0) or `UNLABELED` when the list has no background."""
     best, labels = probs.max(dim=0)
-    low = UNLABELED if not classes.has_background else 0
-    return torch.where(best < prob_thd, torch.full_like(labels, low), labels)
+    return labels.masked_fill_(best < prob_thd, UNLABELED if not classes.has_background else 0)  # (its own memory)
 
 
 def check_embeddings(fm: FeatureMap, text: torch.Tensor, classes: ClassList, text_made_by: str = "") -> None:

@@ -132,7 +132,12 @@ def _write_npy(member, array: np.ndarray | Blocks) -> None:
     """The .npy of `array`; of `Blocks`, numpy's header and then each block's bytes in order (C order, as
     `write_array` writes them)."""
     if not isinstance(array, Blocks):
-        np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+        array = np.asanyarray(array)
+        if array.dtype.kind in "biuf" and array.flags.c_contiguous:  # (from its own memory: numpy copies in chunks)
+            np.lib.format.write_array_header_1_0(member, np.lib.format.header_data_from_array_1_0(array))
+            member.write(array.data)
+        else:
+            np.lib.format.write_array(member, array, allow_pickle=False)
         return
     np.lib.format.write_array_header_1_0(member, {"descr": np.lib.format.dtype_to_descr(array.dtype),
                                                   "fortran_order": False, "shape": array.shape})

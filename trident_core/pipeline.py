@@ -22,7 +22,7 @@ from .classify import Segmentation, classify
 from .config import AggregateConfig, Params, WindowConfig
 from .devices import frames_per_forward, resolve_device, resolve_dtype
 from .image import clip_input, image_digest, to_rgb_uint8
-from .models import ClipModel, DinoModel, SamModel, load_clip, load_dino, load_sam
+from .models import ClipModel, DinoModel, SamEncoding, SamModel, load_clip, load_dino, load_sam
 from .pamr import Pamr, pamr_guide
 from .refine import refine
 from .residency import releaser, trim_heap
@@ -101,6 +101,13 @@ def encode_frames(sam: SamModel | None, images: Sequence[object], config: Aggreg
                                    after_block)
     progress("sam")
     return encodings
+
+
+def _refinement_input(encodings: SamTileEncodings | None, params: Params) -> SamEncoding | None:
+    """What the refinement reads of an image's SAM encodings: the whole image's (one tile) without the q, k, v the
+    aggregation read; None without refinement, or for tiles (the refinement encodes the image itself)."""
+    whole = encodings.whole if encodings is not None and params.refine else None
+    return whole.for_refinement() if whole is not None else None
 
 
 def sam_dtype(dtype: torch.dtype, device: torch.device, aggregation: AggregateConfig | None) -> torch.dtype:
@@ -272,8 +279,8 @@ class Trident:
             free(self.sam.model.image_encoder)  # what follows uses its encodings, not its weights
             trim_heap()  # the encoder's freed activations, before classification's full-resolution maps
         fm = compute_feature_map(wf, self.clip, self.sam, encodings, params.aggregation, progress)
-        whole = encodings.whole if encodings is not None and params.refine else None
-        del wf, encodings  # (only the refinement reads SAM's encoding again: freed before the full-resolution maps)
+        whole = _refinement_input(encodings, params)
+        del wf, encodings  # (freed before the full-resolution maps: the refinement reads the last block's input only)
         if self.release_weights:
             trim_heap()  # the aggregation's freed blocks, before classification's full-resolution maps
         seg = classify(fm, text, cl, params.classification, pamr)
@@ -355,15 +362,15 @@ class Trident:
         # computes, where each frame's check waited for the queue
         fms = [compute_feature_map(wf, self.clip, self.sam, enc, params.aggregation, progress, check=False)
                for wf, enc in zip(wfs, encodings)]
-        del wfs  # (the window features are done with; the encodings are kept for the refinement only)
-        shares = list(zip(fms, encodings if params.refine else [None] * len(fms)))
+        del wfs  # (the window features are done with; of the encodings, what the refinement reads)
+        shares = [(fm, _refinement_input(enc, params)) for fm, enc in zip(fms, encodings)]
         del fms, encodings
         for img in imgs:
             # the frame's share popped, its result yielded, not kept: nothing of a frame stays here once handed on
             yield self._finish(img, *shares.pop(0), text, cl, params, progress, after_classify)
 
     @torch.no_grad()  # (here, not on the generators: torch's wrapper of a generator holds the result it yielded)
-    def _finish(self, img: np.ndarray, fm: FeatureMap, encodings: SamTileEncodings | None, text: torch.Tensor,
+    def _finish(self, img: np.ndarray, fm: FeatureMap, whole: SamEncoding | None, text: torch.Tensor,
                 cl: ClassList, params: Params, progress: Progress,
                 after_classify: Callable[[Segmentation], Segmentation] | None) -> Segmentation:
         """A frame of `segment_frames` from its feature map (and SAM encodings, for the refinement):
@@ -373,6 +380,5 @@ class Trident:
             seg = after_classify(seg)
         progress("classify")
         if params.refine:
-            seg = refine(seg, self.sam, img, params.refinement, encodings.whole if encodings else None,
-                         on_class=lambda: progress("refine"))
+            seg = refine(seg, self.sam, img, params.refinement, whole, on_class=lambda: progress("refine"))
         return seg

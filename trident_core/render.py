@@ -11,6 +11,8 @@ import torch
 
 from .classes import UNLABELED
 
+OVERLAY_ROWS = 64  # rows blended at a time: a 1024-wide block's float32 temporaries are 0.8 MB, not 12 MB each
+
 
 def palette(n: int) -> np.ndarray:
     """n distinct RGB colours (uint8 [n, 3]): golden-ratio hues at alternating lightness."""
@@ -33,8 +35,13 @@ def overlay(image: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.nda
     """The image blended with a colour map (uint8); `alpha` from 0 (the image) to 1 (the colours)."""
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:  # (NaN: refused)
         raise ValueError(f"alpha must be a number from 0 (the image only) to 1 (the colours only), not {alpha!r}")
-    out = image.astype(np.float32) * (1 - alpha) + colors.astype(np.float32) * alpha
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    out = np.empty(np.broadcast_shapes(image.shape, colors.shape), np.uint8)
+    image, colors = np.broadcast_to(image, out.shape), np.broadcast_to(colors, out.shape)
+    for a in range(0, len(out), OVERLAY_ROWS):  # (in blocks of rows: no full-size float32 temporaries)
+        block = image[a:a + OVERLAY_ROWS].astype(np.float32) * (1 - alpha) + colors[a:a + OVERLAY_ROWS].astype(
+            np.float32) * alpha
+        out[a:a + OVERLAY_ROWS] = np.clip(np.rint(block), 0, 255)
+    return out
 
 
 _LETTERS = str.maketrans({"ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE", "ł": "l",

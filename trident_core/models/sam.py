@@ -62,6 +62,12 @@ class SamEncoding:
         """The valid token region (hs, ws): the resized image's size // 16."""
         return self.input_size[0] // PATCH, self.input_size[1] // PATCH
 
+    def for_refinement(self) -> SamEncoding:
+        """The encoding without the last block's q, k, v (the aggregation's: 36 MB at 64x64), which the refinement
+        never reads: holding this one, the rest is freed before the classification."""
+        empty = self.q.new_empty(0)
+        return dataclasses.replace(self, q=empty, k=empty, v=empty)
+
     def to(self, device: torch.device | str) -> SamEncoding:
         """The encoding with its tensors on `device` (itself when they are there)."""
         if self.q.device == torch.device(device):
