@@ -228,6 +228,23 @@ def test_too_many_open_files_is_said_and_the_limit_raised(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def test_an_encoder_that_fails_after_making_its_file_is_said_and_leaves_nothing(tmp_path, monkeypatch):
+    """OpenCV's writer can make its file and still not open (no mp4v encoder in that build): the one line names the
+    encoder, not "File exists" (the file it left), and no file stays behind."""
+
+    class Failing:
+        def __init__(self, name: str, *args, **kwargs) -> None:
+            open(name, "wb").close()
+
+        def isOpened(self) -> bool:  # noqa: N802 (OpenCV's name)
+            return False
+
+    monkeypatch.setattr(video_io.cv2, "VideoWriter", Failing)
+    with pytest.raises(OSError, match=r"cannot write the video .*m\.mp4: this OpenCV has no MPEG-4 \(mp4v\) encoder"):
+        VideoWriter(tmp_path / "m.mp4", 10.0, (48, 64))
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("ext", [".jpg", ".png", ".webp", ".tif"])
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
 def test_a_frames_header_size_is_its_decoded_size(tmp_path, ext, orientation):

@@ -379,9 +379,11 @@ class VideoWriter:
 
 
 def _why_not_written(path: Path) -> str:
-    """Why OpenCV could not open a video at `path`: the system's reason where a plain file cannot be made there
-    either (too many open files, a full disk, no permission), else the encoder."""
+    """Why OpenCV could not open a video at `path` (the writer's temporary name): the system's reason where a plain
+    file cannot be made there either (too many open files, a full disk, no permission), else the encoder. What
+    OpenCV left there is removed first (it would read as "File exists")."""
     try:
+        path.unlink(missing_ok=True)
         with open(path, "xb"):
             pass
     except OSError as e:
