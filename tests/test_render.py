@@ -1,9 +1,10 @@
-"""The pictures of a segmentation: the overlay blended in blocks of rows equals the whole-image blend."""
+"""The pictures of a segmentation: the overlay blended in blocks of rows (several blocks for each shape below but
+the small ones) equals the whole-image blend."""
 
 import numpy as np
 import pytest
 
-from trident_core.render import OVERLAY_ROWS, overlay
+from trident_core.render import OVERLAY_BLOCK, overlay
 
 
 def whole_blend(image: np.ndarray, colors: np.ndarray, alpha: float) -> np.ndarray:
@@ -12,8 +13,8 @@ def whole_blend(image: np.ndarray, colors: np.ndarray, alpha: float) -> np.ndarr
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("shape", [(3 * OVERLAY_ROWS + 5, 37, 3), (OVERLAY_ROWS - 1, 8, 3), (1, 1, 3), (200, 3),
-                                   (0, 3)])
+@pytest.mark.parametrize("shape", [(2 * (OVERLAY_BLOCK // 111) + 5, 37, 3), (OVERLAY_BLOCK // 24 - 1, 8, 3),
+                                   (1, 1, 3), (2 * (OVERLAY_BLOCK // 3) + 7, 3), (200, 3), (0, 3)])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
 def test_overlay_in_blocks_of_rows_is_the_whole_blend(shape, alpha):
     rng = np.random.default_rng(len(shape) * 1000 + shape[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import math
 import numbers
 import unicodedata
 
@@ -11,7 +12,7 @@ import torch
 
 from .classes import UNLABELED
 
-OVERLAY_ROWS = 64  # rows blended at a time: a 1024-wide block's float32 temporaries are 0.8 MB, not 12 MB each
+OVERLAY_BLOCK = 1 << 18  # values blended at a time (whole rows): float32 temporaries of 1 MB, not the image's
 
 
 def palette(n: int) -> np.ndarray:
@@ -37,10 +38,10 @@ def overlay(image: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.nda
         raise ValueError(f"alpha must be a number from 0 (the image only) to 1 (the colours only), not {alpha!r}")
     out = np.empty(np.broadcast_shapes(image.shape, colors.shape), np.uint8)
     image, colors = np.broadcast_to(image, out.shape), np.broadcast_to(colors, out.shape)
-    for a in range(0, len(out), OVERLAY_ROWS):  # (in blocks of rows: no full-size float32 temporaries)
-        block = image[a:a + OVERLAY_ROWS].astype(np.float32) * (1 - alpha) + colors[a:a + OVERLAY_ROWS].astype(
-            np.float32) * alpha
-        out[a:a + OVERLAY_ROWS] = np.clip(np.rint(block), 0, 255)
+    rows = max(1, OVERLAY_BLOCK // max(1, math.prod(out.shape[1:])))
+    for a in range(0, len(out), rows):  # (in blocks of rows: no full-size float32 temporaries)
+        block = image[a:a + rows].astype(np.float32) * (1 - alpha) + colors[a:a + rows].astype(np.float32) * alpha
+        out[a:a + rows] = np.clip(np.rint(block), 0, 255)
     return out
 
 
