@@ -125,8 +125,8 @@ def _write(copy: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: 
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666),
                        "wb") as f:
             _stream(f, sd, dtype, layout, want)
-        if _read(tmp, want) is None:  # (unmapped again before the rename: a mapped file may not be renamed)
-            raise OSError("the copy read back differs from the tensors written")
+        if (why := _damage(tmp, want)) is not None:  # (read back unmapped: a mapped file may not be renamed)
+            raise OSError(f"the copy read back differs from the tensors written: {why}")
         os.replace(tmp, copy)
     except OSError as e:  # a full disk, a read-only cache folder
         caches.miss(KIND, str(copy.parent), e)
@@ -134,7 +134,7 @@ def _write(copy: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: 
     finally:
         with suppress(OSError):  # (the folder may not exist: the miss is logged above)
             tmp.unlink(missing_ok=True)
-    return _read(copy, want)
+    return _read(copy, want, checked=True)
 
 
 def _stream(f, sd: dict[str, torch.Tensor], dtype: torch.dtype, layout: Layout, want: Want) -> None:
@@ -232,13 +232,14 @@ def _damage(copy: Path, want: Want) -> str | None:
     return None if f"{crc:08x}".encode() == crc_text else "its bytes differ from their CRC-32"
 
 
-def _read(copy: Path, want: Want) -> dict[str, torch.Tensor] | None:
+def _read(copy: Path, want: Want, checked: bool = False) -> dict[str, torch.Tensor] | None:
     """The cached copy memory-mapped, or None (a logged miss) where it is a link or not a file, cannot be read, was
-    damaged since it was written (the CRC-32 of its data), or does not hold exactly `want`'s tensors."""
+    damaged since it was written (the CRC-32 of its data; `checked`: just read back by `_write`, not read again),
+    or does not hold exactly `want`'s tensors."""
     try:
         if copy.is_symlink() or not copy.is_file():
             raise OSError(f"{copy} is a link or not a file, not followed")
-        why = _damage(copy, want)
+        why = None if checked else _damage(copy, want)
         sd = read_state_dict(copy) if why is None else {}
     except OSError as e:
         caches.miss(KIND, str(copy), e)
